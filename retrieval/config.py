@@ -1,0 +1,221 @@
+"""Experiment configuration: one YAML file drives all four stages.
+
+A config is the `DEFAULTS` schema below, overlaid by the YAML file (which may name a `base:`
+file it extends, relative to itself), overlaid by `key=value` command-line overrides
+(OmegaConf dotlist syntax). Every key must exist in the schema, except under the open
+mappings listed in `OPEN_KEYS`; a typo is an error naming the nearest valid key.
+Paths of the stages' outputs are derived from `output_dir` (see `experiment_paths`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from retrieval.errors import StarbucksError
+from retrieval.sizes import SizeList
+
+DEFAULT_CONFIG = "configs/default.yaml"
+
+DEFAULTS: dict[str, Any] = {
+    "name": "default",
+    "output_dir": "runs/${name}",
+    "seed": 42,
+    "model": {
+        "name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+        "pooling": "mean",  # cls | mean
+        "normalize": True,  # True: cosine similarity; False: dot product
+        "query_max_length": 32,
+        "passage_max_length": 196,
+        "query_prefix": "",
+        "passage_prefix": "",
+        "attn_implementation": "sdpa",
+    },
+    # Ordered small -> large; each entry {name, layers, dim} or "LxD".
+    "sizes": [
+        {"name": "demi", "layers": 1, "dim": 32},
+        {"name": "short", "layers": 2, "dim": 64},
+        {"name": "tall", "layers": 3, "dim": 96},
+        {"name": "grande", "layers": 4, "dim": 128},
+        {"name": "venti", "layers": 5, "dim": 256},
+        {"name": "trenta", "layers": 6, "dim": 384},
+    ],
+    "data": {
+        # corpus: a BEIR directory, a corpus .jsonl[.gz] / .tsv file, or irds:<ir_datasets id>
+        "corpus": "data/debian-pkgs-mini",
+        # training groups: local JSONL (ids-only or inline texts) or hf:<hub dataset id>
+        "train": "data/debian-pkgs-mini/train.jsonl.gz",
+        "train_split": "train",  # HF split name for hf: sources
+        "max_train_groups": None,  # use only the first N groups (None: all)
+        # eval split name -> BEIR directory | irds:<id> | {queries: FILE, qrels: FILE}
+        "eval_splits": {"dev": "data/debian-pkgs-mini", "test": "data/debian-pkgs-mini"},
+    },
+    "train": {
+        "method": "srl",  # srl | 2dmse | separate | full
+        "size": None,  # for method=separate: the one size to train
+        "epochs": 1,
+        "max_steps": None,  # stop after this many optimizer steps (None: epochs)
+        "batch_size": 16,  # queries per step (per device)
+        "group_size": 8,  # 1 positive + group_size-1 hard negatives
+        "grad_accum": 1,
+        "learning_rate": 5.0e-5,
+        "weight_decay": 0.0,
+        "warmup_ratio": 0.1,
+        "scheduler": "linear",
+        "max_grad_norm": 1.0,
+        "temperature": 1.0,  # InfoNCE temperature (1.0 with dot product; ~0.05 with cosine)
+        "kl_weight": 1.0,
+        "kl_temperature": 1.0,
+        "size_weights": None,  # one weight per size (None: all 1, i.e. the paper's mean)
+        "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+        "gradient_checkpointing": False,
+        "save_steps": 500,
+        "save_total_limit": 2,
+        "logging_steps": 10,
+        "dataloader_workers": 0,
+        "resume": True,
+    },
+    "pretrain": {
+        "text": "data/debian-pkgs/corpus.jsonl.gz",  # local .txt/.jsonl[.gz] or hf:<dataset id>
+        "text_field": "text",
+        "hf_config": None,
+        "max_length": 128,
+        "enc_mask_ratio": 0.2,
+        "dec_mask_ratio": 0.4,
+        "decoder_layers": 1,
+        "max_texts": None,
+    },
+    "encode": {
+        "sizes": "all",  # all | comma list of names or LxD
+        "batch_size": 128,
+        "shard_rows": 100000,
+        "splits": "all",  # which eval splits' queries to encode
+        "device": "auto",
+        "precision": "auto",
+        "shard": None,  # "i/n": encode one slice of the corpus
+    },
+    "search": {
+        "index": "Flat",  # any faiss index_factory string
+        "params": {},  # faiss search parameters, e.g. {efSearch: 128} or {nprobe: 32}
+        "depth": 100,
+        "batch_size": 1024,
+        "device": "auto",  # auto | cpu | cuda
+        "backend": "auto",  # auto | faiss | torch
+    },
+    "eval": {
+        "metrics": ["RR@10", "nDCG@10", "R@100", "R@1000"],
+        "rel_level": 1,  # minimum relevance for binary measures (TREC DL: 2)
+        "split_rel_level": {},  # per-split override, e.g. {dl19: 2}
+        "baseline": None,
+        "plot": True,
+    },
+    # Stage outputs; empty means derived from output_dir (see experiment_paths).
+    "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},
+}
+
+# Mappings whose keys are the user's (split names, FAISS parameters, ...).
+OPEN_KEYS = {"data.eval_splits", "search.params", "eval.split_rel_level"}
+
+
+def _check_keys(user: Any, schema: Any, prefix: str, where: str) -> None:
+    """Raise on the first key of `user` that the schema does not know."""
+    if not isinstance(user, dict) or not isinstance(schema, dict):
+        return
+    for key, value in user.items():
+        full = f"{prefix}{key}"
+        if key not in schema:
+            near = [prefix + k for k in difflib.get_close_matches(key, list(schema), n=1, cutoff=0.6)]
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys here: {', '.join(sorted(schema))}"
+            raise StarbucksError(f"unknown config key '{full}' in {where}{hint}")
+        if full not in OPEN_KEYS:
+            _check_keys(value, schema[key], full + ".", where)
+
+
+def _read_yaml(path: Path, seen: tuple = ()) -> dict:
+    """Read a YAML config, following its `base:` chain (relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        raise StarbucksError(f"config {path} extends itself through `base:`; remove the cycle")
+    if not path.is_file():
+        raise StarbucksError(f"config file {path} not found; pass --config PATH (default: {DEFAULT_CONFIG})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise StarbucksError(f"config {path}{line} is not valid YAML: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise StarbucksError(f"config {path} must be a mapping of sections, not {type(data).__name__}")
+    base = data.pop("base", None)
+    _check_keys(data, DEFAULTS, "", str(path))
+    if base is None:
+        return data
+    parent = _read_yaml(path.parent / base, seen + (path,))
+    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Load a config: schema defaults <- YAML (with `base:` chain) <- `key=value` overrides."""
+    cfg = OmegaConf.create(DEFAULTS)
+    if path is not None:
+        cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item:
+            raise StarbucksError(f"override {item!r} is not key=value (example: train.lr=1e-4)")
+    try:
+        dot = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except OmegaConfBaseException as err:
+        raise StarbucksError(f"cannot parse overrides {overrides}: {err}") from None
+    _check_keys(dot, DEFAULTS, "", "the command line")
+    cfg = OmegaConf.merge(cfg, dot)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise StarbucksError(f"config interpolation failed: {err}") from None
+    sizes_of(cfg)  # validate early
+    return cfg
+
+
+def sizes_of(cfg: DictConfig) -> SizeList:
+    """The config's ordered size list."""
+    entries = cfg.sizes
+    if isinstance(entries, (ListConfig, DictConfig)):
+        entries = OmegaConf.to_container(entries)
+    return SizeList.from_config(entries)
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """Where each stage reads and writes, derived from one experiment directory."""
+
+    root: Path
+    model: Path
+    embeddings: Path
+    index: Path
+    runs: Path
+    eval: Path
+
+
+def experiment_paths(cfg: DictConfig) -> ExperimentPaths:
+    root = Path(cfg.output_dir)
+    p = cfg.paths
+
+    def pick(key: str) -> Path:
+        return Path(p[key]) if p.get(key) else root / key
+
+    return ExperimentPaths(root, pick("model"), pick("embeddings"), pick("index"), pick("runs"), pick("eval"))
+
+
+def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config (atomically) next to an artifact, for the record."""
+    from retrieval.io import atomic_write_text
+
+    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))

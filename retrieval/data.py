@@ -1,0 +1,317 @@
+"""Collections: corpus, queries, qrels and training groups from local files, the HF hub or ir_datasets.
+
+Sources are strings:
+- a BEIR directory (`corpus.jsonl[.gz]`, `queries.jsonl[.gz]`, `qrels/<split>.tsv[.gz]`);
+- a file: corpus/queries `.jsonl[.gz]` (`_id`, `text`, optional `title`) or `.tsv` (`id<TAB>text`,
+  e.g. MS MARCO's `collection.tsv` or TREC topics); qrels in BEIR TSV or TREC format;
+- `irds:<id>`: an `ir_datasets` id (`irds:msmarco-passage`, `irds:msmarco-passage/dev/small`,
+  `irds:msmarco-passage/trec-dl-2019/judged`, ...);
+- `hf:<id>` for training groups: a hub dataset in Tevatron's format (`hf:Tevatron/msmarco-passage-aug`).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from retrieval.errors import StarbucksError
+from retrieval.io import open_text, read_jsonl
+
+Qrels = dict[str, dict[str, int]]
+
+IRDS = "irds:"
+HF = "hf:"
+
+
+def _find(directory: Path, stem: str) -> Path | None:
+    for suffix in (".jsonl", ".jsonl.gz", ".tsv", ".tsv.gz"):
+        p = directory / f"{stem}{suffix}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _irds(dataset_id: str):
+    try:
+        import ir_datasets
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise StarbucksError("ir_datasets is not installed; pip install ir_datasets") from None
+    try:
+        return ir_datasets.load(dataset_id)
+    except KeyError:
+        raise StarbucksError(f"unknown ir_datasets id {dataset_id!r}; see https://ir-datasets.com for valid ids") from None
+
+
+def _passage_text(title: str | None, text: str | None) -> str:
+    title, text = (title or "").strip(), (text or "").strip()
+    return f"{title} {text}" if title else text
+
+
+# ---------------------------------------------------------------- corpus
+
+
+def _corpus_file(source: str) -> Path:
+    p = Path(source)
+    if p.is_dir():
+        f = _find(p, "corpus")
+        if f is None:
+            raise StarbucksError(f"{p} has no corpus.jsonl[.gz] or corpus.tsv; is it a BEIR collection directory?")
+        return f
+    if not p.is_file():
+        raise StarbucksError(f"corpus {p} not found; set data.corpus to a BEIR directory, a corpus file or irds:<id>")
+    return p
+
+
+def _iter_tsv(path: Path, what: str, columns: int = 2) -> Iterator[tuple[int, list[str]]]:
+    with open_text(path, what) as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            parts = line.split("\t")
+            if len(parts) < columns:
+                raise StarbucksError(
+                    f"{path} line {lineno}: expected {columns} tab-separated columns, got {len(parts)}; fix that line"
+                )
+            yield lineno, parts
+
+
+def _iter_id_text_jsonl(path: Path, what: str, text_key: str = "text") -> Iterator[tuple[str, str]]:
+    for lineno, obj in read_jsonl(path, what):
+        if "_id" not in obj or text_key not in obj:
+            raise StarbucksError(f"{path} line {lineno}: a {what} row needs '_id' and '{text_key}' fields")
+        yield str(obj["_id"]), _passage_text(obj.get("title"), obj[text_key])
+
+
+def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
+    """Stream `(doc_id, text)` pairs of a corpus (title and text joined when there is a title)."""
+    if source.startswith(IRDS):
+        ds = _irds(source[len(IRDS):])
+        for doc in ds.docs_iter():
+            yield doc.doc_id, _passage_text(getattr(doc, "title", None), doc.text)
+        return
+    path = _corpus_file(source)
+    if ".jsonl" in path.name:
+        yield from _iter_id_text_jsonl(path, "corpus")
+    else:
+        for _, parts in _iter_tsv(path, "corpus"):
+            yield parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1])
+
+
+def corpus_size(source: str) -> int | None:
+    """Number of passages when cheaply known (ir_datasets), else None."""
+    if source.startswith(IRDS):
+        return _irds(source[len(IRDS):]).docs_count()
+    return None
+
+
+def load_corpus(source: str) -> dict[str, str]:
+    """The whole corpus as `{doc_id: text}` (for training-group lookups; small collections)."""
+    corpus: dict[str, str] = {}
+    for doc_id, text in iter_corpus(source):
+        if doc_id in corpus:
+            raise StarbucksError(f"corpus {source} has the id {doc_id!r} twice; ids must be unique")
+        corpus[doc_id] = text
+    return corpus
+
+
+# ---------------------------------------------------------------- queries and qrels
+
+
+def read_queries_file(path: str | os.PathLike) -> dict[str, str]:
+    """Queries from BEIR `queries.jsonl[.gz]` or a TREC/MS MARCO topics TSV (`qid<TAB>text`)."""
+    path = Path(path)
+    if ".jsonl" in path.name:
+        return dict(_iter_id_text_jsonl(path, "queries"))
+    return {parts[0].strip(): parts[1].strip() for _, parts in _iter_tsv(path, "topics")}
+
+
+def read_qrels_file(path: str | os.PathLike) -> Qrels:
+    """Qrels from a BEIR TSV (`query-id corpus-id score` with header) or a TREC file (`qid 0 docid rel`)."""
+    path = Path(path)
+    qrels: Qrels = {}
+    with open_text(path, "qrels") as f:
+        for lineno, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if lineno == 1 and parts[0] in ("query-id", "query_id", "qid"):
+                continue  # BEIR header
+            if len(parts) == 3:
+                qid, did, rel = parts
+            elif len(parts) == 4:
+                qid, _, did, rel = parts
+            else:
+                raise StarbucksError(
+                    f"{path} line {lineno}: expected 'qid docid rel' (BEIR) or 'qid 0 docid rel' (TREC), "
+                    f"got {len(parts)} fields"
+                )
+            try:
+                qrels.setdefault(qid, {})[did] = int(float(rel))
+            except ValueError:
+                raise StarbucksError(f"{path} line {lineno}: relevance {rel!r} is not a number") from None
+    return qrels
+
+
+@dataclass
+class EvalSplit:
+    """The queries and relevance judgments of one evaluation split."""
+
+    name: str
+    queries: dict[str, str]
+    qrels: Qrels = field(default_factory=dict)
+
+    def __post_init__(self):
+        unknown = [q for q in self.qrels if q not in self.queries]
+        if unknown:
+            raise StarbucksError(
+                f"split {self.name!r}: qrels name {len(unknown)} queries that are not in its queries "
+                f"(first: {unknown[0]!r}); the queries and qrels files do not belong together"
+            )
+        if self.qrels:  # evaluate only the judged queries (like DL20's 54 of 200)
+            self.queries = {q: t for q, t in self.queries.items() if q in self.qrels}
+
+
+def load_split(name: str, source) -> EvalSplit:
+    """Load split `name` from a BEIR directory, `irds:<id>`, or `{queries: FILE, qrels: FILE}`."""
+    if isinstance(source, Mapping):
+        if "queries" not in source:
+            raise StarbucksError(f"data.eval_splits.{name} needs a 'queries' file (and usually 'qrels')")
+        queries = read_queries_file(source["queries"])
+        qrels = read_qrels_file(source["qrels"]) if source.get("qrels") else {}
+        return EvalSplit(name, queries, qrels)
+    source = str(source)
+    if source.startswith(IRDS):
+        ds = _irds(source[len(IRDS):])
+        queries = {q.query_id: q.text for q in ds.queries_iter()}
+        qrels: Qrels = {}
+        for r in ds.qrels_iter():
+            qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
+        return EvalSplit(name, queries, qrels)
+    directory = Path(source)
+    if not directory.is_dir():
+        raise StarbucksError(
+            f"data.eval_splits.{name} = {source!r} is not a directory, irds:<id>, or {{queries, qrels}} mapping"
+        )
+    qfile = _find(directory, "queries")
+    qrels_file = _find(directory / "qrels", name)
+    if qfile is None:
+        raise StarbucksError(f"{directory} has no queries.jsonl[.gz]")
+    if qrels_file is None:
+        raise StarbucksError(f"{directory}/qrels has no {name}.tsv[.gz]; available: {_available_splits(directory)}")
+    return EvalSplit(name, read_queries_file(qfile), read_qrels_file(qrels_file))
+
+
+def _available_splits(directory: Path) -> list[str]:
+    qdir = directory / "qrels"
+    return sorted(p.name.split(".")[0] for p in qdir.glob("*.tsv*")) if qdir.is_dir() else []
+
+
+def load_eval_splits(splits: Mapping, names=None) -> dict[str, EvalSplit]:
+    """Load the configured eval splits (all, or those in `names`)."""
+    if names in (None, "", "all"):
+        names = list(splits)
+    elif isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    out = {}
+    for n in names:
+        if n not in splits:
+            raise StarbucksError(f"unknown eval split {n!r}; configured splits are {sorted(splits)} (data.eval_splits)")
+        out[n] = load_split(n, splits[n])
+    return out
+
+
+# ---------------------------------------------------------------- training groups
+
+
+@dataclass
+class TrainGroup:
+    """One training query with its positive and hard-negative passage texts."""
+
+    query_id: str
+    query: str
+    positives: list[str]
+    negatives: list[str]
+
+
+def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> TrainGroup:
+    qid = str(row.get("query_id", ""))
+    query = row.get("query")
+    if query is None:
+        raise StarbucksError(f"{where}: training group has no 'query' field")
+    if "positive_passages" in row:  # Tevatron inline format
+        pos = [_passage_text(p.get("title"), p.get("text")) for p in row["positive_passages"]]
+        neg = [_passage_text(p.get("title"), p.get("text")) for p in row.get("negative_passages") or []]
+    elif "positive_document_ids" in row:
+        if corpus is None:
+            raise StarbucksError(f"{where}: ids-only training groups need a corpus (set data.corpus)")
+
+        def texts(ids):
+            out = []
+            for d in ids:
+                d = str(d)
+                if d not in corpus:
+                    raise StarbucksError(f"{where}: document id {d!r} is not in the corpus; check data.corpus")
+                out.append(corpus[d])
+            return out
+
+        pos = texts(row["positive_document_ids"])
+        neg = texts(row.get("negative_document_ids") or [])
+    else:
+        raise StarbucksError(
+            f"{where}: a training group needs 'positive_document_ids' (ids) or 'positive_passages' (Tevatron inline)"
+        )
+    if not pos:
+        raise StarbucksError(f"{where}: training group for query {qid!r} has no positive passage")
+    return TrainGroup(qid, str(query), pos, neg)
+
+
+def load_train_groups(source: str, corpus_source: str | None = None, split: str = "train",
+                      max_groups: int | None = None) -> list[TrainGroup]:
+    """Training groups from a local JSONL (ids-only or inline texts) or `hf:<dataset id>`."""
+    groups: list[TrainGroup] = []
+    if source.startswith(HF):
+        try:
+            import datasets
+        except ImportError:  # pragma: no cover - a declared dependency
+            raise StarbucksError("the `datasets` package is needed for hf: sources; pip install datasets") from None
+        ds = datasets.load_dataset(source[len(HF):], split=split)
+        for i, row in enumerate(ds):
+            if max_groups is not None and i >= max_groups:
+                break
+            groups.append(_group_from_row(row, None, f"{source} row {i}"))
+        return groups
+    path = Path(source)
+    if not path.is_file():
+        raise StarbucksError(f"training groups {path} not found; set data.train to a JSONL file or hf:<dataset id>")
+    corpus = None
+    for lineno, row in read_jsonl(path, "training groups"):
+        if corpus is None and "positive_document_ids" in row and corpus_source:
+            corpus = load_corpus(corpus_source)
+        groups.append(_group_from_row(row, corpus, f"{path} line {lineno}"))
+        if max_groups is not None and len(groups) >= max_groups:
+            break
+    if not groups:
+        raise StarbucksError(f"training groups {path} is empty")
+    return groups
+
+
+def sample_negatives(group: TrainGroup, count: int, epoch: int, seed: int) -> list[str]:
+    """`count` hard negatives of a group for `epoch`, rotating through its list across epochs.
+
+    The list is shuffled once per group (seeded); epoch `e` takes the next `count` items
+    cyclically, so every negative is used before any repeats. Too few negatives are padded
+    by repetition.
+    """
+    negs = group.negatives
+    if count <= 0:
+        return []
+    if not negs:
+        raise StarbucksError(f"query {group.query_id!r} has no hard negatives; group_size must be 1 or add negatives")
+    order = list(range(len(negs)))
+    random.Random(f"{seed}:{group.query_id}").shuffle(order)
+    start = (epoch * count) % len(order)
+    return [negs[order[(start + i) % len(order)]] for i in range(count)]

@@ -1,0 +1,72 @@
+"""File helpers: transparent gzip, line-numbered JSONL, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from retrieval.errors import StarbucksError
+
+
+def require_file(path: str | os.PathLike, what: str = "file", hint: str = "") -> Path:
+    """Return `path` if it is an existing file, else raise one clear line."""
+    p = Path(path)
+    if not p.is_file():
+        raise StarbucksError(f"{what} {p} not found" + (f"; {hint}" if hint else ""))
+    return p
+
+
+def open_text(path: str | os.PathLike, what: str = "file") -> IO[str]:
+    """Open a text file for reading; `.gz` files are decompressed transparently."""
+    p = require_file(path, what)
+    if p.suffix == ".gz":
+        return gzip.open(p, "rt", encoding="utf-8")
+    return open(p, encoding="utf-8")
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
+    """Yield `(line_number, object)` for each non-blank line; a bad line is a clear error."""
+    with open_text(path, what) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise StarbucksError(f"{path} line {lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
+            if not isinstance(obj, dict):
+                raise StarbucksError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed onto `path`.
+
+    A job killed mid-write leaves only a `.tmp-*` file, never a file that looks complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

