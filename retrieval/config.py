@@ -138,6 +138,16 @@ def _check_keys(user: Any, schema: Any, prefix: str, where: str) -> None:
             _check_keys(value, schema[key], full + ".", where)
 
 
+def _merge(base, data: dict) -> DictConfig:
+    """Merge `data` onto `base`; an open mapping given in `data` replaces the base's whole mapping."""
+    base = OmegaConf.create(base if not isinstance(base, DictConfig) else OmegaConf.to_container(base))
+    for key in OPEN_KEYS:
+        section, name = key.split(".")
+        if isinstance(data.get(section), dict) and name in data[section] and section in base:
+            base[section][name] = {}
+    return OmegaConf.merge(base, data)
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     """Read a YAML config, following its `base:` chain (relative to the file)."""
     path = path.resolve()
@@ -158,14 +168,14 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if base is None:
         return data
     parent = _read_yaml(path.parent / base, seen + (path,))
-    return OmegaConf.to_container(OmegaConf.merge(parent, data))
+    return OmegaConf.to_container(_merge(parent, data))
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Load a config: schema defaults <- YAML (with `base:` chain) <- `key=value` overrides."""
     cfg = OmegaConf.create(DEFAULTS)
     if path is not None:
-        cfg = OmegaConf.merge(cfg, _read_yaml(Path(path)))
+        cfg = _merge(cfg, _read_yaml(Path(path)))
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:

@@ -133,22 +133,20 @@ def read_qrels_file(path: str | os.PathLike) -> Qrels:
     """Qrels from a BEIR TSV (`query-id corpus-id score` with header) or a TREC file (`qid 0 docid rel`)."""
     path = Path(path)
     qrels: Qrels = {}
+    width = None  # fields per line, fixed by the first data line: 3 (BEIR) or 4 (TREC)
     with open_text(path, "qrels") as f:
         for lineno, line in enumerate(f, 1):
             parts = line.split()
             if not parts:
                 continue
-            if lineno == 1 and parts[0] in ("query-id", "query_id", "qid"):
+            if width is None and parts[0] in ("query-id", "query_id", "qid"):
                 continue  # BEIR header
-            if len(parts) == 3:
-                qid, did, rel = parts
-            elif len(parts) == 4:
-                qid, _, did, rel = parts
-            else:
-                raise StarbucksError(
-                    f"{path} line {lineno}: expected 'qid docid rel' (BEIR) or 'qid 0 docid rel' (TREC), "
-                    f"got {len(parts)} fields"
-                )
+            if width is None and len(parts) in (3, 4):
+                width = len(parts)
+            if len(parts) != width:
+                want = "'qid 0 docid rel' (TREC)" if width == 4 else "'qid docid rel' (BEIR)"
+                raise StarbucksError(f"{path} line {lineno}: expected {want}, got {len(parts)} fields")
+            qid, did, rel = (parts[0], parts[2], parts[3]) if width == 4 else parts
             try:
                 qrels.setdefault(qid, {})[did] = int(float(rel))
             except ValueError:

