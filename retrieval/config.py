@@ -93,12 +93,13 @@ DEFAULTS: dict[str, Any] = {
         "max_texts": None,
     },
     "encode": {
-        "sizes": "all",  # all | comma list of names or LxD
+        "model": None,  # model to encode with (None: paths.model if trained, else model.name_or_path)
+        "sizes": "all",  # all | comma list of names or LxD (search and eval follow unless set)
         "batch_size": 128,
         "shard_rows": 100000,
-        "splits": "all",  # which eval splits' queries to encode
-        "device": "auto",
-        "precision": "auto",
+        "splits": "all",  # which eval splits' queries to encode (all | none | comma list)
+        "device": "auto",  # auto | cpu | cuda | cuda:N
+        "precision": "auto",  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
         "shard": None,  # "i/n": encode one slice of the corpus
     },
     "search": {
@@ -108,13 +109,22 @@ DEFAULTS: dict[str, Any] = {
         "batch_size": 1024,
         "device": "auto",  # auto | cpu | cuda
         "backend": "auto",  # auto | faiss | torch
+        "sizes": "${encode.sizes}",  # all: every size with finished embeddings
+        "splits": "${encode.splits}",
+        "train_rows": 200000,  # vectors sampled to train a non-flat index (IVF, PQ)
+        "shards_per_index": None,  # non-flat indexes: one index per this many embedding shards (None: one)
+        "rebuild": False,  # rebuild a saved index that no longer matches the embeddings
+        "torch_dtype": "auto",  # torch backend matmul: auto (fp16 on GPU, fp32 on CPU) | fp16 | fp32
     },
     "eval": {
         "metrics": ["RR@10", "nDCG@10", "R@100", "R@1000"],
         "rel_level": 1,  # minimum relevance for binary measures (TREC DL: 2)
         "split_rel_level": {},  # per-split override, e.g. {dl19: 2}
-        "baseline": None,
+        "baseline": None,  # experiment that comparisons test against (None: the first given)
         "plot": True,
+        "sizes": "${search.sizes}",  # all: every size with a run file
+        "splits": "${search.splits}",
+        "alpha": 0.05,  # significance level of the paired t-test
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).
     "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},
