@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Sequence
 
 from omegaconf import DictConfig
 

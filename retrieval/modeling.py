@@ -248,7 +248,9 @@ def meta_sizes(meta: Mapping) -> SizeList | None:
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "", pad_to_multiple_of: int | None = 8):
-    """Tokenise a batch with dynamic padding (to the longest text, rounded up)."""
+    """Tokenise a batch with dynamic padding (to the longest text, rounded up when `max_length` allows)."""
+    if pad_to_multiple_of and max_length % pad_to_multiple_of:
+        pad_to_multiple_of = None  # the tokenizer refuses a cap that is not a multiple
     if prefix:
         texts = [prefix + t for t in texts]
     return tokenizer(
