@@ -116,3 +116,24 @@ def test_negatives_rotate_through_the_whole_list():
     assert set(flat[:7]) == set(g.negatives)  # every negative used before any repeats
     assert sample_negatives(g, 3, 0, seed=1) == seen[0]  # deterministic
     assert len(sample_negatives(TrainGroup("q", "q", ["p"], ["a"]), 4, 0, 0)) == 4
+
+
+@pytest.mark.parametrize("name", ["debian-pkgs-mini", "debian-pkgs"])
+def test_shipped_collections_load_with_the_counts_of_their_readme(repo_root, name):
+    """The project's loaders see exactly what data/<name>/stats.json (and its README) report."""
+    root = repo_root / "data" / name
+    stats = json.loads((root / "stats.json").read_text())
+    corpus = dict(iter_corpus(str(root)))
+    assert len(corpus) == stats["passages"]
+    splits = load_eval_splits({s: str(root) for s in ("train", "dev", "test")})
+    assert {s: len(sp.queries) for s, sp in splits.items()} == stats["queries"]
+    for sp in splits.values():  # exactly one relevant passage per query, present in the corpus
+        assert all(len(docs) == 1 and next(iter(docs)) in corpus for docs in sp.qrels.values())
+    assert not set(splits["dev"].queries) & set(splits["test"].queries)
+    groups = load_train_groups(str(root / "train.jsonl.gz"), str(root))
+    assert len(groups) == stats["train_groups"] == stats["queries"]["train"]
+    assert {len(g.negatives) for g in groups} <= set(range(stats["negatives_per_group"]["min"],
+                                                           stats["negatives_per_group"]["max"] + 1))
+    g = groups[0]
+    assert g.positives == [corpus[next(iter(splits["train"].qrels[g.query_id]))]]
+    assert g.query == splits["train"].queries[g.query_id] and g.positives[0] not in g.negatives
