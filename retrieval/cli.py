@@ -14,10 +14,10 @@ from retrieval.config import DEFAULT_CONFIG, load_config
 STAGES = ("train", "encode", "search", "eval")
 
 
-def stage_parser(stage: str, description: str) -> argparse.ArgumentParser:
+def stage_parser(stage: str, description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
     """An argument parser with `--config` and trailing `key=value` overrides."""
     parser = argparse.ArgumentParser(prog=f"python -m {stage}", description=description)
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=default_config, help=f"experiment YAML (default: {default_config})")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
     return parser
 

@@ -58,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_splits": {"dev": "data/debian-pkgs-mini", "test": "data/debian-pkgs-mini"},
     },
     "train": {
-        "method": "srl",  # srl | 2dmse | separate | full
+        "method": "srl",  # srl | 2dmse | separate | full (fine-tuning); smae (pre-training, train.pretrain)
         "size": None,  # for method=separate: the one size to train
         "epochs": 1,
         "max_steps": None,  # stop after this many optimizer steps (None: epochs)
@@ -73,14 +73,15 @@ DEFAULTS: dict[str, Any] = {
         "temperature": 1.0,  # InfoNCE temperature (1.0 with dot product; ~0.05 with cosine)
         "kl_weight": 1.0,
         "kl_temperature": 1.0,
-        "size_weights": None,  # one weight per size (None: all 1, i.e. the paper's mean)
+        "cross_device_negatives": True,  # under DDP: every device's passages are negatives for every query
+        "size_weights": None,  # srl: one weight per size (None: all 1, i.e. the paper's mean)
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "gradient_checkpointing": False,
-        "save_steps": 500,
-        "save_total_limit": 2,
+        "save_steps": 500,  # checkpoint every N steps (and at the end) under <output_dir>/checkpoints
+        "save_total_limit": 2,  # keep the newest N checkpoints (0: all)
         "logging_steps": 10,
         "dataloader_workers": 0,
-        "resume": True,
+        "resume": True,  # continue from the newest checkpoint; false: delete the checkpoints, start over
     },
     "pretrain": {
         "text": "data/debian-pkgs/corpus.jsonl.gz",  # local .txt/.jsonl[.gz] or hf:<dataset id>
@@ -91,13 +92,17 @@ DEFAULTS: dict[str, Any] = {
         "dec_mask_ratio": 0.4,
         "decoder_layers": 1,
         "max_texts": None,
+        "hf_split": "train",  # split of an hf: source
+        "max_tokens": None,  # pack at most this many tokens (None: the whole source)
+        "mask_replace": "bert",  # bert: [MASK] 80% / random 10% / kept 10%; mask: always [MASK]
+        "windows_dir": None,  # packed-window cache (None: <output_dir>/windows)
     },
     "encode": {
         "model": None,  # model to encode with (None: paths.model if trained, else model.name_or_path)
         "sizes": "all",  # all | comma list of names or LxD (search and eval follow unless set)
         "batch_size": 128,
         "shard_rows": 100000,
-        "splits": "all",  # which eval splits' queries to encode (all | none | comma list)
+        "splits": "all",  # which eval splits' queries to encode (all | comma list)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "precision": "auto",  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
         "shard": None,  # "i/n": encode one slice of the corpus

@@ -83,7 +83,8 @@ class StarbucksEncoder(nn.Module):
         self.normalize = bool(normalize)
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # unused; would leave parameters without gradients under DDP
-        self._holder, self._attr = _layer_holder(backbone)
+        holder, self._attr = _layer_holder(backbone)
+        object.__setattr__(self, "_holder", holder)  # a reference, not a submodule: no duplicate state-dict keys
 
     # ------------------------------------------------------------ shape
 

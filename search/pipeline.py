@@ -1,0 +1,291 @@
+"""Embeddings -> TREC run files, one per (split, size).
+
+Exact search (`search.index: Flat`, the default) reads the float16 shards one at a time and
+merges each shard's top-k into one running top-k, so memory holds one shard and `queries x 2k`
+results; nothing is written to `index/`: the shards are the index. Any other FAISS
+`index_factory` string is built once (trained on a sample), saved to `index/<size>.faiss` with a
+`.json` record of the embeddings it holds, and reused; with `search.shards_per_index: N` each
+group of N shards gets its own index (`index/<size>.part-00000.faiss`, ...) for corpora whose
+index does not fit in memory, searched in turn and merged the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from retrieval.config import experiment_paths
+from retrieval.errors import StarbucksError
+from retrieval.io import atomic_path, atomic_write_json
+from retrieval.runfile import read_run_record, run_path, write_run
+from retrieval.store import EmbeddingStore, select_stores
+from search.backends import EXACT, ExactSearcher, faiss_reason, faiss_search, make_index, set_params, to_gpu
+from search.topk import TopK
+
+INDEX_VERSION = 1
+_DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+
+
+@dataclass
+class SearchSettings:
+    """How to search: index type and parameters, depth, and the resolved device and backend."""
+
+    index: str = EXACT
+    params: dict = field(default_factory=dict)
+    depth: int = 100
+    batch_size: int = 1024
+    backend: str = "faiss"  # faiss | torch
+    device: str = "cpu"
+    faiss_gpu: bool = False
+    torch_dtype: str = "float32"
+    train_rows: int = 200000
+    shards_per_index: int | None = None
+    rebuild: bool = False
+    seed: int = 42
+
+    @property
+    def exact(self) -> bool:
+        return self.index.strip() == EXACT
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "SearchSettings":
+        """Resolve `auto` device/backend: FAISS on CPU, FAISS GPU if built with it, else torch on CUDA."""
+        s = cfg.search
+        device = str(s.device)
+        if device == "auto" or device.startswith("cuda"):
+            import torch
+
+            if device == "auto":
+                device = "cuda" if torch.cuda.is_available() else "cpu"
+            elif not torch.cuda.is_available():
+                raise StarbucksError(f"search.device = {device!r} but CUDA is not available; use search.device=cpu")
+        gpus = faiss.get_num_gpus() if device.startswith("cuda") else 0
+        exact = str(s.index).strip() == EXACT
+        backend = str(s.backend)
+        if backend == "auto":
+            backend = "torch" if device.startswith("cuda") and not gpus and exact else "faiss"
+        if backend not in ("faiss", "torch"):
+            raise StarbucksError(f"search.backend = {backend!r} is not one of auto, faiss, torch")
+        if backend == "torch" and not exact:
+            raise StarbucksError(f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; "
+                                 f"set search.backend=faiss")
+        dtype = str(s.torch_dtype)
+        if dtype == "auto":
+            dtype = "float16" if device.startswith("cuda") else "float32"
+        if dtype not in _DTYPES:
+            raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
+        depth = int(s.depth)
+        if depth < 1 or int(s.batch_size) < 1:
+            raise StarbucksError("search.depth and search.batch_size must be >= 1")
+        per = s.shards_per_index
+        return cls(
+            index=str(s.index),
+            params=dict(OmegaConf.to_container(s.params)) if s.params else {},
+            depth=depth,
+            batch_size=int(s.batch_size),
+            backend=backend,
+            device=device,
+            faiss_gpu=backend == "faiss" and gpus > 0,
+            torch_dtype=_DTYPES[dtype],
+            train_rows=int(s.train_rows),
+            shards_per_index=int(per) if per else None,
+            rebuild=bool(s.rebuild),
+            seed=int(cfg.seed),
+        )
+
+    def describe(self) -> str:
+        where = "GPU" if self.faiss_gpu else self.device
+        return f"{self.index} ({self.backend} on {where})"
+
+
+# ---------------------------------------------------------------- saved indexes
+
+
+@dataclass(frozen=True)
+class IndexPart:
+    """A saved index over the embedding shards `[first_shard, end_shard)`."""
+
+    path: Path
+    first_shard: int
+    end_shard: int
+    first_row: int
+    rows: int
+
+
+def index_parts(meta: dict, index_dir: Path, shards_per_index: int | None) -> list[IndexPart]:
+    """One part for all shards, or one per `shards_per_index` consecutive shards."""
+    shards, shard_rows, count = meta["shards"], meta["shard_rows"], meta["count"]
+    per = shards_per_index or max(shards, 1)
+    starts = list(range(0, shards, per))
+    parts = []
+    for i, first in enumerate(starts):
+        end = min(first + per, shards)
+        first_row = first * shard_rows
+        rows = min(end * shard_rows, count) - first_row
+        name = f"{meta['size']}.faiss" if len(starts) == 1 else f"{meta['size']}.part-{i:05d}.faiss"
+        parts.append(IndexPart(index_dir / name, first, end, first_row, rows))
+    return parts
+
+
+def _index_record(meta: dict, part: IndexPart, settings: SearchSettings) -> dict:
+    return {
+        "format_version": INDEX_VERSION,
+        "factory": settings.index,
+        "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
+        "model_sha256": meta["model_sha256"], "ids_sha256": meta["ids_sha256"], "count": meta["count"],
+        "shards": [part.first_shard, part.end_shard],
+        "train_rows": settings.train_rows, "seed": settings.seed,
+    }
+
+
+def _part_vectors(store: EmbeddingStore, part: IndexPart) -> Iterator[tuple[int, np.ndarray]]:
+    """`(first_row_in_part, vectors)` of each shard of a part."""
+    offset = 0
+    for k in range(part.first_shard, part.end_shard):
+        vectors = store.load_shard(k)
+        yield offset, vectors
+        offset += len(vectors)
+
+
+def training_sample(store: EmbeddingStore, part: IndexPart, rows: int, seed: int) -> np.ndarray:
+    """Up to `rows` vectors of a part, drawn uniformly without replacement (float32)."""
+    n = min(rows, part.rows)
+    chosen = np.sort(np.random.default_rng(seed).choice(part.rows, size=n, replace=False))
+    pieces = []
+    for offset, vectors in _part_vectors(store, part):
+        local = chosen[(chosen >= offset) & (chosen < offset + len(vectors))] - offset
+        pieces.append(np.asarray(vectors[local], dtype=np.float32))
+    return np.concatenate(pieces)
+
+
+def load_or_build_index(store: EmbeddingStore, part: IndexPart, settings: SearchSettings) -> faiss.Index:
+    """The saved index of a part if it matches the embeddings; else build, train and save it."""
+    meta = store.require_complete()
+    expected = _index_record(meta, part, settings)
+    record_path = part.path.with_suffix(".json")
+    saved = json.loads(record_path.read_text()) if record_path.is_file() and part.path.is_file() else None
+    if saved == expected:
+        return faiss.read_index(str(part.path))
+    if saved is not None and not settings.rebuild:
+        key = next(k for k in expected if saved.get(k) != expected[k])
+        raise StarbucksError(
+            f"index {part.path} was built with {key} = {saved.get(key)!r}, the embeddings/config now give "
+            f"{expected[key]!r}; delete it or set search.rebuild=true to rebuild"
+        )
+    index = make_index(settings.index, meta["dim"])
+    try:
+        if not index.is_trained:
+            index.train(training_sample(store, part, settings.train_rows, settings.seed))
+        for _, vectors in _part_vectors(store, part):
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    except RuntimeError as err:
+        raise StarbucksError(
+            f"cannot build index {settings.index!r} over {part.rows} vectors: {faiss_reason(err)}"
+        ) from None
+    with atomic_path(part.path) as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_json(record_path, expected)  # written last: marks the index complete
+    return index
+
+
+# ---------------------------------------------------------------- search
+
+
+def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSettings,
+                 index_dir: str | Path | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-`depth` `(scores, rows)` of each query over a finished store; rows index `store.ids()`.
+
+    Exact search goes shard by shard; other indexes part by part (built and saved under
+    `index_dir` on first use). Either way results are merged into one top-k.
+    """
+    meta = store.require_complete()
+    if queries.ndim != 2 or queries.shape[1] != meta["dim"]:
+        raise StarbucksError(f"queries have shape {queries.shape}, the passages in {store.dir} have {meta['dim']} dims")
+    top = TopK(len(queries), min(settings.depth, meta["count"]))
+    if settings.exact:
+        searcher = ExactSearcher(settings.backend, settings.device, settings.faiss_gpu, settings.torch_dtype,
+                                 settings.batch_size)
+        for _, first_row, vectors in tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
+                                          desc=f"search {meta['size']}", disable=not progress):
+            top.add(*searcher.search(vectors, queries, top.k), offset=first_row)
+        return top.scores, top.rows
+    if index_dir is None:
+        raise ValueError("a non-flat index needs an index_dir to be saved in")
+    set_params(make_index(settings.index, meta["dim"]), settings.params)  # bad settings fail before any build
+    parts = index_parts(meta, Path(index_dir), settings.shards_per_index)
+    for part in tqdm(parts, unit="index", desc=f"search {meta['size']}", disable=not progress):
+        index = load_or_build_index(store, part, settings)
+        if settings.faiss_gpu:
+            index = to_gpu(index)
+        set_params(index, settings.params, gpu=settings.faiss_gpu)
+        top.add(*faiss_search(index, queries, min(top.k, part.rows), settings.batch_size), offset=part.first_row)
+        del index  # one part in memory at a time
+    return top.scores, top.rows
+
+
+def _run_record(meta: dict, qmeta: dict, settings: SearchSettings) -> dict:
+    """What a run file was made from; a run whose record differs is searched again."""
+    return {
+        "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
+        "passages": {k: meta[k] for k in ("model_sha256", "ids_sha256", "count")},
+        "queries": {k: qmeta.get(k) for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
+        "index": settings.index, "params": settings.params, "depth": settings.depth,
+    }
+
+
+def _splits_of(store: EmbeddingStore, spec) -> list[str]:
+    have = store.query_splits()
+    if spec in (None, "", "all"):
+        if not have:
+            raise StarbucksError(f"no query embeddings in {store.dir}; run `python -m encode` first")
+        return have
+    return [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if str(p).strip()]
+
+
+def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
+    """Search every selected size and split; returns the run files written (up-to-date ones are kept)."""
+    settings = SearchSettings.from_config(cfg)
+    paths = experiment_paths(cfg)
+    tag = "_".join(str(cfg.name).split()) or "run"
+    written = []
+    for store in select_stores(paths.embeddings, cfg.search.sizes):
+        meta = store.require_complete()
+        pending = []
+        for split in _splits_of(store, cfg.search.splits):
+            qids, qvecs, qmeta = store.load_queries(split)
+            out = run_path(paths.runs, split, meta["size"])
+            record = _run_record(meta, qmeta, settings)
+            if out.is_file() and read_run_record(out) == record:
+                print(f"search: {out} is up to date", file=sys.stderr)
+                continue
+            pending.append((qids, qvecs, out, record))
+        if not pending:
+            continue
+        started = time.perf_counter()
+        queries = np.concatenate([q for _, q, _, _ in pending])
+        scores, rows = search_store(store, queries, settings, paths.index, progress)
+        seconds = time.perf_counter() - started
+        passage_ids = store.ids()
+        start = 0
+        for qids, _, out, record in pending:
+            rankings = (
+                (qid, [(passage_ids[r], s) for r, s in zip(rows[i], scores[i]) if r >= 0])
+                for qid, i in zip(qids, range(start, start + len(qids)))
+            )
+            write_run(out, rankings, f"{tag}-{meta['size']}")
+            atomic_write_json(out.with_suffix(".json"), record)
+            written.append(out)
+            start += len(qids)
+        print(f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
+              f"passages, depth {min(settings.depth, meta['count'])}, {settings.describe()}: {seconds:.2f}s",
+              file=sys.stderr)
+    return written
