@@ -15,7 +15,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from eval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
+from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from eval.report import markdown_table, plot_measures, size_label, text_table, write_csv
 from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, load_eval_splits

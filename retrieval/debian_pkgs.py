@@ -42,6 +42,7 @@ from tqdm import tqdm
 
 from retrieval.data import load_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
+from retrieval.metrics import evaluate
 
 DEFAULT_SOURCE = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.lz4"
 DEFAULT_OUT = "data/debian-pkgs"
@@ -511,13 +512,11 @@ def bm25_reference(
     bm25: BM25 | None = None,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """BM25 (bm25s) RR@10 / nDCG@10 / R@100 per split of a BEIR `dataset_dir`, via ir_measures.
+    """BM25 (bm25s) RR@10 / nDCG@10 / R@100 per split of a BEIR `dataset_dir` (`retrieval.metrics`).
 
     Each split's queries are searched (top `depth`) over the whole corpus; a query with no
     hit counts as 0. The stemmer defaults to the one recorded in the directory's stats.json.
     """
-    import ir_measures
-
     dataset_dir = Path(dataset_dir)
     if stemmer is None:
         stats_path = dataset_dir / "stats.json"
@@ -525,20 +524,16 @@ def bm25_reference(
     if bm25 is None:
         corpus = load_corpus(str(dataset_dir))
         bm25 = BM25(list(corpus), list(corpus.values()), stemmer=stemmer, progress=progress)
-    measures = [ir_measures.parse_measure(m) for m in BM25_METRICS]
     results: dict[str, dict[str, float]] = {}
     for split in splits:
         judged = load_split(split, str(dataset_dir))
-        qrels = judged.qrels
         run = {}
-        for qid in tqdm(sorted(qrels), desc=f"BM25 {split}", disable=not progress):
+        for qid in tqdm(sorted(judged.qrels), desc=f"BM25 {split}", disable=not progress):
             hits = bm25.search(judged.queries[qid], depth)
             if hits:
                 run[qid] = dict(hits)
-        totals = {str(m): 0.0 for m in measures}
-        for metric in ir_measures.iter_calc(measures, qrels, run):
-            totals[str(metric.measure)] += metric.value
-        results[split] = {name: round(total / len(qrels), 4) for name, total in totals.items()}
+        scores = evaluate(run, judged.qrels, BM25_METRICS).aggregate
+        results[split] = {name: round(value, 4) for name, value in scores.items()}
     return results
 
 

@@ -202,6 +202,26 @@ def read_meta(directory: str | os.PathLike) -> dict | None:
         raise StarbucksError(f"{p} is not valid JSON ({err.msg}); the checkpoint is damaged, re-save it") from None
 
 
+def _from_pretrained(auto_class, path: str, kwargs: dict):
+    """`from_pretrained`, dropping options the model class does not support (no pooler, SDPA)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the dropped pooler's weights are expected to be unused
+    try:
+        return auto_class.from_pretrained(path, add_pooling_layer=False, **kwargs)
+    except TypeError:  # the model class has no pooler option
+        pass
+    finally:
+        hf_logging.set_verbosity(level)
+    try:
+        return auto_class.from_pretrained(path, **kwargs)
+    except (ValueError, ImportError) as err:
+        if "attn_implementation" not in kwargs or "attn" not in str(err).lower():
+            raise
+        return auto_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
+
+
 def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None):
     """Load an HF encoder (`AutoModel`) and its tokenizer with one clear error on failure."""
     from transformers import AutoModel, AutoTokenizer
@@ -213,13 +233,7 @@ def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", t
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        try:
-            model = AutoModel.from_pretrained(path, **kwargs)
-        except (ValueError, ImportError) as err:
-            if "attn_implementation" not in kwargs or "attn" not in str(err).lower():
-                raise
-            kwargs.pop("attn_implementation")  # model without SDPA support
-            model = AutoModel.from_pretrained(path, **kwargs)
+        model = _from_pretrained(AutoModel, path, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
