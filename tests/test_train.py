@@ -1,0 +1,333 @@
+"""`python -m train`: methods, bad configs, checkpoints and exact resume, short real runs."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, tiny_bert
+from retrieval.config import load_config
+from retrieval.errors import StarbucksError
+from retrieval.modeling import StarbucksEncoder, load_encoder, read_meta, resolve_model_path
+from retrieval.sizes import Size, SizeList
+from train.__main__ import main
+from train.checkpoint import Checkpoints
+from train.finetune import run_training
+from train.methods import TwoDMSESizes, plan_method
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MINI = REPO / "data" / "debian-pkgs-mini"
+TINY_SIZES = ["1x8", "2x16", "4x32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 4-layer, 32-dim BERT with MiniLM's tokenizer, saved as an HF directory."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tiny_bert(layers=4, hidden=32, vocab=30522, seed=0).save_pretrained(d)
+    AutoTokenizer.from_pretrained(resolve_model_path(MINILM)).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def collection(tmp_path_factory) -> Path:
+    """A synthetic BEIR collection: 20 ids-only training groups with 6 hard negatives each."""
+    d = tmp_path_factory.mktemp("synthetic")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5)) for _ in range(200)]
+    docs = {f"d{i}": " ".join(rng.sample(words, 12)) for i in range(80)}
+    with open(d / "corpus.jsonl", "w") as f:
+        for i, text in docs.items():
+            f.write(json.dumps({"_id": i, "text": text}) + "\n")
+    with open(d / "train.jsonl", "w") as f:
+        for g in range(20):
+            pos = f"d{g}"
+            negs = rng.sample([i for i in docs if i != pos], 6)
+            query = " ".join(docs[pos].split()[:3])
+            f.write(json.dumps({"query_id": f"q{g}", "query": query, "positive_document_ids": [pos],
+                                "negative_document_ids": negs}) + "\n")
+    return d
+
+
+def write_config(tmp_path: Path, model, data: Path, train_file: str = "train.jsonl", name="run", sizes=None,
+                 **train) -> Path:
+    cfg = {
+        "name": name,
+        "output_dir": str(tmp_path / name),
+        "model": {"name_or_path": str(model), "pooling": "cls", "normalize": False,
+                  "query_max_length": 16, "passage_max_length": 32},
+        "sizes": sizes or TINY_SIZES,
+        "data": {"corpus": str(data), "train": str(data / train_file)},
+        "train": {"batch_size": 4, "group_size": 3, "learning_rate": 1e-3, "max_steps": 2, "save_steps": 100,
+                  "logging_steps": 1, "temperature": 1.0, **train},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(config: Path, *overrides):
+    return run_training(load_config(config, overrides))
+
+
+def log_lines(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+def record_layers(monkeypatch) -> list:
+    """Record the layer sets the encoder is asked for."""
+    calls = []
+    original = StarbucksEncoder.hidden_states
+
+    def spy(self, batch, layers):
+        calls.append(sorted(set(layers)))
+        return original(self, batch, layers)
+
+    monkeypatch.setattr(StarbucksEncoder, "hidden_states", spy)
+    return calls
+
+
+# ---------------------------------------------------------------- methods
+
+
+def test_2dmse_samples_stay_in_range_and_visit_every_layer():
+    sizes = SizeList.from_config(["1x32", "2x64", "3x96", "4x128", "5x256", "6x384"])
+    schedule = TwoDMSESizes(sizes, seed=7)
+    layers_seen, dims_seen = set(), set()
+    for step in range(400):
+        visited = schedule.at(step)
+        (n, d), (n2, big_d), (big_n, d2), full = [(s.layers, s.dim) for s in visited]
+        assert 1 <= n <= 5 and d in {32, 64, 96, 128, 256}
+        assert (n2, big_d, big_n, d2) == (n, 384, 6, d) and full == (6, 384)
+        assert visited[3] is sizes.largest  # configured names are kept
+        layers_seen.add(n)
+        dims_seen.add(d)
+        assert schedule.at(step) == visited  # a pure function of (seed, step): same on every rank and resume
+    assert layers_seen == {1, 2, 3, 4, 5}
+    assert dims_seen == {32, 64, 96, 128, 256}
+
+
+def test_method_plans():
+    sizes = SizeList.from_config(TINY_SIZES)
+    full = plan_method(load_config(None, ["train.method=full"]).train, sizes, 4, 32, seed=0)
+    assert [(s.layers, s.dim) for s in full.schedule.at(3)] == [(4, 32)] and full.truncate_to is None
+    sep = plan_method(load_config(None, ["train.method=separate", "train.size=2x16"]).train, sizes, 4, 32, seed=0)
+    assert sep.schedule.at(0) == [sizes.get("2x16")] and sep.truncate_to == 2
+    assert list(sep.saved_sizes) == [sizes.get("2x16")]
+    srl = plan_method(load_config(None, []).train, SizeList.from_config(["1x8", "2x16"]), 4, 32, seed=0)
+    assert srl.truncate_to == 2  # layers above the deepest size are never trained
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.method=separate"], "set train.size"),
+    (["train.method=2dmse", "train.size_weights=[1,1,1]"], "size_weights applies to method srl"),
+    (["train.size=2x16"], "train.size is for method separate"),
+])
+def test_method_misconfigurations(overrides, message):
+    with pytest.raises(StarbucksError, match=message):
+        plan_method(load_config(None, overrides).train, SizeList.from_config(TINY_SIZES), 4, 32, seed=0)
+
+
+# ---------------------------------------------------------------- bad configs fail first, in one line
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["train.method=bogus"], "train.method = 'bogus' is not one of srl, 2dmse, separate, full"),
+    (["sizes=[1x8,8x32]"], "asks for 8 layers but"),
+    (["sizes=[1x8,4x64]"], "asks for 64 dims but"),
+    (["train.group_size=10"], "train.group_size = 10 needs 9 hard negatives per query"),
+    (["train.precision=fp16"], "fp16 needs a GPU"),
+])
+def test_bad_config_fails_before_any_work(tmp_path, tiny_model, collection, capsys, overrides, message):
+    config = write_config(tmp_path, tiny_model, collection)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", str(config), *overrides])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- what the methods train
+
+
+def test_srl_run_writes_a_self_describing_model(tmp_path, tiny_model, collection, monkeypatch):
+    calls = record_layers(monkeypatch)
+    result = train(write_config(tmp_path, tiny_model, collection))
+    assert calls and all(c == [1, 2, 4] for c in calls)  # one pass per batch, to the deepest size
+    model_dir = tmp_path / "run" / "model"
+    assert result.model_dir == model_dir and result.steps == 2
+    meta = read_meta(model_dir)
+    assert [s["name"] for s in meta["sizes"]] == TINY_SIZES
+    assert (meta["method"], meta["pooling"], meta["normalize"]) == ("srl", "cls", False)
+    assert (meta["query_max_length"], meta["passage_max_length"], meta["query_prefix"]) == (16, 32, "")
+    assert meta["base_model"] == str(tiny_model) and meta["config"]["train"]["group_size"] == 3
+    assert meta["step"] == 2
+    encoder, _, _ = load_encoder(str(model_dir))
+    assert (encoder.pooling, encoder.num_layers) == ("cls", 4)
+    lines = log_lines(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2]
+    assert {"loss", "lr", "queries_per_s", "ce/1x8", "ce/2x16", "ce/4x32", "kl/1x8", "kl/2x16"} <= set(lines[0])
+    assert "kl/4x32" not in lines[0]
+
+
+def test_separate_trains_a_model_of_exactly_n_layers(tmp_path, tiny_model, collection, monkeypatch):
+    from transformers import AutoModel
+
+    calls = record_layers(monkeypatch)
+    train(write_config(tmp_path, tiny_model, collection, method="separate", size="2x16"))
+    assert calls and all(c == [2] for c in calls)
+    model_dir = tmp_path / "run" / "model"
+    assert AutoModel.from_pretrained(model_dir).config.num_hidden_layers == 2
+    meta = read_meta(model_dir)
+    assert meta["sizes"] == [{"name": "2x16", "layers": 2, "dim": 16}] and meta["method"] == "separate"
+    encoder, tokenizer, _ = load_encoder(str(model_dir))
+    assert encoder.num_layers == 2
+    batch = tokenizer(["a query"], return_tensors="pt")
+    (emb,) = encoder.embed(batch, [Size("", 2, 16)]).values()
+    assert emb.shape == (1, 16)
+    with pytest.raises(StarbucksError, match="asks for 4 layers"):
+        encoder.embed(batch, [Size("", 4, 32)])
+
+
+def test_full_uses_only_the_last_layer(tmp_path, tiny_model, collection, monkeypatch):
+    calls = record_layers(monkeypatch)
+    train(write_config(tmp_path, tiny_model, collection, method="full"))
+    assert calls and all(c == [4] for c in calls)
+    assert {k for k in log_lines(tmp_path / "run")[0] if k.startswith(("ce/", "kl/"))} == {"ce/4x32"}
+    assert [s["name"] for s in read_meta(tmp_path / "run" / "model")["sizes"]] == TINY_SIZES
+
+
+def test_2dmse_run_logs_the_four_sampled_sizes(tmp_path, tiny_model, collection):
+    train(write_config(tmp_path, tiny_model, collection, method="2dmse", max_steps=1))
+    (line,) = log_lines(tmp_path / "run")
+    assert len([k for k in line if k.startswith("ce/")]) == 4 and "ce/4x32" in line
+    assert len([k for k in line if k.startswith("kl/")]) == 3
+
+
+def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model, collection, monkeypatch):
+    import transformers.modeling_utils
+
+    checkpointed = []
+    original = transformers.modeling_utils.checkpoint
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
+                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
+    train(write_config(tmp_path, tiny_model, collection, name="plain", max_steps=1))
+    assert not checkpointed
+    train(write_config(tmp_path, tiny_model, collection, name="ckpt", max_steps=1, gradient_checkpointing=True))
+    assert len(checkpointed) == 2 * 4  # queries and passages, 4 layers each
+    a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "ckpt" / "model" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+
+
+def test_checkpoint_directory_ignores_incomplete_ones(tmp_path):
+    ckpts = Checkpoints(tmp_path, keep=2)
+    for step in (2, 4, 6):
+        staging = ckpts.staging(step)
+        staging.mkdir(parents=True)
+        (staging / "trainer_state.json").write_text("{}")
+        ckpts.commit(staging, step)
+    (tmp_path / "checkpoint-9").mkdir()  # no trainer_state.json: not complete
+    ckpts.staging(8).mkdir()
+    assert [s for s, _ in ckpts.complete()] == [4, 6]  # keep=2 dropped checkpoint-2
+    assert ckpts.latest() == tmp_path / "checkpoint-6"
+    ckpts.clear_staging()
+    assert not ckpts.staging(8).exists()
+
+
+@pytest.mark.parametrize("method", ["srl", "2dmse"])
+def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, collection, monkeypatch, method):
+    # 20 groups, batch 4, accumulation 2: 2 steps per epoch; 5 steps cross two epoch boundaries,
+    # and the checkpoint at step 3 sits in the middle of an epoch. Dropout is on (tiny BERT: 0.1).
+    settings = dict(method=method, max_steps=5, grad_accum=2, save_steps=3, save_total_limit=1)
+    straight = train(write_config(tmp_path, tiny_model, collection, name="straight", **settings))
+
+    config = write_config(tmp_path, tiny_model, collection, name="killed", **settings)
+    commit = Checkpoints.commit
+
+    def commit_then_die(self, staging, step):
+        path = commit(self, staging, step)
+        if step == 3:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Checkpoints, "commit", commit_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(config)
+    monkeypatch.undo()
+    run = tmp_path / "killed"
+    assert not (run / "model").exists() and [s for s, _ in Checkpoints(run / "checkpoints").complete()] == [3]
+    (run / "checkpoints" / ".tmp-checkpoint-4" / "state").mkdir(parents=True)  # a half-written checkpoint
+
+    resumed = train(config)
+    assert (resumed.start_step, resumed.steps, straight.steps) == (3, 5, 5)
+    assert read_meta(run / "model")["step"] == 5
+    assert [s for s, _ in Checkpoints(run / "checkpoints").complete()] == [5]
+    assert not (run / "checkpoints" / ".tmp-checkpoint-4").exists()
+    a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    b = load_file(run / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert [r["loss"] for r in log_lines(run)] == pytest.approx([r["loss"] for r in log_lines(tmp_path / "straight")])
+
+
+def test_rerun_of_a_finished_run_and_changed_settings(tmp_path, tiny_model, collection, capsys):
+    config = write_config(tmp_path, tiny_model, collection)
+    train(config)
+    weights = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    again = train(config)
+    assert again.start_step == again.steps == 2
+    assert "already trained" in capsys.readouterr().out
+    for k, v in load_file(tmp_path / "run" / "model" / "model.safetensors").items():
+        assert torch.equal(v, weights[k])
+    with pytest.raises(StarbucksError, match=r"train.learning_rate .*train.resume=false"):
+        train(config, "train.learning_rate=0.01")
+    fresh = train(config, "train.learning_rate=0.01", "train.resume=false")
+    assert fresh.start_step == 0
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason="data/debian-pkgs-mini not built")
+def test_short_run_on_debian_pkgs_mini_lowers_the_loss(tmp_path, tiny_model):
+    config = write_config(tmp_path, tiny_model, MINI, train_file="train.jsonl.gz", batch_size=16, group_size=4,
+                          max_steps=40, learning_rate=2e-3, warmup_ratio=0.05, temperature=0.05)
+    train(config, "model.passage_max_length=48", "model.pooling=mean", "model.normalize=true")
+    losses = [r["loss"] for r in log_lines(tmp_path / "run")]
+    assert len(losses) == 40
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.8 * first, (first, last)
+
+
+def test_minilm_backbone_trains_on_cpu(tmp_path, collection):
+    config = write_config(tmp_path, MINILM, collection, sizes=["1x32", "3x96", "6x384"], max_steps=2,
+                          batch_size=4, group_size=2, learning_rate=5e-5)
+    result = train(config, "model.pooling=mean", "model.normalize=true", "train.temperature=0.05")
+    assert result.steps == 2 and all(r["loss"] > 0 for r in log_lines(tmp_path / "run"))
+    meta = read_meta(tmp_path / "run" / "model")
+    assert (meta["pooling"], meta["normalize"], meta["base_model"]) == ("mean", True, MINILM)
+
+
+@pytest.mark.skipif(not MINI.is_dir(), reason="data/debian-pkgs-mini not built")
+@pytest.mark.parametrize("method", ["srl", "2dmse", "separate", "full"])
+def test_each_method_config_runs(tmp_path, method):
+    """configs/<method>.yaml, shrunk to one small step."""
+    result = train(REPO / "configs" / f"{method}.yaml", f"output_dir={tmp_path / method}", "train.max_steps=1",
+                   "train.batch_size=2", "train.group_size=2", "model.query_max_length=8",
+                   "model.passage_max_length=16", f"data.corpus={MINI}", f"data.train={MINI / 'train.jsonl.gz'}")
+    meta = read_meta(result.model_dir)
+    assert meta["method"] == method and result.steps == 1
+    assert len(meta["sizes"]) == (1 if method == "separate" else 6)

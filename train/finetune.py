@@ -1,0 +1,128 @@
+"""Fine-tuning a Starbucks retriever: `run_training(cfg)` (what `python -m train` calls).
+
+Checks what a user can get wrong before loading weights (settings, method, sizes against the
+model's shape, negatives per group), builds the encoder, the loss and the data, and hands them
+to the shared loop (`train.trainer.fit`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+from omegaconf import OmegaConf
+
+from retrieval.config import experiment_paths, sizes_of
+from retrieval.data import TrainGroup, load_train_groups
+from retrieval.errors import StarbucksError
+from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLoss
+from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path
+from train.data import GroupCollator, GroupDataset
+from train.methods import MethodPlan, plan_method
+from train.trainer import BOOKKEEPING_KEYS, TrainResult, TrainSettings, distributed_state, fit
+
+
+class RetrievalTask:
+    """Queries and passage groups -> sub-size embeddings of the sizes the step visits -> `StarbucksLoss`."""
+
+    examples_name = "queries"
+
+    def __init__(self, encoder: StarbucksEncoder, tokenizer, groups: Sequence[TrainGroup], plan: MethodPlan,
+                 loss: StarbucksLoss, cfg):
+        self.name = plan.name
+        self.model = encoder
+        self.tokenizer = tokenizer
+        self.plan = plan
+        self.loss = loss
+        m = cfg.model
+        self.dataset = GroupDataset(groups, int(cfg.train.group_size), int(cfg.seed))
+        self.collate = GroupCollator(tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix,
+                                     m.passage_prefix)
+        self.meta = {
+            "sizes": plan.saved_sizes.to_config(),
+            "method": plan.name,
+            "base_model": m.name_or_path,
+            "query_max_length": m.query_max_length,
+            "passage_max_length": m.passage_max_length,
+            "query_prefix": m.query_prefix,
+            "passage_prefix": m.passage_prefix,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+        }
+        self._fingerprint = training_fingerprint(cfg)
+
+    def compute_loss(self, model, batch: dict, step: int) -> LossOutput:
+        sizes = self.plan.schedule.at(step)
+        return self.loss(model(batch["queries"], sizes), model(batch["passages"], sizes), sizes)
+
+    def batch_examples(self, batch: dict) -> int:
+        return len(batch["queries"]["input_ids"])
+
+    def save_model(self, model: StarbucksEncoder, directory: Path, step: int) -> None:
+        model.save(directory, self.tokenizer, {**self.meta, "step": step})
+
+    def fingerprint(self) -> dict:
+        return self._fingerprint
+
+
+def training_fingerprint(cfg) -> dict:
+    """The parts of the config that a resumed run must share with its checkpoint."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    data = {k: v for k, v in c["data"].items() if k != "eval_splits"}
+    train = {k: v for k, v in c["train"].items() if k not in BOOKKEEPING_KEYS}
+    return {"seed": c["seed"], "model": c["model"], "sizes": c["sizes"], "data": data, "train": train}
+
+
+def model_shape(name_or_path: str) -> tuple[int, int]:
+    """`(layers, hidden size)` from the model's config, without loading weights."""
+    from transformers import AutoConfig
+
+    if name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise StarbucksError(f"model directory {name_or_path} not found; train it first or fix model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise StarbucksError(f"cannot load model {name_or_path!r}: {first}; set model.name_or_path") from None
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> None:
+    """Every group must have the `group_size - 1` hard negatives a step takes."""
+    if not isinstance(group_size, int) or group_size < 1:
+        raise StarbucksError(f"train.group_size = {group_size!r} must be a whole number >= 1 (1 positive + negatives)")
+    need = group_size - 1
+    short = [g for g in groups if len(g.negatives) < need]
+    if short:
+        fewest = min(short, key=lambda g: len(g.negatives))
+        raise StarbucksError(
+            f"train.group_size = {group_size} needs {need} hard negatives per query, but {len(short)} of "
+            f"{len(groups)} groups in {source} have fewer (query {fewest.query_id!r} has {len(fewest.negatives)}); "
+            f"lower train.group_size to <= {len(fewest.negatives) + 1}"
+        )
+
+
+def run_training(cfg) -> TrainResult:
+    """Train the model `cfg` describes; returns where the model went and what the run did."""
+    settings = TrainSettings.from_config(cfg)
+    t, m = cfg.train, cfg.model
+    sizes = sizes_of(cfg)
+    num_layers, hidden = model_shape(m.name_or_path)
+    plan = plan_method(t, sizes, num_layers, hidden, settings.seed, m.name_or_path)
+    base = InfoNCE(t.temperature)
+    weights = list(t.size_weights) if t.size_weights is not None else None
+    state = distributed_state()
+    cross_device = state.num_processes > 1 and t.cross_device_negatives
+    gather = CrossDeviceGather(state.num_processes, state.process_index) if cross_device else None
+    loss = StarbucksLoss(base, plan.saved_sizes, t.kl_weight, t.kl_temperature, weights, plan.reduction, gather)
+
+    with state.main_process_first():  # the main process downloads and caches hub data first
+        groups = load_train_groups(cfg.data.train, cfg.data.corpus, cfg.data.train_split, cfg.data.max_train_groups)
+    check_groups(groups, t.group_size, cfg.data.train)
+
+    encoder, tokenizer, _ = load_encoder(m.name_or_path, m.pooling, m.normalize, m.attn_implementation)
+    if plan.truncate_to:
+        encoder.truncate_(plan.truncate_to)
+    task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg)
+    paths = experiment_paths(cfg)
+    return fit(task, settings, paths.root, paths.model)

@@ -1,0 +1,406 @@
+"""The training loop shared by fine-tuning and SMAE pre-training, built on HF `accelerate`.
+
+Why `accelerate` and not HF `Trainer`: a step here is "encode queries and passage groups at
+the sizes this step visits, score every size, sum the terms", with per-size terms to log, a
+model that saves as an HF directory plus `starbucks.json`, and a data position that must be a
+pure function of the step for exact resume. `Trainer` would need its loss, collator, saving,
+logging and resume overridden; `accelerate` gives the hard parts (DDP, bf16/fp16 autocast and
+loss scaling, `save_state`/`load_state` for optimizer, scheduler and RNG, `skip_first_batches`)
+and leaves the loop readable in one place.
+
+Anything trainable plugs in as a `TrainTask` (model, dataset keyed by `(index, epoch)`,
+collate, loss of a batch at a step, how to save the model, the fingerprint a resumed run must
+match). Determinism: the data order is seeded per epoch and every micro-batch reseeds torch's
+RNG from `(seed, step, micro-batch, rank)`, so dropout and sampling do not depend on history
+and a resumed run takes exactly the steps an uninterrupted one would. Gradient accumulation is
+explicit (`no_sync` on all but a step's last micro-batch), so a step is always exactly
+`grad_accum` micro-batches and step <-> data position is plain arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from retrieval.errors import StarbucksError
+from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.losses import LossOutput
+from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
+from train.data import EpochSampler, derive_seed
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# transformers schedulers that need nothing but warm-up and total steps.
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+              "inverse_sqrt")
+# train.* keys that may change between a run and its resume (they do not change the result).
+BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_workers", "resume",
+                    "gradient_checkpointing")
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainTask(Protocol):
+    """What the loop trains. `compute_loss` runs under autocast; the loop handles the rest."""
+
+    name: str  # shown in the progress bar and the summary
+    examples_name: str  # what `batch_examples` counts, e.g. "queries"
+    model: nn.Module
+    dataset: Dataset  # items keyed by `(index, epoch)`
+
+    def collate(self, items: list) -> dict: ...
+
+    def compute_loss(self, model: nn.Module, batch: dict, step: int) -> LossOutput: ...
+
+    def batch_examples(self, batch: dict) -> int: ...
+
+    def save_model(self, model: nn.Module, directory: Path, step: int) -> None: ...
+
+    def fingerprint(self) -> dict: ...
+
+
+@dataclass
+class TrainSettings:
+    """The loop's settings (the `train` section of the config, plus the seed)."""
+
+    seed: int = 42
+    epochs: float = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    learning_rate: float = 5e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    scheduler: str = "linear"
+    max_grad_norm: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    save_steps: int = 500
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    dataloader_workers: int = 0
+    resume: bool = True
+
+    @classmethod
+    def from_config(cls, cfg) -> "TrainSettings":
+        t = cfg.train
+        names = [f for f in cls.__dataclass_fields__ if f != "seed"]
+        settings = cls(seed=int(cfg.seed), **{f: t[f] for f in names})
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """One clear line for a setting that cannot work."""
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "save_steps": self.save_steps,
+                    "logging_steps": self.logging_steps}
+        for key, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise StarbucksError(f"train.{key} = {value!r} must be a whole number >= 1")
+        if self.max_steps is None and not self.epochs > 0:
+            raise StarbucksError(f"train.epochs = {self.epochs} must be > 0 (or set train.max_steps)")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise StarbucksError(f"train.max_steps = {self.max_steps!r} must be a whole number >= 1 or null")
+        limit = self.save_total_limit
+        if limit is not None and (not isinstance(limit, int) or limit < 0):
+            raise StarbucksError(f"train.save_total_limit = {limit!r} must be a whole number >= 0 (0: keep all)")
+        if not self.learning_rate > 0:
+            raise StarbucksError(f"train.learning_rate = {self.learning_rate} must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise StarbucksError(f"train.warmup_ratio = {self.warmup_ratio} must be in [0, 1)")
+        if self.precision not in PRECISIONS:
+            raise StarbucksError(f"train.precision = {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        mixed_precision(self.precision, torch.cuda.is_available())
+        if self.scheduler not in SCHEDULERS:
+            raise StarbucksError(f"train.scheduler = {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+
+
+@dataclass
+class TrainResult:
+    start_step: int
+    steps: int  # the step count reached (== total steps when finished)
+    seconds: float
+    examples: int
+    first_loss: float | None
+    last_loss: float | None
+    model_dir: Path
+    checkpoint: Path
+
+
+def distributed_state():
+    """The process-group state (single process, `torchrun` or `accelerate launch`); gloo on CPU-only machines.
+
+    Create it through this function (not a bare `PartialState()`) before anything else asks for it:
+    the first creation decides whether a CPU-only run joins the process group.
+    """
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def mixed_precision(precision: str, cuda: bool) -> str:
+    """accelerate's `mixed_precision` for `train.precision` (auto: bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        if not cuda:
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision == "fp16" and not cuda:
+        raise StarbucksError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return {"fp32": "no"}.get(precision, precision)
+
+
+def build_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not biases or LayerNorm); fused on CUDA."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=settings.learning_rate, fused=device.type == "cuda")
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    from transformers import PreTrainedModel
+
+    kwargs = {"use_reentrant": False}
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel) and m.supports_gradient_checkpointing:
+            if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x
+                m.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def resumable_checkpoint(checkpoints: Checkpoints, fingerprint: dict) -> Path | None:
+    """The newest complete checkpoint, if any; one clear line if it was made with other settings."""
+    latest = checkpoints.latest()
+    if latest is not None:
+        diff = first_difference(read_state(latest)["fingerprint"], json.loads(json.dumps(fingerprint)))
+        if diff:
+            raise StarbucksError(
+                f"{latest} was trained with other settings: {diff}; re-run with the same config to resume, "
+                f"or add train.resume=false to start over"
+            )
+    return latest
+
+
+def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None:
+    """The first key (dotted) whose value differs between two nested dicts, or None."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = first_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif a != b:
+            return f"{prefix}{key} (checkpoint: {a!r}, now: {b!r})"
+    return None
+
+
+class TrainLog:
+    """Windowed averages of the loss terms, written to `train_log.jsonl` on the main process."""
+
+    def __init__(self, path: Path, start_step: int, main: bool):
+        self.path = path
+        self.main = main
+        self.sums: dict[str, float] = {}
+        self.steps = 0
+        if main:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate(start_step)
+
+    def _truncate(self, step: int) -> None:
+        """Keep the lines of steps <= `step` (a resumed run rewrites what came after)."""
+        if not self.path.is_file():
+            return
+        if step == 0:
+            self.path.unlink()
+            return
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+
+    def add(self, terms: dict[str, float]) -> None:
+        for k, v in terms.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.steps += 1
+
+    def flush(self, accelerator: Accelerator, record: dict) -> dict:
+        """Average the window over steps and ranks, append one line, start a new window."""
+        keys = sorted(self.sums)
+        values = torch.tensor([self.sums[k] / self.steps for k in keys], device=accelerator.device)
+        values = accelerator.reduce(values, "mean").tolist() if accelerator.num_processes > 1 else values.tolist()
+        record = {**record, **dict(zip(keys, values))}
+        if self.main:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+        self.sums, self.steps = {}, 0
+        return record
+
+
+def _postfix(record: dict, unit: str) -> dict:
+    short = {"loss": f"{record['loss']:.4f}", f"{unit}/s": f"{record[unit + '_per_s']:.1f}"}
+    short.update({k[3:]: f"{v:.3f}" for k, v in record.items() if k.startswith("ce/")})
+    kl = [v for k, v in record.items() if k.startswith("kl/")]
+    if kl:
+        short["kl"] = f"{sum(kl) / len(kl):.4f}"
+    return short
+
+
+def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, model_dir: str | os.PathLike,
+        accelerator: Accelerator | None = None) -> TrainResult:
+    """Train `task.model`; checkpoint under `run_dir/checkpoints`, write the final model to `model_dir`.
+
+    Re-running with the same settings resumes from the newest complete checkpoint.
+    """
+    run_dir, model_dir = Path(run_dir), Path(model_dir)
+    cuda = torch.cuda.is_available()
+    accelerator = accelerator or Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda))
+    main = accelerator.is_main_process
+    checkpoints = Checkpoints(run_dir / "checkpoints", settings.save_total_limit)
+    fingerprint = task.fingerprint()
+    loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
+    fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
+
+    latest = resumable_checkpoint(checkpoints, fingerprint) if settings.resume else None
+    if main:
+        checkpoints.clear_staging()
+        for leftover in model_dir.parent.glob(f".tmp-{model_dir.name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if not settings.resume:
+            checkpoints.remove_all()
+    accelerator.wait_for_everyone()
+
+    model = task.model
+    if settings.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    model.train()
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, settings, accelerator.device)
+    sampler = EpochSampler(len(task.dataset), settings.seed)
+    loader = DataLoader(task.dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=task.collate,
+                        drop_last=True, num_workers=settings.dataloader_workers)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+
+    steps_per_epoch = len(loader) // settings.grad_accum
+    if steps_per_epoch == 0:
+        need = settings.batch_size * settings.grad_accum * accelerator.num_processes
+        raise StarbucksError(
+            f"{len(task.dataset)} training examples make no full step of {need} "
+            f"(batch_size x grad_accum x processes); lower train.batch_size or add data"
+        )
+    total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
+    from transformers import get_scheduler
+
+    scheduler = get_scheduler(settings.scheduler, optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * total),
+                              num_training_steps=total)
+    accelerator.register_for_checkpointing(scheduler)
+
+    start = 0
+    if latest is not None:
+        accelerator.load_state(str(latest / "state"))
+        start = int(read_state(latest)["step"])
+        if main:
+            tqdm.write(f"resuming from {latest} (step {start} of {total})")
+    log = TrainLog(run_dir / LOG_FILE, start, main)
+
+    def save_checkpoint(step: int) -> Path:
+        staging = checkpoints.staging(step)
+        accelerator.save_state(str(staging / "state"))
+        if main:
+            task.save_model(accelerator.unwrap_model(model), staging / "model", step)
+            atomic_write_json(staging / "trainer_state.json", {
+                "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
+                "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint,
+            })
+        accelerator.wait_for_everyone()
+        final = checkpoints.commit(staging, step) if main else checkpoints.root / f"checkpoint-{step}"
+        accelerator.wait_for_everyone()
+        return final
+
+    bar = tqdm(total=total, initial=start, desc=f"train {task.name}", unit="step", disable=not main, dynamic_ncols=True)
+    started = time.perf_counter()
+    examples, first_loss, last_loss, batches = 0, None, None, None
+    checkpoint = latest
+    for step in range(start, total):
+        if batches is None or step % steps_per_epoch == 0:
+            epoch, offset = divmod(step, steps_per_epoch)
+            loader.set_epoch(epoch)  # accelerate passes it on to the sampler at each iteration
+            sampler.set_epoch(epoch)
+            skip = offset * settings.grad_accum
+            batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+        step_terms, step_examples = accumulate_gradients(accelerator, task, model, batches, step, settings)
+        examples += step_examples
+        if settings.max_grad_norm:
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            step_terms["grad_norm"] = float(grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        log.add(step_terms)
+        done = step + 1
+        bar.update(1)
+        if done % settings.logging_steps == 0 or done == total:
+            elapsed = time.perf_counter() - started
+            record = log.flush(accelerator, {
+                "step": done, "epoch": round(done / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
+                f"{task.examples_name}_per_s": examples / elapsed, "elapsed_s": round(elapsed, 2),
+            })
+            first_loss = record["loss"] if first_loss is None else first_loss
+            last_loss = record["loss"]
+            bar.set_postfix(_postfix(record, task.examples_name), refresh=False)
+        if done % settings.save_steps == 0 or done == total:
+            checkpoint = save_checkpoint(done)
+    bar.close()
+
+    if main:
+        staging = staging_dir(model_dir)
+        task.save_model(accelerator.unwrap_model(model), staging, total)
+        replace_dir(staging, model_dir)
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    result = TrainResult(start, total, seconds, examples, first_loss, last_loss, model_dir, checkpoint)
+    if main:
+        print(summary_line(task, result), flush=True)
+    return result
+
+
+def accumulate_gradients(accelerator: Accelerator, task: TrainTask, model: nn.Module, batches, step: int,
+                         settings: TrainSettings) -> tuple[dict[str, float], int]:
+    """Backpropagate the step's `grad_accum` micro-batches (DDP syncs on the last); their mean terms and examples."""
+    terms: dict[str, float] = {}
+    examples = 0
+    for micro in range(settings.grad_accum):
+        batch = next(batches)
+        torch.manual_seed(derive_seed(settings.seed, "step", step, micro, accelerator.process_index))
+        last = micro == settings.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                out = task.compute_loss(model, batch, step)
+            accelerator.backward(out.loss / settings.grad_accum)
+        values = torch.stack([v.float() for v in out.terms.values()]).tolist()  # one device sync
+        for k, v in zip(out.terms, values):
+            terms[k] = terms.get(k, 0.0) + v / settings.grad_accum
+        examples += task.batch_examples(batch) * accelerator.num_processes
+    return terms, examples
+
+
+def summary_line(task: TrainTask, r: TrainResult) -> str:
+    if r.start_step == r.steps:
+        return f"{task.name}: already trained ({r.steps} steps); model: {r.model_dir}"
+    rate = r.examples / r.seconds if r.seconds else 0.0
+    loss = f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}, " if r.first_loss is not None else ""
+    resumed = f" (resumed at {r.start_step})" if r.start_step else ""
+    return (f"{task.name}: {r.steps} steps{resumed}, {loss}{r.examples} {task.examples_name} in {r.seconds:.1f} s "
+            f"({rate:.1f} {task.examples_name}/s, {r.seconds / (r.steps - r.start_step):.2f} s/step); "
+            f"model: {r.model_dir}")
