@@ -1,0 +1,180 @@
+"""SMAE: Starbucks Masked Autoencoding over sub-layers and sub-dimensions (paper section 3.2).
+
+The model is the encoder (`StarbucksEncoder` over the HF backbone), its MLM head, and a shallow
+decoder (default one transformer layer of the encoder's own architecture and width) that shares
+the encoder's embeddings and MLM head. For each size `(n, d)`:
+
+- encoder loss: MLM on the encoder-masked tokens, from the layer-`n` token states cut to their
+  first `d` dims and projected to the full width by `W_{1:d}`, the first `d` input columns of
+  the head transform's dense layer (`W[:, :d] h + b`), then the rest of the head;
+- decoder loss: MLM on the decoder-masked tokens of the decoder, whose input is the embedded
+  decoder-masked text with position 0 (CLS) replaced by the layer-`n` CLS vector's first `d`
+  dims projected the same way (`W[:, :d] h_cls + b`).
+
+loss = mean over sizes of (encoder loss + decoder loss). The head comes from the checkpoint
+when it has one (e.g. `BertForMaskedLM`'s `cls.predictions.*`), else it is initialised with its
+output layer tied to the word embeddings. The decoder layers are new (BERT initialisation), of
+the encoder's own layer class. Only the encoder is saved (`save_encoder`).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from retrieval.errors import StarbucksError
+from retrieval.losses import LossOutput
+from retrieval.masking import IGNORE
+from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.sizes import SizeList
+
+
+def _mlm_head(mlm: nn.Module) -> nn.Module:
+    """The MLM head of an HF masked-LM model: BERT's `cls` or RoBERTa/MPNet's `lm_head`."""
+    cls_head = getattr(mlm, "cls", None)
+    if cls_head is not None and hasattr(getattr(cls_head, "predictions", None), "transform"):
+        return cls_head
+    lm_head = getattr(mlm, "lm_head", None)
+    if lm_head is not None and hasattr(lm_head, "dense") and hasattr(lm_head, "layer_norm"):
+        return lm_head
+    raise StarbucksError(
+        f"SMAE supports MLM heads of the BERT (cls.predictions) or RoBERTa (lm_head) kind, not {type(mlm).__name__}'s"
+    )
+
+
+def _head_parts(head: nn.Module) -> tuple[nn.Linear, object, nn.Module, nn.Linear]:
+    """`(transform dense, activation, layer norm, vocab projection)` of a head found by `_mlm_head`."""
+    if hasattr(head, "predictions"):
+        t = head.predictions.transform
+        return t.dense, t.transform_act_fn, t.LayerNorm, head.predictions.decoder
+    return head.dense, F.gelu, head.layer_norm, head.decoder
+
+
+def _reinitialise(module: nn.Module, std: float) -> None:
+    """BERT initialisation: normal(0, std) linear weights, zero biases, unit layer norms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def _decoder_mask(config, states: torch.Tensor, attention_mask: torch.Tensor):
+    """The attention mask the backbone's layers expect (None when nothing is padded)."""
+    from transformers.masking_utils import create_bidirectional_mask
+
+    return create_bidirectional_mask(config=config, inputs_embeds=states, attention_mask=attention_mask)
+
+
+class SMAE(nn.Module):
+    """Encoder + MLM head + shallow decoder; `forward(batch)` gives the loss and its per-size terms."""
+
+    def __init__(self, mlm: nn.Module, sizes: SizeList, decoder_layers: int = 1):
+        super().__init__()
+        if decoder_layers < 1:
+            raise StarbucksError(f"pretrain.decoder_layers = {decoder_layers} must be >= 1")
+        self.encoder = StarbucksEncoder(mlm.base_model, pooling="cls", normalize=False)
+        self.sizes = SizeList(self.encoder.check(s) for s in sizes)
+        self.head = _mlm_head(mlm)
+        template = self.encoder.layers[-1]
+        std = float(getattr(self.encoder.config, "initializer_range", 0.02))
+        self.decoder = nn.ModuleList(copy.deepcopy(template) for _ in range(decoder_layers))
+        _reinitialise(self.decoder, std)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, sizes: SizeList, decoder_layers: int = 1,
+                        attn_implementation: str | None = "sdpa"):
+        """`(model, tokenizer, head_from_checkpoint)` for an HF checkpoint (hub id or directory)."""
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        path = resolve_model_path(name_or_path)
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # a headless checkpoint lists every new head weight
+        try:
+            mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StarbucksError(
+                f"cannot load {name_or_path!r} as a masked language model: {first}. "
+                "Give a local directory or a reachable hub id of a BERT-style encoder (model.name_or_path)"
+            ) from None
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model = cls(mlm, sizes, decoder_layers)
+        dense = _head_parts(model.head)[0].weight
+        dense_key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
+        return model, tokenizer, dense_key not in info["missing_keys"]
+
+    # ------------------------------------------------------------ pieces
+
+    def project(self, states: torch.Tensor, dim: int) -> torch.Tensor:
+        """`W_{1:d} h + b`: the first `dim` dims of `states`, through the first `dim` input columns of the dense layer."""
+        dense = _head_parts(self.head)[0]
+        return F.linear(states[..., :dim], dense.weight[:, :dim], dense.bias)
+
+    def vocab_logits(self, states: torch.Tensor, dim: int) -> torch.Tensor:
+        """MLM logits of `states` cut to `dim` dims (the full head when `dim` is the hidden size)."""
+        _, act, norm, vocab = _head_parts(self.head)
+        return vocab(norm(act(self.project(states, dim))))
+
+    def decode(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Run the decoder layers over input embeddings `(B, T, H)`."""
+        mask = _decoder_mask(self.encoder.config, inputs, attention_mask)
+        states = inputs
+        for layer in self.decoder:
+            out = layer(states, attention_mask=mask)
+            states = out[0] if isinstance(out, (tuple, list)) else out
+        return states
+
+    def _mlm_loss(self, states: torch.Tensor, labels: torch.Tensor, dim: int) -> torch.Tensor:
+        """Mean cross-entropy over the labelled positions (logits only where there is a label)."""
+        picked = labels != IGNORE
+        if not picked.any():
+            return states.sum() * 0.0
+        logits = self.vocab_logits(states[picked], dim)
+        return F.cross_entropy(logits.float(), labels[picked])
+
+    # ------------------------------------------------------------ loss
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> LossOutput:
+        """The SMAE loss of a collated batch; terms `enc/<size>`, `dec/<size>` and `loss` (detached)."""
+        sizes = self.sizes
+        mask = batch["attention_mask"]
+        layer_states = self.encoder.hidden_states(batch, {s.layers for s in sizes})
+        decoder_embedded = self.encoder.backbone.embeddings(input_ids=batch["decoder_input_ids"])
+        # All sizes' decoder inputs go through the decoder in one pass: (S*B, T, H).
+        decoder_inputs = torch.cat([
+            torch.cat([self.project(layer_states[s.layers][:, :1], s.dim).to(decoder_embedded.dtype),
+                       decoder_embedded[:, 1:]], dim=1)
+            for s in sizes
+        ])
+        decoded = self.decode(decoder_inputs, mask.repeat(len(sizes), 1)).chunk(len(sizes))
+        terms: dict[str, torch.Tensor] = {}
+        total = decoder_embedded.new_zeros((), dtype=torch.float32)
+        for s, decoder_states in zip(sizes, decoded):
+            enc = self._mlm_loss(layer_states[s.layers], batch["labels"], s.dim)
+            dec = self._mlm_loss(decoder_states, batch["decoder_labels"], self.encoder.hidden_size)
+            terms[f"enc/{s.name}"], terms[f"dec/{s.name}"] = enc.detach(), dec.detach()
+            total = total + enc + dec
+        total = total / len(sizes)
+        terms["loss"] = total.detach()
+        return LossOutput(total, terms)
+
+    # ------------------------------------------------------------ saving
+
+    def save_encoder(self, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None) -> None:
+        """Write only the encoder: a plain HF backbone (no head, no decoder) plus `starbucks.json`."""
+        record = {"method": "smae", "sizes": self.sizes.to_config()}
+        record.update(meta or {})
+        self.encoder.save(directory, tokenizer=tokenizer, meta=record)
