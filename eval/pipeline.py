@@ -15,12 +15,12 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from eval.report import markdown_table, plot_measures, size_label, text_table, write_csv
 from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, load_eval_splits
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run
 from retrieval.sizes import Size
 
