@@ -110,7 +110,7 @@ DEFAULTS: dict[str, Any] = {
     "search": {
         "index": "Flat",  # any faiss index_factory string
         "params": {},  # faiss search parameters, e.g. {efSearch: 128} or {nprobe: 32}
-        "depth": 100,
+        "depth": 1000,  # run depth (small collections: 100)
         "batch_size": 1024,
         "device": "auto",  # auto | cpu | cuda
         "backend": "auto",  # auto | faiss | torch

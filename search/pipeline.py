@@ -32,6 +32,9 @@ from search.backends import EXACT, ExactSearcher, faiss_reason, faiss_search, ma
 from search.topk import TopK
 
 INDEX_VERSION = 1
+# What identifies the passage vectors of a store: a saved index or run made from other values is stale
+# (same weights and ids but, say, another pooling or max_length give other vectors).
+PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "count")
 _DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
 
 
@@ -141,7 +144,7 @@ def _index_record(meta: dict, part: IndexPart, settings: SearchSettings) -> dict
         "format_version": INDEX_VERSION,
         "factory": settings.index,
         "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-        "model_sha256": meta["model_sha256"], "ids_sha256": meta["ids_sha256"], "count": meta["count"],
+        **{k: meta[k] for k in PASSAGE_FIELDS},
         "shards": [part.first_shard, part.end_shard],
         "train_rows": settings.train_rows, "seed": settings.seed,
     }
@@ -176,10 +179,10 @@ def load_or_build_index(store: EmbeddingStore, part: IndexPart, settings: Search
     if saved == expected:
         return faiss.read_index(str(part.path))
     if saved is not None and not settings.rebuild:
-        key = next(k for k in expected if saved.get(k) != expected[k])
+        key = next((k for k in sorted(set(expected) | set(saved)) if saved.get(k) != expected.get(k)))
         raise StarbucksError(
             f"index {part.path} was built with {key} = {saved.get(key)!r}, the embeddings/config now give "
-            f"{expected[key]!r}; delete it or set search.rebuild=true to rebuild"
+            f"{expected.get(key)!r}; delete it or set search.rebuild=true to rebuild"
         )
     index = make_index(settings.index, meta["dim"])
     try:
@@ -236,7 +239,7 @@ def _run_record(meta: dict, qmeta: dict, settings: SearchSettings) -> dict:
     """What a run file was made from; a run whose record differs is searched again."""
     return {
         "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-        "passages": {k: meta[k] for k in ("model_sha256", "ids_sha256", "count")},
+        "passages": {k: meta[k] for k in PASSAGE_FIELDS},
         "queries": {k: qmeta.get(k) for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
         "index": settings.index, "params": settings.params, "depth": settings.depth,
     }

@@ -63,6 +63,7 @@ def test_two_rank_torchrun_encode_equals_single_process_byte_for_byte(encoded):
         q_two = EmbeddingStore(multi / "embeddings" / size).load_queries("dev")
         assert q_one[0] == q_two[0] and q_one[1].tobytes() == q_two[1].tobytes()
     # the ranks wrote disjoint shards: rank 0 blocks 0 and 2, rank 1 block 1
+    assert f"worker 0/2 encoded {16 + 13} of {PASSAGES}" in log and f"worker 1/2 encoded 16 of {PASSAGES}" in log
     assert sorted(p.name for p in (multi / "embeddings" / "a").glob("shard-*.npy")) == [
         "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
 

@@ -1,5 +1,7 @@
 """Search: exact FAISS and torch backends against brute force, shard merging, saved indexes, run files."""
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -7,7 +9,7 @@ from retrieval.config import load_config
 from retrieval.errors import StarbucksError
 from retrieval.runfile import read_run
 from retrieval.sizes import Size
-from retrieval.store import EmbeddingStore
+from retrieval.store import EmbeddingStore, ids_sha256
 from search import SearchSettings, TopK, search_collection, search_store
 from search import pipeline as search_pipeline
 from test_store import identity, random_vectors, write_store
@@ -110,6 +112,30 @@ def test_stale_index_is_refused_unless_rebuild(tmp_path, data):
     settings.rebuild = True
     search_store(other, queries, settings, index_dir)
     assert '"m2"' in (index_dir / "grande.json").read_text()
+
+
+def test_index_and_run_are_stale_after_re_encoding_with_another_pooling(tmp_path, data):
+    """Same weights and ids, other vectors: neither the saved index nor the run file may be reused."""
+    vectors, queries, ids = data
+
+    def encode(pooling, seed):
+        directory = tmp_path / "embeddings" / "grande"
+        if directory.exists():
+            shutil.rmtree(directory)  # what the store tells a user to do before re-encoding
+        store = EmbeddingStore(directory)
+        store.start({**identity(pooling=pooling), "shard_rows": 300})
+        store.write_shard(0, ids, random_vectors(300, 8, seed))
+        store.finalize(300, ids_sha256(ids))
+        store.write_queries("dev", ["q0"], queries[:1], identity(pooling=pooling))
+        return store
+
+    settings = SearchSettings(index="IVF2,Flat", params={"nprobe": 2}, depth=5)
+    search_store(encode("cls", 0), queries, settings, tmp_path / "index")
+    [out] = search_collection(config(tmp_path), progress=False)
+    store = encode("mean", 1)
+    with pytest.raises(StarbucksError, match="grande.faiss was built with pooling = 'cls'.*now give 'mean'"):
+        search_store(store, queries, settings, tmp_path / "index")
+    assert search_collection(config(tmp_path), progress=False) == [out]
 
 
 def test_bad_index_string_and_params_are_one_line_errors(tmp_path, data):
