@@ -20,6 +20,7 @@ from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, load_eval_splits
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.names import parse_names
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run
 from retrieval.sizes import Size
@@ -37,17 +38,9 @@ def rel_level(cfg: DictConfig, split: str) -> int:
     return int((cfg.eval.split_rel_level or {}).get(split, cfg.eval.rel_level))
 
 
-def _names(spec) -> list[str] | None:
-    """A comma list / sequence of names, None for `all`."""
-    if spec in (None, "", "all"):
-        return None
-    items = spec.split(",") if isinstance(spec, str) else spec
-    return [w for w in (str(p).strip() for p in items) if w]
-
-
 def split_names(cfg: DictConfig, runs_dirs: Sequence[Path]) -> list[str]:
     """`eval.splits`, or (all) every configured split that has run files in one of `runs_dirs`."""
-    wanted = _names(cfg.eval.splits)
+    wanted = parse_names(cfg.eval.splits)
     if wanted is not None:
         return wanted
     found = [s for s in cfg.data.eval_splits if any((Path(d) / s).is_dir() for d in runs_dirs)]
@@ -59,7 +52,7 @@ def split_names(cfg: DictConfig, runs_dirs: Sequence[Path]) -> list[str]:
 def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[tuple[Size, Path]]:
     """The split's run files for the sizes in `spec` (names or `LxD`; `all`: every one)."""
     found = find_runs(runs_dir, split)
-    wanted = _names(spec)
+    wanted = parse_names(spec)
     if wanted is None:
         if strict and not found:
             raise StarbucksError(f"no run files in {runs_dir / split}; run `python -m search` first")

@@ -19,6 +19,7 @@ from typing import Iterator, Mapping
 
 from retrieval.errors import StarbucksError
 from retrieval.io import open_text, read_jsonl
+from retrieval.names import parse_names
 
 Qrels = dict[str, dict[str, int]]
 
@@ -210,10 +211,7 @@ def _available_splits(directory: Path) -> list[str]:
 
 def load_eval_splits(splits: Mapping, names=None) -> dict[str, EvalSplit]:
     """Load the configured eval splits (all, or those in `names`)."""
-    if names in (None, "", "all"):
-        names = list(splits)
-    elif isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = parse_names(names) or list(splits)
     out = {}
     for n in names:
         if n not in splits:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
 from retrieval.errors import StarbucksError
+from retrieval.names import parse_names
 
 _LXD = re.compile(r"^\s*(\d+)\s*[xX]\s*(\d+)\s*$")
 
@@ -96,11 +97,11 @@ class SizeList(Sequence[Size]):
 
     def select(self, specs: str | Sequence[str] | None) -> "SizeList":
         """Sizes named by a comma list / sequence; all of them when `specs` is empty or `all`."""
-        if specs is None or specs == "" or specs == "all":
-            return self
-        if isinstance(specs, str):
-            specs = [p for p in specs.split(",") if p.strip()]
-        return SizeList(self.get(s.strip() if isinstance(s, str) else s) for s in specs)
+        if specs is None or isinstance(specs, str):
+            specs = parse_names(specs)
+            if specs is None:
+                return self
+        return SizeList(self.get(s) for s in specs)
 
     def validate(self, num_layers: int, hidden: int, model_name: str = "the model") -> "SizeList":
         """Raise a clear error if a size asks for more layers or dims than the model has."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
+from retrieval.names import parse_names
 from retrieval.sizes import Size
 
 STORE_VERSION = 1
@@ -310,12 +311,11 @@ def select_stores(root: str | os.PathLike, spec: str | Sequence[str] | None) -> 
     for store in done:
         meta = store.read_meta()
         names[meta["size"]] = names[f"{meta['layers']}x{meta['dim']}"] = store
-    if spec in (None, "", "all"):
+    wanted = parse_names(spec)
+    if wanted is None:
         if not done:
             raise StarbucksError(f"no finished embeddings under {root}; run `python -m encode` first")
         return done
-    items = spec.split(",") if isinstance(spec, str) else spec
-    wanted = [w for w in (str(p).strip() for p in items) if w]
     for w in wanted:
         if w not in names:
             have = ", ".join(s.read_meta()["size"] for s in done) or "none"

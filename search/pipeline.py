@@ -26,6 +26,7 @@ from tqdm import tqdm
 from retrieval.config import experiment_paths
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json
+from retrieval.names import parse_names
 from retrieval.runfile import read_run_record, run_path, write_run
 from retrieval.store import EmbeddingStore, select_stores
 from search.backends import EXACT, ExactSearcher, faiss_reason, faiss_search, make_index, set_params, to_gpu
@@ -247,11 +248,10 @@ def _run_record(meta: dict, qmeta: dict, settings: SearchSettings) -> dict:
 
 def _splits_of(store: EmbeddingStore, spec) -> list[str]:
     have = store.query_splits()
-    if spec in (None, "", "all"):
-        if not have:
-            raise StarbucksError(f"no query embeddings in {store.dir}; run `python -m encode` first")
-        return have
-    return [p.strip() for p in (spec.split(",") if isinstance(spec, str) else spec) if str(p).strip()]
+    wanted = parse_names(spec)
+    if wanted is None and not have:
+        raise StarbucksError(f"no query embeddings in {store.dir}; run `python -m encode` first")
+    return have if wanted is None else wanted
 
 
 def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
