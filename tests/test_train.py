@@ -228,6 +228,19 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model, collect
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
 
 
+def test_log_averages_each_term_over_the_steps_that_logged_it(tmp_path):
+    from types import SimpleNamespace
+
+    from train.trainer import TrainLog
+
+    log = TrainLog(tmp_path / "train_log.jsonl", 0, main=True)
+    log.add({"loss": 1.0, "ce/1x8": 0.5})  # 2DMSE: a size that is visited in one step of the window only
+    log.add({"loss": 3.0, "ce/2x16": 2.0})
+    record = log.flush(SimpleNamespace(device="cpu", num_processes=1), {"step": 2})
+    assert (record["loss"], record["ce/1x8"], record["ce/2x16"]) == (2.0, 0.5, 2.0)
+    assert log_lines(tmp_path) == [record]
+
+
 # ---------------------------------------------------------------- checkpoints and resume
 
 

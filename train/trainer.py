@@ -208,13 +208,16 @@ def first_difference(saved: dict, current: dict, prefix: str = "") -> str | None
 
 
 class TrainLog:
-    """Windowed averages of the loss terms, written to `train_log.jsonl` on the main process."""
+    """Windowed averages of the loss terms, written to `train_log.jsonl` on the main process.
+
+    Each term is averaged over the steps that logged it (2DMSE visits different sizes per step).
+    """
 
     def __init__(self, path: Path, start_step: int, main: bool):
         self.path = path
         self.main = main
         self.sums: dict[str, float] = {}
-        self.steps = 0
+        self.counts: dict[str, int] = {}
         if main:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate(start_step)
@@ -233,18 +236,18 @@ class TrainLog:
     def add(self, terms: dict[str, float]) -> None:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.steps += 1
+            self.counts[k] = self.counts.get(k, 0) + 1
 
     def flush(self, accelerator: Accelerator, record: dict) -> dict:
-        """Average the window over steps and ranks, append one line, start a new window."""
+        """Average the window over its steps and the ranks, append one line, start a new window."""
         keys = sorted(self.sums)
-        values = torch.tensor([self.sums[k] / self.steps for k in keys], device=accelerator.device)
+        values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], device=accelerator.device)
         values = accelerator.reduce(values, "mean").tolist() if accelerator.num_processes > 1 else values.tolist()
         record = {**record, **dict(zip(keys, values))}
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-        self.sums, self.steps = {}, 0
+        self.sums, self.counts = {}, {}
         return record
 
 
