@@ -207,35 +207,39 @@ def _from_pretrained(auto_class, path: str, kwargs: dict):
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the dropped pooler's weights are expected to be unused
+    hf_logging.set_verbosity_error()  # unused (pooler) or new (heads) weights are expected
     try:
-        return auto_class.from_pretrained(path, add_pooling_layer=False, **kwargs)
-    except TypeError:  # the model class has no pooler option
-        pass
-    finally:
-        hf_logging.set_verbosity(level)
-    try:
+        try:
+            return auto_class.from_pretrained(path, add_pooling_layer=False, **kwargs)
+        except TypeError:  # the model class has no pooler option
+            pass
         return auto_class.from_pretrained(path, **kwargs)
     except (ValueError, ImportError) as err:
         if "attn_implementation" not in kwargs or "attn" not in str(err).lower():
             raise
         return auto_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
+    finally:
+        hf_logging.set_verbosity(level)
 
 
-def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None):
-    """Load an HF encoder (`AutoModel`) and its tokenizer with one clear error on failure."""
+def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None,
+                  auto_class=None, **options):
+    """Load an HF model (`auto_class`, default `AutoModel`) and its tokenizer; one clear error on failure.
+
+    `options` go to `from_pretrained` (e.g. `output_loading_info=True`).
+    """
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    kwargs = {}
+    kwargs = dict(options)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
     try:
-        model = _from_pretrained(AutoModel, path, kwargs)
+        model = _from_pretrained(auto_class or AutoModel, path, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StarbucksError(
             f"cannot load model {name_or_path!r}: {first}. Give a local directory or a reachable hub id (model.name_or_path)"

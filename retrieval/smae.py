@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from retrieval.errors import StarbucksError
 from retrieval.losses import LossOutput
 from retrieval.masking import IGNORE
-from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.modeling import StarbucksEncoder, load_backbone
 from retrieval.sizes import SizeList
 
 
@@ -93,24 +93,10 @@ class SMAE(nn.Module):
     def from_pretrained(cls, name_or_path: str, sizes: SizeList, decoder_layers: int = 1,
                         attn_implementation: str | None = "sdpa"):
         """`(model, tokenizer, head_from_checkpoint)` for an HF checkpoint (hub id or directory)."""
-        from transformers import AutoModelForMaskedLM, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+        from transformers import AutoModelForMaskedLM
 
-        path = resolve_model_path(name_or_path)
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # a headless checkpoint lists every new head weight
-        try:
-            mlm, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, **kwargs)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise StarbucksError(
-                f"cannot load {name_or_path!r} as a masked language model: {first}. "
-                "Give a local directory or a reachable hub id of a BERT-style encoder (model.name_or_path)"
-            ) from None
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        (mlm, info), tokenizer = load_backbone(name_or_path, attn_implementation, auto_class=AutoModelForMaskedLM,
+                                               output_loading_info=True)
         model = cls(mlm, sizes, decoder_layers)
         dense = _head_parts(model.head)[0].weight
         dense_key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
