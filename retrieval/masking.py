@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 from retrieval.data import HF, IRDS, iter_corpus
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, open_text, read_jsonl
+from retrieval.seeds import derive_seed
 
 IGNORE = -100  # label of positions without a loss
 REPLACE_MODES = ("bert", "mask")
@@ -281,8 +281,7 @@ class SMAECollator:
 
     def generator(self, items: Sequence[dict]) -> torch.Generator:
         """A generator seeded by `(seed, the items' keys)`: the same batch always gets the same masks."""
-        digest = hashlib.sha256(repr((self.seed, [tuple(i["key"]) for i in items])).encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        return torch.Generator().manual_seed(derive_seed(self.seed, *(tuple(i["key"]) for i in items)))
 
     def __call__(self, items: Sequence[dict]) -> dict[str, torch.Tensor]:
         length = max(len(w["input_ids"]) for w in items)

@@ -7,7 +7,6 @@ of `(seed, epoch, position)`, which is what makes resuming exact.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Iterator, Sequence
 
 import torch
@@ -15,12 +14,7 @@ from torch.utils.data import Dataset, Sampler
 
 from retrieval.data import TrainGroup, sample_negatives
 from retrieval.modeling import tokenize
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and Python runs)."""
-    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from retrieval.seeds import derive_seed
 
 
 class EpochSampler(Sampler):

@@ -39,7 +39,8 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
-from train.data import EpochSampler, derive_seed
+from retrieval.seeds import derive_seed
+from train.data import EpochSampler
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # transformers schedulers that need nothing but warm-up and total steps.
