@@ -115,7 +115,8 @@ def test_loss_equals_hand_computation_per_size():
 def test_every_part_gets_gradients_and_the_head_is_tied():
     mlm = tiny_mlm()
     model = SMAE(mlm, SIZES)
-    assert mlm.cls.predictions.decoder.weight is mlm.bert.embeddings.word_embeddings.weight
+    # SMAE's head predicts with the encoder's own word embeddings (shared, not copied)
+    assert model.head.predictions.decoder.weight is model.encoder.backbone.embeddings.word_embeddings.weight
     model(hand_batch()).loss.backward()
     for name, p in model.named_parameters():
         if "token_type" in name:  # one segment only
