@@ -20,7 +20,7 @@ from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLo
 from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path
 from train.data import GroupCollator, GroupDataset
 from train.methods import MethodPlan, plan_method
-from train.trainer import BOOKKEEPING_KEYS, TrainResult, TrainSettings, distributed_state, fit
+from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
 
 
 class RetrievalTask:
@@ -49,7 +49,8 @@ class RetrievalTask:
             "passage_prefix": m.passage_prefix,
             "config": OmegaConf.to_container(cfg, resolve=True),
         }
-        self._fingerprint = training_fingerprint(cfg)
+        data = OmegaConf.to_container(cfg.data, resolve=True)
+        self._fingerprint = config_fingerprint(cfg, data={k: v for k, v in data.items() if k != "eval_splits"})
 
     def compute_loss(self, model, batch: dict, step: int) -> LossOutput:
         sizes = self.plan.schedule.at(step)
@@ -63,14 +64,6 @@ class RetrievalTask:
 
     def fingerprint(self) -> dict:
         return self._fingerprint
-
-
-def training_fingerprint(cfg) -> dict:
-    """The parts of the config that a resumed run must share with its checkpoint."""
-    c = OmegaConf.to_container(cfg, resolve=True)
-    data = {k: v for k, v in c["data"].items() if k != "eval_splits"}
-    train = {k: v for k, v in c["train"].items() if k not in BOOKKEEPING_KEYS}
-    return {"seed": c["seed"], "model": c["model"], "sizes": c["sizes"], "data": data, "train": train}
 
 
 def model_shape(name_or_path: str) -> tuple[int, int]:

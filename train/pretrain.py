@@ -21,7 +21,7 @@ from retrieval.errors import cli_entry
 from retrieval.masking import SMAECollator, WindowDataset, build_windows, iter_texts
 from retrieval.smae import SMAE
 from train.finetune import model_shape
-from train.trainer import BOOKKEEPING_KEYS, TrainResult, TrainSettings, distributed_state, fit
+from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
 
 SMAE_CONFIG = "configs/smae.yaml"  # the default config of `python -m train.pretrain`
 
@@ -45,9 +45,7 @@ class SMAETask:
             "windows": len(dataset),
             "config": config,
         }
-        train = {k: v for k, v in config["train"].items() if k not in BOOKKEEPING_KEYS}
-        self._fingerprint = {"seed": config["seed"], "model": config["model"], "sizes": config["sizes"],
-                             "pretrain": config["pretrain"], "train": train}
+        self._fingerprint = config_fingerprint(cfg, pretrain=config["pretrain"])
 
     def compute_loss(self, model, batch: dict, step: int):
         return model(batch)

@@ -52,6 +52,16 @@ BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataload
 LOG_FILE = "train_log.jsonl"
 
 
+def config_fingerprint(cfg, **sections) -> dict:
+    """What a resumed run must share with its checkpoint: seed, model, sizes, the `train` settings
+    that shape the run (not `BOOKKEEPING_KEYS`), and the task's own `sections` (its data)."""
+    from omegaconf import OmegaConf
+
+    c = OmegaConf.to_container(cfg, resolve=True)
+    train = {k: v for k, v in c["train"].items() if k not in BOOKKEEPING_KEYS}
+    return {"seed": c["seed"], "model": c["model"], "sizes": c["sizes"], "train": train, **sections}
+
+
 class TrainTask(Protocol):
     """What the loop trains. `compute_loss` runs under autocast; the loop handles the rest."""
 
