@@ -231,10 +231,6 @@ class EncodeSummary:
     complete: bool
     directories: list[Path]
 
-    @property
-    def passages_per_second(self) -> float:
-        return self.passages_encoded / self.seconds if self.seconds > 0 else 0.0
-
 
 def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
     """Encode this worker's slice of the corpus (and, on worker 0, the eval queries) for the selected sizes."""

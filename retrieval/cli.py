@@ -7,8 +7,6 @@ import importlib
 import sys
 from typing import Sequence
 
-from omegaconf import DictConfig
-
 from retrieval.config import DEFAULT_CONFIG, load_config
 
 STAGES = ("train", "encode", "search", "eval")
@@ -39,4 +37,4 @@ def main(argv: Sequence[str] | None = None) -> None:
     module.main(argv[1:])
 
 
-__all__ = ["DictConfig", "main", "parse_stage_args", "stage_parser"]
+__all__ = ["main", "parse_stage_args", "stage_parser"]

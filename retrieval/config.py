@@ -237,10 +237,3 @@ def experiment_paths(cfg: DictConfig) -> ExperimentPaths:
         return Path(p[key]) if p.get(key) else root / key
 
     return ExperimentPaths(root, pick("model"), pick("embeddings"), pick("index"), pick("runs"), pick("eval"))
-
-
-def save_config(cfg: DictConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config (atomically) next to an artifact, for the record."""
-    from retrieval.io import atomic_write_text
-
-    atomic_write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
