@@ -9,7 +9,7 @@ from typing import Sequence
 
 from retrieval.config import DEFAULT_CONFIG, load_config
 
-STAGES = ("train", "encode", "search", "eval")
+STAGES = ("train", "encode", "search", "eval", "experiment")
 
 
 def stage_parser(stage: str, description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
         "corpus": "data/debian-pkgs-mini",
         # training groups: local JSONL (ids-only or inline texts) or hf:<hub dataset id>
         "train": "data/debian-pkgs-mini/train.jsonl.gz",
+        "train_corpus": None,  # corpus the ids-only training groups point into (None: data.corpus)
         "train_split": "train",  # HF split name for hf: sources
         "max_train_groups": None,  # use only the first N groups (None: all)
         # eval split name -> BEIR directory | irds:<id> | {queries: FILE, qrels: FILE}
@@ -130,6 +131,19 @@ DEFAULTS: dict[str, Any] = {
         "sizes": "${search.sizes}",  # all: every size with a run file
         "splits": "${search.splits}",
         "alpha": 0.05,  # significance level of the paired t-test
+    },
+    # `python -m experiment` / `make experiment`: the paper's comparison, one run per method under
+    # <output_dir>/<run>, every run the four stages of this config with the method's overrides.
+    "experiment": {
+        "methods": "all",  # all | comma list of: zeroshot, full, separate, 2dmse, srl, srl-nokl, smae-srl
+        "reference": "smae-srl",  # every other method is t-tested against this one
+        "grid": True,  # also encode/search the whole (layer, dim) grid: layers 1..N x the size list's dims
+        "grid_split": "dev",  # the split the grid heatmaps show
+        "heatmap_metric": "nDCG@10",
+        "smae": [],  # key=value overrides of the SMAE pre-training run (after train.method=smae)
+        "report_dir": None,  # where results.md and results/ go (None: <output_dir>/report)
+        "run_depth": 100,  # depth of the run files copied next to the report (R@100 needs 100)
+        "grid_run_depth": 10,  # ... of the off-diagonal grid cells (the heatmap metric needs 10)
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).
     "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},

@@ -243,14 +243,14 @@ def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> 
         neg = [_passage_text(p.get("title"), p.get("text")) for p in row.get("negative_passages") or []]
     elif "positive_document_ids" in row:
         if corpus is None:
-            raise StarbucksError(f"{where}: ids-only training groups need a corpus (set data.corpus)")
+            raise StarbucksError(f"{where}: ids-only training groups need a corpus (set data.train_corpus or data.corpus)")
 
         def texts(ids):
             out = []
             for d in ids:
                 d = str(d)
                 if d not in corpus:
-                    raise StarbucksError(f"{where}: document id {d!r} is not in the corpus; check data.corpus")
+                    raise StarbucksError(f"{where}: document id {d!r} is not in the corpus; check data.train_corpus / data.corpus")
                 out.append(corpus[d])
             return out
 

@@ -68,9 +68,18 @@ def run_path(runs_dir: str | os.PathLike, split: str, size_name: str) -> Path:
     return Path(runs_dir) / split / f"{size_name}{RUN_SUFFIX}"
 
 
+def run_stem(path: str | os.PathLike) -> str:
+    """The size part of a run file's name: `grande` of `grande.trec` or `grande.trec.gz`."""
+    name = Path(path).name
+    for suffix in (RUN_SUFFIX + ".gz", RUN_SUFFIX):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(path).stem
+
+
 def read_run_record(path: str | os.PathLike) -> dict | None:
     """The record beside a run file (None if there is none or it is unreadable)."""
-    p = Path(path).with_suffix(".json")
+    p = Path(path).parent / f"{run_stem(path)}.json"
     try:
         return json.loads(p.read_text())
     except (OSError, json.JSONDecodeError):
@@ -78,16 +87,17 @@ def read_run_record(path: str | os.PathLike) -> dict | None:
 
 
 def find_runs(runs_dir: str | os.PathLike, split: str) -> list[tuple[Size, Path]]:
-    """The run files of a split with their sizes (from the records; `LxD` names parse without one),
-    smallest size first."""
+    """The run files of a split (`<size>.trec`, or gzipped `<size>.trec.gz`) with their sizes (from the
+    records; `LxD` names parse without one), smallest size first."""
     found = []
-    for path in sorted((Path(runs_dir) / split).glob(f"*{RUN_SUFFIX}")):
+    folder = Path(runs_dir) / split
+    for path in sorted([*folder.glob(f"*{RUN_SUFFIX}"), *folder.glob(f"*{RUN_SUFFIX}.gz")]):
         record = read_run_record(path)
         if record and {"size", "layers", "dim"} <= record.keys():
             size = Size(record["size"], int(record["layers"]), int(record["dim"]))
         else:
             try:
-                size = parse_size(path.stem)
+                size = parse_size(run_stem(path))
             except StarbucksError:
                 continue  # a run file of unknown size: not ours
         found.append((size, path))

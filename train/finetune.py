@@ -110,7 +110,8 @@ def run_training(cfg) -> TrainResult:
     loss = StarbucksLoss(base, plan.saved_sizes, t.kl_weight, t.kl_temperature, weights, plan.reduction, gather)
 
     with state.main_process_first():  # the main process downloads and caches hub data first
-        groups = load_train_groups(cfg.data.train, cfg.data.corpus, cfg.data.train_split, cfg.data.max_train_groups)
+        groups = load_train_groups(cfg.data.train, cfg.data.train_corpus or cfg.data.corpus, cfg.data.train_split,
+                                   cfg.data.max_train_groups)
     check_groups(groups, t.group_size, cfg.data.train)
 
     encoder, tokenizer, _ = load_encoder(m.name_or_path, m.pooling, m.normalize, m.attn_implementation)

@@ -1,0 +1,397 @@
+"""The experiment's report: the paper's tables, plots and heatmaps, and the files behind them.
+
+`write_report` evaluates every run's run files (ir_measures, through eval's own functions),
+and writes to `experiment.report_dir` (default `<output_dir>/report`):
+
+- `results.md`: Table 4's shape (rows size x method; RR@10, nDCG@10, R@100 on each split; `*`
+  where a method differs from `experiment.reference` at p < eval.alpha, paired t-test), Table
+  1's shape (each method's average over the sizes), Table 2's ablation (SRL with and without KL),
+  what the numbers say about the paper's claims (computed, not written by hand), the commands,
+  commit, machine and date; a hand-written `Discussion` between markers survives regeneration;
+- `results/`: `summary.json` (every number and p-value), `sizes-<split>.png` (metric vs size per
+  method), `grid-*.png` heatmaps over the (layer, dim) grid, and per run `<run>/runs/<split>/`
+  run files (gzipped, cut to `experiment.run_depth`; grid cells off the size list to
+  `experiment.grid_run_depth`) with their records, and `<run>/eval/<split>.json`, so every number
+  re-derives with `python -m eval ... paths.runs=<report_dir>/results/<run>/runs`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import gzip
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from omegaconf import DictConfig
+
+from eval.pipeline import SizeResult, evaluate_runs, rel_level, select_runs
+from eval.report import markdown_table, plot_measures
+from experiment.pipeline import LABELS, Run, run_config
+from retrieval.config import experiment_paths, sizes_of
+from retrieval.data import load_eval_splits
+from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
+from retrieval.metrics import paired_ttest
+from retrieval.names import parse_names
+from retrieval.runfile import read_run_record, run_stem
+from retrieval.sizes import Size
+
+DISCUSSION_START = "<!-- discussion: hand-written, kept when the report is regenerated -->"
+DISCUSSION_END = "<!-- end of discussion -->"
+
+Key = tuple[int, int]
+# method -> split -> (layers, dim) -> (run name, result)
+Results = dict[str, dict[str, dict[Key, tuple[str, SizeResult]]]]
+
+
+def collect(cfg_path: str | None, overrides: Sequence[str], runs: Sequence[Run], splits) -> Results:
+    """Evaluate every reported run's run files; the `separate` runs merge into one method."""
+    cfg0 = None
+    out: Results = {}
+    for run in runs:
+        if not run.report:
+            continue
+        cfg = run_config(cfg_path, list(overrides), run)
+        cfg0 = cfg0 or cfg
+        runs_dir = experiment_paths(cfg).runs
+        wanted = {(s.layers, s.dim) for s in run.sizes}
+        for name, split in splits.items():
+            found = [(s, p) for s, p in select_runs(runs_dir, name, "all", strict=False)
+                     if (s.layers, s.dim) in wanted]
+            measures = list(cfg.eval.metrics)
+            for r in evaluate_runs(found, split, measures, rel_level(cfg, name)):
+                out.setdefault(run.method, {}).setdefault(name, {})[(r.size.layers, r.size.dim)] = (run.name, r)
+    return out
+
+
+def _value(results: Results, method: str, split: str, key: Key, measure: str) -> float | None:
+    hit = results.get(method, {}).get(split, {}).get(key)
+    return None if hit is None else hit[1].evaluation.aggregate[measure]
+
+
+def _pvalue(results: Results, a: str, b: str, split: str, key: Key, measure: str) -> float | None:
+    ra, rb = results.get(a, {}).get(split, {}).get(key), results.get(b, {}).get(split, {}).get(key)
+    if ra is None or rb is None:
+        return None
+    return paired_ttest(ra[1].evaluation.per_query[measure], rb[1].evaluation.per_query[measure])
+
+
+def summarise(cfg: DictConfig, results: Results, splits: Sequence[str]) -> dict:
+    """Every number of the tables: per method, split, size and measure the value and the p-value vs
+    the reference method; averages over the configured sizes."""
+    sizes = sizes_of(cfg)
+    measures = list(cfg.eval.metrics)
+    ref = str(cfg.experiment.reference)
+    methods = [m for m in LABELS if m in results]
+    table, averages = [], {}
+    for s in sizes:
+        key = (s.layers, s.dim)
+        for m in methods:
+            row = {"size": s.name, "layers": s.layers, "dim": s.dim, "method": m, "splits": {}}
+            for split in splits:
+                for measure in measures:
+                    v = _value(results, m, split, key, measure)
+                    p = _pvalue(results, ref, m, split, key, measure) if m != ref else None
+                    row["splits"].setdefault(split, {})[measure] = {"value": v, "p": p}
+            table.append(row)
+    for m in methods:
+        for split in splits:
+            for measure in measures:
+                vals = [_value(results, m, split, (s.layers, s.dim), measure) for s in sizes]
+                if all(v is not None for v in vals):
+                    averages.setdefault(m, {}).setdefault(split, {})[measure] = float(np.mean(vals))
+    return {"reference": ref, "alpha": float(cfg.eval.alpha), "measures": measures, "splits": list(splits),
+            "sizes": sizes.to_config(), "methods": methods, "table": table, "averages": averages}
+
+
+def _fmt(v: float | None, p: float | None = None, alpha: float = 0.05) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.4f}" + ("*" if p is not None and p < alpha else "")
+
+
+def table4(summary: dict) -> str:
+    splits, measures, alpha = summary["splits"], summary["measures"], summary["alpha"]
+    headers = ["size", "method", *[f"{sp} {m}" for sp in splits for m in measures]]
+    rows, last = [], None
+    for r in summary["table"]:
+        label = f"{r['size']} ({r['layers']}x{r['dim']})"
+        cells = [_fmt(r["splits"][sp][m]["value"], r["splits"][sp][m]["p"], alpha) for sp in splits for m in measures]
+        rows.append([label if label != last else "", LABELS[r["method"]], *cells])
+        last = label
+    return markdown_table(headers, rows)
+
+
+def averages_table(summary: dict) -> str:
+    splits, measures = summary["splits"], summary["measures"]
+    headers = ["method", *[f"{sp} {m}" for sp in splits for m in measures]]
+    rows = [[LABELS[m], *[_fmt(summary["averages"].get(m, {}).get(sp, {}).get(x)) for sp in splits for x in measures]]
+            for m in summary["methods"]]
+    return markdown_table(headers, rows)
+
+
+def ablation_table(cfg: DictConfig, results: Results, splits: Sequence[str]) -> str | None:
+    """SRL vs SRL without the KL term per size, with the paired t-test's p-value between the two."""
+    if "srl" not in results or "srl-nokl" not in results:
+        return None
+    measures = list(cfg.eval.metrics)
+    headers = ["size", *[f"{sp} {m} {lab}" for sp in splits for m in measures[:2] for lab in ("SRL", "w/o KL", "p")]]
+    rows = []
+    for s in sizes_of(cfg):
+        key, row = (s.layers, s.dim), [f"{s.name} ({s.key})"]
+        for sp in splits:
+            for m in measures[:2]:
+                p = _pvalue(results, "srl", "srl-nokl", sp, key, m)
+                row += [_fmt(_value(results, "srl", sp, key, m)), _fmt(_value(results, "srl-nokl", sp, key, m)),
+                        "-" if p is None else f"{p:.3f}"]
+        rows.append(row)
+    return markdown_table(headers, rows)
+
+
+def claims(cfg: DictConfig, results: Results, splits: Sequence[str]) -> list[str]:
+    """The paper's claims checked against the numbers, one sentence each."""
+    sizes = sizes_of(cfg)
+    alpha = float(cfg.eval.alpha)
+    lines = []
+    for sp in splits:
+        for m in list(cfg.eval.metrics)[:2]:
+            def compare(a: str, b: str) -> str | None:
+                if a not in results or b not in results:
+                    return None
+                wins, sig_w, sig_l, gaps = 0, 0, 0, []
+                for s in sizes:
+                    key = (s.layers, s.dim)
+                    va, vb = _value(results, a, sp, key, m), _value(results, b, sp, key, m)
+                    if va is None or vb is None:
+                        continue
+                    p = _pvalue(results, a, b, sp, key, m)
+                    wins += va > vb
+                    sig_w += va > vb and p < alpha
+                    sig_l += va < vb and p < alpha
+                    gaps.append(va - vb)
+                return (f"{LABELS[a]} > {LABELS[b]} at {wins} of {len(gaps)} sizes ({sig_w} significantly; "
+                        f"{sig_l} significantly worse); mean difference {np.mean(gaps):+.4f}")
+            found = [c for c in (compare("srl", "2dmse"), compare("srl", "separate"), compare("smae-srl", "srl"),
+                                 compare("srl", "srl-nokl"), compare("srl", "zeroshot")) if c]
+            lines += [f"- {sp} {m}: {c}" for c in found]
+    return lines
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: str, path: Path,
+             diverging: bool, marks: set[Key]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.4 + 0.9 * len(cols), 1.2 + 0.6 * len(rows)))
+    finite = grid[np.isfinite(grid)]
+    if diverging:
+        lim = float(np.abs(finite).max()) if finite.size else 1.0
+        im = ax.imshow(grid, cmap="RdBu", vmin=-lim or -1, vmax=lim or 1, origin="lower", aspect="auto")
+    else:
+        im = ax.imshow(grid, cmap="viridis", origin="lower", aspect="auto")
+    for i, n in enumerate(rows):
+        for j, d in enumerate(cols):
+            if np.isfinite(grid[i, j]):
+                weight = "bold" if (n, d) in marks else "normal"
+                ax.text(j, i, f"{grid[i, j]:+.3f}" if diverging else f"{grid[i, j]:.3f}", ha="center", va="center",
+                        fontsize=7, fontweight=weight)
+    ax.set_xticks(range(len(cols)), [str(d) for d in cols])
+    ax.set_yticks(range(len(rows)), [str(n) for n in rows])
+    ax.set_xlabel("embedding dims")
+    ax.set_ylabel("layers")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def grid_values(results: Results, method: str, split: str, measure: str, rows, cols) -> np.ndarray:
+    out = np.full((len(rows), len(cols)), np.nan)
+    for i, n in enumerate(rows):
+        for j, d in enumerate(cols):
+            v = _value(results, method, split, (n, d), measure)
+            out[i, j] = np.nan if v is None else v
+    return out
+
+
+def heatmaps(cfg: DictConfig, results: Results, out_dir: Path) -> list[tuple[str, str, str]]:
+    """Grid heatmaps on `experiment.grid_split`: SRL itself, SRL - 2DMSE, SRL - separate (the paper's
+    Figures 3-5). Returns (title, file, markdown table) per heatmap."""
+    split, measure = str(cfg.experiment.grid_split), str(cfg.experiment.heatmap_metric)
+    sizes = sizes_of(cfg)
+    rows = list(range(1, sizes.largest.layers + 1))
+    cols = sorted({s.dim for s in sizes})
+    marks = {(s.layers, s.dim) for s in sizes}
+    made = []
+    if "srl" not in results:
+        return made
+    srl = grid_values(results, "srl", split, measure, rows, cols)
+    plans = [("srl", None, f"SRL {measure} on {split}", False)]
+    plans += [(f"srl-minus-{other}", other, f"SRL - {LABELS[other]} {measure} on {split}", True)
+              for other in ("2dmse", "separate") if other in results]
+    for stem, other, title, diverging in plans:
+        grid = srl if other is None else srl - grid_values(results, other, split, measure, rows, cols)
+        if not np.isfinite(grid).any():
+            continue
+        path = out_dir / f"grid-{stem}.png"
+        _heatmap(grid, rows, cols, title + " (bold: the configured sizes)", path, diverging, marks)
+        fmt = "{:+.3f}" if diverging else "{:.3f}"
+        table = markdown_table(["layers \\ dims", *map(str, cols)],
+                               [[str(n), *[fmt.format(v) if np.isfinite(v) else "-" for v in grid[i]]]
+                                for i, n in enumerate(rows)][::-1])
+        made.append((title, path.name, table))
+    return made
+
+
+def size_plots(cfg: DictConfig, results: Results, splits: Sequence[str], out_dir: Path) -> list[str]:
+    sizes = sizes_of(cfg)
+    files = []
+    for sp in splits:
+        series = {}
+        for m in LABELS:
+            if m not in results:
+                continue
+            pts = [(s, results[m][sp][(s.layers, s.dim)][1].evaluation.aggregate) for s in sizes
+                   if (s.layers, s.dim) in results[m].get(sp, {})]
+            if pts:
+                series[LABELS[m]] = pts
+        if series:
+            path = out_dir / f"sizes-{sp}.png"
+            plot_measures(series, list(cfg.eval.metrics), path, f"{cfg.name} / {sp}")
+            files.append(path.name)
+    return files
+
+
+# ---------------------------------------------------------------- files behind the numbers
+
+
+def copy_run(src: Path, dst: Path, depth: int) -> None:
+    """A run file cut to `depth` per query, gzipped (deterministic bytes: no name or time in the header)."""
+    kept: dict[str, int] = {}
+    with open(src, encoding="utf-8") as f, atomic_path(dst) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            for line in f:
+                qid = line.split(" ", 1)[0]
+                if kept.get(qid, 0) < depth:
+                    kept[qid] = kept.get(qid, 0) + 1
+                    gz.write(line.encode("utf-8"))
+
+
+def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, runs: Sequence[Run], cfg_path) -> int:
+    """Copy every evaluated run file (cut, gzipped) with its record, and each run's eval JSON."""
+    named = {(s.layers, s.dim) for s in sizes_of(cfg)}
+    copied = 0
+    for method, per_split in results.items():
+        for split, cells in per_split.items():
+            for key, (run_name, r) in cells.items():
+                depth = int(cfg.experiment.run_depth if key in named else cfg.experiment.grid_run_depth)
+                dst = out_dir / run_name / "runs" / split / f"{run_stem(r.run)}.trec.gz"
+                copy_run(r.run, dst, depth)
+                record = read_run_record(r.run) or {}
+                atomic_write_json(dst.parent / f"{run_stem(r.run)}.json", {**record, "published_depth": depth})
+                copied += 1
+    for run in runs:
+        if run.report:
+            eval_dir = experiment_paths(run_config(cfg_path, list(overrides), run)).eval
+            for f in sorted(eval_dir.glob("*.json")):
+                target = out_dir / run.name / "eval" / f.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(f, target)
+    return copied
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def provenance(cfg_path: str | None, overrides: Sequence[str]) -> dict:
+    import torch
+
+    commit = _git("rev-parse", "HEAD")
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "command": " ".join(["python -m experiment", *(["--config", str(cfg_path)] if cfg_path else []), *overrides]),
+        "commit": commit + (" (with uncommitted changes)" if dirty and dirty != "unknown" else ""),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
+                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+    }
+
+
+def _discussion(path: Path) -> str:
+    if path.is_file():
+        text = path.read_text()
+        if DISCUSSION_START in text and DISCUSSION_END in text:
+            return text[text.index(DISCUSSION_START): text.index(DISCUSSION_END) + len(DISCUSSION_END)]
+    return f"{DISCUSSION_START}\n_(not written yet)_\n{DISCUSSION_END}"
+
+
+def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, overrides: Sequence[str]) -> Path:
+    """Evaluate, tabulate, plot, copy; returns the path of results.md."""
+    report_dir = Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else Path(cfg.output_dir) / "report"
+    out_dir = report_dir / "results"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_eval_splits(cfg.data.eval_splits, parse_names(cfg.eval.splits))
+    results = collect(cfg_path, overrides, runs, splits)
+    names = list(splits)
+    summary = summarise(cfg, results, names)
+    prov = provenance(cfg_path, overrides)
+    plots = size_plots(cfg, results, names, out_dir)
+    maps = heatmaps(cfg, results, out_dir)
+    copied = publish_files(cfg, results, out_dir, overrides, runs, cfg_path)
+    atomic_write_json(out_dir / "summary.json", {**summary, "provenance": prov})
+
+    md = report_dir / "results.md"
+    queries = ", ".join(f"{n} {len(s.qrels)} queries" for n, s in splits.items())
+    ablation = ablation_table(cfg, results, names)
+    parts = [
+        f"# Results: {cfg.name}\n",
+        "Generated by `python -m experiment` (experiment/report.py); the tables, plots and claims below are "
+        "recomputed from the run files on every run.\n",
+        "| | |\n|---|---|\n" + "".join(f"| {k} | {'`' + v + '`' if k in ('command', 'commit') else v} |\n"
+                                      for k, v in prov.items()),
+        f"Collection: corpus `{cfg.data.corpus}`; {queries}; training groups `{cfg.data.train}`. "
+        f"Backbone `{cfg.model.name_or_path}` ({cfg.model.pooling} pooling, normalize={cfg.model.normalize}). "
+        f"Every fine-tuned run: {cfg.train.max_steps or str(cfg.train.epochs) + ' epoch(s) of'} steps of "
+        f"{cfg.train.batch_size} queries x {cfg.train.group_size} passages, lr {cfg.train.learning_rate}, "
+        f"temperature {cfg.train.temperature}, passages <= {cfg.model.passage_max_length} tokens, seed {cfg.seed}.\n",
+        f"## Table 4: every size and method\n\n`*`: differs from {LABELS.get(summary['reference'], summary['reference'])} "
+        f"at p < {summary['alpha']} (two-sided paired t-test over the queries).\n\n{table4(summary)}",
+        f"## Table 1: averages over the {len(sizes_of(cfg))} sizes\n\n{averages_table(summary)}",
+    ]
+    if ablation:
+        parts.append(f"## Table 2: SRL with and without the KL term\n\np: paired t-test between the two.\n\n{ablation}")
+    parts.append("## The paper's claims, counted\n\n" + "\n".join(claims(cfg, results, names)) + "\n")
+    parts.append("## Metric vs size\n\n" + "\n".join(f"![{p}](results/{p})" for p in plots) + "\n")
+    if maps:
+        parts.append(
+            f"## The (layer, dim) grid ({cfg.experiment.grid_split}, {cfg.experiment.heatmap_metric})\n\n"
+            "Every layer x every dim of the size list. A `separate` model is trained at one size and has only its "
+            "layers: its row of the grid is that model cut to each dim (the diagonal cell is the size it was "
+            "trained for).\n\n"
+            + "\n".join(f"### {t}\n\n![{f}](results/{f})\n\n{tab}" for t, f, tab in maps))
+    parts.append(f"## Files\n\n`results/summary.json` holds every number and p-value. {copied} run files "
+                 f"(gzipped; the configured sizes to depth {cfg.experiment.run_depth}, other grid cells to depth "
+                 f"{cfg.experiment.grid_run_depth}) and each run's eval JSON are under `results/<run>/`. Re-derive a "
+                 f"run's numbers with\n`python -m eval --config {cfg_path or 'CONFIG'} "
+                 f"paths.runs={out_dir}/srl/runs paths.eval=/tmp/srl-eval eval.sizes=all`.\n")
+    parts.append("## Discussion\n\n" + _discussion(md) + "\n")
+    atomic_write_text(md, "\n".join(parts))
+    print(f"experiment: report in {md}", file=sys.stderr)
+    return md
