@@ -344,3 +344,16 @@ def test_each_method_config_runs(tmp_path, method):
     meta = read_meta(result.model_dir)
     assert meta["method"] == method and result.steps == 1
     assert len(meta["sizes"]) == (1 if method == "separate" else 6)
+
+
+def test_check_groups_pads_short_groups_and_refuses_empty_ones(capsys):
+    from retrieval.data import TrainGroup, sample_negatives
+    from train.finetune import check_groups
+
+    groups = [TrainGroup("q1", "a", ["p1"], ["n1", "n2", "n3"]), TrainGroup("q2", "b", ["p2"], ["n4"])]
+    assert check_groups(groups, 4, "x.jsonl") == 1
+    assert "fewer than 3 hard negatives" in capsys.readouterr().err
+    assert sorted(sample_negatives(groups[1], 3, 0, 0)) == ["n4", "n4", "n4"]  # padded by repetition
+    assert check_groups(groups, 2, "x.jsonl") == 0
+    with pytest.raises(StarbucksError, match="have none"):
+        check_groups(groups + [TrainGroup("q3", "c", ["p3"], [])], 4, "x.jsonl")

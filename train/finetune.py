@@ -8,6 +8,7 @@ to the shared loop (`train.trainer.fit`).
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -80,19 +81,27 @@ def model_shape(name_or_path: str) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> None:
-    """Every group must have the `group_size - 1` hard negatives a step takes."""
+def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> int:
+    """Every group needs hard negatives for the `group_size - 1` a step takes: a group with none is
+    an error; one with fewer is padded by repeating its own (as Tevatron does). Returns how many are padded."""
     if not isinstance(group_size, int) or group_size < 1:
         raise StarbucksError(f"train.group_size = {group_size!r} must be a whole number >= 1 (1 positive + negatives)")
     need = group_size - 1
+    if need == 0:
+        return 0
+    empty = [g for g in groups if not g.negatives]
+    if empty:
+        raise StarbucksError(
+            f"train.group_size = {group_size} needs hard negatives, but {len(empty)} of {len(groups)} groups in "
+            f"{source} have none (query {empty[0].query_id!r}); set train.group_size=1 or give them negatives"
+        )
     short = [g for g in groups if len(g.negatives) < need]
     if short:
         fewest = min(short, key=lambda g: len(g.negatives))
-        raise StarbucksError(
-            f"train.group_size = {group_size} needs {need} hard negatives per query, but {len(short)} of "
-            f"{len(groups)} groups in {source} have fewer (query {fewest.query_id!r} has {len(fewest.negatives)}); "
-            f"lower train.group_size to <= {len(fewest.negatives) + 1}"
-        )
+        print(f"train: {len(short)} of {len(groups)} groups have fewer than {need} hard negatives (fewest: "
+              f"{fewest.query_id!r} with {len(fewest.negatives)}); their negatives repeat to fill the group",
+              file=sys.stderr)
+    return len(short)
 
 
 def run_training(cfg) -> TrainResult:
