@@ -10,11 +10,15 @@ ARGS   ?=
 # install your own CUDA torch into the venv first (or pass TORCH=torch).
 TORCH  ?= torch==2.13.0
 
+# `make experiment`: the paper's comparison (GPU-sized); on 2 CPU cores
+#   make experiment EXPERIMENT=configs/experiment-debian-cpu.yaml
+EXPERIMENT ?= configs/experiment-debian.yaml
+
 SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo data train encode search eval pretrain clean-demo
+.PHONY: setup test test-fast demo data train encode search eval pretrain experiment clean-demo
 
 setup: $(VENV)/.installed
 
@@ -51,6 +55,11 @@ search: setup
 
 eval: setup
 	$(PY) -m eval --config $(CONFIG) $(SIZE_ARG) $(ARGS)
+
+# Zero-shot, full, separate, 2DMSE, SRL, SRL w/o KL and SMAE+SRL, each trained, encoded, searched
+# and evaluated; then the report (tables, t-tests, plots, grid heatmaps). Re-running finishes what is missing.
+experiment: setup
+	$(PY) -m experiment --config $(EXPERIMENT) $(ARGS)
 
 # The main job on the embedded default, end to end (<= 15 minutes on 2 CPU cores).
 # Each stage reuses what a previous run finished, so an interrupted demo resumes.

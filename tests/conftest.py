@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
+import itertools
+import json
 import os
 from pathlib import Path
 
@@ -42,3 +45,42 @@ def tiny_bert(layers: int = 4, hidden: int = 32, vocab: int = 1000, seed: int = 
         max_position_embeddings=128,
     )
     return BertModel(config).eval()
+
+
+def mini_slice(col: Path, queries: int = 20, passages: int = 300):
+    """A BEIR collection at `col`: the first `queries` dev queries of debian-pkgs-mini, their positives
+    and other passages up to `passages`, and the mini training groups that stay inside it.
+    Returns `(col, qids, dev split of the mini collection)`."""
+    from retrieval.data import iter_corpus, load_split
+
+    mini = REPO / "data" / "debian-pkgs-mini"
+    dev = load_split("dev", str(mini))
+    qids = sorted(dev.qrels)[:queries]
+    wanted = {next(iter(dev.qrels[q])) for q in qids}
+    corpus = [(d, t) for d, t in iter_corpus(str(mini)) if d in wanted]
+    corpus += list(itertools.islice(((d, t) for d, t in iter_corpus(str(mini)) if d not in wanted),
+                                    passages - len(corpus)))
+    (col / "qrels").mkdir(parents=True)
+    with gzip.open(col / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
+    (col / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": dev.queries[q]}) + "\n" for q in qids))
+    (col / "qrels" / "dev.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{next(iter(dev.qrels[q]))}\t1\n" for q in qids))
+    ids = {d for d, _ in corpus}
+    groups = [json.loads(line) for line in gzip.open(mini / "train.jsonl.gz", "rt")]
+    groups = [dict(g, negative_document_ids=[n for n in g["negative_document_ids"] if n in ids])
+              for g in groups if g["positive_document_ids"][0] in ids]
+    with open(col / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in groups if g["negative_document_ids"])
+    return col, qids, dev
+
+
+def save_tiny_backbone(path: Path, layers: int = 4, hidden: int = 32):
+    """A tiny random BERT with MiniLM's tokenizer saved as a Starbucks model directory."""
+    from transformers import AutoTokenizer
+
+    from retrieval.modeling import StarbucksEncoder, resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    StarbucksEncoder(tiny_bert(layers=layers, hidden=hidden, vocab=tok.vocab_size), "cls").save(path, tok)
+    return path

@@ -8,8 +8,6 @@ pytrec_eval's reciprocal rank of that run.
 
 from __future__ import annotations
 
-import gzip
-import itertools
 import json
 
 import numpy as np
@@ -17,13 +15,12 @@ import pytest
 import pytrec_eval
 import torch
 
-from conftest import REPO, tiny_bert
-from retrieval.data import iter_corpus, load_split
-from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path, tokenize
+from conftest import mini_slice, save_tiny_backbone
+from retrieval.data import iter_corpus
+from retrieval.modeling import load_encoder, tokenize
 from retrieval.runfile import read_run
 from retrieval.sizes import SizeList
 
-MINI = REPO / "data" / "debian-pkgs-mini"
 SIZES = ["1x8", "2x16", "4x32"]
 PASSAGES = 300
 
@@ -31,31 +28,9 @@ PASSAGES = 300
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
     """A small BEIR slice, a tiny model and a config that drives all four stages."""
-    from transformers import AutoTokenizer
-
     root = tmp_path_factory.mktemp("pipeline")
-    dev = load_split("dev", str(MINI))
-    qids = sorted(dev.qrels)[:20]
-    wanted = {next(iter(dev.qrels[q])) for q in qids}
-    corpus = [(d, t) for d, t in iter_corpus(str(MINI)) if d in wanted]
-    corpus += list(itertools.islice(((d, t) for d, t in iter_corpus(str(MINI)) if d not in wanted),
-                                    PASSAGES - len(corpus)))
-    col = root / "col"
-    (col / "qrels").mkdir(parents=True)
-    with gzip.open(col / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
-    (col / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": dev.queries[q]}) + "\n" for q in qids))
-    (col / "qrels" / "dev.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{next(iter(dev.qrels[q]))}\t1\n" for q in qids))
-    ids = {d for d, _ in corpus}
-    groups = [json.loads(line) for line in gzip.open(MINI / "train.jsonl.gz", "rt")]
-    groups = [dict(g, negative_document_ids=[n for n in g["negative_document_ids"] if n in ids])
-              for g in groups if g["positive_document_ids"][0] in ids]
-    with open(col / "train.jsonl", "w") as f:
-        f.writelines(json.dumps(g) + "\n" for g in groups if g["negative_document_ids"])
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size), "cls").save(root / "backbone", tok)
+    col, qids, dev = mini_slice(root / "col", queries=20, passages=PASSAGES)
+    save_tiny_backbone(root / "backbone", layers=4, hidden=32)
     (root / "exp.yaml").write_text(f"""
 name: e2e
 output_dir: {root / 'runs'}
