@@ -121,6 +121,7 @@ DEFAULTS: dict[str, Any] = {
         "shards_per_index": None,  # non-flat indexes: one index per this many embedding shards (None: one)
         "rebuild": False,  # rebuild a saved index that no longer matches the embeddings
         "torch_dtype": "auto",  # torch backend matmul: auto (fp16 on GPU, fp32 on CPU) | fp16 | fp32
+        "topk_chunk": None,  # torch backend: exact two-stage top-k over chunks of this many passages (None: one torch.topk)
     },
     "eval": {
         "metrics": ["RR@10", "nDCG@10", "R@100", "R@1000"],

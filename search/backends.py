@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import StarbucksError
+from search.topk import torch_topk
 
 EXACT = "Flat"
 
@@ -73,6 +74,7 @@ class ExactSearcher:
     gpu: bool = False
     dtype: str = "float32"
     batch_size: int = 1024
+    topk_chunk: int | None = None  # torch backend: two-stage top-k over chunks of this many columns
 
     def search(self, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` `(scores, rows)` of each query among `vectors` (rows local to the block)."""
@@ -95,7 +97,8 @@ class ExactSearcher:
         with torch.inference_mode():
             for start in range(0, len(queries), self.batch_size):
                 q = torch.from_numpy(np.ascontiguousarray(queries[start:start + self.batch_size])).to(self.device, dtype)
-                top = torch.topk((q @ block.T).float(), k, dim=1)
-                scores[start:start + len(q)] = top.values.cpu().numpy()
-                rows[start:start + len(q)] = top.indices.cpu().numpy()
+                # top-k over the scores in the matmul's dtype: a float copy of them would cost more than the matmul
+                values, indices = torch_topk(q @ block.T, k, self.topk_chunk)
+                scores[start:start + len(q)] = values.float().cpu().numpy()
+                rows[start:start + len(q)] = indices.cpu().numpy()
         return scores, rows

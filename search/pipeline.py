@@ -51,6 +51,7 @@ class SearchSettings:
     device: str = "cpu"
     faiss_gpu: bool = False
     torch_dtype: str = "float32"
+    topk_chunk: int | None = None
     train_rows: int = 200000
     shards_per_index: int | None = None
     rebuild: bool = False
@@ -100,6 +101,7 @@ class SearchSettings:
             device=device,
             faiss_gpu=backend == "faiss" and gpus > 0,
             torch_dtype=_DTYPES[dtype],
+            topk_chunk=int(s.topk_chunk) if s.topk_chunk else None,
             train_rows=int(s.train_rows),
             shards_per_index=int(per) if per else None,
             rebuild=bool(s.rebuild),
@@ -217,7 +219,7 @@ def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSet
     top = TopK(len(queries), min(settings.depth, meta["count"]))
     if settings.exact:
         searcher = ExactSearcher(settings.backend, settings.device, settings.faiss_gpu, settings.torch_dtype,
-                                 settings.batch_size)
+                                 settings.batch_size, settings.topk_chunk)
         for _, first_row, vectors in tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
                                           desc=f"search {meta['size']}", disable=not progress):
             top.add(*searcher.search(vectors, queries, top.k), offset=first_row)

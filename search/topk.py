@@ -26,3 +26,28 @@ class TopK:
         best = np.argsort(-all_scores, axis=1, kind="stable")[:, : self.k]
         self.scores = np.take_along_axis(all_scores, best, axis=1)
         self.rows = np.take_along_axis(all_rows, best, axis=1)
+
+
+def torch_topk(scores, k: int, chunk: int | None = None):
+    """Exact `torch.topk(scores, k, dim=1)` in two stages: the top `k` of every `chunk` columns, then
+    the top `k` of those candidates. Every global top-k entry is in its chunk's top k, so the result
+    is exact (ties at the k-th score may pick other rows with the same score). Narrow rows split over
+    many chunks keep a GPU busy where one wide top-k per query does not. `chunk=None` or a chunk
+    that does not leave at least two chunks of more than `2k` columns: plain `torch.topk`."""
+    import torch
+
+    n = scores.shape[1]
+    k = min(k, n)
+    if chunk is None or chunk <= 2 * k or n < 2 * chunk:
+        return torch.topk(scores, k, dim=1)
+    main = n - n % chunk
+    parts = scores[:, :main].reshape(scores.shape[0], main // chunk, chunk)
+    values, rows = torch.topk(parts, k, dim=2)
+    rows = rows + torch.arange(0, main, chunk, device=scores.device).view(1, -1, 1)
+    values, rows = values.flatten(1), rows.flatten(1)
+    if main < n:
+        tail = torch.topk(scores[:, main:], min(k, n - main), dim=1)
+        values = torch.cat([values, tail.values], dim=1)
+        rows = torch.cat([rows, tail.indices + main], dim=1)
+    best = torch.topk(values, k, dim=1)
+    return best.values, torch.gather(rows, 1, best.indices)

@@ -193,3 +193,26 @@ def test_search_refuses_queries_from_another_model(tmp_path, data):
     with pytest.raises(StarbucksError, match="no finished embeddings for size 'venti'"):
         search_collection(config(tmp_path, "search.sizes=venti"), progress=False)
     assert isinstance(store, EmbeddingStore)
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 10, 64), (1003, 7, 50), (997, 20, 100), (500, 30, 40), (300, 5, None)])
+def test_two_stage_topk_equals_a_full_sort(n, k, chunk):
+    import torch
+
+    from search.topk import torch_topk
+
+    rng = np.random.default_rng(n)
+    scores = rng.standard_normal((9, n)).astype(np.float32)
+    values, rows = torch_topk(torch.from_numpy(scores), k, chunk)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # distinct scores: a unique answer
+    np.testing.assert_array_equal(rows.numpy(), order)
+    np.testing.assert_array_equal(values.numpy(), np.take_along_axis(scores, order, axis=1))
+
+
+def test_torch_backend_with_chunked_topk_equals_faiss(tmp_path, data):
+    vectors, queries, ids = data
+    store = write_store(tmp_path / "one", vectors, ids, shard_rows=300)
+    exact = search_store(store, queries, SearchSettings(depth=20))
+    chunked = search_store(store, queries, SearchSettings(depth=20, backend="torch", batch_size=7, topk_chunk=48))
+    np.testing.assert_array_equal(chunked[1], exact[1])
+    np.testing.assert_allclose(chunked[0], exact[0], rtol=1e-6, atol=1e-6)
