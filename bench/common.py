@@ -1,0 +1,146 @@
+"""What the benchmarks share: the machine line, JSON output, the markdown sections of
+docs/benchmarks.md, the workloads (debian-pkgs texts, the two backbones) and FLOP counts."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import json
+import os
+import platform
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+# Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, for the MFU figures.
+PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
+PAPER_SIZES = "2x32,4x64,6x128,8x256,10x512,12x768"  # the paper's six sizes on BERT-base
+
+
+def machine(device: torch.device) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    what = f"{os.cpu_count()} cores ({cpu})"
+    if device.type == "cuda":
+        what = f"{torch.cuda.get_device_name(device)}, {what}"
+    return f"{what}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def emit(bench: str, **fields) -> None:
+    """One JSON line per figure on stdout."""
+    print(json.dumps({"bench": bench, **fields}), flush=True)
+
+
+def write_section(mark: str, markdown: str, path: Path = REPO / "docs" / "benchmarks.md") -> None:
+    """Replace (or append) this benchmark's section of docs/benchmarks.md, between its markers."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start, end = f"<!-- {mark}:start -->", f"<!-- {mark}:end -->"
+    block = f"{start}\n{markdown}\n{end}"
+    if start in text:
+        text = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def pick_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of `repeats` calls after `warmup` untimed ones (the device synchronised)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if all(part in name for part in key.split()):
+            return value
+    return None
+
+
+def bert_flops(config, layers: int, lengths: list[int], backward: bool = False) -> float:
+    """Model FLOPs of `layers` BERT layers over sequences of `lengths` real tokens (padding not counted):
+    2 x params x tokens for the matmuls plus 4 x seq x hidden per token for attention; x3 with backward."""
+    h, i = config.hidden_size, config.intermediate_size
+    per_token = 2 * (4 * h * h + 2 * h * i)  # QKV + output projections, two FFN matmuls
+    flops = sum(n * (per_token + 4 * n * h) for n in lengths) * layers
+    return 3 * flops if backward else flops
+
+
+def debian_texts(kind: str, count: int, seed: int = 0) -> list[str]:
+    """`count` passages (or queries) of the full debian-pkgs collection, sampled with a fixed seed."""
+    name = {"passage": "corpus.jsonl.gz", "query": "queries.jsonl.gz"}[kind]
+    with gzip.open(REPO / "data" / "debian-pkgs" / name, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    rng = random.Random(seed)
+    return [texts[i] for i in rng.sample(range(len(texts)), min(count, len(texts)))]
+
+
+def load_backbone(name: str):
+    """`(model, tokenizer)`: "minilm" (all-MiniLM-L6-v2, offline) or "bert-base" (random weights,
+    BERT-base config: 12 layers, 768 dims; speed does not depend on the weights)."""
+    from transformers import BertConfig, BertModel
+
+    from retrieval.modeling import load_backbone as load
+
+    path = os.environ.get("BENCH_MINILM_DIR") or MINILM  # run_gpu.sh: the carried fp16 copy
+    model, tokenizer = load(path, torch_dtype=torch.float32)
+    if name == "minilm":
+        return model, tokenizer
+    if name == "bert-base":
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=tokenizer.vocab_size, attn_implementation="sdpa")
+        return BertModel(config, add_pooling_layer=False), tokenizer
+    raise SystemExit(f"unknown model {name!r}: minilm or bert-base")
+
+
+def sizes_for(name: str):
+    """The six sizes of a backbone as a SizeList: the paper's on BERT-base, the default config's on MiniLM."""
+    from retrieval.config import load_config, sizes_of
+    from retrieval.sizes import Size, SizeList
+
+    default = sizes_of(load_config(REPO / "configs" / "default.yaml"))
+    if name == "bert-base":
+        return SizeList(Size(s.name, int(key.split("x")[0]), int(key.split("x")[1]))
+                        for s, key in zip(default, PAPER_SIZES.split(",")))
+    return default

@@ -1,0 +1,93 @@
+"""Encoding speed: the toolkit (early exit, one pass for every size, length-sorted batches with
+dynamic padding) against the plain-transformers reference (bench/reference.py: one full forward
+per size, batches in corpus order padded to the longest, multiple of 16).
+
+    python bench/encode_speed.py --model minilm --passages 512            # 2 CPU cores
+    python bench/encode_speed.py --model bert-base --passages 20000       # GPU (fp16 autocast)
+
+Texts: debian-pkgs passages (capped at 196 tokens). Prints one JSON line per figure and writes
+a table into docs/benchmarks.md (section `encode_<model>_<device>`): passages/s per size alone,
+all six in one pass vs the reference's six passes, and MFU at the largest size on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import common
+import reference
+from encode.pipeline import EncodingModel, encode_texts
+from retrieval.modeling import StarbucksEncoder
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"])
+    parser.add_argument("--passages", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=196)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = common.pick_device(args.device)
+    backbone, tokenizer = common.load_backbone(args.model)
+    backbone.to(device).eval()
+    sizes = common.sizes_for(args.model)
+    ours = EncodingModel(encoder=StarbucksEncoder(backbone, "cls", normalize=False), tokenizer=tokenizer,
+                         sizes=sizes, query_max_length=32, passage_max_length=args.max_length, query_prefix="",
+                         passage_prefix="", source=args.model, fingerprint="bench")
+    texts = common.debian_texts("passage", args.passages)
+    dtype = torch.float16 if device.type == "cuda" else None
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    lengths = [min(len(x), args.max_length) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
+    mark = f"encode_{args.model}_{device.type}"
+
+    def ours_rate(wanted) -> float:
+        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, device, precision),
+                             device, args.repeats)
+        return len(texts) / t
+
+    def reference_rate(wanted) -> float:
+        keys = [(s.layers, s.dim) for s in wanted]
+        t = common.best_time(lambda: reference.encode(backbone, tokenizer, texts, keys, args.batch_size,
+                                                      args.max_length, device, dtype), device, args.repeats)
+        return len(texts) / t
+
+    rows = []
+    peak = common.peak_flops(device)
+    for label, wanted in [(s.name, [s]) for s in sizes] + [("all six, one pass", list(sizes))]:
+        mine, ref = ours_rate(wanted), reference_rate(wanted)
+        deepest = max(s.layers for s in wanted)
+        mfu = None
+        if peak:
+            flops = common.bert_flops(backbone.config, deepest, lengths) / len(texts)
+            mfu = mine * flops / peak
+        rows.append([label, "+".join(s.key for s in wanted) if len(wanted) < 3 else "all",
+                     f"{mine:.1f}", f"{ref:.1f}", f"{mine / ref:.2f}x", "-" if mfu is None else f"{100 * mfu:.1f}%"])
+        common.emit(mark, sizes=label, ours_passages_per_s=round(mine, 1), reference_passages_per_s=round(ref, 1),
+                    speedup=round(mine / ref, 2), mfu=None if mfu is None else round(mfu, 4))
+    md = "\n".join([
+        f"## Encoding: {args.model} on {device.type} ({mark})",
+        "",
+        f"- command: `python bench/encode_speed.py --model {args.model} --passages {args.passages} "
+        f"--batch-size {args.batch_size} --repeats {args.repeats}`",
+        f"- machine: {common.machine(device)}",
+        f"- date: {common.today()}",
+        f"- {len(texts)} debian-pkgs passages (<= {args.max_length} tokens, mean {sum(lengths) / len(lengths):.0f}), "
+        f"{'fp16 autocast' if dtype else 'fp32'}, CLS pooling, best of {args.repeats}; reference: "
+        "bench/reference.py (one full forward per size, corpus order, padded to the longest x16)",
+        "",
+        common.table(["sizes", "layers x dim", "ours passages/s", "reference passages/s", "speedup", "MFU (ours)"],
+                     rows),
+    ])
+    print(md)
+    if not args.no_write:
+        common.write_section(mark, md)
+
+
+if __name__ == "__main__":
+    main()

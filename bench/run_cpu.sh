@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The CPU benchmarks on 2 cores with the MiniLM backbone (make setup first), from the repo root:
+#   bash bench/run_cpu.sh
+# Per-size encoding (early exit) and all six in one pass vs the reference, one SRL training step
+# vs the reference, exact search (torch, FAISS) vs the reference, FAISS flat vs HNSW on the
+# embedded collection (embeddings of the CPU experiment, runs/experiment-debian-cpu).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+$PY bench/encode_speed.py --model minilm --passages 512 --batch-size 64 --repeats 2
+$PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3
+$PY bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384 --depth 1000 --chunks 0,16384 \
+  --faiss-vectors 200000 --repeats 1

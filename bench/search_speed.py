@@ -1,0 +1,184 @@
+"""Search speed: exact search over random vectors, the toolkit's search backends against the plain
+reference (one dense matmul per query batch, then `torch.topk` over all scores), with the
+results checked equal; and FAISS flat vs HNSW on the embedded collection (recall@100 vs flat).
+
+    python bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384   # 2 CPU cores
+    python bench/search_speed.py --vectors 1000000 --queries 6980 --dims 32,128,768  # GPU
+
+On a GPU the torch path runs in fp16 (what `search.backend=torch` does) and is timed for each
+`--chunks` value of the two-stage top-k (`search.topk_chunk`; 0 = one torch.topk); FAISS runs on
+the CPU. Prints one JSON line per figure and writes tables into docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import common
+import reference
+from retrieval.store import EmbeddingStore
+from search.backends import ExactSearcher
+from search.topk import torch_topk
+
+
+def random_unit(n: int, d: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    return torch.nn.functional.normalize(x, dim=1).to(device, dtype)
+
+
+def ours_search(queries: torch.Tensor, vectors: torch.Tensor, k: int, batch: int, chunk: int | None):
+    """The torch backend's loop (search/backends.py) on tensors already on the device."""
+    values, rows = [], []
+    with torch.inference_mode():
+        for start in range(0, len(queries), batch):
+            v, r = torch_topk(queries[start:start + batch] @ vectors.T, k, chunk)
+            values.append(v)
+            rows.append(r)
+    return torch.cat(values), torch.cat(rows)
+
+
+def same_results(a, b) -> bool:
+    """Equal scores at every rank, and equal rows wherever the score is not tied."""
+    (sa, ra), (sb, rb) = [(s.float().cpu().numpy(), r.cpu().numpy()) for s, r in (a, b)]
+    if not np.array_equal(sa, sb):
+        return False
+    tied = np.zeros_like(sa, dtype=bool)
+    tied[:, 1:] |= sa[:, 1:] == sa[:, :-1]
+    tied[:, :-1] |= sa[:, :-1] == sa[:, 1:]
+    return bool(np.array_equal(ra[~tied], rb[~tied]))
+
+
+def exact_section(args, device: torch.device) -> str:
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    rows = []
+    mark = f"search_exact_{device.type}"
+    for d in [int(x) for x in args.dims.split(",")]:
+        vectors = random_unit(args.vectors, d, 0, device, dtype)
+        queries = random_unit(args.queries, d, 1, device, dtype)
+        ref_time = common.best_time(lambda: reference.search(queries, vectors, args.depth, args.batch_size), device,
+                                    args.repeats)
+        expected = reference.search(queries, vectors, args.depth, args.batch_size)
+        timings = {}
+        for chunk in [int(c) for c in args.chunks.split(",")]:
+            c = chunk or None
+            got = ours_search(queries, vectors, args.depth, args.batch_size, c)
+            ok = same_results(got, expected)
+            t = common.best_time(lambda c=c: ours_search(queries, vectors, args.depth, args.batch_size, c), device,
+                                 args.repeats)
+            timings[chunk] = (t, ok)
+            common.emit(mark, dim=d, impl=f"torch chunk={chunk}", queries_per_s=round(args.queries / t, 1),
+                        identical=ok)
+        best_chunk, (best_t, best_ok) = min(timings.items(), key=lambda kv: kv[1][0])
+        common.emit(mark, dim=d, impl="reference", queries_per_s=round(args.queries / ref_time, 1))
+        faiss_qps = None
+        if args.faiss_vectors:
+            n = min(args.faiss_vectors, args.vectors)
+            x = vectors[:n].float().cpu().numpy()
+            q = queries.float().cpu().numpy()
+            start = time.perf_counter()
+            ExactSearcher("faiss", batch_size=args.batch_size).search(x, q, args.depth)
+            faiss_qps = len(q) / (time.perf_counter() - start)
+            common.emit(mark, dim=d, impl=f"faiss cpu flat ({n} vectors)", queries_per_s=round(faiss_qps, 1))
+        rows.append([d, f"{args.queries / ref_time:.1f}", f"{args.queries / best_t:.1f}", best_chunk or "one topk",
+                     f"{ref_time / best_t:.2f}x", "yes" if best_ok else "NO",
+                     "-" if faiss_qps is None else f"{faiss_qps:.1f}"])
+        del vectors, queries
+    return "\n".join([
+        f"## Exact search over {args.vectors:,} random vectors on {device.type} ({mark})",
+        "",
+        f"- command: `python bench/search_speed.py --vectors {args.vectors} --queries {args.queries} --dims {args.dims} "
+        f"--depth {args.depth} --batch-size {args.batch_size} --chunks {args.chunks} --faiss-vectors {args.faiss_vectors}`",
+        f"- machine: {common.machine(device)}",
+        f"- date: {common.today()}",
+        f"- {args.queries} queries in batches of {args.batch_size}, depth {args.depth}, "
+        f"{'fp16' if dtype == torch.float16 else 'fp32'}; reference: matmul + torch.topk over all scores; ours: "
+        "the torch backend with the fastest two-stage top-k chunk (search.topk_chunk); "
+        "identical = equal scores at every rank and equal ids except among tied scores; FAISS: IndexFlatIP on the CPU",
+        "",
+        common.table(["dim", "reference q/s", "ours q/s", "top-k chunk", "speedup", "identical", "FAISS CPU q/s"], rows),
+    ])
+
+
+def hnsw_section(args) -> str | None:
+    from search.backends import faiss, make_index
+
+    store = EmbeddingStore(Path(args.embeddings))
+    if not store.dir.is_dir():
+        print(f"no embeddings at {store.dir}: skipping flat vs HNSW (run the experiment or pass --embeddings)")
+        return None
+    vectors = np.concatenate([v for _, _, v in store.iter_shards()]).astype(np.float32)
+    _, queries, _ = store.load_queries(args.split)
+    queries = queries.astype(np.float32)
+    k = 100
+    flat = faiss.IndexFlatIP(vectors.shape[1])
+    flat.add(vectors)
+    start = time.perf_counter()
+    _, truth = flat.search(queries, k)
+    flat_qps = len(queries) / (time.perf_counter() - start)
+    rows = [["Flat", "-", f"{flat_qps:.0f}", "1.000"]]
+    common.emit("search_hnsw_cpu", index="Flat", queries_per_s=round(flat_qps, 1), recall_at_100=1.0)
+    hnsw = make_index("HNSW32", vectors.shape[1])
+    start = time.perf_counter()
+    hnsw.add(vectors)
+    build = time.perf_counter() - start
+    for ef in (64, 128, 256):
+        hnsw.hnsw.efSearch = ef
+        start = time.perf_counter()
+        _, got = hnsw.search(queries, k)
+        qps = len(queries) / (time.perf_counter() - start)
+        recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
+        rows.append([f"HNSW32 efSearch={ef}", f"{build:.1f}", f"{qps:.0f}", f"{recall:.3f}"])
+        common.emit("search_hnsw_cpu", index=f"HNSW32 efSearch={ef}", queries_per_s=round(qps, 1),
+                    recall_at_100=round(float(recall), 4), build_s=round(build, 2))
+    return "\n".join([
+        "## FAISS flat vs HNSW on the embedded collection (search_hnsw_cpu)",
+        "",
+        f"- command: `python bench/search_speed.py --embeddings {args.embeddings} --split {args.split} ...`",
+        f"- machine: {common.machine(torch.device('cpu'))}",
+        f"- date: {common.today()}",
+        f"- {len(vectors):,} passages x {vectors.shape[1]} dims ({store.dir}), {len(queries)} {args.split} queries, "
+        "top 100; recall@100 against the flat index's top 100",
+        "",
+        common.table(["index", "build s", "queries/s", "recall@100"], rows),
+    ])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--vectors", type=int, default=200_000)
+    parser.add_argument("--queries", type=int, default=1024)
+    parser.add_argument("--dims", default="32,128,384")
+    parser.add_argument("--depth", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--chunks", default="0,16384,65536", help="two-stage top-k chunk sizes to time (0: one topk)")
+    parser.add_argument("--faiss-vectors", type=int, default=200_000, help="vectors for the FAISS CPU figure (0: skip)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--embeddings", default="runs/experiment-debian-cpu/zeroshot/embeddings/trenta")
+    parser.add_argument("--split", default="dev")
+    parser.add_argument("--skip-exact", action="store_true")
+    parser.add_argument("--skip-hnsw", action="store_true")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+    device = common.pick_device(args.device)
+    sections = []
+    if not args.skip_exact:
+        sections.append((f"search_exact_{device.type}", exact_section(args, device)))
+    if not args.skip_hnsw:
+        md = hnsw_section(args)
+        if md:
+            sections.append(("search_hnsw_cpu", md))
+    for mark, md in sections:
+        print(md)
+        if not args.no_write:
+            common.write_section(mark, md)
+
+
+if __name__ == "__main__":
+    main()

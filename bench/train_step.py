@@ -1,0 +1,126 @@
+"""One SRL training step: the toolkit's (train/finetune.py's task: StarbucksEncoder with early exit
+per size set, StarbucksLoss, the trainer's AdamW, fused on CUDA) against the plain-transformers
+reference (bench/reference.py), on the same batches.
+
+    python bench/train_step.py --model minilm --queries 8 --group 4 --steps 3          # 2 CPU cores
+    python bench/train_step.py --model bert-base --queries 128 --group 8 --steps 10    # GPU, bf16
+
+Queries are debian-pkgs synopses (<= 32 tokens), passages debian-pkgs descriptions (<= 196).
+Reports queries/s, step time, peak GPU memory and MFU (model FLOPs of the real tokens: forward
+and backward of every layer once), one JSON line per figure, and a table in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+
+import common
+import reference
+from retrieval.losses import InfoNCE, StarbucksLoss
+from retrieval.modeling import StarbucksEncoder, tokenize
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"])
+    parser.add_argument("--queries", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="passages per query (1 positive + hard negatives)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the toolkit's encoder")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args(argv)
+
+    device = common.pick_device(args.device)
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16 if cuda else None
+    backbone, tokenizer = common.load_backbone(args.model)
+    sizes = common.sizes_for(args.model)
+    keys = [(s.layers, s.dim) for s in sizes]
+    batches = []
+    queries = common.debian_texts("query", args.queries * 4, seed=1)
+    passages = common.debian_texts("passage", args.queries * args.group * 4, seed=2)
+    for b in range(4):
+        q = queries[b * args.queries:(b + 1) * args.queries]
+        p = passages[b * args.queries * args.group:(b + 1) * args.queries * args.group]
+        batches.append((q, p))
+    real_tokens = [len(x) for q, p in batches[:1] for x in tokenizer(q + p, truncation=True, max_length=196)["input_ids"]]
+
+    results = {}
+    for name in ("reference", "ours"):
+        model = copy.deepcopy(backbone).to(device).train()
+        if name == "ours":
+            encoder = StarbucksEncoder(model, "cls", normalize=False).train()
+            step_model = torch.compile(encoder) if args.compile else encoder
+            loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
+            optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
+
+            def step(i, encoder=encoder, step_model=step_model, loss_fn=loss_fn, optimizer=optimizer):
+                q, p = batches[i % len(batches)]
+                qb = tokenize(tokenizer, q, 32).to(device)
+                pb = tokenize(tokenizer, p, 196).to(device)
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    out = loss_fn(step_model(qb, list(sizes)), step_model(pb, list(sizes)), list(sizes))
+                out.loss.backward()
+                torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        else:
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+            def step(i, model=model, optimizer=optimizer):
+                q, p = batches[i % len(batches)]
+                reference.train_step(model, optimizer, reference.tokenize(tokenizer, q, 32, device),
+                                     reference.tokenize(tokenizer, p, 196, device), keys, args.group, device, dtype)
+        for i in range(2):
+            step(i)
+        common.sync(device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for i in range(args.steps):
+            times.append(common.best_time(lambda i=i: step(i), device, repeats=1, warmup=0))
+        seconds = sorted(times)[len(times) // 2]  # median step
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+        results[name] = (seconds, peak)
+        del model, optimizer
+        if cuda:
+            torch.cuda.empty_cache()
+
+    flops = common.bert_flops(backbone.config, backbone.config.num_hidden_layers, real_tokens, backward=True)
+    peak_flops = common.peak_flops(device)
+    mark = f"train_{args.model}_{device.type}"
+    rows = []
+    for name, (seconds, mem) in results.items():
+        mfu = flops / seconds / peak_flops if peak_flops else None
+        qps = args.queries / seconds
+        rows.append([name, f"{seconds * 1000:.0f}", f"{qps:.1f}", "-" if mem is None else f"{mem:.2f}",
+                     "-" if mfu is None else f"{100 * mfu:.1f}%"])
+        common.emit(mark, impl=name, step_s=round(seconds, 4), queries_per_s=round(qps, 2),
+                    peak_gib=None if mem is None else round(mem, 3), mfu=None if mfu is None else round(mfu, 4))
+    speedup = results["reference"][0] / results["ours"][0]
+    common.emit(mark, ratio="ours/reference queries_per_s", value=round(speedup, 3))
+    md = "\n".join([
+        f"## SRL training step: {args.model} on {device.type} ({mark})",
+        "",
+        f"- command: `python bench/train_step.py --model {args.model} --queries {args.queries} --group {args.group} "
+        f"--steps {args.steps}{' --compile' if args.compile else ''}`",
+        f"- machine: {common.machine(device)}",
+        f"- date: {common.today()}",
+        f"- {args.queries} queries x {args.group} passages per step, six sizes ({', '.join(s.key for s in sizes)}), "
+        f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after 2 warm-up steps",
+        "",
+        common.table(["implementation", "step ms", "queries/s", "peak GiB", "MFU"], rows),
+        "",
+        f"Ours is {speedup:.2f}x the reference's queries/s.",
+    ])
+    print(md)
+    if not args.no_write:
+        common.write_section(mark, md)
+
+
+if __name__ == "__main__":
+    main()
