@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import datetime as _dt
 import gzip
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -289,19 +291,39 @@ def copy_run(src: Path, dst: Path, depth: int) -> None:
                     gz.write(line.encode("utf-8"))
 
 
-def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, runs: Sequence[Run], cfg_path) -> int:
-    """Copy every evaluated run file (cut, gzipped) with its record, and each run's eval JSON."""
+GRID_METHODS = ("srl", "2dmse", "separate")  # the heatmaps' methods
+
+
+def published_cells(cfg: DictConfig, results: Results):
+    """`(method, split, key, run name, result, depth)` of every run file the report shows: the configured
+    sizes of every method on every split, and the other grid cells of the heatmaps' methods on the grid split."""
     named = {(s.layers, s.dim) for s in sizes_of(cfg)}
-    copied = 0
     for method, per_split in results.items():
         for split, cells in per_split.items():
-            for key, (run_name, r) in cells.items():
-                depth = int(cfg.experiment.run_depth if key in named else cfg.experiment.grid_run_depth)
-                dst = out_dir / run_name / "runs" / split / f"{run_stem(r.run)}.trec.gz"
-                copy_run(r.run, dst, depth)
-                record = read_run_record(r.run) or {}
-                atomic_write_json(dst.parent / f"{run_stem(r.run)}.json", {**record, "published_depth": depth})
-                copied += 1
+            for key, (run_name, r) in sorted(cells.items()):
+                if key in named:
+                    yield method, split, key, run_name, r, int(cfg.experiment.run_depth)
+                elif method in GRID_METHODS and split == str(cfg.experiment.grid_split):
+                    yield method, split, key, run_name, r, int(cfg.experiment.grid_run_depth)
+
+
+def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, runs: Sequence[Run], cfg_path) -> int:
+    """Copy the report's run files (cut, gzipped) with their records, each run's eval JSON, and the
+    per-query values behind every number of the tables (`per_query.json.gz`)."""
+    copied = 0
+    per_query: dict = {}
+    named = {(s.layers, s.dim) for s in sizes_of(cfg)}
+    for method, split, key, run_name, r, depth in published_cells(cfg, results):
+        dst = out_dir / run_name / "runs" / split / f"{run_stem(r.run)}.trec.gz"
+        copy_run(r.run, dst, depth)
+        record = read_run_record(r.run) or {}
+        atomic_write_json(dst.parent / f"{run_stem(r.run)}.json", {**record, "published_depth": depth})
+        copied += 1
+        if key in named:
+            per_query.setdefault(method, {}).setdefault(split, {})[r.size.name] = r.evaluation.per_query
+    with atomic_path(out_dir / "per_query.json.gz") as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            gz.write(json.dumps(per_query, sort_keys=True).encode("utf-8"))
     for run in runs:
         if run.report:
             eval_dir = experiment_paths(run_config(cfg_path, list(overrides), run)).eval
@@ -386,11 +408,18 @@ def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, ove
             "layers: its row of the grid is that model cut to each dim (the diagonal cell is the size it was "
             "trained for).\n\n"
             + "\n".join(f"### {t}\n\n![{f}](results/{f})\n\n{tab}" for t, f, tab in maps))
-    parts.append(f"## Files\n\n`results/summary.json` holds every number and p-value. {copied} run files "
-                 f"(gzipped; the configured sizes to depth {cfg.experiment.run_depth}, other grid cells to depth "
-                 f"{cfg.experiment.grid_run_depth}) and each run's eval JSON are under `results/<run>/`. Re-derive a "
-                 f"run's numbers with\n`python -m eval --config {cfg_path or 'CONFIG'} "
-                 f"paths.runs={out_dir}/srl/runs paths.eval=/tmp/srl-eval eval.sizes=all`.\n")
+    depth, grid_depth = int(cfg.experiment.run_depth), int(cfg.experiment.grid_run_depth)
+    deep = [m for m in cfg.eval.metrics if re.search(r"@(\d+)$", m) and int(m.rsplit("@", 1)[1]) > depth]
+    parts.append(
+        f"## Files\n\n`results/summary.json` holds every number and p-value, `results/per_query.json.gz` the "
+        f"per-query values behind them (each method, split, size and measure). {copied} run files are under "
+        f"`results/<run>/runs/<split>/` (gzipped, cut to depth {depth}; the heatmaps' other grid cells to depth "
+        f"{grid_depth}) with each run's eval JSON in `results/<run>/eval/`. Re-derive a run's numbers with\n\n"
+        f"    python -m eval --config {cfg_path or 'CONFIG'} paths.runs={out_dir}/srl/runs "
+        f"paths.eval=/tmp/srl-eval eval.sizes=all\n\n"
+        + (f"{', '.join(deep)} need{'s' if len(deep) == 1 else ''} deeper runs than published (the full runs stay "
+           f"under `{cfg.output_dir}/<run>/runs/`, {cfg.search.depth} deep; re-running the experiment remakes them); "
+           f"their per-query values are in `per_query.json.gz`.\n" if deep else ""))
     parts.append("## Discussion\n\n" + _discussion(md) + "\n")
     atomic_write_text(md, "\n".join(parts))
     print(f"experiment: report in {md}", file=sys.stderr)

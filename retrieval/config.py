@@ -143,8 +143,8 @@ DEFAULTS: dict[str, Any] = {
         "heatmap_metric": "nDCG@10",
         "smae": [],  # key=value overrides of the SMAE pre-training run (after train.method=smae)
         "report_dir": None,  # where results.md and results/ go (None: <output_dir>/report)
-        "run_depth": 100,  # depth of the run files copied next to the report (R@100 needs 100)
-        "grid_run_depth": 10,  # ... of the off-diagonal grid cells (the heatmap metric needs 10)
+        "run_depth": 100,  # depth of the run files copied next to the report
+        "grid_run_depth": 10,  # ... of the heatmaps' other grid cells (the heatmap metric needs 10)
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).
     "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},

@@ -91,6 +91,9 @@ def test_report_numbers_equal_pytrec_eval_and_scipy_on_the_run_files(finished):
             assert p == pytest.approx(ttest_rel(x, y).pvalue, rel=1e-9)
         else:  # a constant difference: no variance to test
             assert p in (0.0, 1.0)
+        if method == "srl":  # the per-query values published beside the report
+            published = json.loads(gzip.decompress((root / "report" / "results" / "per_query.json.gz").read_bytes()))
+            assert published["srl"]["dev"][size]["RR@10"] == pytest.approx(expected, abs=1e-12)
     assert rows[("c", "smae-srl")]["dev"]["RR@10"]["p"] is None  # the reference is not tested against itself
     averages = summary["averages"]["srl"]["test"]["nDCG@10"]
     assert averages == pytest.approx(np.mean([rows[(s, "srl")]["test"]["nDCG@10"]["value"] for s in "abc"]))
