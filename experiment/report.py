@@ -341,11 +341,12 @@ def _git(*args: str) -> str:
         return "unknown"
 
 
-def provenance(cfg_path: str | None, overrides: Sequence[str]) -> dict:
+def provenance(cfg_path: str | None, overrides: Sequence[str], report_dir: Path) -> dict:
     import torch
 
     commit = _git("rev-parse", "HEAD")
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    # uncommitted changes outside the report's own directory (regenerating the report changes it)
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){report_dir}")
     return {
         "command": " ".join(["python -m experiment", *(["--config", str(cfg_path)] if cfg_path else []), *overrides]),
         "commit": commit + (" (with uncommitted changes)" if dirty and dirty != "unknown" else ""),
@@ -373,7 +374,7 @@ def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, ove
     results = collect(cfg_path, overrides, runs, splits)
     names = list(splits)
     summary = summarise(cfg, results, names)
-    prov = provenance(cfg_path, overrides)
+    prov = provenance(cfg_path, overrides, report_dir)
     plots = size_plots(cfg, results, names, out_dir)
     maps = heatmaps(cfg, results, out_dir)
     copied = publish_files(cfg, results, out_dir, overrides, runs, cfg_path)
