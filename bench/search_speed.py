@@ -43,14 +43,16 @@ def ours_search(queries: torch.Tensor, vectors: torch.Tensor, k: int, batch: int
     return torch.cat(values), torch.cat(rows)
 
 
-def same_results(a, b) -> bool:
-    """Equal scores at every rank, and equal rows wherever the score is not tied."""
+def same_results(a, b, tol: float = 1e-5) -> bool:
+    """Equal scores at every rank (up to `tol`: a CPU BLAS may round a matmul differently from call to
+    call), and equal rows wherever the score is not within `tol` of a neighbour's (a near-tie)."""
     (sa, ra), (sb, rb) = [(s.float().cpu().numpy(), r.cpu().numpy()) for s, r in (a, b)]
-    if not np.array_equal(sa, sb):
+    if not np.allclose(sa, sb, rtol=0, atol=tol):
         return False
+    close = np.abs(np.diff(sa, axis=1)) <= 2 * tol
     tied = np.zeros_like(sa, dtype=bool)
-    tied[:, 1:] |= sa[:, 1:] == sa[:, :-1]
-    tied[:, :-1] |= sa[:, :-1] == sa[:, 1:]
+    tied[:, 1:] |= close
+    tied[:, :-1] |= close
     return bool(np.array_equal(ra[~tied], rb[~tied]))
 
 
@@ -99,9 +101,12 @@ def exact_section(args, device: torch.device) -> str:
         f"- {args.queries} queries in batches of {args.batch_size}, depth {args.depth}, "
         f"{'fp16' if dtype == torch.float16 else 'fp32'}; reference: matmul + torch.topk over all scores; ours: "
         "the torch backend with the fastest two-stage top-k chunk (search.topk_chunk); "
-        "identical = equal scores at every rank and equal ids except among tied scores; FAISS: IndexFlatIP on the CPU",
+        "identical = equal scores at every rank (within 1e-5) and equal ids except among near-tied scores; FAISS: IndexFlatIP on the CPU",
         "",
         common.table(["dim", "reference q/s", "ours q/s", "top-k chunk", "speedup", "identical", "FAISS CPU q/s"], rows),
+        *(["", "On the CPU ours and the reference are the same computation (an fp32 matmul, then one topk; the "
+           "two-stage top-k is slower here): their ratio is run-to-run noise. The GPU path differs (fp16 top-k "
+           "without a float copy of the scores, tunable two-stage top-k)."] if device.type == "cpu" else []),
     ])
 
 
