@@ -141,7 +141,7 @@ def test_method_misconfigurations(overrides, message):
     (["train.method=bogus"], "train.method = 'bogus' is not one of srl, 2dmse, separate, full"),
     (["sizes=[1x8,8x32]"], "asks for 8 layers but"),
     (["sizes=[1x8,4x64]"], "asks for 64 dims but"),
-    (["train.group_size=10"], "train.group_size = 10 needs 9 hard negatives per query"),
+    (["train.group_size=0"], "train.group_size = 0 must be a whole number >= 1"),
     (["train.precision=fp16"], "fp16 needs a GPU"),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, tiny_model, collection, capsys, overrides, message):
