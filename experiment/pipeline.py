@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -48,7 +48,6 @@ class Run:
     train: str | None  # finetune | pretrain | None (zero-shot)
     sizes: tuple[Size, ...]  # what it encodes, searches and evaluates
     report: bool = True  # False: a pre-training step, not evaluated
-    needs: tuple[str, ...] = field(default=())
 
 
 def grid_sizes(sizes: SizeList, num_layers: int, layers: int | None = None) -> list[Size]:
@@ -103,12 +102,11 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
                 row = grid_sizes(sizes, num_layers, s.layers) if grid else []
                 add(f"separate-{s.name}", method, ["train.method=separate", f"train.size={s.name}"], "finetune",
                     _with([s], row))
-        elif method == "smae-srl":
+        elif method == "smae-srl":  # pre-training first: smae-srl starts from its model
             smae = ["train.method=smae", "model.pooling=cls", "model.normalize=false", *cfg.experiment.smae]
             add("smae", "smae", smae, "pretrain", (), report=False)
             model = root / "smae" / "model"
-            add(method, method, ["train.method=srl", f"model.name_or_path={model}"], "finetune", everything,
-                needs=("smae",))
+            add(method, method, ["train.method=srl", f"model.name_or_path={model}"], "finetune", everything)
     return runs
 
 

@@ -53,13 +53,11 @@ Results = dict[str, dict[str, dict[Key, tuple[str, SizeResult]]]]
 
 def collect(cfg_path: str | None, overrides: Sequence[str], runs: Sequence[Run], splits) -> Results:
     """Evaluate every reported run's run files; the `separate` runs merge into one method."""
-    cfg0 = None
     out: Results = {}
     for run in runs:
         if not run.report:
             continue
         cfg = run_config(cfg_path, list(overrides), run)
-        cfg0 = cfg0 or cfg
         runs_dir = experiment_paths(cfg).runs
         wanted = {(s.layers, s.dim) for s in run.sizes}
         for name, split in splits.items():
@@ -381,6 +379,7 @@ def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, ove
     atomic_write_json(out_dir / "summary.json", {**summary, "provenance": prov})
 
     md = report_dir / "results.md"
+    budget = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epoch(s) of steps"
     queries = ", ".join(f"{n} {len(s.qrels)} queries" for n, s in splits.items())
     ablation = ablation_table(cfg, results, names)
     parts = [
@@ -391,7 +390,7 @@ def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, ove
                                       for k, v in prov.items()),
         f"Collection: corpus `{cfg.data.corpus}`; {queries}; training groups `{cfg.data.train}`. "
         f"Backbone `{cfg.model.name_or_path}` ({cfg.model.pooling} pooling, normalize={cfg.model.normalize}). "
-        f"Every fine-tuned run: {cfg.train.max_steps or str(cfg.train.epochs) + ' epoch(s) of'} steps of "
+        f"Every fine-tuned run: {budget} of "
         f"{cfg.train.batch_size} queries x {cfg.train.group_size} passages, lr {cfg.train.learning_rate}, "
         f"temperature {cfg.train.temperature}, passages <= {cfg.model.passage_max_length} tokens, seed {cfg.seed}.\n",
         f"## Table 4: every size and method\n\n`*`: differs from {LABELS.get(summary['reference'], summary['reference'])} "
