@@ -117,14 +117,24 @@ def debian_texts(kind: str, count: int, seed: int = 0) -> list[str]:
 
 
 def load_backbone(name: str):
-    """`(model, tokenizer)`: "minilm" (all-MiniLM-L6-v2, offline) or "bert-base" (random weights,
-    BERT-base config: 12 layers, 768 dims; speed does not depend on the weights)."""
+    """`(model, tokenizer)`: "minilm" (all-MiniLM-L6-v2, offline; random weights when BENCH_MINILM_DIR
+    holds only its config) or "bert-base" (random weights, BERT-base config: 12 layers, 768 dims;
+    speed does not depend on the weights)."""
     from transformers import BertConfig, BertModel
 
     from retrieval.modeling import load_backbone as load
 
-    path = os.environ.get("BENCH_MINILM_DIR") or MINILM  # run_gpu.sh: the carried fp16 copy
-    model, tokenizer = load(path, torch_dtype=torch.float32)
+    path = os.environ.get("BENCH_MINILM_DIR") or MINILM
+    if os.path.isdir(path) and not any(Path(path).glob("*.safetensors")):
+        # run_gpu.sh carries MiniLM's config and tokenizer only: random weights, the same speed
+        from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+        torch.manual_seed(0)
+        model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False,
+                                      attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    else:
+        model, tokenizer = load(path, torch_dtype=torch.float32)
     if name == "minilm":
         return model, tokenizer
     if name == "bert-base":

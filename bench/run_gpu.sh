@@ -8,9 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d bench/carry/wheels ]; then
-  python -m pip install -q --no-index --find-links bench/carry/wheels faiss-cpu omegaconf ir-measures || true
+  python -m pip install -q --no-index --find-links bench/carry/wheels faiss-cpu omegaconf || true
 fi
-export BENCH_MINILM_DIR=${BENCH_MINILM_DIR:-$PWD/bench/carry/minilm}
+export BENCH_MINILM_DIR=${BENCH_MINILM_DIR:-$PWD/bench/carry/minilm}  # config + tokenizer: random weights
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
 python bench/train_step.py --model bert-base --queries 128 --group 8 --steps 10
