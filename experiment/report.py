@@ -52,20 +52,29 @@ Results = dict[str, dict[str, dict[Key, tuple[str, SizeResult]]]]
 
 
 def collect(cfg_path: str | None, overrides: Sequence[str], runs: Sequence[Run], splits) -> Results:
-    """Evaluate every reported run's run files; the `separate` runs merge into one method."""
+    """Evaluate every reported run's run files; the `separate` runs merge into one method. Where two
+    separate models cover the same grid cell (sizes sharing a layer count), the model trained at that
+    cell's size wins, else the first."""
     out: Results = {}
+    trained_at: dict[str, Key] = {}  # separate run -> the size it was trained for (its first size)
     for run in runs:
         if not run.report:
             continue
         cfg = run_config(cfg_path, list(overrides), run)
         runs_dir = experiment_paths(cfg).runs
         wanted = {(s.layers, s.dim) for s in run.sizes}
+        if run.method == "separate":
+            trained_at[run.name] = (run.sizes[0].layers, run.sizes[0].dim)
         for name, split in splits.items():
             found = [(s, p) for s, p in select_runs(runs_dir, name, "all", strict=False)
                      if (s.layers, s.dim) in wanted]
             measures = list(cfg.eval.metrics)
+            cells = out.setdefault(run.method, {}).setdefault(name, {})
             for r in evaluate_runs(found, split, measures, rel_level(cfg, name)):
-                out.setdefault(run.method, {}).setdefault(name, {})[(r.size.layers, r.size.dim)] = (run.name, r)
+                key = (r.size.layers, r.size.dim)
+                held = cells.get(key)
+                if held is None or (trained_at.get(run.name) == key and trained_at.get(held[0]) != key):
+                    cells[key] = (run.name, r)
     return out
 
 

@@ -157,3 +157,37 @@ def test_bad_experiment_input_is_one_line(finished, capsys):
             main(["--config", str(config), *args])
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_separate_models_sharing_a_layer_count_keep_their_own_size(tmp_path):
+    """Sizes 1x8 and 1x16 share layer 1: each size's row must come from the model trained at it."""
+    from experiment.report import collect
+    from retrieval.data import load_eval_splits
+
+    col = tmp_path / "col"
+    (col / "qrels").mkdir(parents=True)
+    (col / "queries.jsonl").write_text('{"_id": "q1", "text": "x"}\n')
+    (col / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"""
+name: share
+output_dir: {tmp_path / 'runs'}
+sizes: [{{name: a, layers: 1, dim: 8}}, {{name: b, layers: 1, dim: 16}}]
+data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
+eval: {{metrics: [RR@10]}}
+experiment: {{methods: separate}}
+""")
+    runs = plan_runs(load_config(config))
+    assert [r.name for r in runs] == ["separate-a", "separate-b"]
+    rank_of_d1 = {"separate-a": {"1x8": 1, "1x16": 3}, "separate-b": {"1x8": 4, "1x16": 2}}
+    for run, ranks in rank_of_d1.items():
+        for key, rank in ranks.items():
+            path = tmp_path / "runs" / run / "runs" / "dev" / f"{key}.trec"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            docs = ["d9", "d8", "d7", "d6"]
+            docs.insert(rank - 1, "d1")
+            path.write_text("".join(f"q1 Q0 {d} {i} {10 - i} t\n" for i, d in enumerate(docs, 1)))
+    results = collect(str(config), [], runs, load_eval_splits({"dev": str(col)}))
+    cells = results["separate"]["dev"]
+    assert cells[(1, 8)][0] == "separate-a" and cells[(1, 8)][1].evaluation.aggregate["RR@10"] == 1.0
+    assert cells[(1, 16)][0] == "separate-b" and cells[(1, 16)][1].evaluation.aggregate["RR@10"] == 0.5
