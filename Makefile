@@ -10,9 +10,9 @@ ARGS   ?=
 # install your own CUDA torch into the venv first (or pass TORCH=torch).
 TORCH  ?= torch==2.13.0
 
-# `make experiment`: the paper's comparison (GPU-sized); on 2 CPU cores
-#   make experiment EXPERIMENT=configs/experiment-debian-cpu.yaml
-EXPERIMENT ?= configs/experiment-debian.yaml
+# `make experiment`: the paper's comparison; EXPERIMENT defaults to configs/experiment-debian.yaml
+# on a CUDA machine and to configs/experiment-debian-cpu.yaml (the 2-core version) elsewhere.
+EXPERIMENT ?=
 
 SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
@@ -59,7 +59,13 @@ eval: setup
 # Zero-shot, full, separate, 2DMSE, SRL, SRL w/o KL and SMAE+SRL, each trained, encoded, searched
 # and evaluated; then the report (tables, t-tests, plots, grid heatmaps). Re-running finishes what is missing.
 experiment: setup
-	$(PY) -m experiment --config $(EXPERIMENT) $(ARGS)
+	@cfg="$(EXPERIMENT)"; \
+	if [ -z "$$cfg" ]; then \
+	  if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+	    cfg=configs/experiment-debian.yaml; else cfg=configs/experiment-debian-cpu.yaml; fi; \
+	fi; \
+	echo "== experiment: $$cfg"; \
+	$(PY) -m experiment --config $$cfg $(ARGS)
 
 # The main job on the embedded default, end to end (<= 15 minutes on 2 CPU cores).
 # Each stage reuses what a previous run finished, so an interrupted demo resumes.
