@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from encode.pipeline import pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
+from eval.report import markdown_table  # noqa: E402
+
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, for the MFU figures.
 PEAK_FLOPS = {"H100 SXM": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "A100": 312e12}
@@ -58,15 +61,7 @@ def write_section(mark: str, markdown: str, path: Path = REPO / "docs" / "benchm
 
 
 def table(headers: list[str], rows: list[list]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|"]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
-
-
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(spec)
+    return markdown_table(headers, rows).rstrip("\n")
 
 
 def sync(device: torch.device) -> None:

@@ -22,25 +22,13 @@ import torch
 import common
 import reference
 from retrieval.store import EmbeddingStore
-from search.backends import ExactSearcher
-from search.topk import torch_topk
+from search.backends import ExactSearcher, torch_search
 
 
 def random_unit(n: int, d: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     g = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(n, d, generator=g)
     return torch.nn.functional.normalize(x, dim=1).to(device, dtype)
-
-
-def ours_search(queries: torch.Tensor, vectors: torch.Tensor, k: int, batch: int, chunk: int | None):
-    """The torch backend's loop (search/backends.py) on tensors already on the device."""
-    values, rows = [], []
-    with torch.inference_mode():
-        for start in range(0, len(queries), batch):
-            v, r = torch_topk(queries[start:start + batch] @ vectors.T, k, chunk)
-            values.append(v)
-            rows.append(r)
-    return torch.cat(values), torch.cat(rows)
 
 
 def same_results(a, b, tol: float = 1e-5) -> bool:
@@ -69,9 +57,9 @@ def exact_section(args, device: torch.device) -> str:
         timings = {}
         for chunk in [int(c) for c in args.chunks.split(",")]:
             c = chunk or None
-            got = ours_search(queries, vectors, args.depth, args.batch_size, c)
+            got = torch_search(vectors, queries, args.depth, args.batch_size, c)
             ok = same_results(got, expected)
-            t = common.best_time(lambda c=c: ours_search(queries, vectors, args.depth, args.batch_size, c), device,
+            t = common.best_time(lambda c=c: torch_search(vectors, queries, args.depth, args.batch_size, c), device,
                                  args.repeats)
             timings[chunk] = (t, ok)
             common.emit(mark, dim=d, impl=f"torch chunk={chunk}", queries_per_s=round(args.queries / t, 1),

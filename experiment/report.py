@@ -18,7 +18,6 @@ and writes to `experiment.report_dir` (default `<output_dir>/report`):
 from __future__ import annotations
 
 import datetime as _dt
-import gzip
 import json
 import os
 import platform
@@ -37,7 +36,7 @@ from eval.report import markdown_table, plot_measures
 from experiment.pipeline import LABELS, Run, run_config
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import load_eval_splits
-from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
+from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json, atomic_write_text
 from retrieval.metrics import paired_ttest
 from retrieval.names import parse_names
 from retrieval.runfile import read_run_record, run_stem
@@ -287,15 +286,18 @@ def size_plots(cfg: DictConfig, results: Results, splits: Sequence[str], out_dir
 
 
 def copy_run(src: Path, dst: Path, depth: int) -> None:
-    """A run file cut to `depth` per query, gzipped (deterministic bytes: no name or time in the header)."""
+    """A run file cut to `depth` per query, gzipped."""
     kept: dict[str, int] = {}
-    with open(src, encoding="utf-8") as f, atomic_path(dst) as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+
+    def lines():
+        with open(src, encoding="utf-8") as f:
             for line in f:
                 qid = line.split(" ", 1)[0]
                 if kept.get(qid, 0) < depth:
                     kept[qid] = kept.get(qid, 0) + 1
-                    gz.write(line.encode("utf-8"))
+                    yield line
+
+    atomic_write_gzip(dst, lines())
 
 
 GRID_METHODS = ("srl", "2dmse", "separate")  # the heatmaps' methods
@@ -328,9 +330,7 @@ def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, r
         copied += 1
         if key in named:
             per_query.setdefault(method, {}).setdefault(split, {})[r.size.name] = r.evaluation.per_query
-    with atomic_path(out_dir / "per_query.json.gz") as tmp:
-        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-            gz.write(json.dumps(per_query, sort_keys=True).encode("utf-8"))
+    atomic_write_gzip(out_dir / "per_query.json.gz", [json.dumps(per_query, sort_keys=True)])
     for run in runs:
         if run.report:
             eval_dir = experiment_paths(run_config(cfg_path, list(overrides), run)).eval

@@ -8,7 +8,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
 
 from retrieval.errors import StarbucksError
 
@@ -70,3 +70,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_write_gzip(path: str | os.PathLike, chunks: Iterable[str]) -> None:
+    """Write text chunks gzipped, atomically, with the same bytes for the same text (no name or time
+    in the gzip header)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+            for chunk in chunks:
+                gz.write(chunk.encode("utf-8"))

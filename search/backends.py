@@ -92,13 +92,20 @@ class ExactSearcher:
 
         dtype = getattr(torch, self.dtype)
         block = torch.from_numpy(np.array(vectors)).to(self.device, dtype)  # copies the memory-mapped shard
-        scores = np.empty((len(queries), k), dtype=np.float32)
-        rows = np.empty((len(queries), k), dtype=np.int64)
-        with torch.inference_mode():
-            for start in range(0, len(queries), self.batch_size):
-                q = torch.from_numpy(np.ascontiguousarray(queries[start:start + self.batch_size])).to(self.device, dtype)
-                # top-k over the scores in the matmul's dtype: a float copy of them would cost more than the matmul
-                values, indices = torch_topk(q @ block.T, k, self.topk_chunk)
-                scores[start:start + len(q)] = values.float().cpu().numpy()
-                rows[start:start + len(q)] = indices.cpu().numpy()
-        return scores, rows
+        q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device, dtype)
+        values, rows = torch_search(block, q, k, self.batch_size, self.topk_chunk)
+        return values.float().cpu().numpy(), rows.cpu().numpy()
+
+
+def torch_search(vectors, queries, k: int, batch_size: int, topk_chunk: int | None = None):
+    """Exact top-`k` `(scores, rows)` of device tensors: a matmul per query batch, then the top k in the
+    matmul's dtype (a float copy of all scores would cost more than the matmul), optionally in two stages."""
+    import torch
+
+    values, rows = [], []
+    with torch.inference_mode():
+        for start in range(0, len(queries), batch_size):
+            v, r = torch_topk(queries[start:start + batch_size] @ vectors.T, k, topk_chunk)
+            values.append(v)
+            rows.append(r)
+    return torch.cat(values), torch.cat(rows)
