@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from retrieval.errors import StarbucksError
-from search.topk import torch_topk
+from search.topk import block_topk
 
 EXACT = "Flat"
 
@@ -74,7 +74,7 @@ class ExactSearcher:
     gpu: bool = False
     dtype: str = "float32"
     batch_size: int = 1024
-    topk_chunk: int | None = None  # torch backend: two-stage top-k over chunks of this many columns
+    topk_block: int | None = None  # torch backend: exact top-k through the maxima of blocks of this many columns
 
     def search(self, vectors: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-`k` `(scores, rows)` of each query among `vectors` (rows local to the block)."""
@@ -93,19 +93,20 @@ class ExactSearcher:
         dtype = getattr(torch, self.dtype)
         block = torch.from_numpy(np.array(vectors)).to(self.device, dtype)  # copies the memory-mapped shard
         q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device, dtype)
-        values, rows = torch_search(block, q, k, self.batch_size, self.topk_chunk)
+        values, rows = torch_search(block, q, k, self.batch_size, self.topk_block)
         return values.float().cpu().numpy(), rows.cpu().numpy()
 
 
-def torch_search(vectors, queries, k: int, batch_size: int, topk_chunk: int | None = None):
+def torch_search(vectors, queries, k: int, batch_size: int, topk_block: int | None = None):
     """Exact top-`k` `(scores, rows)` of device tensors: a matmul per query batch, then the top k in the
-    matmul's dtype (a float copy of all scores would cost more than the matmul), optionally in two stages."""
+    matmul's dtype (a float copy of all scores would cost more than the matmul), through the maxima
+    of blocks of `topk_block` columns (`search.topk.block_topk`) or in one `torch.topk`."""
     import torch
 
     values, rows = [], []
     with torch.inference_mode():
         for start in range(0, len(queries), batch_size):
-            v, r = torch_topk(queries[start:start + batch_size] @ vectors.T, k, topk_chunk)
+            v, r = block_topk(queries[start:start + batch_size] @ vectors.T, k, topk_block)
             values.append(v)
             rows.append(r)
     return torch.cat(values), torch.cat(rows)

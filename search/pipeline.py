@@ -39,6 +39,18 @@ PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix"
 _DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
 
 
+def topk_block(value, device: str) -> int | None:
+    """`search.topk_block`: auto (32 on a GPU, where one wide `torch.topk` is the slow part of exact
+    search; a plain top-k on the CPU), a whole number >= 2, or null/0 (a plain `torch.topk`)."""
+    if value == "auto":
+        return 32 if device.startswith("cuda") else None
+    if value in (None, 0):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+        raise StarbucksError(f"search.topk_block = {value!r} must be auto, null or a whole number >= 2")
+    return value
+
+
 @dataclass
 class SearchSettings:
     """How to search: index type and parameters, depth, and the resolved device and backend."""
@@ -51,7 +63,7 @@ class SearchSettings:
     device: str = "cpu"
     faiss_gpu: bool = False
     torch_dtype: str = "float32"
-    topk_chunk: int | None = None
+    topk_block: int | None = None
     train_rows: int = 200000
     shards_per_index: int | None = None
     rebuild: bool = False
@@ -101,7 +113,7 @@ class SearchSettings:
             device=device,
             faiss_gpu=backend == "faiss" and gpus > 0,
             torch_dtype=_DTYPES[dtype],
-            topk_chunk=int(s.topk_chunk) if s.topk_chunk else None,
+            topk_block=topk_block(s.topk_block, device),
             train_rows=int(s.train_rows),
             shards_per_index=int(per) if per else None,
             rebuild=bool(s.rebuild),
@@ -219,7 +231,7 @@ def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSet
     top = TopK(len(queries), min(settings.depth, meta["count"]))
     if settings.exact:
         searcher = ExactSearcher(settings.backend, settings.device, settings.faiss_gpu, settings.torch_dtype,
-                                 settings.batch_size, settings.topk_chunk)
+                                 settings.batch_size, settings.topk_block)
         for _, first_row, vectors in tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
                                           desc=f"search {meta['size']}", disable=not progress):
             top.add(*searcher.search(vectors, queries, top.k), offset=first_row)

@@ -1,4 +1,5 @@
-"""A running top-k per query, merged part by part so memory stays at `queries x 2k`."""
+"""A running top-k per query, merged part by part so memory stays at `queries x 2k`; and an exact
+top-k of a GPU score matrix through block maxima (`block_topk`)."""
 
 from __future__ import annotations
 
@@ -28,26 +29,34 @@ class TopK:
         self.rows = np.take_along_axis(all_rows, best, axis=1)
 
 
-def torch_topk(scores, k: int, chunk: int | None = None):
-    """Exact `torch.topk(scores, k, dim=1)` in two stages: the top `k` of every `chunk` columns, then
-    the top `k` of those candidates. Every global top-k entry is in its chunk's top k, so the result
-    is exact (ties at the k-th score may pick other rows with the same score). Narrow rows split over
-    many chunks keep a GPU busy where one wide top-k per query does not. `chunk=None` or a chunk
-    that does not leave at least two chunks of more than `2k` columns: plain `torch.topk`."""
+def block_topk(scores, k: int, block: int | None = None):
+    """Exact `torch.topk(scores, k, dim=1)` through block maxima: the columns fall into
+    `n // block` blocks of `block` columns each (block `j` holds columns `j, j + n//block, ...`: a
+    strided split, so the maxima are one coalesced pass over the scores), the `k` blocks with
+    the highest maxima are kept, then the top `k` of their entries (`k * block` candidates per
+    query instead of every column).
+
+    Exact: every entry above the k-th score sits in a block whose maximum is above it, and there
+    are fewer than `k` such blocks, so all are kept; each kept block adds an entry >= its maximum,
+    so the candidates hold `k` entries >= the k-th score (ties at the k-th score may pick other
+    rows with the same score). One `torch.topk` over all columns is a multi-pass radix select over
+    the whole score matrix; this reads it once and selects among a small fraction of it.
+    `block=None`, or too few blocks for it to pay (fewer than `4k`): plain `torch.topk`."""
     import torch
 
     n = scores.shape[1]
     k = min(k, n)
-    if chunk is None or chunk <= 2 * k or n < 2 * chunk:
+    if block is None or block < 2 or n // block < 4 * k:
         return torch.topk(scores, k, dim=1)
-    main = n - n % chunk
-    parts = scores[:, :main].reshape(scores.shape[0], main // chunk, chunk)
-    values, rows = torch.topk(parts, k, dim=2)
-    rows = rows + torch.arange(0, main, chunk, device=scores.device).view(1, -1, 1)
-    values, rows = values.flatten(1), rows.flatten(1)
-    if main < n:
-        tail = torch.topk(scores[:, main:], min(k, n - main), dim=1)
-        values = torch.cat([values, tail.values], dim=1)
-        rows = torch.cat([rows, tail.indices + main], dim=1)
-    best = torch.topk(values, k, dim=1)
-    return best.values, torch.gather(rows, 1, best.indices)
+    blocks = n // block
+    main = blocks * block
+    grid = scores[:, :main].unflatten(1, (block, blocks))  # grid[q, i, j] = column i * blocks + j
+    chosen = torch.topk(grid.amax(dim=1), k, dim=1).indices  # (q, k) block numbers
+    candidates = grid.gather(2, chosen.unsqueeze(1).expand(-1, block, -1)).flatten(1)  # (q, block * k)
+    cols = (torch.arange(block, device=scores.device).view(1, -1, 1) * blocks + chosen.unsqueeze(1)).flatten(1)
+    if main < n:  # the last columns, in no block: all of them are candidates
+        candidates = torch.cat([candidates, scores[:, main:]], dim=1)
+        tail = torch.arange(main, n, device=scores.device).expand(scores.shape[0], -1)
+        cols = torch.cat([cols, tail], dim=1)
+    best = torch.topk(candidates, k, dim=1)
+    return best.values, torch.gather(cols, 1, best.indices)

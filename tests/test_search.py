@@ -195,24 +195,48 @@ def test_search_refuses_queries_from_another_model(tmp_path, data):
     assert isinstance(store, EmbeddingStore)
 
 
-@pytest.mark.parametrize("n,k,chunk", [(1000, 10, 64), (1003, 7, 50), (997, 20, 100), (500, 30, 40), (300, 5, None)])
-def test_two_stage_topk_equals_a_full_sort(n, k, chunk):
+@pytest.mark.parametrize("n,k,block", [(1000, 10, 16), (1003, 7, 20), (997, 20, 8), (4099, 30, 32), (300, 5, None),
+                                       (300, 50, 4)])
+def test_block_maxima_topk_equals_a_full_sort(n, k, block):
     import torch
 
-    from search.topk import torch_topk
+    from search.topk import block_topk
 
     rng = np.random.default_rng(n)
     scores = rng.standard_normal((9, n)).astype(np.float32)
-    values, rows = torch_topk(torch.from_numpy(scores), k, chunk)
+    values, rows = block_topk(torch.from_numpy(scores), k, block)
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # distinct scores: a unique answer
     np.testing.assert_array_equal(rows.numpy(), order)
     np.testing.assert_array_equal(values.numpy(), np.take_along_axis(scores, order, axis=1))
 
 
-def test_torch_backend_with_chunked_topk_equals_faiss(tmp_path, data):
+def test_block_maxima_topk_with_ties_gives_the_top_scores_and_their_own_rows():
+    import torch
+
+    from search.topk import block_topk
+
+    rng = np.random.default_rng(3)
+    scores = torch.from_numpy(rng.integers(0, 40, size=(6, 5003)).astype(np.float16))  # many exact ties
+    values, rows = block_topk(scores, 100, 8)
+    expected = np.sort(scores.float().numpy(), axis=1)[:, ::-1][:, :100]
+    np.testing.assert_array_equal(values.float().numpy(), expected)  # the k best scores, in order
+    np.testing.assert_array_equal(torch.gather(scores, 1, rows).numpy(), values.numpy())  # rows hold them
+    assert all(len(set(r)) == 100 for r in rows.tolist())  # no row twice
+
+
+def test_torch_backend_with_block_topk_equals_faiss(tmp_path, data):
     vectors, queries, ids = data
     store = write_store(tmp_path / "one", vectors, ids, shard_rows=300)
     exact = search_store(store, queries, SearchSettings(depth=20))
-    chunked = search_store(store, queries, SearchSettings(depth=20, backend="torch", batch_size=7, topk_chunk=48))
-    np.testing.assert_array_equal(chunked[1], exact[1])
-    np.testing.assert_allclose(chunked[0], exact[0], rtol=1e-6, atol=1e-6)
+    blocked = search_store(store, queries, SearchSettings(depth=20, backend="torch", batch_size=7, topk_block=2))
+    np.testing.assert_array_equal(blocked[1], exact[1])
+    np.testing.assert_allclose(blocked[0], exact[0], rtol=1e-6, atol=1e-6)
+
+
+def test_topk_block_setting():
+    from search.pipeline import topk_block
+
+    assert topk_block("auto", "cuda:0") == 32 and topk_block("auto", "cpu") is None
+    assert topk_block(None, "cuda") is None and topk_block(64, "cpu") == 64
+    with pytest.raises(StarbucksError, match="search.topk_block"):
+        topk_block(1, "cuda")
