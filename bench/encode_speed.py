@@ -13,12 +13,13 @@ all six in one pass vs the reference's six passes, and MFU at the largest size o
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
 import common
 import reference
-from encode.pipeline import EncodingModel, encode_texts
+from encode.pipeline import EncodingModel, encode_texts, loader_workers
 from retrieval.modeling import StarbucksEncoder
 
 
@@ -30,6 +31,11 @@ def main(argv=None) -> None:
     parser.add_argument("--max-length", type=int, default=196)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--half", action="store_true", help="ours: fp16 weights instead of fp16 autocast")
+    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the encoder layers")
+    parser.add_argument("--only", default=None, help="comma list of size names to time (default: each + all six)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--workers", type=int, default=None, help="ours: tokenising processes (default: encode's auto)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -37,21 +43,30 @@ def main(argv=None) -> None:
     backbone, tokenizer = common.load_backbone(args.model)
     backbone.to(device).eval()
     sizes = common.sizes_for(args.model)
-    ours = EncodingModel(encoder=StarbucksEncoder(backbone, "cls", normalize=False), tokenizer=tokenizer,
+    mine = copy.deepcopy(backbone).half() if args.half else backbone
+    encoder = StarbucksEncoder(mine, "cls", normalize=False)
+    if args.compile:
+        encoder.compile_layers()
+    ours = EncodingModel(encoder=encoder, tokenizer=tokenizer,
                          sizes=sizes, query_max_length=32, passage_max_length=args.max_length, query_prefix="",
                          passage_prefix="", source=args.model, fingerprint="bench")
     texts = common.debian_texts("passage", args.passages)
+    workers = loader_workers(args.workers if args.workers is not None else "auto", device)
     dtype = torch.float16 if device.type == "cuda" else None
     precision = "fp16" if device.type == "cuda" else "fp32"
     lengths = [min(len(x), args.max_length) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     mark = f"encode_{args.model}_{device.type}"
 
     def ours_rate(wanted) -> float:
-        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, device, precision),
+        mode = "fp32" if args.half else precision
+        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, device, mode,
+                                                  workers=workers),
                              device, args.repeats)
         return len(texts) / t
 
     def reference_rate(wanted) -> float:
+        if args.skip_reference:
+            return float("nan")
         keys = [(s.layers, s.dim) for s in wanted]
         t = common.best_time(lambda: reference.encode(backbone, tokenizer, texts, keys, args.batch_size,
                                                       args.max_length, device, dtype), device, args.repeats)
@@ -59,7 +74,10 @@ def main(argv=None) -> None:
 
     rows = []
     peak = common.peak_flops(device)
-    for label, wanted in [(s.name, [s]) for s in sizes] + [("all six, one pass", list(sizes))]:
+    plan = [(s.name, [s]) for s in sizes] + [("all six, one pass", list(sizes))]
+    if args.only:
+        plan = [(label, wanted) for label, wanted in plan if label.split()[0].rstrip(",") in args.only.split(",")]
+    for label, wanted in plan:
         mine, ref = ours_rate(wanted), reference_rate(wanted)
         deepest = max(s.layers for s in wanted)
         mfu = None
@@ -74,12 +92,14 @@ def main(argv=None) -> None:
         f"## Encoding: {args.model} on {device.type} ({mark})",
         "",
         f"- command: `python bench/encode_speed.py --model {args.model} --passages {args.passages} "
-        f"--batch-size {args.batch_size} --repeats {args.repeats}`",
+        f"--batch-size {args.batch_size} --repeats {args.repeats}{' --half' if args.half else ''}"
+        f"{' --compile' if args.compile else ''}`",
         f"- machine: {common.machine(device)}",
         f"- date: {common.today()}",
         f"- {len(texts)} debian-pkgs passages (<= {args.max_length} tokens, mean {sum(lengths) / len(lengths):.0f}), "
-        f"{'fp16 autocast' if dtype else 'fp32'}, CLS pooling, best of {args.repeats}; reference: "
-        "bench/reference.py (one full forward per size, corpus order, padded to the longest x16)",
+        f"{'fp16 autocast' if dtype else 'fp32'}{' (ours: fp16 weights)' if args.half else ''}, CLS pooling, best of {args.repeats}; reference: "
+        "bench/reference.py (one full forward per size, corpus order, padded to the longest x16); ours tokenises in "
+        f"{workers} DataLoader worker processes (encode.dataloader_workers)",
         "",
         common.table(["sizes", "layers x dim", "ours passages/s", "reference passages/s", "speedup", "MFU (ours)"],
                      rows),

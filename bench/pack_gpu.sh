@@ -9,8 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 rm -rf bench/carry && mkdir -p bench/carry/wheels
-$PY -m pip download -q --only-binary=:all: --no-deps -d bench/carry/wheels \
-  faiss-cpu omegaconf antlr4-python3-runtime
+# the device's python is 3.12 (KINDS.md): fetch wheels for it, whatever python runs here
+$PY -m pip download -q --only-binary=:all: --no-deps -d bench/carry/wheels --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --platform manylinux2014_x86_64 faiss-cpu omegaconf antlr4-python3-runtime ir_measures
 $PY - <<'PY'
 from transformers import AutoConfig, AutoTokenizer
 from retrieval.modeling import resolve_model_path

@@ -18,9 +18,10 @@ import torch.nn.functional as F
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> dict:
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)
-    batch = tokenizer.pad(encoded, padding="longest", pad_to_multiple_of=16, return_tensors="pt")
-    return {k: v.to(device) for k, v in batch.items()}
+    batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
+    extra = -batch["input_ids"].shape[1] % 16  # the tokenizer refuses a multiple that does not divide max_length
+    return {k: F.pad(v, (0, extra), value=tokenizer.pad_token_id if k == "input_ids" else 0).to(device)
+            for k, v in batch.items()}
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

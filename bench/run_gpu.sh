@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one command, on the device machine (one H100/H200), from the repo root:
-#   bash bench/pack_gpu.sh                      # here, once: wheels + fp16 MiniLM into bench/carry
+#   bash bench/pack_gpu.sh                      # here, once: wheels + MiniLM's config/tokenizer into bench/carry
 #   run(command="bash bench/run_gpu.sh", carry=["bench/carry"])   # device tool
-# Installs the carried wheels, then times the SRL training step, encoding and exact search
-# against the plain-transformers reference (issue 7's workloads) and prints the tables; the
-# markdown sections land in docs/benchmarks.md of the device's copy and in $OUT.
-set -euo pipefail
+# Installs the carried wheels, then times the SRL training step, encoding and exact search against
+# the plain-transformers reference (issue 7's workloads), plus the variants tried (--no-write:
+# JSON lines only). The markdown sections land in docs/benchmarks.md of the device's copy; that
+# file and the whole log are copied to $OUT. Each step has its own time limit so that one slow
+# step cannot take the others with it (the device runs one command for at most 10 minutes).
+# bench/profile_gpu.py (not run here) says where the time goes.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d bench/carry/wheels ]; then
-  python -m pip install -q --no-index --find-links bench/carry/wheels faiss-cpu omegaconf || true
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site bench/carry/wheels/*.whl && export PYTHONPATH=/tmp/site
 fi
 export BENCH_MINILM_DIR=${BENCH_MINILM_DIR:-$PWD/bench/carry/minilm}  # config + tokenizer: random weights
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv
-python bench/train_step.py --model bert-base --queries 128 --group 8 --steps 10
-python bench/train_step.py --model bert-base --queries 128 --group 8 --steps 10 --compile --no-write || true
-python bench/encode_speed.py --model bert-base --passages 20000 --batch-size 512 --repeats 2
-python bench/encode_speed.py --model minilm --passages 20000 --batch-size 512 --repeats 2
-python bench/search_speed.py --vectors 1000000 --queries 6980 --dims 32,128,768 --depth 1000 \
-  --batch-size 1024 --chunks 0,4096,16384,65536 --faiss-vectors 100000 --skip-hnsw
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+LOG=${OUT:-/tmp}/bench_gpu.log
+step() { local limit=$1; shift; echo "### $*" | tee -a "$LOG"; timeout "$limit" python3 "$@" 2>&1 | grep -v "^Loading weights" | tee -a "$LOG"; }
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
+# Training: ours with train.length_buckets=auto (0) against the reference, which runs out of memory at
+# 128 x 8 without gradient checkpointing; then at 64 x 8, where both fit; then fixed bucket counts.
+T="--model bert-base --group 8 --steps 5 --no-cudnn-sdp"
+step 90 bench/train_step.py $T --queries 128 --buckets 0 --reference-checkpointing
+step 80 bench/train_step.py $T --queries 64 --buckets 0 --tag _64x8
+for b in 2 4 8; do step 60 bench/train_step.py $T --queries 128 --buckets $b --skip-reference --no-write; done
+step 150 bench/encode_speed.py --model bert-base --passages 10000 --batch-size 512 --repeats 1
+step 40 bench/encode_speed.py --model bert-base --passages 10000 --batch-size 512 --repeats 1 --only trenta,all --half --skip-reference --no-write
+step 90 bench/encode_speed.py --model minilm --passages 5000 --batch-size 512 --repeats 1 --only demi,trenta,all
+step 100 bench/search_speed.py --vectors 1000000 --queries 6980 --dims 32,128,768 --depth 1000 --batch-size 1024 \
+  --topk topk,block:16,block:32,block:64 --faiss-vectors 100000 --skip-hnsw
 if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
+grep -h '^{' "$LOG" | tail -n 60

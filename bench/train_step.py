@@ -30,12 +30,22 @@ def main(argv=None) -> None:
     parser.add_argument("--group", type=int, default=4, help="passages per query (1 positive + hard negatives)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the toolkit's encoder")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the toolkit's encoder layers")
+    parser.add_argument("--buckets", type=int, default=0,
+                        help="ours: a batch runs as this many length-sorted sub-batches (train.length_buckets; 0: auto)")
+    parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--reference-checkpointing", action="store_true",
+                        help="the reference with gradient checkpointing (what a user does when it runs out of memory)")
+    parser.add_argument("--tag", default="", help="suffix of the docs/benchmarks.md section")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first (4: every batch shape seen once)")
+    parser.add_argument("--no-cudnn-sdp", action="store_true", help="keep SDPA off the cuDNN attention kernels")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
     device = common.pick_device(args.device)
     cuda = device.type == "cuda"
+    if args.no_cudnn_sdp:
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = torch.bfloat16 if cuda else None
     backbone, tokenizer = common.load_backbone(args.model)
     sizes = common.sizes_for(args.model)
@@ -47,21 +57,27 @@ def main(argv=None) -> None:
         q = queries[b * args.queries:(b + 1) * args.queries]
         p = passages[b * args.queries * args.group:(b + 1) * args.queries * args.group]
         batches.append((q, p))
-    real_tokens = [len(x) for q, p in batches[:1] for x in tokenizer(q + p, truncation=True, max_length=196)["input_ids"]]
+    def lengths(texts, cap):
+        return [len(x) for x in tokenizer(texts, truncation=True, max_length=cap)["input_ids"]]
 
+    real_tokens = [lengths(q, 32) + lengths(p, 196) for q, p in batches]  # per batch: the steps cycle through them
+
+    # tokenised ahead for both (the toolkit's trainer tokenises in its DataLoader): a step is GPU work
+    ours_batches = [(tokenize(tokenizer, q, 32).to(device), tokenize(tokenizer, p, 196).to(device)) for q, p in batches]
+    ref_batches = [(reference.tokenize(tokenizer, q, 32, device), reference.tokenize(tokenizer, p, 196, device))
+                   for q, p in batches]
     results = {}
-    for name in ("reference", "ours"):
+    for name in ("ours",) + (() if args.skip_reference else ("reference",)):
         model = copy.deepcopy(backbone).to(device).train()
         if name == "ours":
             encoder = StarbucksEncoder(model, "cls", normalize=False).train()
-            step_model = torch.compile(encoder) if args.compile else encoder
+            encoder.length_buckets = args.buckets
+            step_model = encoder.compile_layers() if args.compile else encoder
             loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
             optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
 
             def step(i, encoder=encoder, step_model=step_model, loss_fn=loss_fn, optimizer=optimizer):
-                q, p = batches[i % len(batches)]
-                qb = tokenize(tokenizer, q, 32).to(device)
-                pb = tokenize(tokenizer, p, 196).to(device)
+                qb, pb = ours_batches[i % len(batches)]
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     out = loss_fn(step_model(qb, list(sizes)), step_model(pb, list(sizes)), list(sizes))
                 out.loss.backward()
@@ -70,52 +86,70 @@ def main(argv=None) -> None:
                 optimizer.zero_grad(set_to_none=True)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+            if args.reference_checkpointing:
+                model.gradient_checkpointing_enable()
 
             def step(i, model=model, optimizer=optimizer):
-                q, p = batches[i % len(batches)]
-                reference.train_step(model, optimizer, reference.tokenize(tokenizer, q, 32, device),
-                                     reference.tokenize(tokenizer, p, 196, device), keys, args.group, device, dtype)
-        for i in range(2):
-            step(i)
-        common.sync(device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for i in range(args.steps):
-            times.append(common.best_time(lambda i=i: step(i), device, repeats=1, warmup=0))
-        seconds = sorted(times)[len(times) // 2]  # median step
-        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-        results[name] = (seconds, peak)
-        del model, optimizer
+                qb, pb = ref_batches[i % len(batches)]
+                reference.train_step(model, optimizer, qb, pb, keys, args.group, device, dtype)
+        try:
+            for i in range(args.warmup):
+                step(i)
+            common.sync(device)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            times = []
+            for i in range(args.steps):
+                times.append(common.best_time(lambda i=i: step(i), device, repeats=1, warmup=0))
+        except torch.OutOfMemoryError:
+            print(f"{name}: out of GPU memory", flush=True)
+            times = None
+            results[name] = None
+        if times:
+            seconds = sorted(times)[len(times) // 2]  # median step
+            peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
+            results[name] = (seconds, peak)
+        del model, optimizer, step
         if cuda:
             torch.cuda.empty_cache()
 
-    flops = common.bert_flops(backbone.config, backbone.config.num_hidden_layers, real_tokens, backward=True)
+    flops = sum(common.bert_flops(backbone.config, backbone.config.num_hidden_layers, t, backward=True)
+                for t in real_tokens) / len(real_tokens)
     peak_flops = common.peak_flops(device)
-    mark = f"train_{args.model}_{device.type}"
+    mark = f"train_{args.model}_{device.type}{args.tag}"
     rows = []
-    for name, (seconds, mem) in results.items():
+    for name, result in results.items():
+        label = name + (" (gradient checkpointing)" if name == "reference" and args.reference_checkpointing else "")
+        if result is None:
+            rows.append([label, "out of memory", "-", "-", "-"])
+            common.emit(mark, impl=name, out_of_memory=True)
+            continue
+        seconds, mem = result
         mfu = flops / seconds / peak_flops if peak_flops else None
         qps = args.queries / seconds
-        rows.append([name, f"{seconds * 1000:.0f}", f"{qps:.1f}", "-" if mem is None else f"{mem:.2f}",
+        rows.append([label, f"{seconds * 1000:.0f}", f"{qps:.1f}", "-" if mem is None else f"{mem:.2f}",
                      "-" if mfu is None else f"{100 * mfu:.1f}%"])
         common.emit(mark, impl=name, step_s=round(seconds, 4), queries_per_s=round(qps, 2),
                     peak_gib=None if mem is None else round(mem, 3), mfu=None if mfu is None else round(mfu, 4))
-    speedup = results["reference"][0] / results["ours"][0]
-    common.emit(mark, ratio="ours/reference queries_per_s", value=round(speedup, 3))
+    done = [r for r in results.values() if r is not None]
+    speedup = results["reference"][0] / results["ours"][0] if len(done) == 2 else None
+    common.emit(mark, ratio="ours/reference queries_per_s", value=speedup and round(speedup, 3))
     md = "\n".join([
         f"## SRL training step: {args.model} on {device.type} ({mark})",
         "",
         f"- command: `python bench/train_step.py --model {args.model} --queries {args.queries} --group {args.group} "
-        f"--steps {args.steps}{' --compile' if args.compile else ''}`",
+        f"--steps {args.steps} --buckets {args.buckets}{' --compile' if args.compile else ''}"
+        f"{' --reference-checkpointing' if args.reference_checkpointing else ''}{' --no-cudnn-sdp' if args.no_cudnn_sdp else ''}"
+        f"{' --tag ' + args.tag if args.tag else ''}`",
         f"- machine: {common.machine(device)}",
         f"- date: {common.today()}",
         f"- {args.queries} queries x {args.group} passages per step, six sizes ({', '.join(s.key for s in sizes)}), "
-        f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after 2 warm-up steps",
+        f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-up steps "
+        "(4 batches in turn, tokenised ahead)",
         "",
         common.table(["implementation", "step ms", "queries/s", "peak GiB", "MFU"], rows),
         "",
-        f"Ours is {speedup:.2f}x the reference's queries/s.",
+        f"Ours is {speedup:.2f}x the reference's queries/s." if speedup else "The reference did not run.",
     ])
     print(md)
     if not args.no_write:
