@@ -179,21 +179,20 @@ def autocast(device: torch.device, precision: str):
 
 class _TokenizedBatches(torch.utils.data.Dataset):
     """Item `n`: the rows and tokenised texts of the `n`-th batch of `order` (for a DataLoader, whose
-    worker processes then tokenise while the GPU encodes)."""
+    worker processes then tokenise while the GPU encodes; it holds the tokenizer, not the model)."""
 
-    def __init__(self, model: EncodingModel, texts: Sequence[str], order: list[int], batch_size: int, query: bool):
-        self.model, self.texts, self.order, self.batch_size, self.query = model, texts, order, batch_size, query
+    def __init__(self, tokenizer, texts: Sequence[str], order: list[int], batch_size: int, max_length: int,
+                 prefix: str):
+        self.tokenizer, self.texts, self.order, self.batch_size = tokenizer, texts, order, batch_size
+        self.max_length, self.prefix = max_length, prefix
 
     def __len__(self) -> int:
         return -(-len(self.order) // self.batch_size)
 
     def __getitem__(self, n: int):
-        m = self.model
         rows = self.order[n * self.batch_size:(n + 1) * self.batch_size]
-        texts = [self.texts[i] for i in rows]
-        if self.query:
-            return rows, dict(tokenize(m.tokenizer, texts, m.query_max_length, m.query_prefix))
-        return rows, dict(tokenize(m.tokenizer, texts, m.passage_max_length, m.passage_prefix))
+        batch = tokenize(self.tokenizer, [self.texts[i] for i in rows], self.max_length, self.prefix)
+        return rows, dict(batch)
 
 
 def _quiet_tokenizers(_worker: int) -> None:
@@ -202,9 +201,11 @@ def _quiet_tokenizers(_worker: int) -> None:
 
 def loader_workers(value, device: torch.device) -> int:
     """`encode.dataloader_workers`: a whole number >= 0, or auto (on a GPU up to 8 tokenising
-    processes, one core left for the main process; on the CPU none: the cores encode)."""
+    processes per encoding process, sharing the cores with the other ranks of a torchrun and
+    leaving one each for them; on the CPU none: the cores encode)."""
     if value in (None, "auto"):
-        return min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+        ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+        return max(0, min(8, (os.cpu_count() or 1) // ranks - 1)) if device.type == "cuda" else 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise StarbucksError(f"encode.dataloader_workers = {value!r} must be auto or a whole number >= 0")
     return value
@@ -222,7 +223,10 @@ def encode_texts(model: EncodingModel, texts: Sequence[str], sizes: Sequence[Siz
     out = {s: np.empty((len(texts), s.dim), dtype=np.float16) for s in sizes}
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     cuda = device.type == "cuda"
-    batches = _TokenizedBatches(model, texts, order, batch_size, kind == "query")
+    query = kind == "query"
+    batches = _TokenizedBatches(model.tokenizer, texts, order, batch_size,
+                                model.query_max_length if query else model.passage_max_length,
+                                model.query_prefix if query else model.passage_prefix)
     workers = min(workers, len(batches) - 1) if len(batches) > 1 else 0
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=cuda,
                                          worker_init_fn=_quiet_tokenizers if workers else None,

@@ -218,8 +218,12 @@ def test_tokenising_worker_processes_give_the_same_shards(workspace, full, tmp_p
     assert shard_bytes(out) == shard_bytes(full)
 
 
-def test_bad_dataloader_workers_is_one_clear_error(workspace, tmp_path):
+def test_dataloader_workers_setting(workspace, tmp_path, monkeypatch):
     with pytest.raises(StarbucksError, match="encode.dataloader_workers"):
         encode_collection(make_config(workspace, tmp_path / "bad", "encode.dataloader_workers=-1"), progress=False)
-    assert encode_pipeline.loader_workers("auto", torch.device("cpu")) == 0
-    assert 1 <= encode_pipeline.loader_workers("auto", torch.device("cuda")) <= 8
+    workers = encode_pipeline.loader_workers
+    monkeypatch.setattr(encode_pipeline.os, "cpu_count", lambda: 16)
+    assert workers("auto", torch.device("cpu")) == 0 and workers(3, torch.device("cpu")) == 3
+    assert workers("auto", torch.device("cuda")) == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four ranks share the 16 cores
+    assert workers("auto", torch.device("cuda")) == 3
