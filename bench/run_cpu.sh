@@ -9,6 +9,6 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 $PY bench/encode_speed.py --model minilm --passages 512 --batch-size 64 --repeats 2
-$PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3
-$PY bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384 --depth 1000 --chunks 0,16384 \
+$PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3 --warmup 2
+$PY bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384 --depth 1000 --topk topk,block:32 \
   --faiss-vectors 200000 --repeats 2
