@@ -98,7 +98,7 @@ def exact_section(args, device: torch.device) -> str:
         "",
         common.table(["dim", "reference q/s", "ours q/s", "top-k", "speedup", "identical", "FAISS CPU q/s"], rows),
         *(["", "On the CPU ours and the reference are the same computation (an fp32 matmul, then one topk; the "
-           "block-maxima top-k is slower here, so search.topk_block is off on the CPU): their ratio is run-to-run "
+           "block-maxima top-k gains nothing here, so search.topk_block is off on the CPU): their ratio is run-to-run "
            "noise. The GPU path differs (fp16 top-k through block maxima)."] if device.type == "cpu" else []),
     ])
 
