@@ -36,10 +36,11 @@ def block_topk(scores, k: int, block: int | None = None):
     the highest maxima are kept, then the top `k` of their entries (`k * block` candidates per
     query instead of every column).
 
-    Exact: every entry above the k-th score sits in a block whose maximum is above it, and there
-    are fewer than `k` such blocks, so all are kept; each kept block adds an entry >= its maximum,
-    so the candidates hold `k` entries >= the k-th score (ties at the k-th score may pick other
-    rows with the same score). One `torch.topk` over all columns is a multi-pass radix select over
+    Exact: a block holding an entry >= the k-th score `s` has a maximum >= `s`. If `k` or more
+    blocks do, the kept blocks' maxima are `k` entries >= `s`, and every entry above `s` is kept
+    (fewer than `k` blocks have a maximum above `s`, and they rank first); if fewer do, all of
+    them are kept, and with them every entry >= `s`. Either way the candidates' top `k` is the
+    top `k` (ties at the k-th score may pick other rows with the same score). One `torch.topk` over all columns is a multi-pass radix select over
     the whole score matrix; this reads it once and selects among a small fraction of it.
     `block=None`, or too few blocks for it to pay (fewer than `4k`): plain `torch.topk`."""
     import torch
