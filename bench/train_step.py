@@ -57,13 +57,11 @@ def main(argv=None) -> None:
         q = queries[b * args.queries:(b + 1) * args.queries]
         p = passages[b * args.queries * args.group:(b + 1) * args.queries * args.group]
         batches.append((q, p))
-    def lengths(texts, cap):
-        return [len(x) for x in tokenizer(texts, truncation=True, max_length=cap)["input_ids"]]
-
-    real_tokens = [lengths(q, 32) + lengths(p, 196) for q, p in batches]  # per batch: the steps cycle through them
-
     # tokenised ahead for both (the toolkit's trainer tokenises in its DataLoader): a step is GPU work
     ours_batches = [(tokenize(tokenizer, q, 32).to(device), tokenize(tokenizer, p, 196).to(device)) for q, p in batches]
+    # real tokens per batch (the steps cycle through them), for the MFU
+    real_tokens = [torch.cat([qb["attention_mask"].sum(1), pb["attention_mask"].sum(1)]).tolist()
+                   for qb, pb in ours_batches]
     ref_batches = [(reference.tokenize(tokenizer, q, 32, device), reference.tokenize(tokenizer, p, 196, device))
                    for q, p in batches]
     results = {}

@@ -188,12 +188,15 @@ class StarbucksEncoder(nn.Module):
         if buckets <= 1:
             states = self.hidden_states(batch, {s.layers for s in sizes})
             return {s: self.pool(states[s.layers], mask, s.dim) for s in sizes}
-        order = torch.argsort(mask.sum(1), stable=True)
+        lengths = mask.sum(1)
+        order = torch.argsort(lengths, stable=True)
+        chunks = torch.tensor_split(order, buckets)
+        # each chunk's longest row is its last (ascending order): one device sync for all widths
+        widths = lengths[torch.stack([rows[-1] for rows in chunks])].tolist()
         parts: dict[Size, list[torch.Tensor]] = {s: [] for s in sizes}
-        for rows in torch.tensor_split(order, buckets):
+        for rows, width in zip(chunks, widths):
             sub = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 2}
-            width = int(sub["attention_mask"].sum(1).max())
-            width = min(-(-width // 16) * 16, mask.shape[1])  # a multiple of 16: few distinct shapes
+            width = min(-(-int(width) // 16) * 16, mask.shape[1])  # a multiple of 16: few distinct shapes
             sub = {k: v[:, :width] for k, v in sub.items()}
             states = self.hidden_states(sub, {s.layers for s in sizes})
             for s in sizes:
