@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import StarbucksError
-from retrieval.masking import IGNORE, SMAECollator, build_windows, iter_texts, pack_windows
 from retrieval.modeling import resolve_model_path
 from retrieval.sizes import Size, SizeList
-from retrieval.smae import SMAE
+from train.masking import IGNORE, SMAECollator, build_windows, iter_texts, pack_windows
+from train.smae import SMAE
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SIZES = SizeList([Size("s1", 1, 8), Size("s2", 2, 16), Size("s3", 3, 24), Size("full", 3, 32)])
@@ -314,7 +314,7 @@ def test_windows_pack_the_token_stream(tokenizer, tmp_path):
 
 
 def test_window_build_resumes_and_stops_at_max_tokens(tokenizer, tmp_path, monkeypatch):
-    import retrieval.masking as masking
+    import train.masking as masking
 
     texts = random_texts(3000, seed=6)
     expected = [ids for ids, _ in pack_windows(texts, tokenizer, 32)]

@@ -1,7 +1,7 @@
 """`python -m train.pretrain --config configs/smae.yaml`: SMAE pre-training (paper section 3.2).
 
 `run_pretraining(cfg)` packs the `pretrain.text` source into fixed-length windows (once, cached
-under `pretrain.windows_dir`), builds the SMAE model (`retrieval.smae`) from
+under `pretrain.windows_dir`), builds the SMAE model (`train.smae`) from
 `model.name_or_path` and trains it with the shared loop (`train.trainer.fit`: bf16 on GPU,
 checkpoints, resume, progress, per-size `enc/<size>` and `dec/<size>` loss logging). The
 encoder alone is written to `<output_dir>/model`, ready as `model.name_or_path` of fine-tuning.
@@ -18,9 +18,9 @@ from omegaconf import OmegaConf
 from retrieval.cli import parse_stage_args, stage_parser
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.errors import cli_entry
-from retrieval.masking import SMAECollator, WindowDataset, build_windows, iter_texts
-from retrieval.smae import SMAE
 from train.finetune import model_shape
+from train.masking import SMAECollator, WindowDataset, build_windows, iter_texts
+from train.smae import SMAE
 from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
 
 SMAE_CONFIG = "configs/smae.yaml"  # the default config of `python -m train.pretrain`

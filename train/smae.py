@@ -29,9 +29,9 @@ from torch.nn import functional as F
 
 from retrieval.errors import StarbucksError
 from retrieval.losses import LossOutput
-from retrieval.masking import IGNORE
 from retrieval.modeling import StarbucksEncoder, load_backbone
 from retrieval.sizes import SizeList
+from train.masking import IGNORE
 
 
 def _mlm_head(mlm: nn.Module) -> nn.Module:
