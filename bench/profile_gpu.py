@@ -93,7 +93,7 @@ def part_train(backbone, tokenizer, device, sizes):
 
 
 def part_search(device):
-    from search.topk import block_topk
+    from retrieval.exact_search import block_topk
     from search_speed import random_unit, same_results
 
     v = random_unit(1_000_000, 32, 0, device, torch.float16)

@@ -21,7 +21,7 @@ import torch
 import common
 import reference
 from retrieval.store import EmbeddingStore
-from search.backends import ExactSearcher, torch_search
+from retrieval.exact_search import ExactSearcher, torch_search
 
 
 def random_unit(n: int, d: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -25,12 +25,12 @@ from tqdm import tqdm
 
 from retrieval.config import experiment_paths
 from retrieval.errors import StarbucksError
+from retrieval.exact_search import ExactSearcher, TopK, faiss_search, to_gpu
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
 from retrieval.runfile import read_run_record, run_path, write_run
 from retrieval.store import EmbeddingStore, select_stores
-from search.backends import EXACT, ExactSearcher, faiss_reason, faiss_search, make_index, set_params, to_gpu
-from search.topk import TopK
+from search.backends import EXACT, faiss_reason, make_index, set_params
 
 INDEX_VERSION = 1
 # What identifies the passage vectors of a store: a saved index or run made from other values is stale

@@ -200,7 +200,7 @@ def test_search_refuses_queries_from_another_model(tmp_path, data):
 def test_block_maxima_topk_equals_a_full_sort(n, k, block):
     import torch
 
-    from search.topk import block_topk
+    from retrieval.exact_search import block_topk
 
     rng = np.random.default_rng(n)
     scores = rng.standard_normal((9, n)).astype(np.float32)
@@ -213,7 +213,7 @@ def test_block_maxima_topk_equals_a_full_sort(n, k, block):
 def test_block_maxima_topk_with_ties_gives_the_top_scores_and_their_own_rows():
     import torch
 
-    from search.topk import block_topk
+    from retrieval.exact_search import block_topk
 
     rng = np.random.default_rng(3)
     scores = torch.from_numpy(rng.integers(0, 40, size=(6, 5003)).astype(np.float16))  # many exact ties
