@@ -96,9 +96,9 @@ def record_layers(monkeypatch) -> list:
 # ---------------------------------------------------------------- methods
 
 
-def test_2dmse_samples_stay_in_range_and_visit_every_layer():
+def test_2dmse_list_samples_stay_in_range_and_visit_every_layer():
     sizes = SizeList.from_config(["1x32", "2x64", "3x96", "4x128", "5x256", "6x384"])
-    schedule = TwoDMSESizes(sizes, seed=7)
+    schedule = TwoDMSESizes(sizes, seed=7, dims="list")
     layers_seen, dims_seen = set(), set()
     for step in range(400):
         visited = schedule.at(step)
@@ -111,6 +111,25 @@ def test_2dmse_samples_stay_in_range_and_visit_every_layer():
         assert schedule.at(step) == visited  # a pure function of (seed, step): same on every rank and resume
     assert layers_seen == {1, 2, 3, 4, 5}
     assert dims_seen == {32, 64, 96, 128, 256}
+
+
+def test_2dmse_uniform_sampler_covers_every_layer_and_dim_below_the_largest():
+    # the paper's Eq. 3: n ~ U(1, N-1), d ~ U(1, D-1); the default of train.twodmse_dims
+    sizes = SizeList.from_config(["1x4", "2x8", "3x16", "4x24"])
+    assert load_config(None, []).train.twodmse_dims == "uniform"
+    schedule = plan_method(load_config(None, ["train.method=2dmse"]).train, sizes, 4, 24, seed=3).schedule
+    draws = [schedule.at(step) for step in range(3000)]
+    pairs = [(v[0].layers, v[0].dim) for v in draws]
+    assert {n for n, _ in pairs} == {1, 2, 3} and {d for _, d in pairs} == set(range(1, 24))
+    counts = [sum(d == k for _, d in pairs) for k in range(1, 24)]
+    assert min(counts) > 3000 / 23 / 2  # roughly uniform, not merely covered
+    assert all([(s.layers, s.dim) for s in v[1:]] == [(n, 24), (4, d), (4, 24)] for v, (n, d) in zip(draws, pairs))
+    # resume: a new sampler (as a resumed run builds) draws the same sizes from any step on
+    again = TwoDMSESizes(sizes, seed=3)
+    assert [again.at(step) for step in range(1500, 3000)] == draws[1500:]
+    assert [TwoDMSESizes(sizes, seed=4).at(step) for step in range(50)] != draws[:50]
+    with pytest.raises(StarbucksError, match="twodmse_dims = 'grid' is not one of uniform, list"):
+        TwoDMSESizes(sizes, seed=3, dims="grid")
 
 
 def test_method_plans():

@@ -1,8 +1,10 @@
 """Training methods: which sizes the loss visits at each step, and what the trained model is.
 
 - `srl`: every size of the list, every step (mean of the terms; the paper's SRL).
-- `2dmse`: per step, `n ~ U(1, N-1)` and `d` from the list's dims below `D`; the loss visits
-  `(n, d), (n, D), (N, d), (N, D)` and sums the terms (2DMSE). `(N, D)` is the largest size.
+- `2dmse`: per step, `n ~ U(1, N-1)` and `d ~ U(1, D-1)` (`train.twodmse_dims: uniform`, the
+  paper's Eq. 3) or `d` from the list's dims below `D` (`list`, as sentence-transformers'
+  `Matryoshka2dLoss`); the loss visits `(n, d), (n, D), (N, d), (N, D)` and sums the terms
+  (2DMSE). `(N, D)` is the largest size.
 - `separate`: one size `train.size`; the model is truncated to its `n` layers.
 - `full`: the last layer, full width only (a plain dense retriever).
 """
@@ -17,6 +19,7 @@ from retrieval.errors import StarbucksError
 from retrieval.sizes import Size, SizeList, check_size, parse_size
 
 METHODS = ("srl", "2dmse", "separate", "full")
+TWODMSE_DIMS = ("uniform", "list")  # train.twodmse_dims
 
 
 class FixedSizes:
@@ -32,18 +35,25 @@ class FixedSizes:
 class TwoDMSESizes:
     """2DMSE's per-step sample: one layer below N, one dim below D, crossed with (N, D).
 
+    `dims = "uniform"`: `d ~ U(1, D-1)` (the paper); `"list"`: `d` from the size list's dims below `D`.
     The sample depends only on `(seed, step)`, so every rank and a resumed run draw the same sizes.
     """
 
-    def __init__(self, sizes: SizeList, seed: int):
+    def __init__(self, sizes: SizeList, seed: int, dims: str = "uniform"):
+        if dims not in TWODMSE_DIMS:
+            raise StarbucksError(f"train.twodmse_dims = {dims!r} is not one of {', '.join(TWODMSE_DIMS)}")
         self.known = list(sizes)
         self.full = sizes.largest
-        self.dims = sorted({s.dim for s in sizes if s.dim < self.full.dim})
+        if dims == "uniform":
+            self.dims = list(range(1, self.full.dim))
+        else:
+            self.dims = sorted({s.dim for s in sizes if s.dim < self.full.dim})
         self.seed = seed
         if self.full.layers < 2 or not self.dims:
             raise StarbucksError(
-                f"method 2dmse needs a largest size with >= 2 layers and at least one smaller dim in `sizes`; "
+                f"method 2dmse needs a largest size with >= 2 layers and at least one smaller dim; "
                 f"the largest is {self.full} and the dims are {sorted({s.dim for s in sizes})}"
+                + (" (train.twodmse_dims=list takes them from `sizes`)" if dims == "list" else "")
             )
 
     def at(self, step: int) -> list[Size]:
@@ -81,7 +91,8 @@ def plan_method(train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: 
     if method == "srl":
         return MethodPlan(method, FixedSizes(sizes), "mean", sizes, truncate_to=deepest)
     if method == "2dmse":
-        return MethodPlan(method, TwoDMSESizes(sizes, seed), "sum", sizes, truncate_to=deepest)
+        schedule = TwoDMSESizes(sizes, seed, str(train_cfg.get("twodmse_dims", "uniform")))
+        return MethodPlan(method, schedule, "sum", sizes, truncate_to=deepest)
     if method == "separate":
         if train_cfg.get("size") is None:
             raise StarbucksError(
