@@ -76,6 +76,7 @@ DEFAULTS: dict[str, Any] = {
         "kl_temperature": 1.0,
         "cross_device_negatives": True,  # under DDP: every device's passages are negatives for every query
         "size_weights": None,  # srl: one weight per size (None: all 1, i.e. the paper's mean)
+        "twodmse_dims": "uniform",  # 2dmse: uniform (d ~ U(1, D-1), the paper) | list (d from the size list's dims)
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "gradient_checkpointing": False,
         "length_buckets": "auto",  # run a batch as N length-sorted sub-batches (auto: 1 per 131,072 padded tokens on GPU, 1 on CPU)
