@@ -281,8 +281,9 @@ def test_checkpoint_directory_ignores_incomplete_ones(tmp_path):
 @pytest.mark.parametrize("method", ["srl", "2dmse"])
 def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, collection, monkeypatch, method):
     # 20 groups, batch 4, accumulation 2: 2 steps per epoch; 5 steps cross two epoch boundaries,
-    # and the checkpoint at step 3 sits in the middle of an epoch. Dropout is on (tiny BERT: 0.1).
-    settings = dict(method=method, max_steps=5, grad_accum=2, save_steps=3, save_total_limit=1)
+    # and the checkpoint at step 3 sits in the middle of an epoch and of a log window (steps 3-4).
+    # Dropout is on (tiny BERT: 0.1).
+    settings = dict(method=method, max_steps=5, grad_accum=2, save_steps=3, save_total_limit=1, logging_steps=2)
     straight = train(write_config(tmp_path, tiny_model, collection, name="straight", **settings))
 
     config = write_config(tmp_path, tiny_model, collection, name="killed", **settings)
@@ -312,7 +313,12 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, co
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    assert [r["loss"] for r in log_lines(run)] == pytest.approx([r["loss"] for r in log_lines(tmp_path / "straight")])
+    straight_log, resumed_log = log_lines(tmp_path / "straight"), log_lines(run)
+    assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log] == [2, 4, 5]
+    # the first log after the restart (step 4) averages steps 3 (before the kill) and 4, as the straight run's
+    for key in ("loss", "ce/4x32", "grad_norm"):
+        assert resumed_log[1][key] == pytest.approx(straight_log[1][key], rel=1e-6), key
+    assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in straight_log])
 
 
 def test_rerun_of_a_finished_run_and_changed_settings(tmp_path, tiny_model, collection, capsys):

@@ -244,6 +244,18 @@ class TrainLog:
         kept = [line for line in lines if json.loads(line)["step"] <= step]
         atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
+    def window(self, accelerator: Accelerator) -> dict:
+        """The open window (sums averaged over the ranks, counts), for a checkpoint: a resumed run
+        restores it, so its first log averages the same steps as the uninterrupted run's."""
+        keys = sorted(self.sums)
+        sums = [self.sums[k] for k in keys]
+        if accelerator.num_processes > 1 and keys:
+            sums = accelerator.reduce(torch.tensor(sums, device=accelerator.device), "mean").tolist()
+        return {"sums": dict(zip(keys, sums)), "counts": {k: self.counts[k] for k in keys}}
+
+    def restore(self, window: dict) -> None:
+        self.sums, self.counts = dict(window["sums"]), dict(window["counts"])
+
     def add(self, terms: dict[str, float]) -> None:
         for k, v in terms.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
@@ -327,15 +339,18 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
         if main:
             tqdm.write(f"resuming from {latest} (step {start} of {total})")
     log = TrainLog(run_dir / LOG_FILE, start, main)
+    if latest is not None and "log_window" in read_state(latest):
+        log.restore(read_state(latest)["log_window"])
 
     def save_checkpoint(step: int) -> Path:
         staging = checkpoints.staging(step)
         accelerator.save_state(str(staging / "state"))
+        window = log.window(accelerator)
         if main:
             task.save_model(accelerator.unwrap_model(model), staging / "model", step)
             atomic_write_json(staging / "trainer_state.json", {
                 "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
-                "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint,
+                "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint, "log_window": window,
             })
         accelerator.wait_for_everyone()
         final = checkpoints.commit(staging, step) if main else checkpoints.root / f"checkpoint-{step}"
