@@ -9,6 +9,7 @@ L2-normalises them. A checkpoint directory is a plain HF model plus `starbucks.j
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from pathlib import Path
@@ -88,6 +89,8 @@ class StarbucksEncoder(nn.Module):
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # unused; would leave parameters without gradients under DDP
         holder, self._attr = _layer_holder(backbone)
+        accepted = inspect.signature(backbone.forward).parameters  # DistilBERT, MPNet, ModernBERT: no token types
+        self._inputs = tuple(k for k in ("input_ids", "attention_mask", "token_type_ids") if k in accepted)
         object.__setattr__(self, "_holder", holder)  # a reference, not a submodule: no duplicate state-dict keys
 
     # ------------------------------------------------------------ shape
@@ -147,18 +150,22 @@ class StarbucksEncoder(nn.Module):
                 f"layer {wanted[-1] if wanted[-1] > self.num_layers else wanted[0]} requested but {self.name} "
                 f"has layers 1..{self.num_layers}"
             )
+        # The last layer's states are the model's output, as in HF's `hidden_states[-1]`: after the final
+        # norm of backbones that have one (ModernBERT's `final_norm`); a hook gives the others.
         captured: dict[int, torch.Tensor] = {}
         hooks = [
             self.layers[n - 1].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, _first(out)))
-            for n in wanted
+            for n in wanted if n < self.num_layers
         ]
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        inputs = {k: v for k, v in batch.items() if k in self._inputs}
         try:
             with self._exit_after(wanted[-1]):
-                self.backbone(**inputs, return_dict=True)
+                output = self.backbone(**inputs, return_dict=True)
         finally:
             for h in hooks:
                 h.remove()
+        if wanted[-1] == self.num_layers:
+            captured[self.num_layers] = output.last_hidden_state
         return captured
 
     def pool(self, states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> torch.Tensor:
