@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from encode.pipeline import pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
+from retrieval.settings import resolve_device as pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
 from eval.report import markdown_table  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

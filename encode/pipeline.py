@@ -9,7 +9,6 @@ Workers (`--shard i/n`, torchrun ranks, or both) own the blocks `k` with `k % n 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import sys
@@ -27,12 +26,12 @@ from tqdm import tqdm
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import corpus_size, iter_corpus, load_eval_splits
 from retrieval.errors import StarbucksError
+from retrieval.settings import autocast_context, local_rank, resolve_device, resolve_precision, whole_number
 from retrieval.modeling import StarbucksEncoder, load_encoder, meta_sizes, read_meta, resolve_model_path, tokenize
 from retrieval.sizes import Size, SizeList
 from retrieval.store import EmbeddingStore, IdsHasher, check_ids, embedding_identity, model_fingerprint
 
 _SLICE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---------------------------------------------------------------- work split
@@ -78,11 +77,6 @@ def worker_slice(spec: str | None, env: Mapping[str, str] = os.environ) -> Slice
     else:
         rank, world = int(env.get("SLURM_PROCID", 0)), int(env.get("SLURM_NTASKS", 1))
     return Slice(outer.index * world + rank, outer.count * world)
-
-
-def local_rank(env: Mapping[str, str] = os.environ) -> int:
-    """This process's index on its machine (torchrun `LOCAL_RANK` or srun `SLURM_LOCALID`)."""
-    return int(env.get("LOCAL_RANK", env.get("SLURM_LOCALID", 0)))
 
 
 # ---------------------------------------------------------------- model
@@ -137,6 +131,7 @@ def load_model(cfg: DictConfig, device: torch.device) -> EncodingModel:
         attn_implementation=m.attn_implementation,
     )
     encoder.eval().to(device)
+    encoder.packing = m.packing
     sizes = meta_sizes(meta) or sizes_of(cfg)
     return EncodingModel(
         encoder=encoder,
@@ -149,29 +144,6 @@ def load_model(cfg: DictConfig, device: torch.device) -> EncodingModel:
         passage_prefix=str(meta.get("passage_prefix", m.passage_prefix) or ""),
         fingerprint=model_fingerprint(encoder),
     )
-
-
-def pick_device(spec: str, env: Mapping[str, str] = os.environ) -> torch.device:
-    """`auto`: this rank's GPU (its local rank) when CUDA is available, else the CPU."""
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank(env) % torch.cuda.device_count())
-        return torch.device("cpu")
-    if spec.startswith("cuda") and not torch.cuda.is_available():
-        raise StarbucksError(f"encode.device = {spec!r} but CUDA is not available; use encode.device=cpu")
-    return torch.device(spec)
-
-
-def autocast(device: torch.device, precision: str):
-    """fp16 autocast on GPU and fp32 on CPU for `auto`; `fp32`, `fp16` or `bf16` when named."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
-    if precision not in PRECISIONS:
-        raise StarbucksError(f"encode.precision = {precision!r} is not one of auto, {', '.join(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # ---------------------------------------------------------------- encoding
@@ -203,11 +175,10 @@ def loader_workers(value, device: torch.device) -> int:
     """`encode.dataloader_workers`: a whole number >= 0, or auto (on a GPU up to 8 tokenising
     processes per encoding process, sharing the cores with the other ranks of a torchrun and
     leaving one each for them; on the CPU none: the cores encode)."""
-    if value in (None, "auto"):
+    value = whole_number(value, "encode.dataloader_workers", 0, auto=True)
+    if value == "auto":
         ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
         return max(0, min(8, (os.cpu_count() or 1) // ranks - 1)) if device.type == "cuda" else 0
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise StarbucksError(f"encode.dataloader_workers = {value!r} must be auto or a whole number >= 0")
     return value
 
 
@@ -240,7 +211,7 @@ def encode_texts(model: EncodingModel, texts: Sequence[str], sizes: Sequence[Siz
         if progress is not None:
             progress.update(len(rows))
 
-    with torch.inference_mode(), autocast(device, precision):
+    with torch.inference_mode(), autocast_context(device, resolve_precision(precision, device, "encode.precision")):
         previous = None
         for rows, batch in loader:
             batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
@@ -299,7 +270,7 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
         raise StarbucksError("encode.shard_rows and encode.batch_size must be >= 1")
     work = worker_slice(enc.shard)
     progress = progress and local_rank() == 0  # one progress bar per machine
-    device = pick_device(str(enc.device))
+    device = resolve_device(enc.device, "encode.device")
     workers = loader_workers(enc.dataloader_workers, device)
     model = load_model(cfg, device)
     sizes = list(model.sizes.select(enc.sizes))

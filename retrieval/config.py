@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from retrieval.errors import StarbucksError
+from retrieval.settings import TEXT_OVERRIDES, validate_config
 from retrieval.sizes import SizeList
 
 DEFAULT_CONFIG = "configs/default.yaml"
@@ -37,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "query_prefix": "",
         "passage_prefix": "",
         "attn_implementation": "sdpa",
+        "packing": "auto",  # auto | true | false: a batch's real tokens as one unpadded sequence (auto: on CUDA with a varlen kernel)
     },
     # Ordered small -> large; each entry {name, layers, dim} or "LxD".
     "sizes": [
@@ -80,11 +82,21 @@ DEFAULTS: dict[str, Any] = {
         "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
         "gradient_checkpointing": False,
         "length_buckets": "auto",  # run a batch as N length-sorted sub-batches (auto: 1 per 131,072 padded tokens on GPU, 1 on CPU)
+        "grad_cache": False,  # gradient caching: the whole batch's loss, activations of one chunk at a time (docs/training.md)
+        "grad_cache_chunk": 32,  # texts (queries or passages) per re-run chunk under train.grad_cache
         "save_steps": 500,  # checkpoint every N steps (and at the end) under <output_dir>/checkpoints
         "save_total_limit": 2,  # keep the newest N checkpoints (0: all)
         "logging_steps": 10,
         "dataloader_workers": 0,
         "resume": True,  # continue from the newest checkpoint; false: delete the checkpoints, start over
+        "eval_steps": None,  # validate every size every N steps (None: no validation during training)
+        "eval_split": "dev",  # a data.eval_splits entry
+        "eval_queries": 200,  # judged queries sampled (seeded) from the split (None: all)
+        "eval_metric": "RR@10",  # ir_measures name, logged as eval/<size>/<metric>
+        "eval_candidates": "auto",  # corpus | N: per query its judged passages + BM25 + random up to N | auto (corpus up to 20,000 passages, else 1000)
+        "keep_best": None,  # avg | <size name>: the final model is the checkpoint with the best eval_metric there
+        "early_stopping_patience": None,  # stop after N validations without a new best (needs keep_best)
+        "report_to": "none",  # none | tensorboard | wandb | mlflow | ... (accelerate trackers; comma list for several)
     },
     "pretrain": {
         "text": "data/debian-pkgs/corpus.jsonl.gz",  # local .txt/.jsonl[.gz] or hf:<dataset id>
@@ -209,22 +221,47 @@ def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] 
     cfg = OmegaConf.create(DEFAULTS)
     if path is not None:
         cfg = _merge(cfg, _read_yaml(Path(path)))
-    overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise StarbucksError(f"override {item!r} is not key=value (example: train.lr=1e-4)")
-    try:
-        dot = OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
-    except OmegaConfBaseException as err:
-        raise StarbucksError(f"cannot parse overrides {overrides}: {err}") from None
+    dot = _parse_overrides(list(overrides))
     _check_keys(dot, DEFAULTS, "", "the command line")
-    cfg = OmegaConf.merge(cfg, dot)
+    cfg = OmegaConf.merge(cfg, dot)  # entry by entry: `data.eval_splits.dev=...` keeps the other splits
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as err:
         raise StarbucksError(f"config interpolation failed: {err}") from None
+    _drop_removed_entries(cfg)
+    validate_config(cfg, DEFAULTS, OPEN_KEYS)
     sizes_of(cfg)  # validate early
     return cfg
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    """`key=value` items as a nested dict (OmegaConf dotlist syntax); keys that hold names keep their
+    value as written (`encode.sizes=0x32` is a size, not the hex number 50)."""
+    parsed, literal = [], {}
+    for item in overrides:
+        if "=" not in item:
+            raise StarbucksError(f"override {item!r} is not key=value (example: train.learning_rate=1e-4)")
+        key, value = item.split("=", 1)
+        if key.strip() in TEXT_OVERRIDES and value.strip() not in ("null", "") and not value.lstrip().startswith("["):
+            literal[key.strip()] = value.strip()
+        else:
+            parsed.append(item)
+    try:
+        dot = OmegaConf.from_dotlist(parsed)
+        for key, value in literal.items():
+            OmegaConf.update(dot, key, value, force_add=True)
+    except OmegaConfBaseException as err:
+        raise StarbucksError(f"cannot parse overrides {overrides}: {err}") from None
+    return OmegaConf.to_container(dot)
+
+
+def _drop_removed_entries(cfg: DictConfig) -> None:
+    """`null` removes an entry of an open mapping (`data.eval_splits.dev=null` drops an inherited split)."""
+    for key in OPEN_KEYS:
+        mapping = OmegaConf.select(cfg, key)
+        if isinstance(mapping, DictConfig):
+            for name in [k for k, v in mapping.items() if v is None]:
+                del mapping[name]
 
 
 def sizes_of(cfg: DictConfig) -> SizeList:
@@ -232,7 +269,7 @@ def sizes_of(cfg: DictConfig) -> SizeList:
     entries = cfg.sizes
     if isinstance(entries, (ListConfig, DictConfig)):
         entries = OmegaConf.to_container(entries)
-    return SizeList.from_config(entries)
+    return SizeList.from_config(entries).require_ordered("sizes")
 
 
 @dataclass(frozen=True)

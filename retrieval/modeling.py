@@ -20,6 +20,8 @@ from torch import nn
 
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json
+from retrieval.settings import first_line
+from retrieval.packing import check_packing, packed_hidden_states, use_packing
 from retrieval.sizes import Size, SizeList, check_size
 
 META_FILE = "starbucks.json"
@@ -86,6 +88,7 @@ class StarbucksEncoder(nn.Module):
         self.pooling = pooling
         self.normalize = bool(normalize)
         self.length_buckets = 1  # `embed`: sub-batches by length, 0: by token count (train.length_buckets)
+        self.packing = "auto"  # `embed`: packed batches (model.packing, see retrieval.packing): auto | True | False
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # unused; would leave parameters without gradients under DDP
         holder, self._attr = _layer_holder(backbone)
@@ -106,6 +109,14 @@ class StarbucksEncoder(nn.Module):
     @property
     def hidden_size(self) -> int:
         return int(self.backbone.config.hidden_size)
+
+    @property
+    def packing(self):
+        return self._packing
+
+    @packing.setter
+    def packing(self, value) -> None:
+        self._packing = check_packing(value)
 
     @property
     def config(self):
@@ -176,9 +187,10 @@ class StarbucksEncoder(nn.Module):
         else:
             mask = attention_mask.unsqueeze(-1).to(states.dtype)
             vec = (states * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if self.normalize:
-            vec = nn.functional.normalize(vec.float(), dim=-1).to(vec.dtype)
-        return vec
+        return self._normalized(vec)
+
+    def _normalized(self, vec: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(vec.float(), dim=-1).to(vec.dtype) if self.normalize else vec
 
     def embed(self, batch: Mapping[str, torch.Tensor], sizes: Sequence[Size]) -> dict[Size, torch.Tensor]:
         """One `(B, dim)` embedding per size, in the order given; one pass to the deepest layer.
@@ -187,8 +199,14 @@ class StarbucksEncoder(nn.Module):
         each padded only to its own longest row: the same embeddings (padding is masked out) for
         fewer padded tokens and less activation memory, which pays when lengths vary (training
         batches of passages) and the batch is large (each sub-batch costs its own kernel launches).
-        `length_buckets = 0`: one sub-batch per `BUCKET_TOKENS` padded tokens of the batch."""
+        `length_buckets = 0`: one sub-batch per `BUCKET_TOKENS` padded tokens of the batch.
+
+        Packed (`packing`, see `retrieval.packing`): the batch's real tokens run as one sequence, no
+        padding anywhere but inside the attention of the CPU path; the same embeddings."""
         sizes = [self.check(s) for s in sizes]
+        if use_packing(self.packing, self.backbone, batch["input_ids"].device):
+            packed, states = packed_hidden_states(self.backbone, self.layers, batch, sorted({s.layers for s in sizes}))
+            return {s: self._normalized(packed.pool(states[s.layers][:, :s.dim], self.pooling)) for s in sizes}
         mask = batch["attention_mask"]
         buckets = self.length_buckets or -(-mask.numel() // BUCKET_TOKENS)  # 0: by the padded token count
         buckets = min(buckets, len(mask) // 8)  # sub-batches of at least 8 rows
@@ -283,9 +301,8 @@ def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", t
         model = _from_pretrained(auto_class or AutoModel, path, kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise StarbucksError(
-            f"cannot load model {name_or_path!r}: {first}. Give a local directory or a reachable hub id (model.name_or_path)"
+            f"cannot load model {name_or_path!r}: {first_line(err)}. Give a local directory or a reachable hub id (model.name_or_path)"
         ) from None
     return model, tokenizer
 
@@ -302,6 +319,19 @@ def load_encoder(name_or_path: str, pooling: str | None = None, normalize: bool 
         normalize=normalize if normalize is not None else meta.get("normalize", False),
     )
     return encoder, tokenizer, meta
+
+
+def model_shape(name_or_path: str) -> tuple[int, int]:
+    """`(layers, hidden size)` from the model's config, without loading weights."""
+    from transformers import AutoConfig
+
+    if name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
+        raise StarbucksError(f"model directory {name_or_path} not found; train it first or fix model.name_or_path")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
+    except (OSError, ValueError) as err:
+        raise StarbucksError(f"cannot load model {name_or_path!r}: {first_line(err)}; set model.name_or_path") from None
+    return int(config.num_hidden_layers), int(config.hidden_size)
 
 
 def meta_sizes(meta: Mapping) -> SizeList | None:

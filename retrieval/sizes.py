@@ -103,6 +103,17 @@ class SizeList(Sequence[Size]):
                 return self
         return SizeList(self.get(s) for s in specs)
 
+    def require_ordered(self, what: str = "sizes") -> "SizeList":
+        """Refuse a list that is not ordered small to large (layers and dims never decrease, no size
+        twice), naming the first pair out of order."""
+        for a, b in zip(self._sizes, self._sizes[1:]):
+            if b.layers < a.layers or b.dim < a.dim or (a.layers, a.dim) == (b.layers, b.dim):
+                raise StarbucksError(
+                    f"{what} must be ordered small to large (layers and dims increasing): {b} comes after {a}; "
+                    f"reorder the list"
+                )
+        return self
+
     def validate(self, num_layers: int, hidden: int, model_name: str = "the model") -> "SizeList":
         """Raise a clear error if a size asks for more layers or dims than the model has."""
         for s in self._sizes:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import faiss
 
 from retrieval.errors import StarbucksError
+from retrieval.settings import first_line
 
 EXACT = "Flat"
 
 
 def faiss_reason(err: Exception) -> str:
     """The useful part of a FAISS C++ error ("... failed: <reason>")."""
-    line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    line = first_line(err)
     for marker in ("failed: ", "Error: "):
         if marker in line:
             return line.split(marker, 1)[1]

@@ -20,6 +20,7 @@ from typing import Iterator
 
 import faiss
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -28,6 +29,7 @@ from retrieval.errors import StarbucksError
 from retrieval.exact_search import ExactSearcher, TopK, faiss_search, to_gpu
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
+from retrieval.settings import resolve_device, resolve_precision, whole_number
 from retrieval.runfile import read_run_record, run_path, write_run
 from retrieval.store import EmbeddingStore, select_stores
 from search.backends import EXACT, faiss_reason, make_index, set_params
@@ -36,18 +38,17 @@ INDEX_VERSION = 1
 # What identifies the passage vectors of a store: a saved index or run made from other values is stale
 # (same weights and ids but, say, another pooling or max_length give other vectors).
 PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "count")
-_DTYPES = {"fp16": "float16", "float16": "float16", "fp32": "float32", "float32": "float32"}
+_DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 
 def topk_block(value, device: str) -> int | None:
     """`search.topk_block`: auto (32 on a GPU, where one wide `torch.topk` is the slow part of exact
     search; a plain top-k on the CPU), a whole number >= 2, or null/0 (a plain `torch.topk`)."""
+    if value == 0:
+        return None
+    value = whole_number(value, "search.topk_block", 2, allow_none=True, auto=True)
     if value == "auto":
         return 32 if device.startswith("cuda") else None
-    if value in (None, 0):
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise StarbucksError(f"search.topk_block = {value!r} must be auto, null or a whole number >= 2")
     return value
 
 
@@ -77,14 +78,7 @@ class SearchSettings:
     def from_config(cls, cfg: DictConfig) -> "SearchSettings":
         """Resolve `auto` device/backend: FAISS on CPU, FAISS GPU if built with it, else torch on CUDA."""
         s = cfg.search
-        device = str(s.device)
-        if device == "auto" or device.startswith("cuda"):
-            import torch
-
-            if device == "auto":
-                device = "cuda" if torch.cuda.is_available() else "cpu"
-            elif not torch.cuda.is_available():
-                raise StarbucksError(f"search.device = {device!r} but CUDA is not available; use search.device=cpu")
+        device = str(resolve_device(s.device, "search.device"))
         gpus = faiss.get_num_gpus() if device.startswith("cuda") else 0
         exact = str(s.index).strip() == EXACT
         backend = str(s.backend)
@@ -95,9 +89,7 @@ class SearchSettings:
         if backend == "torch" and not exact:
             raise StarbucksError(f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; "
                                  f"set search.backend=faiss")
-        dtype = str(s.torch_dtype)
-        if dtype == "auto":
-            dtype = "float16" if device.startswith("cuda") else "float32"
+        dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype")
         if dtype not in _DTYPES:
             raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
         depth = int(s.depth)

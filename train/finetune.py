@@ -7,19 +7,22 @@ to the shared loop (`train.trainer.fit`).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import TrainGroup, load_train_groups
 from retrieval.errors import StarbucksError
+from retrieval.settings import whole_number
 from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path
+from retrieval.modeling import StarbucksEncoder, load_encoder, model_shape
+from retrieval.sizes import Size
 from train.data import GroupCollator, GroupDataset
+from train.flops import retrieval_step_flops
 from train.methods import MethodPlan, plan_method
 from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
 
@@ -53,32 +56,30 @@ class RetrievalTask:
         data = OmegaConf.to_container(cfg.data, resolve=True)
         self._fingerprint = config_fingerprint(cfg, data={k: v for k, v in data.items() if k != "eval_splits"})
 
+    def embedding_inputs(self, batch: dict, step: int) -> tuple[dict[str, dict], list[Size]]:
+        """The texts a step embeds and the sizes it visits (gradient caching embeds them chunk by chunk)."""
+        return {"queries": batch["queries"], "passages": batch["passages"]}, self.plan.schedule.at(step)
+
+    def embedding_loss(self, embeddings: dict[str, dict[Size, Tensor]], sizes: list[Size]) -> LossOutput:
+        return self.loss(embeddings["queries"], embeddings["passages"], sizes)
+
     def compute_loss(self, model, batch: dict, step: int) -> LossOutput:
-        sizes = self.plan.schedule.at(step)
-        return self.loss(model(batch["queries"], sizes), model(batch["passages"], sizes), sizes)
+        inputs, sizes = self.embedding_inputs(batch, step)
+        return self.embedding_loss({name: model(texts, sizes) for name, texts in inputs.items()}, sizes)
 
     def batch_examples(self, batch: dict) -> int:
         return len(batch["queries"]["input_ids"])
+
+    def step_flops(self, batch: dict, step: int) -> int:
+        world = self.loss.gather.world_size if self.loss.gather is not None else 1
+        return retrieval_step_flops(self.model.config, batch["queries"]["attention_mask"],
+                                    batch["passages"]["attention_mask"], self.plan.schedule.at(step), world)
 
     def save_model(self, model: StarbucksEncoder, directory: Path, step: int) -> None:
         model.save(directory, self.tokenizer, {**self.meta, "step": step})
 
     def fingerprint(self) -> dict:
         return self._fingerprint
-
-
-def model_shape(name_or_path: str) -> tuple[int, int]:
-    """`(layers, hidden size)` from the model's config, without loading weights."""
-    from transformers import AutoConfig
-
-    if name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise StarbucksError(f"model directory {name_or_path} not found; train it first or fix model.name_or_path")
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-    except (OSError, ValueError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise StarbucksError(f"cannot load model {name_or_path!r}: {first}; set model.name_or_path") from None
-    return int(config.num_hidden_layers), int(config.hidden_size)
 
 
 def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> int:
@@ -107,12 +108,11 @@ def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> 
 def length_buckets(value) -> int:
     """`train.length_buckets`: a whole number >= 1, or auto (on a GPU 0: one length-sorted sub-batch
     per `BUCKET_TOKENS` padded tokens of a batch; 1 on the CPU)."""
-    if value in (None, "auto"):
+    value = whole_number(value, "train.length_buckets", 1, auto=True)
+    if value == "auto":
         import torch
 
         return 0 if torch.cuda.is_available() else 1
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise StarbucksError(f"train.length_buckets = {value!r} must be auto or a whole number >= 1")
     return value
 
 
@@ -140,6 +140,7 @@ def run_training(cfg) -> TrainResult:
     if plan.truncate_to:
         encoder.truncate_(plan.truncate_to)
     encoder.length_buckets = buckets
+    encoder.packing = m.packing
     task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg)
     paths = experiment_paths(cfg)
     return fit(task, settings, paths.root, paths.model)

@@ -16,9 +16,10 @@ import torch
 from omegaconf import OmegaConf
 
 from retrieval.cli import parse_stage_args, stage_parser
+from retrieval.modeling import model_shape
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.errors import cli_entry
-from train.finetune import model_shape
+from train.flops import smae_step_flops
 from train.masking import SMAECollator, WindowDataset, build_windows, iter_texts
 from train.smae import SMAE
 from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
@@ -52,6 +53,9 @@ class SMAETask:
 
     def batch_examples(self, batch: dict) -> int:
         return len(batch["input_ids"])
+
+    def step_flops(self, batch: dict, step: int) -> int:
+        return smae_step_flops(self.model.encoder.config, batch, self.model.sizes, len(self.model.decoder))
 
     def save_model(self, model: SMAE, directory: Path, step: int) -> None:
         model.save_encoder(directory, self.tokenizer, {**self.meta, "step": step})

@@ -40,9 +40,11 @@ from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
 from retrieval.seeds import derive_seed
+from retrieval.settings import accelerate_precision, resolve_precision
 from train.data import EpochSampler
+from train.gradcache import cached_backward
+from train.flops import RunCost
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 # transformers schedulers that need nothing but warm-up and total steps.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt")
@@ -63,7 +65,12 @@ def config_fingerprint(cfg, **sections) -> dict:
 
 
 class TrainTask(Protocol):
-    """What the loop trains. `compute_loss` runs under autocast; the loop handles the rest."""
+    """What the loop trains. `compute_loss` runs under autocast; the loop handles the rest.
+
+    A task that `train.grad_cache` can train also has `embedding_inputs(batch, step)` (the tokenised
+    texts to embed by name, and the sizes of the step) and `embedding_loss(embeddings, sizes)` (the
+    loss of `{name: {size: embeddings}}`); its `compute_loss` is `embedding_loss` of the model's
+    embeddings of `embedding_inputs`."""
 
     name: str  # shown in the progress bar and the summary
     examples_name: str  # what `batch_examples` counts, e.g. "queries"
@@ -79,6 +86,8 @@ class TrainTask(Protocol):
     def save_model(self, model: nn.Module, directory: Path, step: int) -> None: ...
 
     def fingerprint(self) -> dict: ...
+
+    def step_flops(self, batch: dict, step: int) -> int: ...  # model FLOPs of a micro-batch (train.flops)
 
 
 @dataclass
@@ -97,6 +106,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: bool = False
+    grad_cache: bool = False
+    grad_cache_chunk: int = 32
     save_steps: int = 500
     save_total_limit: int | None = 2
     logging_steps: int = 10
@@ -114,7 +125,7 @@ class TrainSettings:
     def check(self) -> None:
         """One clear line for a setting that cannot work."""
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "save_steps": self.save_steps,
-                    "logging_steps": self.logging_steps}
+                    "logging_steps": self.logging_steps, "grad_cache_chunk": self.grad_cache_chunk}
         for key, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise StarbucksError(f"train.{key} = {value!r} must be a whole number >= 1")
@@ -129,8 +140,6 @@ class TrainSettings:
             raise StarbucksError(f"train.learning_rate = {self.learning_rate} must be > 0")
         if not 0 <= self.warmup_ratio < 1:
             raise StarbucksError(f"train.warmup_ratio = {self.warmup_ratio} must be in [0, 1)")
-        if self.precision not in PRECISIONS:
-            raise StarbucksError(f"train.precision = {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         mixed_precision(self.precision, torch.cuda.is_available())
         if self.scheduler not in SCHEDULERS:
             raise StarbucksError(f"train.scheduler = {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
@@ -161,13 +170,8 @@ def distributed_state():
 
 def mixed_precision(precision: str, cuda: bool) -> str:
     """accelerate's `mixed_precision` for `train.precision` (auto: bf16 on GPU, fp32 on CPU)."""
-    if precision == "auto":
-        if not cuda:
-            return "no"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if precision == "fp16" and not cuda:
-        raise StarbucksError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return {"fp32": "no"}.get(precision, precision)
+    device = torch.device("cuda" if cuda else "cpu")
+    return accelerate_precision(resolve_precision(precision, device, "train.precision", "bf16", cpu_fp16=False))
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
@@ -298,6 +302,9 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
     loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
     fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
 
+    if settings.grad_cache and not hasattr(task, "embedding_inputs"):
+        raise StarbucksError(f"train.grad_cache applies to fine-tuning (srl, 2dmse, separate, full), not {task.name}; "
+                             "remove it (use train.gradient_checkpointing or train.grad_accum to save memory)")
     latest = resumable_checkpoint(checkpoints, fingerprint) if settings.resume else None
     if main:
         checkpoints.clear_staging()
@@ -341,12 +348,15 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
     log = TrainLog(run_dir / LOG_FILE, start, main)
     if latest is not None and "log_window" in read_state(latest):
         log.restore(read_state(latest)["log_window"])
+    cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
 
     def save_checkpoint(step: int) -> Path:
         staging = checkpoints.staging(step)
         accelerator.save_state(str(staging / "state"))
         window = log.window(accelerator)
+        spent = cost.record(step, time.perf_counter() - started)
         if main:
+            cost.save(staging, spent)
             task.save_model(accelerator.unwrap_model(model), staging / "model", step)
             atomic_write_json(staging / "trainer_state.json", {
                 "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
@@ -368,7 +378,7 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
             sampler.set_epoch(epoch)
             skip = offset * settings.grad_accum
             batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
-        step_terms, step_examples = accumulate_gradients(accelerator, task, model, batches, step, settings)
+        step_terms, step_examples = accumulate_gradients(accelerator, task, model, batches, step, settings, cost)
         examples += step_examples
         if settings.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
@@ -398,29 +408,38 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
         replace_dir(staging, model_dir)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
+    spent = cost.record(total, seconds if start < total else 0.0)
     result = TrainResult(start, total, seconds, examples, first_loss, last_loss, model_dir, checkpoint)
     if main:
+        cost.write_summary(run_dir, spent, task=task.name)
         print(summary_line(task, result), flush=True)
     return result
 
 
 def accumulate_gradients(accelerator: Accelerator, task: TrainTask, model: nn.Module, batches, step: int,
-                         settings: TrainSettings) -> tuple[dict[str, float], int]:
-    """Backpropagate the step's `grad_accum` micro-batches (DDP syncs on the last); their mean terms and examples."""
+                         settings: TrainSettings, cost: RunCost) -> tuple[dict[str, float], int]:
+    """Backpropagate the step's `grad_accum` micro-batches (DDP syncs on the last); their mean terms and
+    examples. Their model FLOPs go to `cost`."""
     terms: dict[str, float] = {}
     examples = 0
     for micro in range(settings.grad_accum):
         batch = next(batches)
         torch.manual_seed(derive_seed(settings.seed, "step", step, micro, accelerator.process_index))
         last = micro == settings.grad_accum - 1
-        with contextlib.nullcontext() if last else accelerator.no_sync(model):
-            with accelerator.autocast():
-                out = task.compute_loss(model, batch, step)
-            accelerator.backward(out.loss / settings.grad_accum)
+        if settings.grad_cache:
+            inputs, sizes = task.embedding_inputs(batch, step)
+            out = cached_backward(accelerator, model, inputs, sizes, lambda emb: task.embedding_loss(emb, sizes),
+                                  settings.grad_cache_chunk, 1 / settings.grad_accum, sync=last)
+        else:
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    out = task.compute_loss(model, batch, step)
+                accelerator.backward(out.loss / settings.grad_accum)
         values = torch.stack([v.float() for v in out.terms.values()]).tolist()  # one device sync
         for k, v in zip(out.terms, values):
             terms[k] = terms.get(k, 0.0) + v / settings.grad_accum
         examples += task.batch_examples(batch) * accelerator.num_processes
+        cost.add(task.step_flops(batch, step))
     return terms, examples
 
 
