@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import REPO, tiny_bert
 from retrieval.config import load_config
+from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
 from retrieval.modeling import StarbucksEncoder, load_encoder, read_meta, resolve_model_path
 from retrieval.sizes import Size, SizeList
@@ -319,6 +320,10 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, co
     for key in ("loss", "ce/4x32", "grad_norm"):
         assert resumed_log[1][key] == pytest.approx(straight_log[1][key], rel=1e-6), key
     assert [r["loss"] for r in resumed_log] == pytest.approx([r["loss"] for r in straight_log])
+    # the cost record adds up the invocations: the same steps and FLOPs as the uninterrupted run
+    straight_cost, resumed_cost = read_train_summary(tmp_path / "straight"), read_train_summary(run)
+    assert straight_cost["flops"] > 0 and straight_cost["device"] == "cpu" and straight_cost["seconds"] > 0
+    assert (resumed_cost["steps"], resumed_cost["flops"]) == (5, straight_cost["flops"])
 
 
 def test_rerun_of_a_finished_run_and_changed_settings(tmp_path, tiny_model, collection, capsys):
