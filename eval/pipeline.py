@@ -17,13 +17,14 @@ from omegaconf import DictConfig
 
 from eval.report import markdown_table, plot_measures, size_label, text_table, write_csv
 from retrieval.config import experiment_paths
-from retrieval.data import EvalSplit, load_eval_splits
+from retrieval.data import EvalSplit, check_coverage, load_eval_splits, qrels_coverage
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.names import parse_names
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
-from retrieval.runfile import find_runs, read_run
+from retrieval.runfile import find_runs, read_run, verified_run
 from retrieval.sizes import Size
+from retrieval.store import EmbeddingStore
 
 
 @dataclass
@@ -31,6 +32,8 @@ class SizeResult:
     size: Size
     run: Path
     evaluation: Evaluation
+    run_queries: int = 0  # judged queries of the split that the run ranks anything for
+    coverage: dict | None = None  # the qrels' relevant passages against the searched corpus (None: unknown)
 
 
 def rel_level(cfg: DictConfig, split: str) -> int:
@@ -67,9 +70,39 @@ def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[t
     return picked
 
 
+def _coverage(record: dict | None, split: EvalSplit) -> dict | None:
+    """The split's relevant passages against the corpus the run searched: from the embedding store the
+    record names when it is still there, else the numbers search recorded."""
+    record = record or {}
+    store = EmbeddingStore(record["embeddings"]) if record.get("embeddings") else None
+    meta = store.read_meta() if store is not None else None
+    if meta and meta.get("complete") and meta.get("ids_sha256") == record.get("passages", {}).get("ids_sha256"):
+        return qrels_coverage(split.qrels, set(store.ids()))
+    return record.get("qrels_coverage")
+
+
+def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[str], level: int) -> SizeResult:
+    """Evaluate one run file after checking it is the file search wrote and covers what it should:
+    qrels with none of their passages in the corpus are refused, missing passages and queries the run
+    does not rank are warned about (and counted in the result)."""
+    record = verified_run(path)
+    coverage = _coverage(record, split)
+    if coverage is not None:
+        warning = check_coverage(split.name, coverage, "searched")
+        if warning:
+            print(f"eval: warning: {path.name}: {warning}", file=sys.stderr)
+    run = read_run(path)
+    covered = sum(1 for q in split.qrels if run.get(q))
+    if covered < len(split.qrels):
+        print(f"eval: warning: {path} ranks passages for {covered} of the {len(split.qrels)} judged queries of split "
+              f"{split.name!r}; the others count as 0: re-run `python -m search` if that is not intended",
+              file=sys.stderr)
+    return SizeResult(size, path, evaluate(run, split.qrels, measures, level), covered, coverage)
+
+
 def evaluate_runs(runs: Sequence[tuple[Size, Path]], split: EvalSplit, measures: Sequence[str],
                   level: int) -> list[SizeResult]:
-    return [SizeResult(size, path, evaluate(read_run(path), split.qrels, measures, level)) for size, path in runs]
+    return [evaluate_run(size, path, split, measures, level) for size, path in runs]
 
 
 def _measures(cfg: DictConfig) -> list[str]:
@@ -107,8 +140,11 @@ def evaluate_experiment(cfg: DictConfig) -> dict[str, list[SizeResult]]:
                    for r in results])
         atomic_write_json(base.with_suffix(".json"), {
             "experiment": str(cfg.name), "split": name, "rel_level": level, "queries": len(split.qrels),
+            "qrels_coverage": next((r.coverage for r in results if r.coverage is not None), None),
             "measures": {m: str(x) for m, x in results[0].evaluation.measures.items()} if results else {},
             "sizes": [{"size": r.size.name, "layers": r.size.layers, "dim": r.size.dim, "run": str(r.run),
+                       "run_queries": r.run_queries,
+                       "relevant_missing": None if r.coverage is None else r.coverage["missing"],
                        "metrics": r.evaluation.aggregate} for r in results],
         })
         if cfg.eval.plot and results:

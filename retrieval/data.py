@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Mapping
 
 from retrieval.errors import StarbucksError
-from retrieval.io import open_text, read_jsonl
+from retrieval.io import iter_lines, read_jsonl
 from retrieval.names import parse_names
 
 Qrels = dict[str, dict[str, int]]
@@ -67,39 +67,55 @@ def _corpus_file(source: str) -> Path:
 
 
 def _iter_tsv(path: Path, what: str, columns: int = 2) -> Iterator[tuple[int, list[str]]]:
-    with open_text(path, what) as f:
-        for lineno, line in enumerate(f, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            parts = line.split("\t")
-            if len(parts) < columns:
-                raise StarbucksError(
-                    f"{path} line {lineno}: expected {columns} tab-separated columns, got {len(parts)}; fix that line"
-                )
-            yield lineno, parts
+    for lineno, line in iter_lines(path, what):
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) < columns:
+            raise StarbucksError(
+                f"{path} line {lineno}: expected {columns} tab-separated columns, got {len(parts)}; fix that line"
+            )
+        yield lineno, parts
 
 
-def _iter_id_text_jsonl(path: Path, what: str, text_key: str = "text") -> Iterator[tuple[str, str]]:
+def _iter_id_text_jsonl(path: Path, what: str, text_key: str = "text") -> Iterator[tuple[int, str, str]]:
     for lineno, obj in read_jsonl(path, what):
         if "_id" not in obj or text_key not in obj:
             raise StarbucksError(f"{path} line {lineno}: a {what} row needs '_id' and '{text_key}' fields")
-        yield str(obj["_id"]), _passage_text(obj.get("title"), obj[text_key])
+        yield lineno, str(obj["_id"]), _passage_text(obj.get("title"), obj[text_key])
 
 
-def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
-    """Stream `(doc_id, text)` pairs of a corpus (title and text joined when there is a title)."""
+def _corpus_rows(source: str) -> Iterator[tuple[str, str, str]]:
+    """`(where, doc_id, text)`: where is "<file> line N" or "<source> record N"."""
     if source.startswith(IRDS):
         ds = _irds(source[len(IRDS):])
-        for doc in ds.docs_iter():
-            yield doc.doc_id, _passage_text(getattr(doc, "title", None), doc.text)
+        for n, doc in enumerate(ds.docs_iter(), 1):
+            yield f"{source} record {n}", doc.doc_id, _passage_text(getattr(doc, "title", None), doc.text)
         return
     path = _corpus_file(source)
     if ".jsonl" in path.name:
-        yield from _iter_id_text_jsonl(path, "corpus")
+        for lineno, doc_id, text in _iter_id_text_jsonl(path, "corpus"):
+            yield f"{path} line {lineno}", doc_id, text
     else:
-        for _, parts in _iter_tsv(path, "corpus"):
-            yield parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1])
+        for lineno, parts in _iter_tsv(path, "corpus"):
+            yield f"{path} line {lineno}", parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1])
+
+
+def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
+    """Stream `(doc_id, text)` pairs of a corpus (title and text joined when there is a title).
+
+    A passage id seen twice (its run files would list one passage twice) and a corpus without
+    passages are refused: the first at the line of the second occurrence, the second at the end."""
+    seen: set[str] = set()
+    for where, doc_id, text in _corpus_rows(source):
+        if doc_id in seen:
+            raise StarbucksError(f"{where}: passage id {doc_id!r} appears a second time; passage ids must be "
+                                 f"unique: remove or rename the duplicate")
+        seen.add(doc_id)
+        yield doc_id, text
+    if not seen:
+        raise StarbucksError(f"corpus {source} holds no passages; point data.corpus at a non-empty collection")
 
 
 def corpus_size(source: str) -> int | None:
@@ -111,12 +127,7 @@ def corpus_size(source: str) -> int | None:
 
 def load_corpus(source: str) -> dict[str, str]:
     """The whole corpus as `{doc_id: text}` (for training-group lookups; small collections)."""
-    corpus: dict[str, str] = {}
-    for doc_id, text in iter_corpus(source):
-        if doc_id in corpus:
-            raise StarbucksError(f"corpus {source} has the id {doc_id!r} twice; ids must be unique")
-        corpus[doc_id] = text
-    return corpus
+    return dict(iter_corpus(source))
 
 
 # ---------------------------------------------------------------- queries and qrels
@@ -126,7 +137,7 @@ def read_queries_file(path: str | os.PathLike) -> dict[str, str]:
     """Queries from BEIR `queries.jsonl[.gz]` or a TREC/MS MARCO topics TSV (`qid<TAB>text`)."""
     path = Path(path)
     if ".jsonl" in path.name:
-        return dict(_iter_id_text_jsonl(path, "queries"))
+        return {qid: text for _, qid, text in _iter_id_text_jsonl(path, "queries")}
     return {parts[0].strip(): parts[1].strip() for _, parts in _iter_tsv(path, "topics")}
 
 
@@ -135,23 +146,22 @@ def read_qrels_file(path: str | os.PathLike) -> Qrels:
     path = Path(path)
     qrels: Qrels = {}
     width = None  # fields per line, fixed by the first data line: 3 (BEIR) or 4 (TREC)
-    with open_text(path, "qrels") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if width is None and parts[0] in ("query-id", "query_id", "qid"):
-                continue  # BEIR header
-            if width is None and len(parts) in (3, 4):
-                width = len(parts)
-            if len(parts) != width:
-                want = "'qid 0 docid rel' (TREC)" if width == 4 else "'qid docid rel' (BEIR)"
-                raise StarbucksError(f"{path} line {lineno}: expected {want}, got {len(parts)} fields")
-            qid, did, rel = (parts[0], parts[2], parts[3]) if width == 4 else parts
-            try:
-                qrels.setdefault(qid, {})[did] = int(float(rel))
-            except ValueError:
-                raise StarbucksError(f"{path} line {lineno}: relevance {rel!r} is not a number") from None
+    for lineno, line in iter_lines(path, "qrels"):
+        parts = line.split()
+        if not parts:
+            continue
+        if width is None and parts[0] in ("query-id", "query_id", "qid"):
+            continue  # BEIR header
+        if width is None and len(parts) in (3, 4):
+            width = len(parts)
+        if len(parts) != width:
+            want = "'qid 0 docid rel' (TREC)" if width == 4 else "'qid docid rel' (BEIR)"
+            raise StarbucksError(f"{path} line {lineno}: expected {want}, got {len(parts)} fields")
+        qid, did, rel = (parts[0], parts[2], parts[3]) if width == 4 else parts
+        try:
+            qrels.setdefault(qid, {})[did] = int(float(rel))
+        except ValueError:
+            raise StarbucksError(f"{path} line {lineno}: relevance {rel!r} is not a number") from None
     return qrels
 
 
@@ -311,3 +321,28 @@ def sample_negatives(group: TrainGroup, count: int, epoch: int, seed: int) -> li
     random.Random(f"{seed}:{group.query_id}").shuffle(order)
     start = (epoch * count) % len(order)
     return [negs[order[(start + i) % len(order)]] for i in range(count)]
+
+
+# ---------------------------------------------------------------- qrels against a corpus
+
+
+def qrels_coverage(qrels: Qrels, passage_ids) -> dict:
+    """How many of the qrels' relevant passages (relevance > 0) are in a corpus (`passage_ids`: a set)."""
+    relevant = sorted({d for docs in qrels.values() for d, rel in docs.items() if rel > 0})
+    missing = [d for d in relevant if d not in passage_ids]
+    return {"relevant": len(relevant), "missing": len(missing), "first_missing": missing[0] if missing else None}
+
+
+def check_coverage(split: str, coverage: dict, corpus: str) -> str | None:
+    """Refuse qrels none of whose relevant passages is in the corpus; a warning line when some are missing."""
+    relevant, missing = coverage["relevant"], coverage["missing"]
+    if relevant and missing == relevant:
+        raise StarbucksError(
+            f"split {split!r}: none of its {relevant} relevant passages is in the corpus {corpus} (first: "
+            f"{coverage['first_missing']!r}); its qrels belong to another collection: fix data.eval_splits.{split} "
+            f"or data.corpus"
+        )
+    if missing:
+        return (f"split {split!r}: {missing} of its {relevant} relevant passages are not in the corpus {corpus} "
+                f"(first: {coverage['first_missing']!r}); scores on this split are capped below their true value")
+    return None

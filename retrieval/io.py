@@ -29,19 +29,36 @@ def open_text(path: str | os.PathLike, what: str = "file") -> IO[str]:
     return open(p, encoding="utf-8")
 
 
+def iter_lines(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, str]]:
+    """`(line_number, line)` of a UTF-8 text file (`.gz` decompressed); a byte that is not UTF-8 is one
+    line naming the file, the line and the byte offset."""
+    p = require_file(path, what)
+    offset = 0
+    with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                where = " of the decompressed text" if p.suffix == ".gz" else ""
+                raise StarbucksError(
+                    f"{p} line {lineno}: byte 0x{raw[err.start]:02x} at byte offset {offset + err.start}{where} is not "
+                    f"UTF-8; re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                ) from None
+            offset += len(raw)
+
+
 def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, object)` for each non-blank line; a bad line is a clear error."""
-    with open_text(path, what) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise StarbucksError(f"{path} line {lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
-            if not isinstance(obj, dict):
-                raise StarbucksError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in iter_lines(path, what):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise StarbucksError(f"{path} line {lineno}: not valid JSON ({err.msg}); fix or remove that line") from None
+        if not isinstance(obj, dict):
+            raise StarbucksError(f"{path} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 @contextlib.contextmanager

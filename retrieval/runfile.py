@@ -9,13 +9,14 @@ tells eval the size's layers and dims.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from retrieval.errors import StarbucksError
-from retrieval.io import atomic_path, open_text
+from retrieval.io import atomic_path, atomic_write_json, iter_lines
 from retrieval.sizes import Size, parse_size
 
 RUN_SUFFIX = ".trec"
@@ -47,20 +48,19 @@ def read_run(path: str | os.PathLike) -> Run:
     """`{qid: {docid: score}}` from a TREC run file (`.gz` read transparently)."""
     path = Path(path)
     run: Run = {}
-    with open_text(path, "run file") as f:
-        for lineno, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) != 6:
-                raise StarbucksError(
-                    f"{path} line {lineno}: expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}"
-                )
-            qid, _, docid, _, score, _ = parts
-            try:
-                run.setdefault(qid, {})[docid] = float(score)
-            except ValueError:
-                raise StarbucksError(f"{path} line {lineno}: score {score!r} is not a number") from None
+    for lineno, line in iter_lines(path, "run file"):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 6:
+            raise StarbucksError(
+                f"{path} line {lineno}: expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}"
+            )
+        qid, _, docid, _, score, _ = parts
+        try:
+            run.setdefault(qid, {})[docid] = float(score)
+        except ValueError:
+            raise StarbucksError(f"{path} line {lineno}: score {score!r} is not a number") from None
     return run
 
 
@@ -77,13 +77,64 @@ def run_stem(path: str | os.PathLike) -> str:
     return Path(path).stem
 
 
+def record_path(path: str | os.PathLike) -> Path:
+    """Where the record of a run file lives: `<size>.json` beside `<size>.trec[.gz]`."""
+    return Path(path).parent / f"{run_stem(path)}.json"
+
+
 def read_run_record(path: str | os.PathLike) -> dict | None:
     """The record beside a run file (None if there is none or it is unreadable)."""
-    p = Path(path).parent / f"{run_stem(path)}.json"
     try:
-        return json.loads(p.read_text())
+        return json.loads(record_path(path).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def run_file_summary(path: str | os.PathLike) -> dict:
+    """What identifies a run file's content: sha256 of its bytes, its lines and its queries."""
+    sha, lines, queries = hashlib.sha256(), 0, set()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    for _, line in iter_lines(path, "run file"):
+        if line.strip():
+            lines += 1
+            queries.add(line.split(None, 1)[0])
+    return {"sha256": sha.hexdigest(), "lines": lines, "queries": len(queries)}
+
+
+def write_run_record(path: str | os.PathLike, record: dict) -> dict:
+    """Write the record of the run file at `path` (after the file): `record` plus the file's summary,
+    so that a later search or eval can tell the file is still the one written."""
+    full = {**record, "file": run_file_summary(path)}
+    atomic_write_json(record_path(path), full)
+    return full
+
+
+def check_run_file(path: str | os.PathLike, record: dict | None = None) -> str | None:
+    """None if the run file matches the summary in its record (or has no record to check against),
+    else what differs, in words."""
+    record = read_run_record(path) if record is None else record
+    saved = (record or {}).get("file")
+    if not saved:
+        return None
+    now = run_file_summary(path)
+    if now == saved:
+        return None
+    if now["queries"] != saved["queries"] or now["lines"] != saved["lines"]:
+        return (f"it holds {now['queries']} queries / {now['lines']} lines, but {saved['queries']} / {saved['lines']} "
+                f"were written")
+    return "its checksum differs from the one written"
+
+
+def verified_run(path: str | os.PathLike) -> dict | None:
+    """The record of a run file, after checking the file is the one written (one line if not)."""
+    record = read_run_record(path)
+    problem = check_run_file(path, record)
+    if problem:
+        raise StarbucksError(f"run file {path} is not the file search wrote: {problem}; it was cut or edited: "
+                             f"delete it and re-run `python -m search`")
+    return record
 
 
 def find_runs(runs_dir: str | os.PathLike, split: str) -> list[tuple[Size, Path]]:

@@ -30,7 +30,8 @@ from retrieval.exact_search import ExactSearcher, TopK, faiss_search, to_gpu
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
 from retrieval.settings import resolve_device, resolve_precision, whole_number
-from retrieval.runfile import read_run_record, run_path, write_run
+from retrieval.data import check_coverage, load_eval_splits, qrels_coverage
+from retrieval.runfile import check_run_file, read_run_record, run_path, write_run, write_run_record
 from retrieval.store import EmbeddingStore, select_stores
 from search.backends import EXACT, faiss_reason, make_index, set_params
 
@@ -260,22 +261,45 @@ def _splits_of(store: EmbeddingStore, spec) -> list[str]:
     return have if wanted is None else wanted
 
 
+def _split_coverage(cfg: DictConfig, split: str, store: EmbeddingStore, passage_ids: set[str]) -> dict | None:
+    """The split's qrels against the store's passages: an error when none is there, a warning when some are not."""
+    if split not in (cfg.data.eval_splits or {}):
+        return None  # queries of a split no longer configured: nothing to check against
+    qrels = load_eval_splits(cfg.data.eval_splits, [split])[split].qrels
+    coverage = qrels_coverage(qrels, passage_ids)
+    warning = check_coverage(split, coverage, f"of the embeddings in {store.dir}")
+    if warning:
+        print(f"search: warning: {warning}", file=sys.stderr)
+    return coverage
+
+
 def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
     """Search every selected size and split; returns the run files written (up-to-date ones are kept)."""
     settings = SearchSettings.from_config(cfg)
     paths = experiment_paths(cfg)
     tag = "_".join(str(cfg.name).split()) or "run"
     written = []
+    coverages: dict[tuple[str, str], dict | None] = {}  # (ids_sha256, split) -> coverage: stores share a corpus
     for store in select_stores(paths.embeddings, cfg.search.sizes):
         meta = store.require_complete()
+        passage_ids = store.ids()
+        id_set = None
         pending = []
         for split in _splits_of(store, cfg.search.splits):
             qids, qvecs, qmeta = store.load_queries(split)
+            if (meta["ids_sha256"], split) not in coverages:
+                id_set = id_set if id_set is not None else set(passage_ids)
+                coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_set)
             out = run_path(paths.runs, split, meta["size"])
-            record = _run_record(meta, qmeta, settings)
-            if out.is_file() and read_run_record(out) == record:
-                print(f"search: {out} is up to date", file=sys.stderr)
-                continue
+            record = {**_run_record(meta, qmeta, settings), "embeddings": str(store.dir),
+                      "qrels_coverage": coverages[meta["ids_sha256"], split]}
+            saved = read_run_record(out) if out.is_file() else None
+            if saved is not None and {k: v for k, v in saved.items() if k != "file"} == record:
+                problem = check_run_file(out, saved)
+                if problem is None:
+                    print(f"search: {out} is up to date", file=sys.stderr)
+                    continue
+                print(f"search: {out} is not the file written ({problem}); searching it again", file=sys.stderr)
             pending.append((qids, qvecs, out, record))
         if not pending:
             continue
@@ -283,7 +307,6 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
         queries = np.concatenate([q for _, q, _, _ in pending])
         scores, rows = search_store(store, queries, settings, paths.index, progress)
         seconds = time.perf_counter() - started
-        passage_ids = store.ids()
         start = 0
         for qids, _, out, record in pending:
             rankings = (
@@ -291,7 +314,7 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
                 for qid, i in zip(qids, range(start, start + len(qids)))
             )
             write_run(out, rankings, f"{tag}-{meta['size']}")
-            atomic_write_json(out.with_suffix(".json"), record)
+            write_run_record(out, record)
             written.append(out)
             start += len(qids)
         print(f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "

@@ -150,7 +150,9 @@ def test_bad_index_string_and_params_are_one_line_errors(tmp_path, data):
 
 
 def config(tmp_path, *overrides):
-    return load_config(None, [f"output_dir={tmp_path}", "name=exp", *overrides])
+    """The synthetic stores' splits have no qrels: the default collection's splits are removed."""
+    return load_config(None, [f"output_dir={tmp_path}", "name=exp", "data.eval_splits.dev=null",
+                              "data.eval_splits.test=null", *overrides])
 
 
 def test_settings_resolve_devices_and_refuse_impossible_choices(tmp_path):
