@@ -241,7 +241,10 @@ class StarbucksEncoder(nn.Module):
     # ------------------------------------------------------------ checkpoints
 
     def save(self, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None) -> None:
-        """Write the backbone as a plain HF model plus `starbucks.json` (into `directory`)."""
+        """Write the backbone as a plain HF model plus `starbucks.json` (into `directory`), with the
+        sentence-transformers module files and the model card (`retrieval.card.describe_model`)."""
+        from retrieval.card import describe_model
+
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backbone.save_pretrained(directory, safe_serialization=True)
@@ -250,6 +253,7 @@ class StarbucksEncoder(nn.Module):
         record = {"format_version": META_VERSION, "pooling": self.pooling, "normalize": self.normalize}
         record.update(meta or {})
         atomic_write_json(directory / META_FILE, record)
+        describe_model(directory, record, (self.num_layers, self.hidden_size))
 
 
 def read_meta(directory: str | os.PathLike) -> dict | None:

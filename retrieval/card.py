@@ -1,0 +1,208 @@
+"""The model card: `README.md` beside a saved model.
+
+It holds the sizes table (layers, dims, bytes per passage), how the model was trained, per-size
+results once `eval` has run for it, how to load it (this toolkit, sentence-transformers), and
+the paper's citation; the hub metadata (library_name, tags, base_model, model-index) is its YAML
+front matter. `write_card` runs whenever a model is saved; `refresh_card` adds the results that
+`eval` wrote (`<eval>/<split>.json`), kept beside the model in `starbucks-eval.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Mapping
+
+import yaml
+
+from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.sizes import Size, SizeList
+
+CARD_FILE = "README.md"
+RESULTS_FILE = "starbucks-eval.json"
+PAPER = "https://arxiv.org/abs/2410.13230"
+CITATION = """@article{zhuang2024starbucks,
+  title   = {Starbucks: Improved Training for 2D Matryoshka Embeddings},
+  author  = {Zhuang, Shengyao and Wang, Shuai and Zheng, Fabio and Koopman, Bevan and Zuccon, Guido},
+  journal = {arXiv preprint arXiv:2410.13230},
+  year    = {2024}
+}"""
+TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense-retrieval", "starbucks",
+        "matryoshka", "2d-matryoshka"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _model_shape(directory: Path) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    return int(config.num_hidden_layers), int(config.hidden_size)
+
+
+def _sizes(meta: Mapping, shape: tuple[int, int]) -> SizeList:
+    from retrieval.modeling import meta_sizes
+
+    return meta_sizes(meta) or SizeList([Size("", *shape)])
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
+def _metric_type(measure: str) -> str:
+    """`nDCG@10` -> `ndcg_at_10` (the hub's metric type spelling)."""
+    return re.sub(r"[^a-z0-9]+", "_", measure.lower().replace("@", "_at_")).strip("_")
+
+
+def read_results(directory: str | os.PathLike) -> dict:
+    """The per-split results kept beside a model (`{}` before any eval)."""
+    p = Path(directory) / RESULTS_FILE
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _front_matter(name: str, meta: Mapping, results: Mapping) -> str:
+    front: dict = {"library_name": "sentence-transformers", "pipeline_tag": "sentence-similarity", "tags": TAGS}
+    base = str(meta.get("base_model") or "")
+    if _HUB_ID.match(base) and not os.path.exists(base):
+        front["base_model"] = base
+    entries = []
+    for split, r in results.items():
+        metrics = [{"type": _metric_type(m), "name": f"{m} {s['size']} ({s['layers']}x{s['dim']})",
+                    "value": round(float(s["metrics"][m]), 4)}
+                   for s in r["sizes"] for m in r["measures"] if m in s["metrics"]]
+        entries.append({"task": {"type": "retrieval", "name": "Retrieval"},
+                        "dataset": {"name": split, "type": str(r.get("collection") or split)}, "metrics": metrics})
+    if entries:
+        front["model-index"] = [{"name": name, "results": entries}]
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
+
+
+def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
+                model_id: str | None = None, shape: tuple[int, int] | None = None) -> str:
+    """The card's text for the model in `directory` (its `starbucks.json` is `meta`); `model_id` is
+    the name the load examples use (default: the directory)."""
+    directory = Path(directory)
+    results = results or {}
+    shape = shape or _model_shape(directory)
+    sizes = _sizes(meta, shape)
+    config = meta.get("config") or {}
+    name = str(config.get("name") or directory.name)
+    model_id = model_id or str(directory)
+    pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))
+    largest = sizes.largest
+    parts = [_front_matter(name, meta, results), f"# {name}\n"]
+    parts.append(
+        f"A [Starbucks]({PAPER}) 2D Matryoshka embedding model: its first `n` layers and first `d` "
+        f"dimensions give an embedding for every size below, so one model serves from the smallest to "
+        f"the largest size. {pooling.upper() if pooling == 'cls' else 'Mean'} pooling, "
+        f"{'L2-normalised (cosine similarity)' if normalize else 'dot product'}; "
+        f"{shape[0]} layers, {shape[1]} dims.\n")
+    parts.append("## Sizes\n")
+    parts.append(_table(["size", "layers", "dims", "bytes per passage (fp16)", "bytes per passage (fp32)"],
+                        [[s.name, s.layers, s.dim, 2 * s.dim, 4 * s.dim] for s in sizes]) + "\n")
+    if results:
+        parts.append("## Results\n")
+        for split, r in results.items():
+            measures = list(r["measures"])
+            parts.append(f"`{split}`: {r.get('queries', '?')} queries, relevant at level >= "
+                         f"{r.get('rel_level', '?')} (`python -m eval`).\n")
+            parts.append(_table(["size", *measures], [[f"{s['size']} ({s['layers']}x{s['dim']})",
+                                                       *(f"{s['metrics'][m]:.4f}" for m in measures)]
+                                                      for s in r["sizes"]]) + "\n")
+    parts.append("## Usage\n")
+    parts.append(
+        "With this toolkit (`pip install starbucks-retrieval`), at any size, one pass for several:\n\n"
+        "```python\nfrom retrieval import StarbucksModel\n\n"
+        f"model = StarbucksModel.from_pretrained({model_id!r})\n"
+        f"q = model.encode_queries([\"how do I edit a PDF\"], size={largest.name!r})\n"
+        f"p = model.encode_passages([\"A PDF editor.\", \"An IRC client.\"], size={largest.name!r})\n"
+        "print(model.similarity(q, p))\n"
+        f"both = model.encode_passages([\"A PDF editor.\"], sizes={sizes.names[:2]!r})  # name -> array\n```\n")
+    parts.append(
+        f"With sentence-transformers (the {largest} embedding):\n\n"
+        "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
+        f"model = SentenceTransformer({model_id!r})\n"
+        "embeddings = model.encode([\"A PDF editor.\"])\n```\n")
+    parts.append(
+        "A standalone sentence-transformers model of one size (its layers only, the first `d` dims "
+        "taken before any normalisation):\n\n"
+        f"```bash\npython -m train.export {model_id} --size {sizes[0].name} --out {name}-{sizes[0].name}\n```\n")
+    parts.append("## Training\n")
+    facts = [("method", meta.get("method")), ("base model", meta.get("base_model")), ("steps", meta.get("step")),
+             ("training data", (config.get("data") or {}).get("train")),
+             ("exported from", meta.get("exported_from"))]
+    train = config.get("train") or {}
+    facts += [(k.replace("_", " "), train.get(k)) for k in ("epochs", "batch_size", "group_size", "learning_rate",
+                                                           "temperature", "kl_weight")]
+    lines = [f"- {k}: `{v}`" for k, v in facts if v not in (None, "")]
+    parts.append("\n".join(lines or ["- not recorded"]) + "\n")
+    if config:
+        parts.append("<details><summary>The training config</summary>\n\n```yaml\n"
+                     + yaml.safe_dump(config, sort_keys=False, allow_unicode=True) + "```\n</details>\n")
+    parts.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
+    return "\n".join(parts)
+
+
+def write_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
+               model_id: str | None = None, shape: tuple[int, int] | None = None) -> Path:
+    """Write `README.md` (and the results it shows) into `directory`."""
+    directory = Path(directory)
+    results = dict(results or {})
+    if results:
+        atomic_write_json(directory / RESULTS_FILE, results)
+    elif (directory / RESULTS_FILE).exists():
+        (directory / RESULTS_FILE).unlink()  # results of other weights than these
+    path = directory / CARD_FILE
+    atomic_write_text(path, render_card(directory, meta, results, model_id, shape))
+    return path
+
+
+def _text(value) -> str | None:
+    return None if value is None else str(value)
+
+
+def describe_model(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
+    """What a saved model carries besides its weights: sentence-transformers module files and the card."""
+    from retrieval.st_format import write_st_modules
+
+    write_st_modules(directory, meta, shape)
+    write_card(directory, meta, shape=shape)
+
+
+def _encoded_by(embeddings: Path, model_dir: Path) -> bool:
+    """Whether every embedding store under `embeddings` was made from `model_dir` (vacuously true)."""
+    for meta_file in embeddings.glob("*/meta.json"):
+        source = json.loads(meta_file.read_text()).get("model")
+        if source and Path(source).resolve() != model_dir.resolve():
+            return False
+    return True
+
+
+def refresh_card(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, splits=None,
+                 embeddings: str | os.PathLike | None = None, collection: Mapping | None = None) -> Path | None:
+    """Put the per-size results `eval` wrote for `splits` (default: every `<split>.json` in `eval_dir`)
+    into the card of the model in `model_dir`. Nothing happens (None) when `model_dir` is not a
+    Starbucks checkpoint or when the embeddings under `embeddings` came from another model."""
+    from retrieval.modeling import read_meta
+
+    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
+    meta = read_meta(model_dir) if model_dir.is_dir() else None
+    if meta is None or (embeddings is not None and not _encoded_by(Path(embeddings), model_dir)):
+        return None
+    results = read_results(model_dir)
+    files = [eval_dir / f"{s}.json" for s in splits] if splits is not None else sorted(eval_dir.glob("*.json"))
+    for f in files:
+        record = json.loads(f.read_text()) if f.is_file() else {}
+        if "sizes" not in record or "measures" not in record or "split" not in record:
+            continue  # a comparison or another file
+        results[record["split"]] = {
+            "queries": record.get("queries"), "rel_level": record.get("rel_level"),
+            "collection": _text((collection or {}).get(record["split"])), "measures": list(record["measures"]),
+            "sizes": [{k: s[k] for k in ("size", "layers", "dim", "metrics")} for s in record["sizes"]]}
+    path = write_card(model_dir, meta, results)
+    print(f"eval: results added to the model card {path}", file=sys.stderr)
+    return path

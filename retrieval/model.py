@@ -1,0 +1,291 @@
+"""`StarbucksModel`: texts -> embeddings at any Starbucks size; the toolkit's one encoding path.
+
+    from retrieval import StarbucksModel
+    model = StarbucksModel.from_pretrained("runs/demo/model")
+    q = model.encode_queries(["edit a pdf file"], size="grande")
+    p = model.encode_passages(["A PDF editor.", "An IRC client."], size="grande")
+    print(model.similarity(q, p))
+
+A checkpoint of this toolkit brings its pooling, normalisation, sizes, query/passage prefixes and
+max lengths (`starbucks.json`); a plain HF encoder needs `pooling=` (and `normalize=`) given. Only
+the layers the requested sizes need are run (early exit); several sizes come from one pass.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval.config import DEFAULTS
+from retrieval.errors import StarbucksError
+from retrieval.modeling import META_FILE, StarbucksEncoder, load_encoder, meta_sizes, read_meta, resolve_model_path, tokenize
+from retrieval.settings import autocast_context, resolve_device, resolve_precision
+from retrieval.sizes import Size, SizeList
+from retrieval.store import embedding_identity, model_fingerprint
+
+KINDS = ("query", "passage")
+# what a checkpoint's starbucks.json settles; a plain model takes them from the caller's `defaults`
+SETTINGS = ("pooling", "normalize", "query_max_length", "passage_max_length", "query_prefix", "passage_prefix")
+
+
+class _TokenizedBatches(torch.utils.data.Dataset):
+    """Item `n`: the rows and tokenised texts of the `n`-th batch of `order` (for a DataLoader, whose
+    worker processes then tokenise while the GPU encodes; it holds the tokenizer, not the model)."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], order: list[int], batch_size: int, max_length: int,
+                 prefix: str):
+        self.tokenizer, self.texts, self.order, self.batch_size = tokenizer, texts, order, batch_size
+        self.max_length, self.prefix = max_length, prefix
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.batch_size)
+
+    def __getitem__(self, n: int):
+        rows = self.order[n * self.batch_size:(n + 1) * self.batch_size]
+        batch = tokenize(self.tokenizer, [self.texts[i] for i in rows], self.max_length, self.prefix)
+        return rows, dict(batch)
+
+
+def _quiet_tokenizers(_worker: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked worker tokenises on its own core
+
+
+def _hub_meta(repo_id: str) -> dict | None:
+    """`starbucks.json` of a hub model (None when it has none or the hub cannot be reached)."""
+    import json
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return json.loads(Path(hf_hub_download(repo_id, META_FILE)).read_text())
+    except (EntryNotFoundError, LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError):
+        return None
+
+
+def checkpoint_meta(name_or_path: str) -> dict:
+    """The `starbucks.json` of a local checkpoint or hub model (`{}` for a plain HF model); a local
+    path that is not a model directory is one clear line."""
+    path = resolve_model_path(str(name_or_path))
+    if os.path.isdir(path):
+        if not (Path(path) / "config.json").is_file():
+            raise StarbucksError(
+                f"{name_or_path} is not a model directory (no config.json); give a model saved by this toolkit "
+                f"(runs/<name>/model), an HF model directory or a hub id")
+        return read_meta(path) or {}
+    if os.path.exists(path):
+        raise StarbucksError(f"{name_or_path} is a file, not a model directory; give the directory that holds "
+                             f"config.json and starbucks.json")
+    return _hub_meta(path) or {}
+
+
+class StarbucksModel:
+    """An encoder, its tokenizer and how it was trained: embeddings of any size, one pass for many."""
+
+    def __init__(self, encoder: StarbucksEncoder, tokenizer, sizes: SizeList | None = None, *,
+                 query_max_length: int, passage_max_length: int, query_prefix: str = "", passage_prefix: str = "",
+                 source: str = "", meta: Mapping | None = None, precision: str = "auto"):
+        self.encoder = encoder
+        self.tokenizer = tokenizer
+        self.sizes = sizes or SizeList([Size("", encoder.num_layers, encoder.hidden_size)])
+        self.query_max_length, self.passage_max_length = int(query_max_length), int(passage_max_length)
+        self.query_prefix, self.passage_prefix = str(query_prefix or ""), str(passage_prefix or "")
+        self.source = source or encoder.name
+        self.meta = dict(meta or {})
+        self.precision = resolve_precision(precision, self.device, "precision")
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
+                        pooling: str | None = None, normalize: bool | None = None, sizes=None,
+                        query_max_length: int | None = None, passage_max_length: int | None = None,
+                        query_prefix: str | None = None, passage_prefix: str | None = None,
+                        precision: str = "auto", attn_implementation: str | None = "sdpa",
+                        defaults: Mapping | None = None) -> "StarbucksModel":
+        """Load a checkpoint of this toolkit, a hub id, or a plain HF encoder.
+
+        Keyword settings given here win; then the checkpoint's `starbucks.json`; then `defaults`
+        (a mapping with the same keys and `sizes`, e.g. a config's `model` section); a plain model
+        must be told its `pooling` (`"cls"` or `"mean"`). `sizes`: a SizeList or config entries
+        (`[{name, layers, dim}, "8x256"]`); without any, the full size only. `device`: `auto` (None)
+        picks a GPU when there is one; `precision`: `auto` (fp16 autocast on a GPU, fp32 on the CPU),
+        `fp32`, `fp16` or `bf16`.
+        """
+        source = str(name_or_path)
+        meta = checkpoint_meta(source)
+        given = {"pooling": pooling, "normalize": normalize, "query_max_length": query_max_length,
+                 "passage_max_length": passage_max_length, "query_prefix": query_prefix,
+                 "passage_prefix": passage_prefix}
+        fallback = {**DEFAULTS["model"], "normalize": False, "pooling": None, **(defaults or {})}
+        settings = {k: given[k] if given[k] is not None else meta.get(k, fallback.get(k)) for k in SETTINGS}
+        if settings["pooling"] is None:
+            raise StarbucksError(
+                f"{source} has no starbucks.json, so its pooling is unknown: give pooling='cls' or 'mean' (and "
+                f"normalize=True for cosine similarity), e.g. StarbucksModel.from_pretrained({source!r}, "
+                f"pooling='cls', normalize=False)")
+        if sizes is not None and not isinstance(sizes, SizeList):
+            sizes = SizeList.from_config(sizes)
+        sizes = sizes or meta_sizes(meta) or (defaults or {}).get("sizes")
+        encoder, tokenizer, _ = load_encoder(source, settings["pooling"], bool(settings["normalize"]),
+                                             attn_implementation)
+        encoder.eval().to(resolve_device(device, "device"))
+        return cls(encoder, tokenizer, sizes, query_max_length=settings["query_max_length"],
+                   passage_max_length=settings["passage_max_length"], query_prefix=settings["query_prefix"],
+                   passage_prefix=settings["passage_prefix"], source=source, meta=meta, precision=precision)
+
+    # ------------------------------------------------------------ what it is
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.encoder.parameters()).device
+
+    @property
+    def pooling(self) -> str:
+        return self.encoder.pooling
+
+    @property
+    def normalize(self) -> bool:
+        return self.encoder.normalize
+
+    @property
+    def similarity_fn_name(self) -> str:
+        """`cosine` for a normalised model, else `dot` (sentence-transformers' names)."""
+        return "cosine" if self.normalize else "dot"
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the weights (what an embedding store records as `model_sha256`)."""
+        return model_fingerprint(self.encoder)
+
+    def size(self, spec: str | Size) -> Size:
+        """A size by name (`grande`), `LxD` (`8x256`) or `Size`, checked against the model's shape."""
+        return self.encoder.check(self.sizes.get(spec))
+
+    def side(self, kind: str | None) -> tuple[int, str]:
+        """`(max_length, prefix)` of queries, passages, or (None) plain texts: the passage length, no prefix."""
+        if kind is None:
+            return self.passage_max_length, ""
+        if kind not in KINDS:
+            raise StarbucksError(f"kind = {kind!r} is not one of {', '.join(KINDS)}")
+        if kind == "query":
+            return self.query_max_length, self.query_prefix
+        return self.passage_max_length, self.passage_prefix
+
+    def identity(self, size: Size, kind: str) -> dict:
+        """The identity record of `size`'s embeddings of `kind` (`query` or `passage`) in a store."""
+        max_length, prefix = self.side(kind)
+        return embedding_identity(self.fingerprint, size, self.pooling, self.normalize, max_length, prefix)
+
+    def to(self, device: str | torch.device) -> "StarbucksModel":
+        self.encoder.to(resolve_device(device, "device"))
+        return self
+
+    # ------------------------------------------------------------ encoding
+
+    def encode(self, texts: str | Sequence[str], size: str | Size | None = None, *,
+               sizes: Sequence[str | Size] | None = None, batch_size: int = 32, progress: bool = False,
+               kind: str | None = None):
+        """Embeddings of `texts` (float32, `(len(texts), dim)`; one text: `(dim,)`) at `size` (default:
+        the largest), or with `sizes=[...]` a dict size name -> array, all from one pass. `kind`:
+        `query` / `passage` adds that side's prefix and max length (see `encode_queries`)."""
+        if size is not None and sizes is not None:
+            raise StarbucksError("give size= or sizes=, not both")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        wanted = [self.size(s) for s in (sizes if sizes is not None else [size or self.sizes.largest])]
+        bar = tqdm(total=len(texts), unit="text", desc="encode", disable=not progress, dynamic_ncols=True)
+        with bar:
+            out = self.embed_texts(texts, wanted, kind, batch_size, progress=bar)
+        if single:
+            out = {s: v[0] for s, v in out.items()}
+        if sizes is None:
+            return out[wanted[0]]
+        return {s.name: out[s] for s in wanted}
+
+    def encode_queries(self, texts, size=None, **options):
+        """`encode` with the query prefix and max length."""
+        return self.encode(texts, size, kind="query", **options)
+
+    def encode_passages(self, texts, size=None, **options):
+        """`encode` with the passage prefix and max length."""
+        return self.encode(texts, size, kind="passage", **options)
+
+    def similarity(self, queries: np.ndarray, passages: np.ndarray) -> np.ndarray:
+        """Scores `(len(queries), len(passages))`: the dot product the model was trained with (its
+        embeddings are already L2-normalised where it uses cosine similarity)."""
+        q, p = np.asarray(queries, dtype=np.float32), np.asarray(passages, dtype=np.float32)
+        if q.shape[-1] != p.shape[-1]:
+            raise StarbucksError(f"queries have {q.shape[-1]} dims and passages {p.shape[-1]}: encode both at one size")
+        return np.atleast_2d(q) @ np.atleast_2d(p).T
+
+    def embed_texts(self, texts: Sequence[str], sizes: Sequence[Size], kind: str | None, batch_size: int = 32,
+                    progress: tqdm | None = None, workers: int = 0, dtype=np.float32) -> dict[Size, np.ndarray]:
+        """`(len(texts), dim)` arrays of `dtype` per size, in the order of `texts`.
+
+        Texts are encoded longest first (dynamic padding wastes little); one forward pass per batch
+        gives every size. `workers` processes tokenise ahead; on a GPU each batch's vectors come back
+        while the next batch runs, so the GPU waits neither for tokenising nor for copies."""
+        if batch_size < 1:
+            raise StarbucksError(f"batch_size = {batch_size!r} must be >= 1")
+        sizes = [self.encoder.check(s) for s in sizes]
+        max_length, prefix = self.side(kind)
+        out = {s: np.empty((len(texts), s.dim), dtype=dtype) for s in sizes}
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        device = self.device
+        cuda = device.type == "cuda"
+        batches = _TokenizedBatches(self.tokenizer, texts, order, batch_size, max_length, prefix)
+        workers = min(workers, len(batches) - 1) if len(batches) > 1 else 0
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=cuda,
+                                             worker_init_fn=_quiet_tokenizers if workers else None,
+                                             prefetch_factor=4 if workers else None)
+        tensor_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
+
+        def collect(rows, vectors, done) -> None:
+            if done is not None:
+                done.synchronize()
+            for size, v in vectors.items():
+                out[size][rows] = v.numpy()
+            if progress is not None:
+                progress.update(len(rows))
+
+        with torch.inference_mode(), autocast_context(device, self.precision):
+            previous = None
+            for rows, batch in loader:
+                batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
+                vectors = {size: v.to(tensor_dtype) for size, v in self.encoder.embed(batch, sizes).items()}
+                done = None
+                if cuda:  # copy back without waiting; wait only once the next batch is queued
+                    vectors = {size: v.to("cpu", non_blocking=True) for size, v in vectors.items()}
+                    done = torch.cuda.Event()
+                    done.record()
+                else:
+                    vectors = {size: v.cpu() for size, v in vectors.items()}
+                if previous is not None:
+                    collect(*previous)
+                previous = (rows, vectors, done)
+            if previous is not None:
+                collect(*previous)
+        return out
+
+    # ------------------------------------------------------------ saving
+
+    def save(self, directory: str | os.PathLike, meta: Mapping | None = None) -> None:
+        """Write a checkpoint of this toolkit (HF model, `starbucks.json`, sentence-transformers files,
+        model card) with this model's settings; `meta` adds or replaces entries of `starbucks.json`."""
+        record = {**self.meta, "sizes": self.sizes.to_config(), "query_max_length": self.query_max_length,
+                  "passage_max_length": self.passage_max_length, "query_prefix": self.query_prefix,
+                  "passage_prefix": self.passage_prefix, **(meta or {})}
+        record.pop("format_version", None)
+        self.encoder.save(directory, self.tokenizer, record)
+
+    def __repr__(self) -> str:
+        return (f"StarbucksModel({self.source!r}, {self.pooling} pooling, normalize={self.normalize}, "
+                f"sizes={', '.join(str(s) for s in self.sizes)}, device={self.device})")
+
+
+__all__ = ["StarbucksModel", "checkpoint_meta"]

@@ -1,0 +1,71 @@
+"""sentence-transformers module files, so that `SentenceTransformer(path)` loads a saved model.
+
+The files use the long-standing module names (`sentence_transformers.models.*`) and config keys,
+which every release from 2.x to 6.2 reads. The model's output is the largest size of its
+`starbucks.json` when that size runs every layer the model has (a checkpoint's trenta, an
+export's one size), else the full width. Where the dim is cut, an identity-slice `Dense` layer
+keeps the first `d` dims *before* `Normalize`: ST's `truncate_dim` cuts after `Normalize`, which
+gives another vector for a normalised model (and only recent releases read it from the config).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from retrieval.config import DEFAULTS
+from retrieval.io import atomic_path, atomic_write_json
+from retrieval.sizes import SizeList
+
+POOLING_DIR, DENSE_DIR = "1_Pooling", "2_Dense"
+MODULE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                f"{POOLING_DIR}/config.json")
+
+
+def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
+    """The dims `SentenceTransformer(path)` returns for a model of this shape and size list."""
+    if sizes and sizes.largest.layers == num_layers:
+        return min(sizes.largest.dim, hidden)
+    return hidden
+
+
+def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
+    """Transformer -> Pooling (CLS or mean) -> [first `d` dims] -> [Normalize] for a model of `shape`
+    (layers, hidden) whose `starbucks.json` is `meta`, plus the max length, the query/passage prompts
+    and the similarity function (`cosine` when normalised, else `dot`)."""
+    from retrieval.modeling import meta_sizes
+
+    directory = Path(directory)
+    num_layers, hidden = shape
+    pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))
+    dim = st_output_dim(num_layers, hidden, meta_sizes(meta))
+    modules = [("", "Transformer"), (POOLING_DIR, "Pooling")]
+    atomic_write_json(directory / POOLING_DIR / "config.json", {
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False})
+    dense = directory / DENSE_DIR
+    if dim < hidden:
+        from safetensors.torch import save_file
+
+        modules.append((DENSE_DIR, "Dense"))
+        atomic_write_json(dense / "config.json", {"in_features": hidden, "out_features": dim, "bias": False,
+                                                  "activation_function": "torch.nn.modules.linear.Identity"})
+        with atomic_path(dense / "model.safetensors") as tmp:
+            save_file({"linear.weight": torch.eye(hidden)[:dim].contiguous()}, str(tmp))
+    elif dense.is_dir():
+        shutil.rmtree(dense)  # a stale slice from an earlier save into this directory
+    if normalize:
+        modules.append((f"{len(modules)}_Normalize", "Normalize"))
+    atomic_write_json(directory / "modules.json", [
+        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+        for i, (path, kind) in enumerate(modules)])
+    atomic_write_json(directory / "sentence_bert_config.json",
+                      {"max_seq_length": int(meta.get("passage_max_length") or DEFAULTS["model"]["passage_max_length"]), "do_lower_case": False})
+    atomic_write_json(directory / "config_sentence_transformers.json", {
+        "prompts": {"query": str(meta.get("query_prefix") or ""), "document": str(meta.get("passage_prefix") or "")},
+        "default_prompt_name": None, "similarity_fn_name": "cosine" if normalize else "dot"})
