@@ -19,7 +19,8 @@ import torch
 
 import common
 import reference
-from encode.pipeline import EncodingModel, encode_texts, loader_workers
+from encode.pipeline import encode_texts, loader_workers
+from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder
 
 
@@ -47,20 +48,17 @@ def main(argv=None) -> None:
     encoder = StarbucksEncoder(mine, "cls", normalize=False)
     if args.compile:
         encoder.compile_layers()
-    ours = EncodingModel(encoder=encoder, tokenizer=tokenizer,
-                         sizes=sizes, query_max_length=32, passage_max_length=args.max_length, query_prefix="",
-                         passage_prefix="", source=args.model, fingerprint="bench")
+    precision = "fp16" if device.type == "cuda" else "fp32"
+    ours = StarbucksModel(encoder, tokenizer, sizes, query_max_length=32, passage_max_length=args.max_length,
+                          source=args.model, precision="fp32" if args.half else precision)
     texts = common.debian_texts("passage", args.passages)
     workers = loader_workers(args.workers if args.workers is not None else "auto", device)
     dtype = torch.float16 if device.type == "cuda" else None
-    precision = "fp16" if device.type == "cuda" else "fp32"
     lengths = [min(len(x), args.max_length) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
     mark = f"encode_{args.model}_{device.type}"
 
     def ours_rate(wanted) -> float:
-        mode = "fp32" if args.half else precision
-        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, device, mode,
-                                                  workers=workers),
+        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, workers=workers),
                              device, args.repeats)
         return len(texts) / t
 

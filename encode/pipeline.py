@@ -26,10 +26,11 @@ from tqdm import tqdm
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import corpus_size, iter_corpus, load_eval_splits
 from retrieval.errors import StarbucksError
-from retrieval.settings import autocast_context, local_rank, resolve_device, resolve_precision, whole_number
-from retrieval.modeling import StarbucksEncoder, load_encoder, meta_sizes, read_meta, resolve_model_path, tokenize
-from retrieval.sizes import Size, SizeList
-from retrieval.store import EmbeddingStore, IdsHasher, check_ids, embedding_identity, model_fingerprint
+from retrieval.model import SETTINGS, StarbucksModel
+from retrieval.settings import local_rank, resolve_device, resolve_precision, whole_number
+from retrieval.sizes import Size
+from retrieval.lock import run_lock
+from retrieval.store import EmbeddingStore, IdsHasher, check_ids, texts_sha256
 
 _SLICE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -82,93 +83,35 @@ def worker_slice(spec: str | None, env: Mapping[str, str] = os.environ) -> Slice
 # ---------------------------------------------------------------- model
 
 
-@dataclass
-class EncodingModel:
-    """An encoder with everything encode needs to know about how it was trained."""
-
-    encoder: StarbucksEncoder
-    tokenizer: object
-    source: str
-    sizes: SizeList
-    query_max_length: int
-    passage_max_length: int
-    query_prefix: str
-    passage_prefix: str
-    fingerprint: str
-
-    def identity(self, size: Size, kind: str) -> dict:
-        """The identity record of `size`'s embeddings of `kind` (`query` or `passage`)."""
-        query = kind == "query"
-        return embedding_identity(
-            self.fingerprint, size, self.encoder.pooling, self.encoder.normalize,
-            self.query_max_length if query else self.passage_max_length,
-            self.query_prefix if query else self.passage_prefix,
-        )
-
-
 def model_source(cfg: DictConfig) -> str:
-    """`encode.model` if set, else the experiment's trained model if there is one, else the backbone."""
+    """`encode.model` if set, else the experiment's trained model; without one, one line saying to train
+    first (or to name the backbone for zero-shot embeddings): never the backbone under the run's name."""
     if cfg.encode.get("model"):
         return str(cfg.encode.model)
     trained = experiment_paths(cfg).model
     if (trained / "config.json").is_file():
         return str(trained)
-    return str(cfg.model.name_or_path)
+    raise StarbucksError(
+        f"no trained model in {trained}; run `python -m train` with this config first, or encode the backbone "
+        f"zero-shot with encode.model={cfg.model.name_or_path} (best under another name=...)"
+    )
 
 
-def load_model(cfg: DictConfig, device: torch.device) -> EncodingModel:
+def load_model(cfg: DictConfig, device: torch.device) -> StarbucksModel:
     """Load the encoder; pooling, normalisation, sizes and lengths come from its `starbucks.json`.
 
     A plain HF model (zero-shot) takes them from the config's `model` section and `sizes`.
     """
-    source = model_source(cfg)
-    meta = read_meta(resolve_model_path(source)) or {}
     m = cfg.model
-    encoder, tokenizer, _ = load_encoder(
-        source,
-        pooling=meta.get("pooling", m.pooling),
-        normalize=meta.get("normalize", m.normalize),
-        attn_implementation=m.attn_implementation,
-    )
-    encoder.eval().to(device)
-    encoder.packing = m.packing
-    sizes = meta_sizes(meta) or sizes_of(cfg)
-    return EncodingModel(
-        encoder=encoder,
-        tokenizer=tokenizer,
-        source=source,
-        sizes=sizes,
-        query_max_length=int(meta.get("query_max_length", m.query_max_length)),
-        passage_max_length=int(meta.get("passage_max_length", m.passage_max_length)),
-        query_prefix=str(meta.get("query_prefix", m.query_prefix) or ""),
-        passage_prefix=str(meta.get("passage_prefix", m.passage_prefix) or ""),
-        fingerprint=model_fingerprint(encoder),
-    )
+    model = StarbucksModel.from_pretrained(
+        model_source(cfg), device, attn_implementation=m.attn_implementation,
+        precision=resolve_precision(cfg.encode.precision, device, "encode.precision"),
+        defaults={**{k: m[k] for k in SETTINGS}, "sizes": sizes_of(cfg)})
+    model.encoder.packing = m.packing
+    return model
 
 
 # ---------------------------------------------------------------- encoding
-
-
-class _TokenizedBatches(torch.utils.data.Dataset):
-    """Item `n`: the rows and tokenised texts of the `n`-th batch of `order` (for a DataLoader, whose
-    worker processes then tokenise while the GPU encodes; it holds the tokenizer, not the model)."""
-
-    def __init__(self, tokenizer, texts: Sequence[str], order: list[int], batch_size: int, max_length: int,
-                 prefix: str):
-        self.tokenizer, self.texts, self.order, self.batch_size = tokenizer, texts, order, batch_size
-        self.max_length, self.prefix = max_length, prefix
-
-    def __len__(self) -> int:
-        return -(-len(self.order) // self.batch_size)
-
-    def __getitem__(self, n: int):
-        rows = self.order[n * self.batch_size:(n + 1) * self.batch_size]
-        batch = tokenize(self.tokenizer, [self.texts[i] for i in rows], self.max_length, self.prefix)
-        return rows, dict(batch)
-
-
-def _quiet_tokenizers(_worker: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # a forked worker tokenises on its own core
 
 
 def loader_workers(value, device: torch.device) -> int:
@@ -182,53 +125,11 @@ def loader_workers(value, device: torch.device) -> int:
     return value
 
 
-def encode_texts(model: EncodingModel, texts: Sequence[str], sizes: Sequence[Size], kind: str,
-                 batch_size: int, device: torch.device, precision: str = "auto",
+def encode_texts(model: StarbucksModel, texts: Sequence[str], sizes: Sequence[Size], kind: str, batch_size: int,
                  progress: tqdm | None = None, workers: int = 0) -> dict[Size, np.ndarray]:
-    """Float16 `(len(texts), dim)` embeddings per size, in the order of `texts`.
-
-    Texts are encoded longest first (dynamic padding wastes little); one forward pass per
-    batch gives every size. `workers` processes tokenise ahead; on a GPU each batch's vectors
-    come back while the next batch runs, so the GPU waits neither for tokenising nor for copies.
-    """
-    out = {s: np.empty((len(texts), s.dim), dtype=np.float16) for s in sizes}
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    cuda = device.type == "cuda"
-    query = kind == "query"
-    batches = _TokenizedBatches(model.tokenizer, texts, order, batch_size,
-                                model.query_max_length if query else model.passage_max_length,
-                                model.query_prefix if query else model.passage_prefix)
-    workers = min(workers, len(batches) - 1) if len(batches) > 1 else 0
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=cuda,
-                                         worker_init_fn=_quiet_tokenizers if workers else None,
-                                         prefetch_factor=4 if workers else None)
-
-    def collect(rows, vectors, done) -> None:
-        if done is not None:
-            done.synchronize()
-        for size, v in vectors.items():
-            out[size][rows] = v.numpy()
-        if progress is not None:
-            progress.update(len(rows))
-
-    with torch.inference_mode(), autocast_context(device, resolve_precision(precision, device, "encode.precision")):
-        previous = None
-        for rows, batch in loader:
-            batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
-            vectors = {size: v.to(torch.float16) for size, v in model.encoder.embed(batch, sizes).items()}
-            done = None
-            if cuda:  # copy back without waiting; wait only once the next batch is queued
-                vectors = {size: v.to("cpu", non_blocking=True) for size, v in vectors.items()}
-                done = torch.cuda.Event()
-                done.record()
-            else:
-                vectors = {size: v.cpu() for size, v in vectors.items()}
-            if previous is not None:
-                collect(*previous)
-            previous = (rows, vectors, done)
-        if previous is not None:
-            collect(*previous)
-    return out
+    """`(len(texts), dim)` embeddings per size in the store's float16, in the order of `texts`
+    (`StarbucksModel.embed_texts`: longest first, one pass for every size, `workers` tokenising ahead)."""
+    return model.embed_texts(texts, sizes, kind, batch_size, progress, workers, dtype=np.float16)
 
 
 def iter_blocks(pairs: Iterable[tuple[str, str]], rows: int) -> Iterator[tuple[int, list[str], list[str]]]:
@@ -263,12 +164,17 @@ class EncodeSummary:
 
 
 def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
-    """Encode this worker's slice of the corpus (and, on worker 0, the eval queries) for the selected sizes."""
+    """Encode this worker's slice of the corpus (and, on worker 0, the eval queries) for the selected sizes.
+
+    Two processes encoding the same slice into one embeddings directory at once: the second stops with one line."""
+    work = worker_slice(cfg.encode.shard)
+    with run_lock(experiment_paths(cfg).embeddings, f"encode (slice {work})", f".lock-encode-{work.index}of{work.count}"):
+        return _encode_collection(cfg, work, progress)
+
+
+def _encode_collection(cfg: DictConfig, work: Slice, progress: bool) -> EncodeSummary:
     enc = cfg.encode
     shard_rows = int(enc.shard_rows)
-    if shard_rows < 1 or int(enc.batch_size) < 1:
-        raise StarbucksError("encode.shard_rows and encode.batch_size must be >= 1")
-    work = worker_slice(enc.shard)
     progress = progress and local_rank() == 0  # one progress bar per machine
     device = resolve_device(enc.device, "encode.device")
     workers = loader_workers(enc.dataloader_workers, device)
@@ -285,7 +191,7 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
           f"sizes {', '.join(str(s) for s in sizes)}; worker {work}; device {device}", file=sys.stderr)
 
     if work.is_first:
-        _encode_queries(cfg, model, stores, device, progress)
+        _encode_queries(cfg, model, stores, progress)
 
     total = corpus_size(str(cfg.data.corpus))
     bar = tqdm(total=None if total is None else -(-total // work.count), unit="psg", desc=f"encode {work}",
@@ -297,18 +203,23 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
         if not work.owns(k):
             continue
         check_ids(ids, f"corpus {cfg.data.corpus}")
-        todo = [s for s in sizes if not stores[s].has_shard(k)]
         for s in sizes:
-            if s not in todo and stores[s].read_ids(k) != ids:
+            if stores[s].has_shard(k) and stores[s].read_ids(k) != ids:
                 raise StarbucksError(
                     f"{stores[s].ids_path(k)} lists other passages than block {k} of the corpus; the corpus changed "
                     f"since it was encoded: delete {stores[s].dir} and re-encode"
                 )
+        digest = texts_sha256(texts)
+        problems = {s: stores[s].shard_problem(k, digest) for s in sizes}
+        todo = [s for s in sizes if problems[s]]
+        for s in todo:
+            if problems[s] != "missing":
+                print(f"encode: {stores[s].shard_path(k)} is {problems[s]}; encoding it again", file=sys.stderr)
         if not todo:
             continue
-        vectors = encode_texts(model, texts, todo, "passage", int(enc.batch_size), device, enc.precision, bar, workers)
+        vectors = encode_texts(model, texts, todo, "passage", int(enc.batch_size), bar, workers)
         for s in todo:
-            stores[s].write_shard(k, ids, vectors[s])
+            stores[s].write_shard(k, ids, vectors[s], digest)
         encoded += len(ids)
     bar.close()
     seconds = time.perf_counter() - started
@@ -322,8 +233,8 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
     return EncodeSummary(sizes, work, hasher.count, encoded, seconds, complete, [stores[s].dir for s in sizes])
 
 
-def _encode_queries(cfg: DictConfig, model: EncodingModel, stores: Mapping[Size, EmbeddingStore],
-                    device: torch.device, progress: bool) -> None:
+def _encode_queries(cfg: DictConfig, model: StarbucksModel, stores: Mapping[Size, EmbeddingStore],
+                    progress: bool) -> None:
     """Encode each eval split's queries for the sizes whose query file is missing or stale."""
     for name, split in _query_splits(cfg).items():
         ids = list(split.queries)
@@ -332,8 +243,7 @@ def _encode_queries(cfg: DictConfig, model: EncodingModel, stores: Mapping[Size,
             continue
         check_ids(ids, f"eval split {name!r}")
         bar = tqdm(total=len(ids), unit="q", desc=f"queries {name}", disable=not progress, dynamic_ncols=True)
-        vectors = encode_texts(model, [split.queries[q] for q in ids], todo, "query",
-                               int(cfg.encode.batch_size), device, cfg.encode.precision, bar)
+        vectors = encode_texts(model, [split.queries[q] for q in ids], todo, "query", int(cfg.encode.batch_size), bar)
         bar.close()
         for s in todo:
             stores[s].write_queries(name, ids, vectors[s], model.identity(s, "query"), info={"model": model.source})
