@@ -39,7 +39,7 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 data: setup
-	$(PY) -m retrieval.debian_pkgs $(ARGS)
+	$(PY) -m corpora.debian_pkgs $(ARGS)
 
 train: setup
 	$(PY) -m train --config $(CONFIG) $(ARGS)

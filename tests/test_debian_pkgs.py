@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from retrieval import debian_pkgs
+from corpora import common, debian_pkgs
 from retrieval.errors import StarbucksError
 
 TESTS = Path(__file__).resolve().parent
@@ -203,7 +203,7 @@ def _check_dataset(root: Path) -> dict:
     assert len(doc_ids) == len(corpus_rows)
     splits = {}
     per_query: dict[str, int] = {}
-    for split in debian_pkgs.SPLITS:
+    for split in common.SPLITS:
         rows = _qrels(root / "qrels" / f"{split}.tsv")
         assert rows == sorted(rows)
         splits[split] = [q for q, _, _ in rows]
@@ -288,7 +288,7 @@ def _readme_counts(readme: Path) -> dict[str, str]:
 def test_committed_counts_match_files(name):
     root = REPO / name
     if not (root / "stats.json").exists():
-        pytest.fail(f"{name} is missing; build it with `python -m retrieval.debian_pkgs`")
+        pytest.fail(f"{name} is missing; build it with `python -m corpora.debian_pkgs`")
     stats = json.loads((root / "stats.json").read_text())
     splits = _check_dataset(root)
     groups = _jsonl(root / "train.jsonl.gz")
@@ -316,8 +316,8 @@ def test_committed_counts_match_files(name):
 def test_committed_mini_bm25_reference_reproduces():
     root = REPO / "data" / "debian-pkgs-mini"
     stats = json.loads((root / "stats.json").read_text())
-    assert debian_pkgs.bm25_reference(root) == stats["bm25"]["scores"]
+    assert common.bm25_reference(root) == stats["bm25"]["scores"]
     readme = (root / "README.md").read_text()
     for split, scores in stats["bm25"]["scores"].items():
-        row = f"| {split} | " + " | ".join(f"{scores[m]:.4f}" for m in debian_pkgs.BM25_METRICS) + " |"
+        row = f"| {split} | " + " | ".join(f"{scores[m]:.4f}" for m in common.BM25_METRICS) + " |"
         assert row in readme

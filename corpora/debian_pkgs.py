@@ -4,7 +4,7 @@ Query = a package's one-line synopsis, relevant passage = its long description. 
 collection (`data/debian-pkgs`) and a small, still hard subset (`data/debian-pkgs-mini`) are
 written in the BEIR layout (see DESIGN.md section 3) with BM25-mined training groups:
 
-    python -m retrieval.debian_pkgs --source <Translation-en[.lz4]> \
+    python -m corpora.debian_pkgs --source <Translation-en[.lz4]> \
         --out data/debian-pkgs --mini-out data/debian-pkgs-mini
 
 Rules, applied in this order (each dropped package is counted under the first rule it fails):
@@ -22,27 +22,39 @@ test, the rest train. Rebuilding from the same source gives byte-identical data 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import gzip
-import hashlib
-import json
 import random
 import shlex
-import shutil
 import subprocess
 import sys
 import time
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import numpy as np
 from tqdm import tqdm
 
-from retrieval.data import load_corpus, load_split
+from corpora import common
+from corpora.common import (
+    BM25,
+    BM25_DEPTH,
+    Collection,
+    add_common_arguments,
+    assign_splits,
+    bm25_reference,
+    bm25_table,
+    check_date,
+    collapse_near_duplicates,
+    collection_stats,
+    count_table,
+    drop_repeated,
+    mine_negatives,
+    normalize,
+    sha256_file,
+    split_key,
+    write_stats,
+)
 from retrieval.errors import StarbucksError, cli_entry
-from retrieval.metrics import evaluate
 
 DEFAULT_SOURCE = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_i18n_Translation-en.lz4"
 DEFAULT_OUT = "data/debian-pkgs"
@@ -55,10 +67,7 @@ HOW_TO_GET = (
 
 MIN_PASSAGE_WORDS = 15
 MIN_SYNOPSIS_WORDS = 3
-SPLITS = ("train", "dev", "test")
 EVAL_SPLITS = ("dev", "test")
-BM25_METRICS = ("RR@10", "nDCG@10", "R@100")
-BM25_DEPTH = 1000
 DROP_RULES = (
     "duplicate_name",
     "short_passage",
@@ -190,11 +199,6 @@ def parse_translation(text: str) -> list[Package]:
     return packages
 
 
-def _norm(text: str) -> str:
-    """Whitespace-normalise `text`."""
-    return " ".join(text.split())
-
-
 def apply_rules(packages: Iterable[Package]) -> tuple[list[Package], dict[str, int]]:
     """Apply the filtering rules (module docstring); return kept packages (sorted) and drop counts."""
     dropped = {rule: 0 for rule in DROP_RULES}
@@ -211,182 +215,17 @@ def apply_rules(packages: Iterable[Package]) -> tuple[list[Package], dict[str, i
             candidates.append(pkg)
         seen.add(pkg.name)
 
-    families: dict[str, list[Package]] = defaultdict(list)
-    for pkg in candidates:
-        families[_norm(pkg.paragraphs[0])].append(pkg)
-    representatives = []
-    for members in families.values():
-        representatives.append(min(members, key=lambda p: (len(p.name), p.name)))
-        dropped["family_collapse"] += len(members) - 1
-
-    synopsis_count = Counter(_norm(p.synopsis).casefold() for p in representatives)
-    kept = []
-    for pkg in representatives:
-        if synopsis_count[_norm(pkg.synopsis).casefold()] > 1:
-            dropped["duplicate_synopsis"] += 1
-        else:
-            kept.append(pkg)
+    representatives, dropped["family_collapse"] = collapse_near_duplicates(
+        candidates, family=lambda p: normalize(p.paragraphs[0]), rank=lambda p: (len(p.name), p.name)
+    )
+    kept, dropped["duplicate_synopsis"] = drop_repeated(representatives, key=lambda p: normalize(p.synopsis).casefold())
     kept.sort(key=lambda p: p.name)
     return kept, dropped
-
-
-def split_key(name: str) -> str:
-    """The stable split hash of a package name (sha1 hex)."""
-    return hashlib.sha1(name.encode("utf-8")).hexdigest()
-
-
-def assign_splits(names: Iterable[str], dev_size: int, test_size: int) -> dict[str, list[str]]:
-    """Sort names by `split_key`; first `dev_size` -> dev, next `test_size` -> test, rest -> train.
-
-    Each split's list is in hash order.
-    """
-    ordered = sorted(names, key=lambda n: (split_key(n), n))
-    if dev_size < 0 or test_size < 0:
-        raise StarbucksError("--dev-size and --test-size must be >= 0")
-    if len(ordered) < dev_size + test_size:
-        raise StarbucksError(
-            f"only {len(ordered)} packages kept, fewer than --dev-size {dev_size} + --test-size {test_size}"
-        )
-    return {
-        "dev": ordered[:dev_size],
-        "test": ordered[dev_size : dev_size + test_size],
-        "train": ordered[dev_size + test_size :],
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# BM25
-# --------------------------------------------------------------------------------------------
-
-
-def _make_stemmer(name: str | None):
-    """Return a PyStemmer stemmer for `name` ('english'), or None for no stemming."""
-    if not name or name == "none":
-        return None
-    try:
-        import Stemmer
-    except ImportError:
-        raise StarbucksError(f"--stemmer {name} needs PyStemmer: pip install PyStemmer") from None
-    return Stemmer.Stemmer(name)
-
-
-class BM25:
-    """A bm25s index over `texts` with deterministic top-k (ties broken by corpus position).
-
-    Tokenisation: `bm25s.tokenize` with English stopwords and an optional PyStemmer stemmer.
-    The vocabulary is sorted so scores never depend on hash seeds.
-    """
-
-    def __init__(self, ids: Sequence[str], texts: Sequence[str], stemmer: str | None = None, progress: bool = True):
-        import bm25s
-
-        self.ids = list(ids)
-        self.stemmer_name = stemmer or "none"
-        self._stemmer = _make_stemmer(stemmer)
-        tokens = self.tokenize(texts)
-        self.vocab = {tok: i for i, tok in enumerate(sorted({t for doc in tokens for t in doc}))}
-        token_ids = [[self.vocab[t] for t in doc] for doc in tokens]
-        self.retriever = bm25s.BM25()
-        self.retriever.index((token_ids, self.vocab), create_empty_token=False, show_progress=progress)
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
-        """Tokenise texts the way the index was built."""
-        import bm25s
-
-        return bm25s.tokenize(
-            list(texts), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False
-        )
-
-    def search(self, text: str, k: int, exclude: str | None = None) -> list[tuple[str, float]]:
-        """Top-`k` (doc id, score) with score > 0, best first; `exclude` is left out."""
-        qids = [self.vocab[t] for t in self.tokenize([text])[0] if t in self.vocab]
-        if not qids or k <= 0:
-            return []
-        scores = self.retriever.get_scores_from_ids(qids)
-        positive = int(np.count_nonzero(scores > 0))
-        want = min(k + (exclude is not None), positive)
-        if want == 0:
-            return []
-        top = np.argpartition(-scores, want - 1)[:want]
-        cand = np.flatnonzero(scores >= scores[top].min())
-        cand = cand[np.lexsort((cand, -scores[cand]))]
-        hits = [(self.ids[i], float(scores[i])) for i in cand if self.ids[i] != exclude]
-        return hits[:k]
-
-
-# --------------------------------------------------------------------------------------------
-# Writing and reading
-# --------------------------------------------------------------------------------------------
-
-
-def write_jsonl_gz(path: Path, rows: Iterable[dict]) -> None:
-    """Write rows as gzip'd JSON lines, deterministically (mtime=0, no file name)."""
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=9) as gz:
-        for row in rows:
-            gz.write((json.dumps(row, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def write_qrels(path: Path, pairs: Iterable[tuple[str, str]]) -> None:
-    """Write BEIR qrels (header, score 1), sorted by query id."""
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
-        fh.write("query-id\tcorpus-id\tscore\n")
-        for qid, did in sorted(pairs):
-            fh.write(f"{qid}\t{did}\t1\n")
-
-
-def write_dataset(
-    out: Path,
-    corpus: dict[str, str],
-    queries: dict[str, str],
-    qrels: dict[str, list[tuple[str, str]]],
-    groups: list[dict],
-) -> None:
-    """Write the BEIR layout plus `train.jsonl.gz` into `out` (replacing the data files there)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "qrels").exists():
-        shutil.rmtree(out / "qrels")
-    (out / "qrels").mkdir()
-    write_jsonl_gz(out / "corpus.jsonl.gz", ({"_id": i, "text": corpus[i]} for i in sorted(corpus)))
-    write_jsonl_gz(out / "queries.jsonl.gz", ({"_id": i, "text": queries[i]} for i in sorted(queries)))
-    for split in SPLITS:
-        write_qrels(out / "qrels" / f"{split}.tsv", qrels[split])
-    write_jsonl_gz(out / "train.jsonl.gz", sorted(groups, key=lambda g: g["query_id"]))
 
 
 # --------------------------------------------------------------------------------------------
 # Builders
 # --------------------------------------------------------------------------------------------
-
-
-def mine_negatives(
-    bm25: BM25, queries: Sequence[tuple[str, str, str]], num_negatives: int, progress: bool = True
-) -> list[dict]:
-    """Training groups: for each (query id, query, positive id) the BM25 top `num_negatives`, positive excluded."""
-    groups = []
-    for qid, text, pos in tqdm(queries, desc="mining BM25 negatives", disable=not progress):
-        negs = [did for did, _ in bm25.search(text, num_negatives, exclude=pos)]
-        groups.append(
-            {"query_id": qid, "query": text, "positive_document_ids": [pos], "negative_document_ids": negs}
-        )
-    return groups
-
-
-@dataclass
-class Collection:
-    """An in-memory dataset: corpus, queries, per-split (query, doc) qrels and training groups."""
-
-    corpus: dict[str, str]
-    queries: dict[str, str]
-    splits: dict[str, list[str]]  # split -> query ids, in hash order
-    positive: dict[str, str]  # query id -> doc id
-    groups: list[dict]
-    info: dict = field(default_factory=dict)  # extra stats (mini recipe)
-
-    def qrels(self) -> dict[str, list[tuple[str, str]]]:
-        return {s: [(q, self.positive[q]) for q in self.splits[s]] for s in SPLITS}
-
-    def write(self, out: Path) -> None:
-        write_dataset(out, self.corpus, self.queries, self.qrels(), self.groups)
 
 
 def build_full(
@@ -500,95 +339,13 @@ def build_mini(
 
 
 # --------------------------------------------------------------------------------------------
-# BM25 reference scores
-# --------------------------------------------------------------------------------------------
-
-
-def bm25_reference(
-    dataset_dir: str | Path,
-    splits: Sequence[str] = EVAL_SPLITS,
-    depth: int = BM25_DEPTH,
-    stemmer: str | None = None,
-    bm25: BM25 | None = None,
-    progress: bool = False,
-) -> dict[str, dict[str, float]]:
-    """BM25 (bm25s) RR@10 / nDCG@10 / R@100 per split of a BEIR `dataset_dir` (`retrieval.metrics`).
-
-    Each split's queries are searched (top `depth`) over the whole corpus; a query with no
-    hit counts as 0. The stemmer defaults to the one recorded in the directory's stats.json.
-    """
-    dataset_dir = Path(dataset_dir)
-    if stemmer is None:
-        stats_path = dataset_dir / "stats.json"
-        stemmer = json.loads(stats_path.read_text())["bm25"]["stemmer"] if stats_path.exists() else "none"
-    if bm25 is None:
-        corpus = load_corpus(str(dataset_dir))
-        bm25 = BM25(list(corpus), list(corpus.values()), stemmer=stemmer, progress=progress)
-    results: dict[str, dict[str, float]] = {}
-    for split in splits:
-        judged = load_split(split, str(dataset_dir))
-        run = {}
-        for qid in tqdm(sorted(judged.qrels), desc=f"BM25 {split}", disable=not progress):
-            hits = bm25.search(judged.queries[qid], depth)
-            if hits:
-                run[qid] = dict(hits)
-        scores = evaluate(run, judged.qrels, BM25_METRICS).aggregate
-        results[split] = {name: round(value, 4) for name, value in scores.items()}
-    return results
-
-
-# --------------------------------------------------------------------------------------------
 # Stats and README
 # --------------------------------------------------------------------------------------------
 
 
-def collection_stats(col: Collection) -> dict:
-    """Counts of a collection (what its README and stats.json report)."""
-    negs = [len(g["negative_document_ids"]) for g in col.groups]
-    return {
-        "passages": len(col.corpus),
-        "queries": {s: len(col.splits[s]) for s in SPLITS},
-        "train_groups": len(col.groups),
-        "negatives_per_group": {"min": min(negs, default=0), "max": max(negs, default=0)},
-        **col.info,
-    }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_stats(out: Path, stats: dict) -> None:
-    """Write the machine-readable stats.json (no dates: rebuilds stay byte-identical)."""
-    (out / "stats.json").write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _table(rows: Sequence[tuple[str, object]]) -> str:
-    lines = ["| count | value |", "|---|---:|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
-    return "\n".join(lines)
-
-
-def _bm25_table(ref: dict[str, dict[str, float]]) -> str:
-    lines = ["| split | " + " | ".join(BM25_METRICS) + " |", "|---|" + "---:|" * len(BM25_METRICS)]
-    for split, scores in ref.items():
-        lines.append(f"| {split} | " + " | ".join(f"{scores[m]:.4f}" for m in BM25_METRICS) + " |")
-    return "\n".join(lines)
-
-
 def count_rows(stats: dict) -> list[tuple[str, object]]:
     """The README count table rows, derived from stats.json (also used by the tests)."""
-    rows: list[tuple[str, object]] = [("passages", stats["passages"])]
-    rows += [(f"queries ({s})", stats["queries"][s]) for s in SPLITS]
-    rows += [("train groups", stats["train_groups"])]
-    rows += [
-        ("negatives per group (min)", stats["negatives_per_group"]["min"]),
-        ("negatives per group (max)", stats["negatives_per_group"]["max"]),
-    ]
+    rows = common.count_rows(stats)
     if "source_packages" in stats:
         rows.insert(0, ("source stanzas", stats["source_packages"]))
         rows += [(f"dropped: {rule}", n) for rule, n in stats["dropped"].items()]
@@ -660,7 +417,7 @@ def write_readme(
     text = f"""# {title}
 
 Debian package descriptions as a retrieval collection: query = a package's one-line synopsis,
-relevant passage = its long description. Built by `retrieval/debian_pkgs.py`.
+relevant passage = its long description. Built by `corpora/debian_pkgs.py`.
 
 - Source: `{source.name}` (sha256 `{source_sha256}`)
 - Build date: {date}
@@ -671,7 +428,7 @@ relevant passage = its long description. Built by `retrieval/debian_pkgs.py`.
 {FILES_DOC}
 ## Counts
 
-{_table(count_rows(stats))}
+{count_table(count_rows(stats))}
 
 ## Recipe
 
@@ -680,9 +437,9 @@ relevant passage = its long description. Built by `retrieval/debian_pkgs.py`.
 
 bm25s (English stopwords, stemmer: {stats["bm25"]["stemmer"]}), each split's queries searched over
 the whole corpus (top {stats["bm25"]["depth"]}), scored with `ir_measures` (`RR@10` is MRR@10).
-`retrieval.debian_pkgs.bm25_reference(dir)` recomputes these.
+`corpora.common.bm25_reference(dir)` recomputes these.
 
-{_bm25_table(stats["bm25"]["scores"])}
+{bm25_table(stats["bm25"]["scores"])}
 
 ## License
 
@@ -698,35 +455,27 @@ the whole corpus (top {stats["bm25"]["depth"]}), scored with `ir_measures` (`RR@
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m retrieval.debian_pkgs",
+        prog="python -m corpora.debian_pkgs",
         description="Build the debian-pkgs retrieval collection (and its mini subset) from Translation-en.",
     )
     p.add_argument("--source", default=DEFAULT_SOURCE, help="Translation-en file (.lz4, .gz, .xz or plain)")
     p.add_argument("--out", default=DEFAULT_OUT, help="output directory of the full collection")
     p.add_argument("--mini-out", default=DEFAULT_MINI_OUT, help="output directory of the mini subset ('' to skip)")
-    p.add_argument("--dev-size", type=int, default=2000)
-    p.add_argument("--test-size", type=int, default=2000)
-    p.add_argument("--negatives", type=int, default=30, help="BM25 hard negatives per training group")
-    p.add_argument("--stemmer", default="none", help="PyStemmer language for BM25 (default: none)")
+    add_common_arguments(p, dev_size=2000, test_size=2000, negatives=30)
     p.add_argument("--mini-queries", type=int, default=200, help="dev and test queries each in the mini set")
     p.add_argument("--mini-neighbours", type=int, default=20, help="deepest BM25 rank of neighbours added")
     p.add_argument("--mini-groups", type=int, default=300, help="training groups in the mini set")
     p.add_argument("--mini-min-negatives", type=int, default=7, help="negatives each mini group keeps")
     p.add_argument("--mini-size", type=int, default=3000, help="target passages in the mini corpus")
     p.add_argument("--seed", type=int, default=0, help="seed of the mini set's random filler passages")
-    p.add_argument("--date", default=_dt.date.today().isoformat(), help="build date for the READMEs (YYYY-MM-DD)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
-    try:
-        _dt.date.fromisoformat(args.date)
-    except ValueError:
-        raise StarbucksError(f"--date {args.date!r} is not YYYY-MM-DD") from None
+    check_date(args.date)
     return args
 
 
 def _command(args: argparse.Namespace) -> str:
     """The canonical command that rebuilds these files (every data-affecting option spelled out)."""
-    parts = ["python", "-m", "retrieval.debian_pkgs", "--source", args.source, "--out", args.out]
+    parts = ["python", "-m", "corpora.debian_pkgs", "--source", args.source, "--out", args.out]
     parts += ["--mini-out", args.mini_out]
     for opt in (
         "dev_size", "test_size", "negatives", "stemmer", "mini_queries", "mini_neighbours",
@@ -742,7 +491,7 @@ def build(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
     source = Path(args.source)
     text = read_source(source)
-    sha = _sha256(source)
+    sha = sha256_file(source)
     try:
         packages = parse_translation(text)
     except StarbucksError as err:
@@ -806,7 +555,7 @@ def build(args: argparse.Namespace) -> dict:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point of `python -m retrieval.debian_pkgs`."""
+    """Entry point of `python -m corpora.debian_pkgs`."""
     build(_parse_args(argv))
 
 
