@@ -1,0 +1,97 @@
+"""`python -m eval.sizes`: the Pareto front on a hand-made table, budgets, and a real run's report."""
+
+import json
+
+import pytest
+
+from conftest import mini_slice, save_tiny_backbone
+from eval.sizes import SizeCost, best_within, main, pareto_front
+from retrieval.errors import StarbucksError
+from retrieval.sizes import Size
+
+SIZES = ["1x8", "2x16", "4x32"]
+
+
+def test_pareto_front_on_a_hand_made_table():
+    # (cost, quality); by hand: a is cheapest; b is better than a for more; c costs more than b for less (off);
+    # d is the best; e ties b exactly (both stay: neither is strictly better); f equals d's quality at a
+    # higher cost (off); g is as cheap as a but worse (off)
+    points = {"a": (1.0, 0.20), "b": (2.0, 0.30), "c": (3.0, 0.25), "d": (5.0, 0.50), "e": (2.0, 0.30),
+              "f": (6.0, 0.50), "g": (1.0, 0.10)}
+    names = list(points)
+    assert [names[i] for i in pareto_front(list(points.values()))] == ["a", "b", "d", "e"]
+    assert pareto_front([]) == []
+    assert pareto_front([(1.0, 0.0)]) == [0]
+
+
+def cost(name, quality, latency, nbytes):
+    return SizeCost(Size(name, 1, 8), quality, 100.0, latency / 2, latency / 2, latency, nbytes)
+
+
+def test_best_size_within_a_budget():
+    costs = [cost("s", 0.2, 1.0, 16), cost("m", 0.3, 2.0, 64), cost("l", 0.5, 5.0, 256), cost("m2", 0.3, 1.5, 64)]
+    assert best_within(costs).size.name == "l"
+    assert best_within(costs, max_latency_ms=4.0).size.name == "m2"  # m and m2 tie on quality: the faster
+    assert best_within(costs, max_bytes=63).size.name == "s"
+    assert best_within(costs, max_latency_ms=1.6, max_bytes=64).size.name == "m2"
+    with pytest.raises(StarbucksError, match="no size fits --max-latency-ms 0.5; the cheapest is s") as err:
+        best_within(costs, max_latency_ms=0.5)
+    assert "\n" not in str(err.value)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A zero-shot tiny model encoded, searched and evaluated on a slice of debian-pkgs-mini."""
+    from encode.pipeline import encode_collection
+    from eval.pipeline import evaluate_experiment
+    from retrieval.config import load_config
+    from search.pipeline import search_collection
+
+    root = tmp_path_factory.mktemp("sizes")
+    col, _, _ = mini_slice(root / "col", queries=12, passages=150)
+    save_tiny_backbone(root / "backbone", layers=4, hidden=32)
+    (root / "exp.yaml").write_text(f"""
+name: chooser
+output_dir: {root / 'run'}
+model: {{name_or_path: {root / 'backbone'}, pooling: cls, query_max_length: 16, passage_max_length: 48}}
+sizes: {json.dumps(SIZES)}
+data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
+encode: {{batch_size: 32, shard_rows: 64}}
+search: {{depth: 10}}
+eval: {{metrics: [nDCG@10, RR@10], plot: false}}
+""")
+    cfg = load_config(root / "exp.yaml")
+    encode_collection(cfg, progress=False)
+    search_collection(cfg, progress=False)
+    evaluate_experiment(cfg)
+    return root
+
+
+def test_report_of_a_run(run, capsys):
+    run_dir = run / "run"
+    with pytest.raises(SystemExit) as exit_:  # a zero-shot model records no eval splits
+        main([str(run_dir), "--passages", "16", "--query-sample", "3"])
+    assert exit_.value.code == 2 and "give --queries" in capsys.readouterr().err
+
+    args = [str(run_dir), "--queries", str(run / "col"), "--passages", "16", "--query-sample", "3", "--device", "cpu"]
+    best = main([*args, "--max-bytes", "40"])
+    report = json.loads((run_dir / "eval" / "sizes-dev.json").read_text())
+    evaluated = {s["size"]: s["metrics"]["nDCG@10"] for s in json.loads((run_dir / "eval" / "dev.json").read_text())["sizes"]}
+    assert report["measure"] == "nDCG@10" and [s["size"] for s in report["sizes"]] == SIZES
+    for s in report["sizes"]:
+        assert s["quality"] == evaluated[s["size"]]
+        shards = -(-150 // 64)
+        assert 2 * s["dim"] <= s["bytes_per_passage"] <= 2 * s["dim"] + 256 * shards / 150  # float16 + npy headers
+        assert s["passages_per_second"] > 0 and s["latency_ms"] >= s["encode_ms"] > 0 and s["search_ms"] > 0
+    within = [s for s in report["sizes"] if s["bytes_per_passage"] <= 40]
+    assert [s["size"] for s in within] == ["1x8", "2x16"]  # 16 and 32 bytes of float16 (+ headers)
+    assert best.size.name in ("1x8", "2x16") and best.quality == max(s["quality"] for s in within)
+    for stem in ("json", "md", "csv", "png"):
+        assert (run_dir / "eval" / f"sizes-dev.{stem}").stat().st_size > 0
+    points = [(s["bytes_per_passage"], s["quality"]) for s in report["sizes"]]
+    assert report["front_bytes"] == [report["sizes"][i]["size"] for i in pareto_front(points)]
+    assert "best within --max-bytes 40" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit):
+        main([*args, "--max-bytes", "1"])
+    assert "no size fits --max-bytes 1" in capsys.readouterr().err
