@@ -56,7 +56,7 @@ output_dir: {root / 'run'}
 model: {{name_or_path: {root / 'backbone'}, pooling: cls, query_max_length: 16, passage_max_length: 48}}
 sizes: {json.dumps(SIZES)}
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
-encode: {{batch_size: 32, shard_rows: 64}}
+encode: {{model: {root / 'backbone'}, batch_size: 32, shard_rows: 64}}
 search: {{depth: 10}}
 eval: {{metrics: [nDCG@10, RR@10], plot: false}}
 """)
