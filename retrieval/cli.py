@@ -1,15 +1,11 @@
-"""Command-line plumbing shared by the stages, and the `starbucks <stage>` console script."""
+"""Command-line plumbing shared by the stages (the `starbucks` console script is `starbucks_cli`)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 from typing import Sequence
 
 from retrieval.config import DEFAULT_CONFIG, load_config
-
-STAGES = ("train", "encode", "search", "eval", "experiment")
 
 
 def stage_parser(stage: str, description: str, default_config: str = DEFAULT_CONFIG) -> argparse.ArgumentParser:
@@ -26,15 +22,4 @@ def parse_stage_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None
     return load_config(args.config, args.overrides), args
 
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """`starbucks <stage> [args]`: the same as `python -m <stage> [args]`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in STAGES:
-        print(f"usage: starbucks {{{','.join(STAGES)}}} [--config FILE] [key=value ...]", file=sys.stderr)
-        raise SystemExit(2)
-    module = importlib.import_module(f"{argv[0]}.__main__")
-    module.main(argv[1:])
-
-
-__all__ = ["main", "parse_stage_args", "stage_parser"]
+__all__ = ["parse_stage_args", "stage_parser"]

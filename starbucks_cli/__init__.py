@@ -1,0 +1,43 @@
+"""The `starbucks` console script: `starbucks <command> [args]` is `python -m <module> [args]`.
+
+It sits outside the library (`retrieval/` knows no stage). Adding a command is one entry in
+`COMMANDS`: its name -> (the module whose `main(argv)` runs it, a one-line summary).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS = {
+    "train": ("train.__main__", "fine-tune a retriever (train.method: srl | 2dmse | separate | full | smae)"),
+    "pretrain": ("train.pretrain", "SMAE pre-training (default config: configs/smae.yaml)"),
+    "encode": ("encode.__main__", "corpus and queries -> per-size embedding shards"),
+    "search": ("search.__main__", "one index per size -> TREC run files"),
+    "eval": ("eval.__main__", "run files + qrels -> per-size metrics, tables, plots; compare experiments"),
+    "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
+}
+
+
+def usage() -> str:
+    """The `starbucks --help` text: one line per command."""
+    width = max(map(len, COMMANDS))
+    lines = ["usage: starbucks <command> [--config FILE] [key=value ...]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "`starbucks <command> --help` describes a command; `starbucks X` is `python -m <module of X>`."]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run `starbucks <command> [args]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage())
+        return
+    if not argv or argv[0] not in COMMANDS:
+        got = f"unknown command {argv[0]!r}" if argv else "no command given"
+        print(f"starbucks: {got}; use one of {', '.join(COMMANDS)} (starbucks --help)", file=sys.stderr)
+        raise SystemExit(2)
+    module, _ = COMMANDS[argv[0]]
+    importlib.import_module(module).main(argv[1:])
