@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Hashable, Iterable, Sequence, TypeVar
 
-import numpy as np
 from tqdm import tqdm
 
+from retrieval.bm25 import BM25
 from retrieval.data import load_corpus, load_split
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json
@@ -94,61 +94,7 @@ def drop_repeated(items: Sequence[T], key: Callable[[T], Hashable]) -> tuple[lis
 # --------------------------------------------------------------------------------------------
 # BM25
 # --------------------------------------------------------------------------------------------
-
-
-def _make_stemmer(name: str | None):
-    """Return a PyStemmer stemmer for `name` ('english'), or None for no stemming."""
-    if not name or name == "none":
-        return None
-    try:
-        import Stemmer
-    except ImportError:
-        raise StarbucksError(f"--stemmer {name} needs PyStemmer: pip install PyStemmer") from None
-    return Stemmer.Stemmer(name)
-
-
-class BM25:
-    """A bm25s index over `texts` with deterministic top-k (ties broken by corpus position).
-
-    Tokenisation: `bm25s.tokenize` with English stopwords and an optional PyStemmer stemmer.
-    The vocabulary is sorted so scores never depend on hash seeds.
-    """
-
-    def __init__(self, ids: Sequence[str], texts: Sequence[str], stemmer: str | None = None, progress: bool = True):
-        import bm25s
-
-        self.ids = list(ids)
-        self.stemmer_name = stemmer or "none"
-        self._stemmer = _make_stemmer(stemmer)
-        tokens = self.tokenize(texts)
-        self.vocab = {tok: i for i, tok in enumerate(sorted({t for doc in tokens for t in doc}))}
-        token_ids = [[self.vocab[t] for t in doc] for doc in tokens]
-        self.retriever = bm25s.BM25()
-        self.retriever.index((token_ids, self.vocab), create_empty_token=False, show_progress=progress)
-
-    def tokenize(self, texts: Sequence[str]) -> list[list[str]]:
-        """Tokenise texts the way the index was built."""
-        import bm25s
-
-        return bm25s.tokenize(
-            list(texts), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False
-        )
-
-    def search(self, text: str, k: int, exclude: str | None = None) -> list[tuple[str, float]]:
-        """Top-`k` (doc id, score) with score > 0, best first; `exclude` is left out."""
-        qids = [self.vocab[t] for t in self.tokenize([text])[0] if t in self.vocab]
-        if not qids or k <= 0:
-            return []
-        scores = self.retriever.get_scores_from_ids(qids)
-        positive = int(np.count_nonzero(scores > 0))
-        want = min(k + (exclude is not None), positive)
-        if want == 0:
-            return []
-        top = np.argpartition(-scores, want - 1)[:want]
-        cand = np.flatnonzero(scores >= scores[top].min())
-        cand = cand[np.lexsort((cand, -scores[cand]))]
-        hits = [(self.ids[i], float(scores[i])) for i in cand if self.ids[i] != exclude]
-        return hits[:k]
+# (`BM25` itself is the library's, retrieval/bm25.py: train.mine ranks with it too.)
 
 
 def mine_negatives(
