@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from retrieval.settings import resolve_device as pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
-from eval.report import markdown_table  # noqa: E402
+from retrieval.tables import markdown_table  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, for the MFU figures.

@@ -15,7 +15,6 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from eval.report import markdown_table, plot_measures, size_label, text_table, write_csv
 from retrieval.card import refresh_card
 from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, check_coverage, load_eval_splits, qrels_coverage
@@ -26,6 +25,7 @@ from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run, verified_run
 from retrieval.sizes import Size
 from retrieval.store import EmbeddingStore
+from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
 
 @dataclass

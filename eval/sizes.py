@@ -30,12 +30,12 @@ from typing import Sequence
 
 import numpy as np
 
-from eval.report import markdown_table, size_label, text_table, write_csv
 from retrieval.data import iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
 from retrieval.sizes import Size
 from retrieval.store import EmbeddingStore, model_fingerprint
+from retrieval.tables import markdown_table, size_label, text_table, write_csv
 
 EVAL_PREFIXES = ("compare-", "sizes-")
 DEFAULT_MEASURE = "nDCG@10"

@@ -32,7 +32,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from eval.pipeline import SizeResult, evaluate_runs, rel_level, select_runs
-from eval.report import markdown_table, plot_measures
 from experiment.pipeline import LABELS, Run, run_config
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import load_eval_splits
@@ -41,6 +40,7 @@ from retrieval.metrics import paired_ttest
 from retrieval.names import parse_names
 from retrieval.runfile import read_run_record, run_stem
 from retrieval.sizes import Size
+from retrieval.tables import markdown_table, plot_measures
 
 DISCUSSION_START = "<!-- discussion: hand-written, kept when the report is regenerated -->"
 DISCUSSION_END = "<!-- end of discussion -->"

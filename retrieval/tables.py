@@ -1,4 +1,4 @@
-"""Tables (terminal, Markdown, CSV) and plots of metrics against size."""
+"""Report pieces every stage and the benchmarks share: tables (terminal, Markdown, CSV) and plots of metrics against size."""
 
 from __future__ import annotations
 
