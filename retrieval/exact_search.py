@@ -119,22 +119,127 @@ class ExactSearcher:
         import torch
 
         dtype = getattr(torch, self.dtype)
-        block = torch.from_numpy(np.array(vectors)).to(self.device, dtype)  # copies the memory-mapped shard
-        q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device, dtype)
-        values, rows = torch_search(block, q, k, self.batch_size, self.topk_block)
-        return values.float().cpu().numpy(), rows.cpu().numpy()
+        exact = torch.from_numpy(np.array(vectors)).to(self.device)  # copies the memory-mapped shard
+        block = exact.to(dtype)
+        if block.dtype.itemsize >= exact.dtype.itemsize:
+            exact = block  # lossless: re-score from the one copy
+        q = torch.from_numpy(np.ascontiguousarray(queries)).to(self.device)
+        values, rows = torch_search(block, q.to(dtype), k, self.batch_size, self.topk_block, exact, q.float())
+        return values.cpu().numpy(), rows.cpu().numpy()
 
 
-def torch_search(vectors, queries, k: int, batch_size: int, topk_block: int | None = None):
-    """Exact top-`k` `(scores, rows)` of device tensors: a matmul per query batch, then the top k in the
-    matmul's dtype (a float copy of all scores would cost more than the matmul), through the maxima
-    of blocks of `topk_block` columns (`block_topk`) or in one `torch.topk`."""
+# Unit roundoff of the pre-selection's matmul (fp32: exact up to the order of its sums, unless TF32 is on).
+_ROUNDOFF = {torch_dtype: u for torch_dtype, u in (("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8), ("float32", 0.0))}
+_RESCORE_ELEMENTS = 1 << 24  # gathered candidate vector entries per re-scoring chunk (64 MiB in fp32)
+
+
+def _roundoff(vectors) -> float:
     import torch
 
-    values, rows = [], []
+    if vectors.dtype == torch.float32 and vectors.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return 2.0 ** -11  # TF32 keeps 10 mantissa bits
+    return _ROUNDOFF[str(vectors.dtype).removeprefix("torch.")]
+
+
+class _Rescorer:
+    """fp32 scores of candidate rows: `queries[i] . vectors[candidates[i, j]]`, in chunks of
+    `_RESCORE_ELEMENTS` gathered entries; on CUDA, when both sides are exact in the vectors' 16-bit
+    dtype, a batched matmul of the 16-bit rows with fp32 accumulation and output (no fp32 copies), else
+    an fp32 elementwise product and sum (never a TF32 matmul)."""
+
+    def __init__(self, vectors, queries):
+        import torch
+
+        self.vectors, self.queries = vectors, queries
+        half = vectors.dtype in (torch.float16, torch.bfloat16)
+        self.fused = vectors.is_cuda and half and torch.equal(queries.to(vectors.dtype).float(), queries)
+
+    def __call__(self, rows_of_queries, candidates):
+        import torch
+
+        n_queries, m = candidates.shape
+        d = self.vectors.shape[1]
+        cols = max(1, min(m, _RESCORE_ELEMENTS // d))
+        rows = max(1, _RESCORE_ELEMENTS // (cols * d))
+        out = torch.empty(n_queries, m, dtype=torch.float32, device=candidates.device)
+        for r in range(0, n_queries, rows):
+            q = self.queries[rows_of_queries[r:r + rows]]
+            for c in range(0, m, cols):
+                gathered = self.vectors[candidates[r:r + rows, c:c + cols]]  # (rows, cols, d)
+                if self.fused:
+                    dots = torch.bmm(gathered, q.to(gathered.dtype).unsqueeze(2), out_dtype=torch.float32)[..., 0]
+                else:
+                    dots = (gathered.float() * q[:, None, :]).sum(-1)
+                out[r:r + rows, c:c + cols] = dots
+        return out
+
+
+def rank_exactly(scores, rows, k: int):
+    """The top `k` of `(scores, rows)` by score, ties by the lower row."""
+    import torch
+
+    by_row = torch.argsort(rows, dim=1)
+    scores, rows = scores.gather(1, by_row), rows.gather(1, by_row)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+    return scores.gather(1, order), rows.gather(1, order)
+
+
+def torch_search(vectors, queries, k: int, batch_size: int, topk_block: int | None = None,
+                 exact_vectors=None, exact_queries=None):
+    """Exact top-`k` `(scores, rows)` of device tensors, as an fp32 exact search gives them: fp32 scores,
+    ties by the lower row. A matmul per query batch in the tensors' dtype (fp16 on a GPU: the fast
+    part) pre-selects the best `m` rows through the maxima of blocks of `topk_block` columns
+    (`block_topk`) or one `torch.topk`. In fp16/bf16 (or TF32) the `m = max(2k, k + 256)` candidates
+    are re-scored in fp32 from `exact_vectors`/`exact_queries` (default: `vectors`/`queries`, upcast:
+    exact for the stored fp16 vectors); an fp32 matmul's scores are kept (`m = k + 16`, for the ties).
+
+    Exact: each matmul score is within `e = (5u + d 2^-24) |q| max|x|` of the exact one (`u` the
+    dtype's unit roundoff: 2u for rounding fp32 inputs to it, u for rounding the output, 2u for
+    reduced-precision split-K sums; `d 2^-24` for the fp32 accumulation), so every row of the exact
+    top k, ties included, has a matmul score >= the k-th's - 2e. A query whose m-th pre-selected
+    score is not below that is run again with `m` doubled, up to every row."""
+    import torch
+
+    exact_vectors = vectors if exact_vectors is None else exact_vectors
+    exact_queries = (queries if exact_queries is None else exact_queries).float()
+    n, d = vectors.shape
+    k = min(k, n)
+    u = _roundoff(vectors)
     with torch.inference_mode():
+        rescore = _Rescorer(exact_vectors, exact_queries) if u else None
+        error = (5 * u + d * 2.0 ** -24) * torch.linalg.vector_norm(exact_vectors.float(), dim=1).max() if u else 0.0
+        margin = max(k, 256) if u else 16
+        values, rows = [], []
         for start in range(0, len(queries), batch_size):
-            v, r = block_topk(queries[start:start + batch_size] @ vectors.T, k, topk_block)
+            end = min(start + batch_size, len(queries))
+            bound = 2 * error * torch.linalg.vector_norm(exact_queries[start:end], dim=1)
+            batch = torch.arange(start, end, device=vectors.device)
+            v, r = _exact_topk(queries[start:end] @ vectors.T, batch, bound, k, min(n, k + margin), rescore, topk_block)
             values.append(v)
             rows.append(r)
     return torch.cat(values), torch.cat(rows)
+
+
+def _exact_topk(scores, query_rows, bound, k: int, m: int, rescore, topk_block: int | None):
+    """One query batch of `torch_search`: its matmul `scores`, `bound` = twice the error bound per query."""
+    import torch
+
+    n = scores.shape[1]
+    out_scores = torch.empty(len(scores), k, dtype=torch.float32, device=scores.device)
+    out_rows = torch.empty(len(scores), k, dtype=torch.long, device=scores.device)
+    todo = torch.arange(len(scores), device=scores.device)
+    while len(todo):
+        part = scores if len(todo) == len(scores) else scores[todo]  # (a copy only for queries run again)
+        if m >= n:
+            values, candidates = part, torch.arange(n, device=scores.device).expand(len(todo), -1)
+            complete = torch.ones(len(todo), dtype=torch.bool, device=scores.device)
+        else:
+            values, candidates = block_topk(part, m, topk_block)
+            complete = values[:, m - 1].float() < values[:, k - 1].float() - bound[todo]
+        exact = rescore(query_rows[todo], candidates) if rescore else values.float()
+        top_scores, top_rows = rank_exactly(exact, candidates, k)
+        out_scores.index_copy_(0, todo, top_scores)
+        out_rows.index_copy_(0, todo, top_rows)
+        todo = todo[~complete]
+        m = min(n, 2 * m)
+    return out_scores, out_rows
