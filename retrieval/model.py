@@ -82,6 +82,9 @@ def checkpoint_meta(name_or_path: str) -> dict:
     if os.path.exists(path):
         raise StarbucksError(f"{name_or_path} is a file, not a model directory; give the directory that holds "
                              f"config.json and starbucks.json")
+    if path.startswith((".", "/", "~")) or path.count("/") > 1:
+        raise StarbucksError(f"{name_or_path} does not exist; give a model directory (runs/<name>/model) or a hub "
+                             f"id such as user/name")
     return _hub_meta(path) or {}
 
 
@@ -277,11 +280,11 @@ class StarbucksModel:
     def save(self, directory: str | os.PathLike, meta: Mapping | None = None) -> None:
         """Write a checkpoint of this toolkit (HF model, `starbucks.json`, sentence-transformers files,
         model card) with this model's settings; `meta` adds or replaces entries of `starbucks.json`."""
-        record = {**self.meta, "sizes": self.sizes.to_config(), "query_max_length": self.query_max_length,
+        kept = {k: v for k, v in self.meta.items() if k not in ("format_version", "pooling", "normalize")}
+        record = {**kept, "sizes": self.sizes.to_config(), "query_max_length": self.query_max_length,
                   "passage_max_length": self.passage_max_length, "query_prefix": self.query_prefix,
                   "passage_prefix": self.passage_prefix, **(meta or {})}
-        record.pop("format_version", None)
-        self.encoder.save(directory, self.tokenizer, record)
+        self.encoder.save(directory, self.tokenizer, record)  # the encoder records pooling and normalize
 
     def __repr__(self) -> str:
         return (f"StarbucksModel({self.source!r}, {self.pooling} pooling, normalize={self.normalize}, "
