@@ -38,8 +38,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
+# debian-pkgs (+ mini) from apt's Translation-en (ARGS go to it); python-docs from this interpreter's
+# standard library (another Python version gives other data: its README names the version).
 data: setup
 	$(PY) -m corpora.debian_pkgs $(ARGS)
+	$(PY) -m corpora.python_docs
 
 train: setup
 	$(PY) -m train --config $(CONFIG) $(ARGS)
