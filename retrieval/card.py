@@ -115,7 +115,7 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
                                                       for s in r["sizes"]]) + "\n")
     parts.append("## Usage\n")
     parts.append(
-        "With this toolkit (`pip install starbucks-retrieval`), at any size, one pass for several:\n\n"
+        "With the `starbucks-retrieval` toolkit, at any size (several from one pass):\n\n"
         "```python\nfrom retrieval import StarbucksModel\n\n"
         f"model = StarbucksModel.from_pretrained({model_id!r})\n"
         f"q = model.encode_queries([\"how do I edit a PDF\"], size={largest.name!r})\n"

@@ -1,0 +1,142 @@
+"""`python -m train.export MODEL --size S --out DIR [--all] [--push-to-hub USER/NAME] [--dry-run]`
+
+Writes a standalone sentence-transformers model of one size: only the size's first `n` layers,
+an output that is exactly the size's embedding (the first `d` dims taken before any
+normalisation), its own `starbucks.json` (that one size) and model card. `--all`: one folder
+per size, `DIR/<size>`. `--push-to-hub`: upload the folder through `huggingface_hub` (the token
+from `HF_TOKEN` or `huggingface-cli login`; with `--all`, one repository per size, `NAME-<size>`);
+without `--size`/`--all` the checkpoint itself (every size) is uploaded. `--dry-run` prepares the
+folders and prints what would be uploaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from retrieval.card import read_results, write_card
+from retrieval.errors import StarbucksError, cli_entry
+from retrieval.model import StarbucksModel
+from retrieval.modeling import META_FILE, read_meta
+from retrieval.sizes import Size, SizeList
+
+
+@dataclass
+class ExportResult:
+    """The folders written (or the checkpoint pushed) and, per hub repository, the files uploaded."""
+
+    folders: list[Path]
+    uploads: dict[str, list[str]] = field(default_factory=dict)
+
+
+def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
+    """Write `model` cut to `size` (its layers; ST's output: its dims) as a checkpoint in `out`."""
+    size = model.size(size)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise StarbucksError(f"{out} exists and is not a model folder; give an empty or new --out")
+    encoder = copy.deepcopy(model.encoder).truncate_(size.layers)
+    cut = StarbucksModel(encoder, model.tokenizer, SizeList([size]), query_max_length=model.query_max_length,
+                         passage_max_length=model.passage_max_length, query_prefix=model.query_prefix,
+                         passage_prefix=model.passage_prefix, source=model.source, meta=model.meta)
+    cut.save(out, {"exported_from": model.source, "exported_size": size.to_dict()})
+    results = {split: {**r, "sizes": [s for s in r["sizes"] if (s["layers"], s["dim"]) == (size.layers, size.dim)]}
+               for split, r in read_results(model.source).items()}
+    results = {split: r for split, r in results.items() if r["sizes"]}
+    if results:
+        write_card(out, read_meta(out), results)
+    return out
+
+
+def upload_files(folder: Path) -> list[str]:
+    """The files of `folder` an upload sends (hidden and temporary files left out), sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
+                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False) -> list[str]:
+    """Upload `folder` to the hub model repository `repo_id` (created if missing); its card's load
+    examples name `repo_id`. `dry_run`: only list the files. Returns the files (relative paths)."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    if meta is None:
+        raise StarbucksError(f"{folder} has no {META_FILE}: push a model saved by this toolkit")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise StarbucksError(f"--push-to-hub {repo_id!r} is not a hub repository id such as user/name")
+    write_card(folder, meta, read_results(folder), model_id=repo_id)
+    files = upload_files(folder)
+    total = sum((folder / f).stat().st_size for f in files)
+    verb = "would upload" if dry_run else "uploading"
+    print(f"export: {verb} {len(files)} files ({total / 1e6:.1f} MB) from {folder} to "
+          f"https://huggingface.co/{repo_id}:", file=sys.stderr)
+    for f in files:
+        print(f"  {f}")
+    if dry_run:
+        return files
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), allow_patterns=files,
+                          commit_message=f"Upload {meta.get('exported_size', {}).get('name') or 'model'} "
+                                         f"with starbucks-retrieval")
+    except (HfHubHTTPError, OSError) as err:
+        raise StarbucksError(f"upload to {repo_id} failed: {str(err).strip().splitlines()[0]}; check HF_TOKEN "
+                             f"(or huggingface-cli login) and the network") from None
+    return files
+
+
+def export(model_path: str, sizes: Sequence[str] | None = None, out: str | Path | None = None,
+           push: str | None = None, dry_run: bool = False, private: bool = False,
+           device: str | None = None) -> ExportResult:
+    """Export `sizes` (names or `LxD`; `["all"]`: every size of the checkpoint) of the checkpoint at
+    `model_path` into `out` (one size: `out` itself; several: `out/<size>`), then push each folder
+    to the hub when `push` is given; without `sizes`, push the checkpoint as it is."""
+    if not sizes:
+        if not push:
+            raise StarbucksError("nothing to do: give --size S --out DIR, --all --out DIR, or --push-to-hub USER/NAME")
+        StarbucksModel.from_pretrained(model_path, "cpu")  # one clear line if it is not a model
+        result = ExportResult([Path(model_path)])
+        result.uploads[push] = push_to_hub(model_path, push, dry_run, private)
+        return result
+    if out is None:
+        raise StarbucksError("give --out DIR: where the exported model goes")
+    model = StarbucksModel.from_pretrained(model_path, device or "cpu")
+    wanted = list(model.sizes) if list(sizes) == ["all"] else [model.size(s) for s in sizes]
+    one = len(wanted) == 1 and list(sizes) != ["all"]
+    result = ExportResult([])
+    for size in wanted:
+        folder = export_size(model, size, Path(out) if one else Path(out) / size.name)
+        print(f"export: {size} -> {folder}", file=sys.stderr)
+        result.folders.append(folder)
+        if push:
+            repo = push if one else f"{push}-{size.name}"
+            result.uploads[repo] = push_to_hub(folder, repo, dry_run, private)
+    return result
+
+
+@cli_entry
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.splitlines()[0].strip("`"))
+    parser.add_argument("model", help="a checkpoint of this toolkit (runs/<name>/model)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--size", help="the size to export: a name (grande) or LAYERSxDIM (8x256)")
+    which.add_argument("--all", action="store_true", help="every size of the checkpoint, one folder each")
+    parser.add_argument("--out", help="where the exported model goes (with --all: one sub-folder per size)")
+    parser.add_argument("--push-to-hub", metavar="USER/NAME", help="upload to this hub model repository")
+    parser.add_argument("--private", action="store_true", help="create the hub repository private")
+    parser.add_argument("--dry-run", action="store_true", help="prepare the folders, list what would be uploaded")
+    parser.add_argument("--device", default="cpu", help="where the model is loaded for the cut (default: cpu)")
+    args = parser.parse_args(argv)
+    sizes = ["all"] if args.all else [args.size] if args.size else None
+    export(args.model, sizes, args.out, args.push_to_hub, args.dry_run, args.private, args.device)
+
+
+if __name__ == "__main__":
+    main()
