@@ -17,6 +17,7 @@ COMMANDS = {
     "search": ("search.__main__", "one index per size -> TREC run files"),
     "eval": ("eval.__main__", "run files + qrels -> per-size metrics, tables, plots; compare experiments"),
     "sizes": ("eval.sizes", "quality vs latency and memory per size of a run; the best size within a budget"),
+    "export": ("train.export", "a standalone sentence-transformers model per size; model card; upload to the hub"),
     "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
 }
 
