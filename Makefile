@@ -18,7 +18,7 @@ SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo data train encode search eval pretrain experiment clean-demo
+.PHONY: setup test test-fast demo data train encode search eval pretrain mine experiment clean-demo
 
 setup: $(VENV)/.installed
 
@@ -49,6 +49,11 @@ train: setup
 
 pretrain: setup
 	$(PY) -m train.pretrain --config configs/smae.yaml $(ARGS)
+
+# Hard negatives for a split's queries -> training groups; e.g.
+# make mine ARGS="--split train --retriever runs/demo/model --size demi --out runs/demo/mined.jsonl.gz"
+mine: setup
+	$(PY) -m train.mine --config $(CONFIG) $(ARGS)
 
 encode: setup
 	$(PY) -m encode --config $(CONFIG) $(SIZE_ARG) $(ARGS)

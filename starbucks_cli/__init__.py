@@ -13,6 +13,7 @@ from typing import Sequence
 COMMANDS = {
     "train": ("train.__main__", "fine-tune a retriever (train.method: srl | 2dmse | separate | full | smae)"),
     "pretrain": ("train.pretrain", "SMAE pre-training (default config: configs/smae.yaml)"),
+    "mine": ("train.mine", "hard negatives for a split's queries (BM25 or a model at any size) -> training groups"),
     "encode": ("encode.__main__", "corpus and queries -> per-size embedding shards"),
     "search": ("search.__main__", "one index per size -> TREC run files"),
     "eval": ("eval.__main__", "run files + qrels -> per-size metrics, tables, plots; compare experiments"),
