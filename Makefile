@@ -18,7 +18,7 @@ SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo data train encode search eval pretrain mine experiment clean-demo
+.PHONY: setup test test-fast demo data train encode search eval suite sizes pretrain mine experiment clean-demo
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,19 @@ search: setup
 
 eval: setup
 	$(PY) -m eval --config $(CONFIG) $(SIZE_ARG) $(ARGS)
+
+# Every model of MODELS on every collection of SUITE at every size (configs/suites/beir.yaml: the
+# paper's twelve BEIR collections, with internet); tables, t-tests and a plot in runs/suite.
+SUITE  ?= configs/suites/offline.yaml
+MODELS ?= runs/demo/model
+suite: setup
+	$(PY) -m eval.suite --suite $(SUITE) --models $(MODELS) $(ARGS)
+
+# Quality vs latency and memory per size of one run (RUN), and the best size within a budget
+# (ARGS="--max-latency-ms 5" or "--max-bytes 256").
+RUN ?= runs/demo
+sizes: setup
+	$(PY) -m eval.sizes $(RUN) $(ARGS)
 
 # Zero-shot, full, separate, 2DMSE, SRL, SRL w/o KL and SMAE+SRL, each trained, encoded, searched
 # and evaluated; then the report (tables, t-tests, plots, grid heatmaps). Re-running finishes what is missing.

@@ -1,0 +1,379 @@
+"""The out-of-domain suite: every model on every collection at every size (the paper's BEIR table).
+
+    python -m eval.suite --models srl=runs/srl/model runs/full/model --collections data/python-docs \
+        irds:beir/scifact/test [--suite configs/suites/offline.yaml] [--sizes ...] [--out runs/suite]
+
+For each model and collection the corpus is encoded once for all sizes (one pass to the deepest
+layer, `StarbucksModel`), each size is searched exactly (inner product over the stored vectors),
+and the runs are evaluated (`ir_measures`; nDCG@10 by default). Finished work is reused: the
+embedding stores, run files and evaluations under `<out>/<model>/<collection>/` are checked against
+what they were made from and only what is missing or stale is redone.
+
+A collection is a local BEIR directory (its `test` qrels, or `--split`), `irds:<id>` (e.g.
+`irds:beir/scifact/test`), or either as `name=SOURCE`. Every passage its qrels judge relevant
+must be in its corpus. Output in `<out>`: `suite.{json,md,csv}` (per model a table collections x
+sizes with an average row; per collection and size the models side by side with a paired t-test
+against the first) and `suite.png` (average of the first measure vs size, one line per model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from retrieval.data import EvalSplit, iter_corpus, load_split, qrels_coverage
+from retrieval.errors import StarbucksError, cli_entry
+from retrieval.exact_search import ExactSearcher, TopK
+from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
+from retrieval.names import parse_names
+from retrieval.runfile import read_run, read_run_record, run_path, write_run, write_run_record
+from retrieval.sizes import Size
+from retrieval.store import EmbeddingStore, IdsHasher, check_ids
+from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
+
+DEFAULT_MEASURES = ("nDCG@10",)
+DEFAULT_SPLIT = "test"
+DEFAULT_DEPTH = 100
+SHARD_ROWS = 50_000
+ALPHA = 0.05
+IRDS = "irds:"
+
+
+# ---------------------------------------------------------------- what to run
+
+
+@dataclass(frozen=True)
+class SuiteCollection:
+    name: str
+    source: str  # a BEIR directory or irds:<id>
+    split: str
+
+
+@dataclass(frozen=True)
+class SuiteModel:
+    name: str
+    path: str
+
+
+def _named(spec: str) -> tuple[str | None, str]:
+    """`name=VALUE` -> (name, VALUE); `VALUE` -> (None, VALUE)."""
+    name, sep, value = str(spec).partition("=")
+    return (name.strip(), value.strip()) if sep and name.strip() and "/" not in name else (None, str(spec).strip())
+
+
+def parse_collection(spec, split: str = DEFAULT_SPLIT) -> SuiteCollection:
+    """A collection from `SOURCE`, `name=SOURCE` or a suite file's `{name, source, split}` mapping."""
+    if isinstance(spec, Mapping):
+        if "source" not in spec:
+            raise StarbucksError(f"suite collection {dict(spec)} needs a 'source' (a BEIR directory or irds:<id>)")
+        name, source, split = spec.get("name"), str(spec["source"]), str(spec.get("split", split))
+    else:
+        name, source = _named(spec)
+    if source.startswith(IRDS):  # irds:beir/scifact/test -> scifact, split test
+        parts = source[len(IRDS):].split("/")
+        if parts[-1] in ("train", "dev", "test"):
+            split = parts.pop()
+        name = name or "-".join(parts[1:] if parts[0] == "beir" and len(parts) > 1 else parts)
+    else:
+        if not Path(source).is_dir():
+            raise StarbucksError(f"collection {source!r} is neither a BEIR directory nor irds:<id> "
+                                 f"(e.g. data/python-docs, irds:beir/scifact/test)")
+        name = name or Path(source).resolve().name
+    return SuiteCollection(name, source, split)
+
+
+def parse_model(spec: str) -> SuiteModel:
+    """`PATH` or `name=PATH`; the name defaults to the directory's name (its parent's for `.../model`)."""
+    name, path = _named(spec)
+    if name is None:
+        p = Path(path)
+        name = p.parent.name if p.name == "model" and p.parent.name else p.name
+    return SuiteModel(name, path)
+
+
+def _unique(items: Sequence, what: str) -> list:
+    names = [item.name for item in items]
+    twice = next((n for n in names if names.count(n) > 1), None)
+    if twice is not None:
+        raise StarbucksError(f"two {what}s are named {twice!r}; give each its own name as NAME=SOURCE")
+    return list(items)
+
+
+def read_suite_file(path: str | Path) -> dict:
+    """A suite YAML: `collections` (specs or `{name, source, split}`), optional `models`, `metrics`,
+    `sizes`, `split`, `depth`."""
+    from omegaconf import OmegaConf
+
+    p = Path(path)
+    if not p.is_file():
+        raise StarbucksError(f"suite file {p} not found (see configs/suites/)")
+    data = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
+    unknown = sorted(set(data) - {"collections", "models", "metrics", "sizes", "split", "depth"})
+    if unknown:
+        raise StarbucksError(f"{p}: unknown key {unknown[0]!r}; a suite file has collections, models, metrics, "
+                             f"sizes, split, depth")
+    return data
+
+
+# ---------------------------------------------------------------- one model on one collection
+
+
+@dataclass
+class LoadedCollection:
+    """A collection's judged queries and its corpus ids (streamed once, checked against the qrels)."""
+
+    spec: SuiteCollection
+    split: EvalSplit
+    count: int
+    ids_sha256: str
+
+
+def load_collection(spec: SuiteCollection) -> LoadedCollection:
+    """Load the split, stream the corpus ids, refuse qrels that judge passages outside the corpus."""
+    split = load_split(spec.split, spec.source)
+    if not split.qrels:
+        raise StarbucksError(f"collection {spec.name}: split {spec.split!r} of {spec.source} has no qrels")
+    ids, hasher = set(), IdsHasher()
+    for block in _blocks(iter_corpus(spec.source), SHARD_ROWS):
+        block_ids = [i for i, _ in block]
+        check_ids(block_ids, f"corpus {spec.source}")
+        hasher.update(block_ids)
+        ids.update(block_ids)
+    coverage = qrels_coverage(split.qrels, ids)
+    if coverage["missing"]:
+        raise StarbucksError(
+            f"collection {spec.name}: its {spec.split} qrels judge {coverage['missing']} of {coverage['relevant']} "
+            f"relevant passages that are not in its corpus (first: {coverage['first_missing']!r}); the corpus and "
+            f"qrels of {spec.source} do not belong together")
+    return LoadedCollection(spec, split, hasher.count, hasher.hexdigest())
+
+
+def _blocks(pairs, rows: int):
+    it = iter(pairs)
+    while block := list(islice(it, rows)):
+        yield block
+
+
+def encode_collection(model, col: LoadedCollection, sizes: Sequence[Size], root: Path, batch_size: int) -> dict:
+    """Each size's store of the corpus and the split's queries under `root`, encoding only what is missing."""
+    stores = {s: EmbeddingStore(root / s.name) for s in sizes}
+    for s, store in stores.items():
+        store.start({**model.identity(s, "passage"), "shard_rows": SHARD_ROWS},
+                    info={"model": model.source, "corpus": col.spec.source})
+    pending = [s for s, st in stores.items() if not (st.read_meta().get("complete")
+                                                     and st.read_meta().get("ids_sha256") == col.ids_sha256)]
+    if pending:
+        for k, block in enumerate(_blocks(iter_corpus(col.spec.source), SHARD_ROWS)):
+            ids = [i for i, _ in block]
+            todo = [s for s in pending if not (stores[s].has_shard(k) and stores[s].read_ids(k) == ids)]
+            if todo:
+                vectors = model.embed_texts([t for _, t in block], todo, "passage", batch_size, dtype=np.float16)
+                for s in todo:
+                    stores[s].write_shard(k, ids, vectors[s])
+        for s in pending:
+            stores[s].finalize(col.count, col.ids_sha256)
+    qids = list(col.split.queries)
+    stale = [s for s, st in stores.items() if not st.queries_up_to_date(col.spec.split, qids, model.identity(s, "query"))]
+    if stale:
+        vectors = model.embed_texts([col.split.queries[q] for q in qids], stale, "query", batch_size,
+                                    dtype=np.float16)
+        for s in stale:
+            stores[s].write_queries(col.spec.split, qids, vectors[s], model.identity(s, "query"),
+                                    info={"model": model.source})
+    return stores
+
+
+def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, searcher: ExactSearcher) -> Path:
+    """The size's run file of the split (exact search over the store), unless an up-to-date one exists."""
+    meta = store.require_complete()
+    qids, queries, qmeta = store.load_queries(split)
+    out = run_path(runs, split, meta["size"])
+    record = {"embeddings": str(store.dir), "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
+              "passages": {k: meta[k] for k in ("model_sha256", "ids_sha256", "count")},
+              "queries": {k: qmeta[k] for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
+              "index": "exact", "depth": depth}
+    previous = read_run_record(out)
+    if out.is_file() and previous is not None and {k: previous.get(k) for k in record} == record:
+        return out
+    top = TopK(len(queries), min(depth, meta["count"]))
+    for _, first_row, vectors in store.iter_shards():
+        top.add(*searcher.search(vectors, queries, top.k), offset=first_row)
+    ids = store.ids()
+    write_run(out, ((q, [(ids[r], float(s)) for r, s in zip(top.rows[i], top.scores[i]) if r >= 0])
+                    for i, q in enumerate(qids)), f"suite-{meta['size']}")
+    write_run_record(out, record)
+    return out
+
+
+# ---------------------------------------------------------------- the whole suite
+
+
+@dataclass
+class Cell:
+    """One model's evaluation of one size on one collection."""
+
+    size: Size
+    run: Path
+    evaluation: Evaluation
+
+
+def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollection], out: str | Path,
+              measures: Sequence[str] = DEFAULT_MEASURES, sizes=None, depth: int = DEFAULT_DEPTH,
+              batch_size: int = 64, device: str = "auto", precision: str = "auto") -> dict:
+    """Encode, search and evaluate every model on every collection; write the tables; return the report."""
+    from retrieval import StarbucksModel
+    from retrieval.settings import resolve_device
+
+    models, collections = _unique(models, "model"), _unique(collections, "collection")
+    if not models or not collections:
+        raise StarbucksError("give at least one model (--models) and one collection (--collections or --suite)")
+    parse_measures(measures)
+    out = Path(out)
+    loaded = [load_collection(c) for c in collections]  # every collection checked before any encoding
+    torch_device = resolve_device(device, "--device")
+    searcher = ExactSearcher("torch", str(torch_device)) if torch_device.type == "cuda" else ExactSearcher()
+    cells: dict[str, dict[str, list[Cell]]] = {}
+    for m in models:
+        model = StarbucksModel.from_pretrained(m.path, torch_device, precision=precision)
+        chosen = [model.size(s) for s in (parse_names(sizes) or [s.name for s in model.sizes])]
+        for col in loaded:
+            root = out / m.name / col.spec.name
+            print(f"suite: {m.name} on {col.spec.name} ({col.count} passages, {len(col.split.qrels)} queries)",
+                  file=sys.stderr)
+            stores = encode_collection(model, col, chosen, root / "embeddings", batch_size)
+            done = cells.setdefault(m.name, {})[col.spec.name] = []
+            for s in chosen:
+                path = search_store(stores[s], col.spec.split, root / "runs", depth, searcher)
+                done.append(Cell(s, path, evaluate(read_run(path), col.split.qrels, measures)))
+        del model
+    report = build_report(models, loaded, cells, measures)
+    write_report(out, report, cells, measures)
+    return report
+
+
+def build_report(models: Sequence[SuiteModel], collections: Sequence[LoadedCollection],
+                 cells: Mapping[str, Mapping[str, Sequence[Cell]]], measures: Sequence[str]) -> dict:
+    """Per model and measure: collection -> size -> value, and the average row; per measure, collection
+    and size: each model's value and its paired t-test p-value against the first model."""
+    baseline = models[0].name
+    tables, comparison = {}, {}
+    for m in models:
+        per_model = tables.setdefault(m.name, {})
+        for measure in measures:
+            table = {c.spec.name: {cell.size.name: cell.evaluation.aggregate[measure] for cell in cells[m.name][c.spec.name]}
+                     for c in collections}
+            names = [cell.size.name for cell in cells[m.name][collections[0].spec.name]]
+            table["average"] = {s: statistics.fmean(table[c.spec.name][s] for c in collections) for s in names}
+            per_model[measure] = table
+    for measure in measures:
+        per_measure = comparison.setdefault(measure, {})
+        for c in collections:
+            base = {cell.size.key: cell for cell in cells[baseline][c.spec.name]}
+            rows = per_measure.setdefault(c.spec.name, {})
+            for m in models:
+                for cell in cells[m.name][c.spec.name]:
+                    ref = base.get(cell.size.key)
+                    p = None if m.name == baseline or ref is None else paired_ttest(
+                        ref.evaluation.per_query[measure], cell.evaluation.per_query[measure])
+                    rows.setdefault(cell.size.key, {})[m.name] = {"value": cell.evaluation.aggregate[measure], "p": p}
+    return {
+        "models": {m.name: m.path for m in models},
+        "collections": {c.spec.name: {"source": c.spec.source, "split": c.spec.split, "passages": c.count,
+                                      "queries": len(c.split.qrels)} for c in collections},
+        "measures": list(measures), "baseline": baseline, "alpha": ALPHA,
+        "sizes": {m.name: [cell.size.to_dict() for cell in cells[m.name][collections[0].spec.name]] for m in models},
+        "tables": tables, "comparison": comparison,
+    }
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> None:
+    """`suite.{json,md,csv,png}` in `out`, and the tables on the terminal."""
+    sizes = {m: [Size(**s) for s in entries] for m, entries in report["sizes"].items()}
+    sections, csv_rows = [], []
+    for m, per_model in report["tables"].items():
+        for measure, table in per_model.items():
+            headers = ["collection", *(size_label(s) for s in sizes[m])]
+            rows = [[c, *(_fmt(values[s.name]) for s in sizes[m])] for c, values in table.items()]
+            sections.append((f"{m}: {measure}", headers, rows))
+    baseline, alpha = report["baseline"], report["alpha"]
+    models = list(report["models"])
+    for measure, per_collection in report["comparison"].items():
+        headers = ["collection", "size", *models]
+        rows = []
+        for c, per_size in per_collection.items():
+            for key, per_model in per_size.items():
+                row = [c, key]
+                for m in models:
+                    entry = per_model.get(m)
+                    row.append("-" if entry is None else
+                               _fmt(entry["value"]) + ("*" if entry["p"] is not None and entry["p"] < alpha else ""))
+                    if entry is not None:
+                        csv_rows.append([m, c, key, measure, entry["value"], "" if entry["p"] is None else entry["p"]])
+                rows.append(row)
+        if len(models) > 1:
+            sections.append((f"models compared: {measure}; * = p < {alpha} (paired t-test vs {baseline})", headers, rows))
+    for m, per_model in report["tables"].items():
+        for measure, table in per_model.items():
+            csv_rows += [[m, "average", s.key, measure, table["average"][s.name], ""] for s in sizes[m]]
+    atomic_write_json(out / "suite.json", report)
+    atomic_write_text(out / "suite.md", "# Suite\n\n" + "".join(
+        f"## {title}\n\n{markdown_table(h, r)}\n" for title, h, r in sections))
+    write_csv(out / "suite.csv", ["model", "collection", "size", "measure", "value", "p"], csv_rows)
+    first = measures[0]
+    plot_measures({m: [(s, {first: report["tables"][m][first]["average"][s.name]}) for s in sizes[m]] for m in models},
+                  [first], out / "suite.png", f"average {first} over {len(report['collections'])} collections")
+    for title, h, r in sections:
+        print(f"\n{title}\n{text_table(h, r)}")
+    print(f"\nsuite: tables and plot in {out}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval.suite", description=(
+        "Evaluate models on many collections at every size: encode once per model and collection, exact "
+        "search, ir_measures; tables collections x sizes with an average row, paired t-tests between models."))
+    p.add_argument("--models", nargs="+", default=[], metavar="[NAME=]PATH", help="model directories or hub ids")
+    p.add_argument("--collections", nargs="+", default=[], metavar="[NAME=]SOURCE",
+                   help="BEIR directories or irds:<id> (added to the suite file's)")
+    p.add_argument("--suite", help="a suite YAML (configs/suites/beir.yaml, configs/suites/offline.yaml)")
+    p.add_argument("--sizes", help="sizes to evaluate, names or LxD, comma-separated (default: each model's own)")
+    p.add_argument("--split", help=f"qrels split of local collections (default: the suite file's, else {DEFAULT_SPLIT})")
+    p.add_argument("--metrics", nargs="+", help=f"ir_measures names (default: {' '.join(DEFAULT_MEASURES)})")
+    p.add_argument("--depth", type=int, help=f"passages ranked per query (default {DEFAULT_DEPTH})")
+    p.add_argument("--out", default="runs/suite", help="output directory (default runs/suite)")
+    p.add_argument("--batch-size", type=int, default=64, help="encode batch size (default 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16 (default auto)")
+    return p
+
+
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parser().parse_args(argv)
+    suite = read_suite_file(args.suite) if args.suite else {}
+    split = args.split or str(suite.get("split", DEFAULT_SPLIT))
+    collections = [parse_collection(c, split) for c in [*(suite.get("collections") or []), *args.collections]]
+    models = [parse_model(m) for m in [*(suite.get("models") or []), *args.models]]
+    depth = args.depth if args.depth is not None else int(suite.get("depth", DEFAULT_DEPTH))
+    if depth < 1 or args.batch_size < 1:
+        raise StarbucksError("--depth and --batch-size must be >= 1")
+    return run_suite(models, collections, args.out, args.metrics or suite.get("metrics") or DEFAULT_MEASURES,
+                     args.sizes or suite.get("sizes"), depth, args.batch_size, args.device, args.precision)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""`python -m eval.suite`: two tiny BEIR collections x two tiny models against per-collection runs of the
+stages and pytrec_eval; the average row; reuse of finished work; refusals."""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytrec_eval
+from scipy.stats import ttest_rel
+
+from conftest import REPO, tiny_bert
+from eval.suite import main, parse_collection, parse_model
+from retrieval.data import iter_corpus, load_split
+from retrieval.runfile import read_run
+
+SIZES = ["1x8", "2x16", "4x32"]
+DEPTH = 20
+
+
+def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int, skip: int = 0) -> Path:
+    """A BEIR collection at `out` with `queries` judged queries of `source`'s split (after the first `skip`),
+    their relevant passages, and other passages up to `passages`; qrels under `test`."""
+    judged = load_split(split, str(source))
+    qids = sorted(judged.qrels)[skip:skip + queries]
+    wanted = {d for q in qids for d in judged.qrels[q]}
+    corpus = [(d, t) for d, t in iter_corpus(str(source)) if d in wanted]
+    for d, t in iter_corpus(str(source)):
+        if len(corpus) >= passages:
+            break
+        if d not in wanted:
+            corpus.append((d, t))
+    (out / "qrels").mkdir(parents=True)
+    with gzip.open(out / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
+    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": judged.queries[q]}) + "\n" for q in qids))
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from retrieval.modeling import StarbucksEncoder, resolve_model_path
+
+    root = tmp_path_factory.mktemp("suite")
+    cols = {"pkgs": beir_slice(REPO / "data" / "debian-pkgs-mini", root / "pkgs", "dev", 8, 40),
+            "docs": beir_slice(REPO / "data" / "python-docs", root / "docs", "test", 8, 40, skip=100)}
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    models = {"a": root / "a" / "model", "b": root / "b" / "model"}
+    lengths = {"query_max_length": 16, "passage_max_length": 48}
+    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "cls").save(models["a"], tok, lengths)
+    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "mean", normalize=True).save(
+        models["b"], tok, lengths)
+    out = root / "out"
+    args = ["--models", *(f"{n}={p}" for n, p in models.items()), "--collections", *(f"{n}={p}" for n, p in cols.items()),
+            "--sizes", ",".join(SIZES), "--metrics", "nDCG@10", "RR@10", "--depth", str(DEPTH), "--out", str(out),
+            "--device", "cpu", "--batch-size", "16"]
+    report = main(args)
+    return root, cols, models, out, args, report
+
+
+def stage_run(root: Path, model: Path, col: Path, name: str) -> Path:
+    """The four stages' way: encode, search and eval of one model on one collection (zero-shot config)."""
+    from encode.pipeline import encode_collection
+    from eval.pipeline import evaluate_experiment
+    from retrieval.config import load_config
+    from search.pipeline import search_collection
+
+    (root / f"{name}.yaml").write_text(f"""
+name: {name}
+output_dir: {root / name}
+model: {{name_or_path: {model}}}
+sizes: {json.dumps(SIZES)}
+data: {{corpus: {col}, eval_splits: {{test: {col}}}}}
+encode: {{model: {model}, batch_size: 16}}
+search: {{depth: {DEPTH}, index: Flat}}
+eval: {{metrics: [nDCG@10, RR@10], plot: false}}
+""")
+    cfg = load_config(root / f"{name}.yaml")
+    encode_collection(cfg, progress=False)
+    search_collection(cfg, progress=False)
+    evaluate_experiment(cfg)
+    return root / name
+
+
+def pytrec(run: dict, qrels: dict, measure: str) -> dict[str, float]:
+    values = pytrec_eval.RelevanceEvaluator(qrels, {measure}).evaluate(run)
+    return {q: values.get(q, {}).get(measure, 0.0) for q in qrels}
+
+
+def test_suite_equals_the_stages_and_pytrec_eval(setup):
+    root, cols, models, out, _, report = setup
+    for m, model in models.items():
+        for c, col in cols.items():
+            stage = stage_run(root, model, col, f"stage-{m}-{c}")
+            evaluated = {s["size"]: s["metrics"] for s in json.loads((stage / "eval" / "test.json").read_text())["sizes"]}
+            qrels = load_split("test", str(col)).qrels
+            for size in SIZES:
+                mine = read_run(out / m / c / "runs" / "test" / f"{size}.trec")
+                theirs = read_run(stage / "runs" / "test" / f"{size}.trec")
+                assert {q: list(r) for q, r in mine.items()} == {q: list(r) for q, r in theirs.items()}
+                ndcg = pytrec(mine, qrels, "ndcg_cut_10")
+                rr = pytrec({q: dict(sorted(r.items(), key=lambda x: -x[1])[:10]) for q, r in mine.items()}, qrels,
+                            "recip_rank")
+                cell = report["tables"][m]
+                assert cell["nDCG@10"][c][size] == pytest.approx(np.mean(list(ndcg.values())), abs=1e-9)
+                assert cell["RR@10"][c][size] == pytest.approx(np.mean(list(rr.values())), abs=1e-9)
+                assert cell["nDCG@10"][c][size] == pytest.approx(evaluated[size]["nDCG@10"], abs=1e-12)
+
+
+def test_average_row_and_t_tests(setup):
+    _, cols, models, out, _, report = setup
+    for m in models:
+        for measure in ("nDCG@10", "RR@10"):
+            table = report["tables"][m][measure]
+            for size in SIZES:
+                assert table["average"][size] == pytest.approx(np.mean([table[c][size] for c in cols]), abs=1e-12)
+    for c, col in cols.items():
+        qrels = load_split("test", str(col)).qrels
+        for size in SIZES:
+            a, b = (pytrec(read_run(out / m / c / "runs" / "test" / f"{size}.trec"), qrels, "ndcg_cut_10") for m in "ab")
+            entry = report["comparison"]["nDCG@10"][c][size]
+            assert entry["a"]["p"] is None
+            qids = sorted(qrels)
+            x, y = [a[q] for q in qids], [b[q] for q in qids]
+            expected = 1.0 if np.allclose(x, y) else ttest_rel(x, y).pvalue
+            assert entry["b"]["p"] == pytest.approx(expected, rel=1e-9)
+    md = (out / "suite.md").read_text()
+    assert "## a: nDCG@10" in md and "| average |" in md and "models compared: nDCG@10" in md
+    assert (out / "suite.png").stat().st_size > 0 and (out / "suite.csv").read_text().startswith("model,collection")
+
+
+def test_a_second_run_reuses_everything(setup, monkeypatch):
+    from retrieval.model import StarbucksModel
+
+    _, _, _, out, args, report = setup
+    runs = sorted(out.rglob("*.trec"))
+    stamps = [p.stat().st_mtime_ns for p in runs]
+
+    def refuse(*_a, **_k):
+        raise AssertionError("encoded again")
+
+    monkeypatch.setattr(StarbucksModel, "embed_texts", refuse)
+    assert main(args) == report
+    assert [p.stat().st_mtime_ns for p in runs] == stamps  # not searched again either
+
+
+def test_qrels_naming_passages_missing_from_the_corpus_are_refused(setup, tmp_path, capsys):
+    root, cols, models, *_ = setup
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("corpus.jsonl.gz", "queries.jsonl"):
+        (bad / f).write_bytes((cols["pkgs"] / f).read_bytes())
+    (bad / "qrels").mkdir()
+    qrels = (cols["pkgs"] / "qrels" / "test.tsv").read_text().splitlines()
+    qrels[1] = qrels[1].split("\t")[0] + "\tno-such-passage\t1"
+    (bad / "qrels" / "test.tsv").write_text("\n".join(qrels) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--models", str(models["a"]), "--collections", str(bad), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert "judge 1 of" in err and "'no-such-passage'" in err and "not in its corpus" in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_collection_and_model_specs(tmp_path):
+    assert parse_collection("irds:beir/scifact/test") == parse_collection("irds:beir/scifact/test", "dev")
+    c = parse_collection("irds:beir/webis-touche2020/v2")
+    assert (c.name, c.split) == ("webis-touche2020-v2", "test")
+    assert parse_collection({"name": "x", "source": "irds:beir/fiqa/dev"}).split == "dev"
+    assert parse_collection(f"docs={tmp_path}", "dev") == parse_collection({"name": "docs", "source": str(tmp_path)}, "dev")
+    assert parse_model("runs/srl/model").name == "srl" and parse_model("m=runs/x").name == "m"
+    with pytest.raises(Exception, match="neither a BEIR directory nor irds"):
+        parse_collection(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("suite", ["beir", "offline"])
+def test_suite_files_parse(suite):
+    from eval.suite import read_suite_file
+
+    data = read_suite_file(REPO / "configs" / "suites" / f"{suite}.yaml")
+    collections = [parse_collection(c, data.get("split", "test")) for c in data["collections"]]
+    if suite == "beir":
+        assert len(collections) == 12 and all(c.source.startswith("irds:beir/") for c in collections)
+    else:
+        assert [c.name for c in collections] == ["python-docs"]
