@@ -4,8 +4,8 @@
 the run's eval (`RUN_DIR/eval/<split>.json`) and measures on this machine, for the model that made
 the run's embeddings at that size (early exit at its layers, its first `dim` dims):
 
-- encode throughput: passages per second over a sample of the run's corpus, batched, sorted by
-  length, already tokenised (the encode stage tokenises in worker processes);
+- encode throughput: passages per second over a sample of the run's corpus through `StarbucksModel`
+  (batched, longest first, tokenising included);
 - single-query latency: median milliseconds to tokenise one query of the split, encode it and
   search the size's stored passage vectors exactly (a flat inner-product index in memory);
 - bytes per passage: the size's index file (`RUN_DIR/index/<size>.faiss`) over its passages, or,
@@ -34,7 +34,7 @@ from retrieval.data import iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
 from retrieval.sizes import Size
-from retrieval.store import EmbeddingStore, model_fingerprint
+from retrieval.store import EmbeddingStore
 from retrieval.tables import markdown_table, size_label, text_table, write_csv
 
 EVAL_PREFIXES = ("compare-", "sizes-")
@@ -147,63 +147,49 @@ def store_bytes(store: EmbeddingStore, index_dir: Path) -> float:
 # ---------------------------------------------------------------- measuring
 
 
-def _load_model(store: EmbeddingStore, device):
-    """The encoder that made the store's embeddings, refused if its weights changed since."""
-    from retrieval.modeling import load_encoder
+def _load_model(store: EmbeddingStore, qmeta: dict, device: str, precision: str):
+    """The `StarbucksModel` that made the store's embeddings (its settings from the store), refused if
+    its weights changed since."""
+    from retrieval import StarbucksModel
 
-    meta = store.read_meta()
-    encoder, tokenizer, _ = load_encoder(meta["model"], pooling=meta["pooling"], normalize=meta["normalize"])
-    if model_fingerprint(encoder) != meta["model_sha256"]:
+    meta = store.require_complete()
+    model = StarbucksModel.from_pretrained(
+        meta["model"], device, pooling=meta["pooling"], normalize=meta["normalize"],
+        query_max_length=qmeta["max_length"], passage_max_length=meta["max_length"],
+        query_prefix=qmeta["prefix"], passage_prefix=meta["prefix"], precision=precision)
+    if model.fingerprint != meta["model_sha256"]:
         raise StarbucksError(f"the model at {meta['model']} changed since it encoded {store.dir}; "
                              f"re-run encode, search and eval before choosing a size")
-    return encoder.eval().to(device), tokenizer
+    return model
 
 
-def measure_size(encoder, tokenizer, store: EmbeddingStore, passages: Sequence[str], queries: Sequence[str],
-                 batch_size: int, device, precision: str, qmeta: dict) -> tuple[float, float, float, float]:
-    """`(passages per second, encode ms, search ms, latency ms)` of one size on `device`."""
+def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries: Sequence[str],
+                 batch_size: int) -> tuple[float, float, float, float]:
+    """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`."""
     import faiss
-    import torch
 
     from retrieval.exact_search import faiss_search
-    from retrieval.modeling import tokenize
-    from retrieval.settings import autocast_context
 
     meta = store.require_complete()
     size = store.size
-    order = sorted(passages, key=len, reverse=True)
-    batches = [{k: v.to(device) for k, v in tokenize(tokenizer, order[i:i + batch_size], meta["max_length"],
-                                                     meta["prefix"]).items()}
-               for i in range(0, len(order), batch_size)]
     index = faiss.IndexFlatIP(size.dim)
     for _, _, vectors in store.iter_shards():
         index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    with torch.inference_mode(), autocast_context(device, precision):
-        encoder.embed(batches[-1], [size])  # warm-up
-        sync()
-        started = time.perf_counter()
-        for batch in batches:
-            encoder.embed(batch, [size])
-        sync()
-        throughput = len(order) / (time.perf_counter() - started)
-        encode_ms, search_ms, total_ms = [], [], []
-        for i, text in enumerate([*queries[:3], *queries]):  # the first three warm up
-            t0 = time.perf_counter()
-            batch = {k: v.to(device) for k, v in tokenize(tokenizer, [text], qmeta["max_length"],
-                                                          qmeta["prefix"]).items()}
-            vector = encoder.embed(batch, [size])[size].float().cpu().numpy()
-            t1 = time.perf_counter()
-            faiss_search(index, vector, min(10, meta["count"]), 1)
-            t2 = time.perf_counter()
-            if i >= 3:
-                encode_ms.append(1e3 * (t1 - t0))
-                search_ms.append(1e3 * (t2 - t1))
-                total_ms.append(1e3 * (t2 - t0))
+    model.embed_texts(passages[:batch_size], [size], "passage", batch_size)  # warm-up
+    started = time.perf_counter()
+    model.embed_texts(passages, [size], "passage", batch_size)
+    throughput = len(passages) / (time.perf_counter() - started)
+    encode_ms, search_ms, total_ms = [], [], []
+    for i, text in enumerate([*queries[:3], *queries]):  # the first three warm up
+        t0 = time.perf_counter()
+        vector = model.embed_texts([text], [size], "query", 1)[size]
+        t1 = time.perf_counter()
+        faiss_search(index, vector, min(10, meta["count"]), 1)
+        t2 = time.perf_counter()
+        if i >= 3:
+            encode_ms.append(1e3 * (t1 - t0))
+            search_ms.append(1e3 * (t2 - t1))
+            total_ms.append(1e3 * (t2 - t0))
     return throughput, statistics.median(encode_ms), statistics.median(search_ms), statistics.median(total_ms)
 
 
@@ -212,8 +198,6 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
                 query_sample: int = 50, batch_size: int = 32, device: str = "auto",
                 precision: str = "auto") -> tuple[str, str, list[SizeCost]]:
     """`(split, measure, costs)` for every size of the run that was evaluated and has its embeddings."""
-    from retrieval.settings import resolve_device, resolve_precision
-
     run_dir = Path(run_dir)
     path = eval_file(run_dir, split)
     split = path.stem
@@ -225,8 +209,6 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
                              f"embeddings; re-run `python -m encode` for it")
     if not stores:
         raise StarbucksError(f"{path} evaluates no size; run `python -m eval` first")
-    torch_device = resolve_device(device, "--device")
-    precision = resolve_precision(precision, torch_device, "--precision")
     first = next(iter(stores.values()))
     corpus = corpus or first.read_meta().get("corpus")
     if not corpus:
@@ -238,13 +220,10 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
 
     costs, model = [], None
     for name, store in stores.items():
-        meta = store.require_complete()
-        if model is None or model[0] != meta["model_sha256"]:  # one model in memory at a time
-            model = (meta["model_sha256"], *_load_model(store, torch_device))
-        _, encoder, tokenizer = model
         _, _, qmeta = store.load_queries(split)
-        rate, enc_ms, search_ms, latency = measure_size(encoder, tokenizer, store, texts, query_texts, batch_size,
-                                                        torch_device, precision, qmeta)
+        if model is None or model.fingerprint != store.read_meta()["model_sha256"]:  # one model in memory at a time
+            model = _load_model(store, qmeta, device, precision)
+        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size)
         costs.append(SizeCost(store.size, quality[name], rate, enc_ms, search_ms, latency,
                               store_bytes(store, run_dir / "index")))
         print(f"sizes: {name}: {rate:.1f} passages/s, {latency:.2f} ms per query", file=sys.stderr)
