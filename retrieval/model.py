@@ -131,9 +131,9 @@ class StarbucksModel:
                 f"{source} has no starbucks.json, so its pooling is unknown: give pooling='cls' or 'mean' (and "
                 f"normalize=True for cosine similarity), e.g. StarbucksModel.from_pretrained({source!r}, "
                 f"pooling='cls', normalize=False)")
+        sizes = sizes if sizes is not None else meta_sizes(meta) or (defaults or {}).get("sizes")
         if sizes is not None and not isinstance(sizes, SizeList):
             sizes = SizeList.from_config(sizes)
-        sizes = sizes or meta_sizes(meta) or (defaults or {}).get("sizes")
         encoder, tokenizer, _ = load_encoder(source, settings["pooling"], bool(settings["normalize"]),
                                              attn_implementation)
         encoder.eval().to(resolve_device(device, "device"))

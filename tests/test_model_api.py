@@ -171,6 +171,12 @@ def test_a_plain_hf_model_needs_only_its_pooling(tmp_path):
     assert [s.key for s in model.sizes] == ["4x32"]
     np.testing.assert_allclose(model.encode(TEXTS, "2x16"), reference(path, TEXTS, 2, 16, "cls", False, 196),
                                atol=1e-5, rtol=0)
+    named = StarbucksModel.from_pretrained(path, "cpu", pooling="cls", sizes=[{"name": "x", "layers": 2, "dim": 16}])
+    np.testing.assert_allclose(named.encode(TEXTS, "x"), model.encode(TEXTS, "2x16"), atol=1e-6, rtol=0)
+    # what a stage passes for a zero-shot model: its config's settings, given values still win
+    staged = StarbucksModel.from_pretrained(path, "cpu", normalize=True,
+                                            defaults={"pooling": "mean", "normalize": False, "sizes": ["3x8"]})
+    assert (staged.pooling, staged.normalize, [s.key for s in staged.sizes]) == ("mean", True, ["3x8"])
 
 
 def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
@@ -190,3 +196,22 @@ def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
         with pytest.raises(StarbucksError, match=message) as err:
             StarbucksModel.from_pretrained(bad)
         assert "\n" not in str(err.value)
+
+
+def test_the_readme_example_runs_as_written_on_a_demo_model(tmp_path, monkeypatch, capsys, repo_root):
+    """README's Python example, run in a folder whose runs/demo/model is what `make demo` writes (the
+    default sizes; a small random model with the shape their grande needs)."""
+    import re
+
+    from retrieval.config import DEFAULTS
+
+    block = re.search(r"this runs as written\):\n\n```python\n(.*?)```", (repo_root / "README.md").read_text(), re.S)
+    code = block.group(1)
+    assert len(code.strip().splitlines()) == 5
+    StarbucksEncoder(tiny_bert(layers=4, hidden=128, vocab=minilm_tokenizer().vocab_size), "mean", True).save(
+        tmp_path / "runs" / "demo" / "model", minilm_tokenizer(), {"sizes": DEFAULTS["sizes"][:4]})
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    exec(compile(code, "README.md", "exec"), {})
+    scores = np.array([float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", capsys.readouterr().out)])
+    assert scores.shape == (2,) and np.all(np.abs(scores) <= 1 + 1e-5)  # cosine scores of one query, two passages
