@@ -70,18 +70,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def best_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Best wall time of `repeats` calls after `warmup` untimed ones (the device synchronised)."""
+def best_times(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Best wall time and best CPU time of this process (all its threads; what a shared machine's
+    other load disturbs least) of `repeats` calls after `warmup` untimed ones (the device synchronised)."""
     for _ in range(warmup):
         fn()
     sync(device)
-    best = float("inf")
+    wall = cpu = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+        wall, cpu = min(wall, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def best_time(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
+    """Best wall time of `repeats` calls after `warmup` untimed ones (the device synchronised)."""
+    return best_times(fn, device, repeats, warmup)[0]
 
 
 def peak_flops(device: torch.device) -> float | None:

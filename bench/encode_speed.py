@@ -4,6 +4,7 @@ per size, batches in corpus order padded to the longest, multiple of 16).
 
     python bench/encode_speed.py --model minilm --passages 512            # 2 CPU cores
     python bench/encode_speed.py --model bert-base --passages 20000       # GPU (fp16 autocast)
+    python bench/encode_speed.py --model minilm --passages 512 --packing both --skip-reference  # packed vs padded
 
 Texts: debian-pkgs passages (capped at 196 tokens). Prints one JSON line per figure and writes
 a table into docs/benchmarks.md (section `encode_<model>_<device>`): passages/s per size alone,
@@ -33,10 +34,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--half", action="store_true", help="ours: fp16 weights instead of fp16 autocast")
-    parser.add_argument("--compile", action="store_true", help="ours: torch.compile the encoder layers")
+    parser.add_argument("--compile", nargs="?", const="dynamic", choices=["dynamic", "buckets"],
+                        help="ours: torch.compile the encoder layers (buckets: static shapes, packed token counts "
+                             "rounded up to a few buckets)")
     parser.add_argument("--only", default=None, help="comma list of size names to time (default: each + all six)")
+    parser.add_argument("--packing", default="auto", choices=["auto", "true", "false", "both"],
+                        help="ours: model.packing (both: time ours padded and packed)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--workers", type=int, default=None, help="ours: tokenising processes (default: encode's auto)")
+    parser.add_argument("--tag", default="", help="suffix of the docs/benchmarks.md section")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
 
@@ -47,7 +53,7 @@ def main(argv=None) -> None:
     mine = copy.deepcopy(backbone).half() if args.half else backbone
     encoder = StarbucksEncoder(mine, "cls", normalize=False)
     if args.compile:
-        encoder.compile_layers()
+        encoder.compile_layers(args.compile == "buckets")
     precision = "fp16" if device.type == "cuda" else "fp32"
     ours = StarbucksModel(encoder, tokenizer, sizes, query_max_length=32, passage_max_length=args.max_length,
                           source=args.model, precision="fp32" if args.half else precision)
@@ -55,12 +61,16 @@ def main(argv=None) -> None:
     workers = loader_workers(args.workers if args.workers is not None else "auto", device)
     dtype = torch.float16 if device.type == "cuda" else None
     lengths = [min(len(x), args.max_length) for x in tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]]
-    mark = f"encode_{args.model}_{device.type}"
+    mark = f"encode_{args.model}_{device.type}{args.tag}"
 
-    def ours_rate(wanted) -> float:
-        t = common.best_time(lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, workers=workers),
-                             device, args.repeats)
-        return len(texts) / t
+    variants = {"both": {"padded": False, "packed": True}}.get(args.packing, {"ours": args.packing})
+
+    def ours_rate(wanted, packing) -> tuple[float, float]:
+        """passages/s by wall time and by this process's CPU time"""
+        encoder.packing = packing
+        wall, cpu = common.best_times(
+            lambda: encode_texts(ours, texts, wanted, "passage", args.batch_size, workers=workers), device, args.repeats)
+        return len(texts) / wall, len(texts) / cpu
 
     def reference_rate(wanted) -> float:
         if args.skip_reference:
@@ -76,31 +86,44 @@ def main(argv=None) -> None:
     if args.only:
         plan = [(label, wanted) for label, wanted in plan if label.split()[0].rstrip(",") in args.only.split(",")]
     for label, wanted in plan:
-        mine, ref = ours_rate(wanted), reference_rate(wanted)
+        rates = {name: ours_rate(wanted, packing) for name, packing in variants.items()}
+        mine, ref = max(r[0] for r in rates.values()), reference_rate(wanted)
         deepest = max(s.layers for s in wanted)
         mfu = None
         if peak:
             flops = common.bert_flops(backbone.config, deepest, lengths) / len(texts)
             mfu = mine * flops / peak
+        gain = [rates["packed"][j] / rates["padded"][j] for j in (0, 1)] if len(rates) == 2 else None
         rows.append([label, "+".join(s.key for s in wanted) if len(wanted) < 3 else "all",
-                     f"{mine:.1f}", f"{ref:.1f}", f"{mine / ref:.2f}x", "-" if mfu is None else f"{100 * mfu:.1f}%"])
-        common.emit(mark, sizes=label, ours_passages_per_s=round(mine, 1), reference_passages_per_s=round(ref, 1),
-                    speedup=round(mine / ref, 2), mfu=None if mfu is None else round(mfu, 4))
+                     *[f"{r[0]:.1f}" for r in rates.values()],
+                     *([f"{gain[0]:.2f}x ({gain[1]:.2f}x)"] if gain else []),
+                     f"{ref:.1f}", f"{mine / ref:.2f}x", "-" if mfu is None else f"{100 * mfu:.1f}%"])
+        common.emit(mark, sizes=label, **{f"{name}_passages_per_s": round(r[0], 1) for name, r in rates.items()},
+                    **({"packed_over_padded": round(gain[0], 3), "packed_over_padded_cpu_time": round(gain[1], 3)}
+                       if gain else {}),
+                    reference_passages_per_s=round(ref, 1), speedup=round(mine / ref, 2),
+                    mfu=None if mfu is None else round(mfu, 4))
     md = "\n".join([
         f"## Encoding: {args.model} on {device.type} ({mark})",
         "",
         f"- command: `python bench/encode_speed.py --model {args.model} --passages {args.passages} "
         f"--batch-size {args.batch_size} --repeats {args.repeats}{' --half' if args.half else ''}"
-        f"{' --compile' if args.compile else ''}`",
+        f"{' --compile ' + args.compile if args.compile else ''}{' --packing ' + args.packing if args.packing != 'auto' else ''}"
+        f"{' --workers ' + str(args.workers) if args.workers is not None else ''}"
+        f"{' --skip-reference' if args.skip_reference else ''}{' --tag ' + args.tag if args.tag else ''}`",
         f"- machine: {common.machine(device)}",
         f"- date: {common.today()}",
         f"- {len(texts)} debian-pkgs passages (<= {args.max_length} tokens, mean {sum(lengths) / len(lengths):.0f}), "
         f"{'fp16 autocast' if dtype else 'fp32'}{' (ours: fp16 weights)' if args.half else ''}, CLS pooling, best of {args.repeats}; reference: "
         "bench/reference.py (one full forward per size, corpus order, padded to the longest x16); ours tokenises in "
-        f"{workers} DataLoader worker processes (encode.dataloader_workers)",
+        f"{workers} DataLoader worker processes (encode.dataloader_workers)"
+        + ("; packed: model.packing (retrieval/packing.py; on the CPU padded only inside attention), "
+           "packed/padded by wall time (by this process's CPU time)" if len(variants) == 2 else ""),
         "",
-        common.table(["sizes", "layers x dim", "ours passages/s", "reference passages/s", "speedup", "MFU (ours)"],
-                     rows),
+        common.table(["sizes", "layers x dim",
+                      *(["ours padded passages/s", "ours packed passages/s", "packed/padded"] if len(variants) == 2
+                        else ["ours passages/s"]),
+                      "reference passages/s", "speedup", "MFU (ours)"], rows),
     ])
     print(md)
     if not args.no_write:

@@ -4,6 +4,7 @@ reference (bench/reference.py), on the same batches.
 
     python bench/train_step.py --model minilm --queries 8 --group 4 --steps 3          # 2 CPU cores
     python bench/train_step.py --model bert-base --queries 128 --group 8 --steps 10    # GPU, bf16
+    python bench/train_step.py --model minilm --queries 8 --group 4 --packing both --skip-reference  # packed vs padded
 
 Queries are debian-pkgs synopses (<= 32 tokens), passages debian-pkgs descriptions (<= 196).
 Reports queries/s, step time, peak GPU memory and MFU (model FLOPs of the real tokens: forward
@@ -30,9 +31,13 @@ def main(argv=None) -> None:
     parser.add_argument("--group", type=int, default=4, help="passages per query (1 positive + hard negatives)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps (after 2 warm-up steps)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the toolkit's encoder layers")
+    parser.add_argument("--compile", nargs="?", const="dynamic", choices=["dynamic", "buckets"],
+                        help="torch.compile the toolkit's encoder layers (buckets: static shapes, packed token "
+                             "counts rounded up to a few buckets)")
     parser.add_argument("--buckets", type=int, default=0,
                         help="ours: a batch runs as this many length-sorted sub-batches (train.length_buckets; 0: auto)")
+    parser.add_argument("--packing", default="auto", choices=["auto", "true", "false", "both"],
+                        help="ours: model.packing (both: time ours padded and packed)")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--reference-checkpointing", action="store_true",
                         help="the reference with gradient checkpointing (what a user does when it runs out of memory)")
@@ -65,12 +70,14 @@ def main(argv=None) -> None:
     ref_batches = [(reference.tokenize(tokenizer, q, 32, device), reference.tokenize(tokenizer, p, 196, device))
                    for q, p in batches]
     results = {}
-    for name in ("ours",) + (() if args.skip_reference else ("reference",)):
+    packings = {"both": {"ours padded": False, "ours packed": True}}.get(args.packing, {"ours": args.packing})
+    for name in tuple(packings) + (() if args.skip_reference else ("reference",)):
         model = copy.deepcopy(backbone).to(device).train()
-        if name == "ours":
+        if name in packings:
             encoder = StarbucksEncoder(model, "cls", normalize=False).train()
             encoder.length_buckets = args.buckets
-            step_model = encoder.compile_layers() if args.compile else encoder
+            encoder.packing = packings[name]
+            step_model = encoder.compile_layers(args.compile == "buckets") if args.compile else encoder
             loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
             optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
 
@@ -96,17 +103,16 @@ def main(argv=None) -> None:
             common.sync(device)
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-            times = []
-            for i in range(args.steps):
-                times.append(common.best_time(lambda i=i: step(i), device, repeats=1, warmup=0))
+            times = [common.best_times(lambda i=i: step(i), device, repeats=1, warmup=0) for i in range(args.steps)]
         except torch.OutOfMemoryError:
             print(f"{name}: out of GPU memory", flush=True)
             times = None
             results[name] = None
         if times:
-            seconds = sorted(times)[len(times) // 2]  # median step
+            seconds = sorted(t[0] for t in times)[len(times) // 2]  # median step
+            cpu_seconds = sorted(t[1] for t in times)[len(times) // 2]
             peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None
-            results[name] = (seconds, peak)
+            results[name] = (seconds, peak, cpu_seconds)
         del model, optimizer, step
         if cuda:
             torch.cuda.empty_cache()
@@ -119,35 +125,45 @@ def main(argv=None) -> None:
     for name, result in results.items():
         label = name + (" (gradient checkpointing)" if name == "reference" and args.reference_checkpointing else "")
         if result is None:
-            rows.append([label, "out of memory", "-", "-", "-"])
+            rows.append([label, "out of memory", "-", "-", "-", "-"])
             common.emit(mark, impl=name, out_of_memory=True)
             continue
-        seconds, mem = result
+        seconds, mem, cpu_seconds = result
         mfu = flops / seconds / peak_flops if peak_flops else None
         qps = args.queries / seconds
-        rows.append([label, f"{seconds * 1000:.0f}", f"{qps:.1f}", "-" if mem is None else f"{mem:.2f}",
-                     "-" if mfu is None else f"{100 * mfu:.1f}%"])
-        common.emit(mark, impl=name, step_s=round(seconds, 4), queries_per_s=round(qps, 2),
+        rows.append([label, f"{seconds * 1000:.0f}", f"{cpu_seconds * 1000:.0f}", f"{qps:.1f}",
+                     "-" if mem is None else f"{mem:.2f}", "-" if mfu is None else f"{100 * mfu:.1f}%"])
+        common.emit(mark, impl=name, step_s=round(seconds, 4), cpu_s=round(cpu_seconds, 4), queries_per_s=round(qps, 2),
                     peak_gib=None if mem is None else round(mem, 3), mfu=None if mfu is None else round(mfu, 4))
-    done = [r for r in results.values() if r is not None]
-    speedup = results["reference"][0] / results["ours"][0] if len(done) == 2 else None
+    ours = min((r for n, r in results.items() if n in packings and r is not None), key=lambda r: r[0], default=None)
+    speedup = results["reference"][0] / ours[0] if ours and results.get("reference") else None
     common.emit(mark, ratio="ours/reference queries_per_s", value=speedup and round(speedup, 3))
+    packed_gain = None
+    if args.packing == "both" and results["ours padded"] and results["ours packed"]:
+        packed_gain = [results["ours padded"][j] / results["ours packed"][j] for j in (0, 2)]  # wall, CPU time
+        common.emit(mark, ratio="packed/padded queries_per_s", value=round(packed_gain[0], 3),
+                    cpu_time_ratio=round(packed_gain[1], 3))
     md = "\n".join([
         f"## SRL training step: {args.model} on {device.type} ({mark})",
         "",
         f"- command: `python bench/train_step.py --model {args.model} --queries {args.queries} --group {args.group} "
-        f"--steps {args.steps} --buckets {args.buckets}{' --compile' if args.compile else ''}"
+        f"--steps {args.steps} --buckets {args.buckets}{' --compile ' + args.compile if args.compile else ''}"
+        f"{' --packing ' + args.packing if args.packing != 'auto' else ''}{' --skip-reference' if args.skip_reference else ''}"
         f"{' --reference-checkpointing' if args.reference_checkpointing else ''}{' --no-cudnn-sdp' if args.no_cudnn_sdp else ''}"
         f"{' --tag ' + args.tag if args.tag else ''}`",
         f"- machine: {common.machine(device)}",
         f"- date: {common.today()}",
         f"- {args.queries} queries x {args.group} passages per step, six sizes ({', '.join(s.key for s in sizes)}), "
-        f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-up steps "
-        "(4 batches in turn, tokenised ahead)",
+        f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-up steps, "
+        "wall and CPU time (the host's, all threads) "
+        "(4 batches in turn, tokenised ahead); packed: model.packing (retrieval/packing.py), padded: one padded batch"
+        f"{'' if cuda else ' (on the CPU the packed path pads only inside attention)'}",
         "",
-        common.table(["implementation", "step ms", "queries/s", "peak GiB", "MFU"], rows),
+        common.table(["implementation", "step ms", "CPU ms", "queries/s", "peak GiB", "MFU"], rows),
         "",
         f"Ours is {speedup:.2f}x the reference's queries/s." if speedup else "The reference did not run.",
+        *([f"Packed is {packed_gain[0]:.2f}x padded's queries/s ({packed_gain[1]:.2f}x by CPU time, this process's "
+           "threads: what other load on a shared machine disturbs least)."] if packed_gain else []),
     ])
     print(md)
     if not args.no_write:

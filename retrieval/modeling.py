@@ -89,6 +89,7 @@ class StarbucksEncoder(nn.Module):
         self.normalize = bool(normalize)
         self.length_buckets = 1  # `embed`: sub-batches by length, 0: by token count (train.length_buckets)
         self.packing = "auto"  # `embed`: packed batches (model.packing, see retrieval.packing): auto | True | False
+        self.pack_buckets = False  # packed token counts rounded up to a few shapes (`compile_layers(buckets=True)`)
         if getattr(backbone, "pooler", None) is not None:
             backbone.pooler = None  # unused; would leave parameters without gradients under DDP
         holder, self._attr = _layer_holder(backbone)
@@ -205,7 +206,8 @@ class StarbucksEncoder(nn.Module):
         padding anywhere but inside the attention of the CPU path; the same embeddings."""
         sizes = [self.check(s) for s in sizes]
         if use_packing(self.packing, self.backbone, batch["input_ids"].device):
-            packed, states = packed_hidden_states(self.backbone, self.layers, batch, sorted({s.layers for s in sizes}))
+            packed, states = packed_hidden_states(self.backbone, self.layers, batch, sorted({s.layers for s in sizes}),
+                                                  self.pack_buckets)
             return {s: self._normalized(packed.pool(states[s.layers][:, :s.dim], self.pooling)) for s in sizes}
         mask = batch["attention_mask"]
         buckets = self.length_buckets or -(-mask.numel() // BUCKET_TOKENS)  # 0: by the padded token count
@@ -231,11 +233,13 @@ class StarbucksEncoder(nn.Module):
 
     forward = embed
 
-    def compile_layers(self) -> "StarbucksEncoder":
+    def compile_layers(self, buckets: bool = False) -> "StarbucksEncoder":
         """`torch.compile` each layer's forward (dynamic shapes: batches differ in length); the
-        early-exit hooks and the layer list stay eager."""
+        early-exit hooks and the layer list stay eager. `buckets`: static shapes instead, packed
+        batches rounded up to a few token counts (`retrieval.packing.bucket`), one graph each."""
+        self.pack_buckets = buckets
         for layer in self.layers:
-            layer.forward = torch.compile(layer.forward, dynamic=True)
+            layer.forward = torch.compile(layer.forward, dynamic=not buckets)
         return self
 
     # ------------------------------------------------------------ checkpoints

@@ -10,7 +10,7 @@ deepest requested layer; the layers' attention goes through transformers' attent
 - `varlen`: `torch.nn.attention.varlen.varlen_attn` (CUDA, PyTorch >= 2.10; no dropout argument, so
   a training step with attention dropout uses `padded` instead),
 - `padded`: the reference on any device, and the CPU path: each layer's q/k/v are scattered into a
-  `(B, L)` grid for one SDPA call with a key-padding mask, then gathered back, so only attention
+  `(B, longest text)` grid for one SDPA call with a key-padding mask, then gathered back, so only attention
   sees padding (the projections, feed-forward and norms, most of the work, see the real tokens only).
 
 Only BERT-family backbones (`PACKABLE`: absolute positions, the embedding module taking
@@ -31,44 +31,68 @@ PACKABLE = ("bert",)  # config.model_type of the backbones the packed path suppo
 PACKING_VALUES = ("auto", True, False)
 
 
+def bucket(tokens: int, minimum: int = 256) -> int:
+    """`tokens` rounded up to a few shapes: 4 per power of two (`2^j x 1, 1.25, 1.5, 1.75`), at least
+    `minimum`; at most 25% more tokens (about 10% on average), 35 shapes from 256 to 100k tokens."""
+    if tokens <= minimum:
+        return minimum
+    step = 1 << max(0, tokens.bit_length() - 3)  # a quarter of the power of two below `tokens`
+    return -(-tokens // step) * step
+
+
 @dataclass
 class PackedBatch:
-    """The real tokens of a padded batch, text after text."""
+    """The real tokens of a padded batch, text after text (then, when bucketed, filler texts)."""
 
     input_ids: torch.Tensor  # (T,)
     token_type_ids: torch.Tensor  # (T,)
     position_ids: torch.Tensor  # (T,), restarting at 0 for each text
     cu_seqlens: torch.Tensor  # (B + 1,) int32: text i is tokens cu_seqlens[i]:cu_seqlens[i+1]
-    lengths: torch.Tensor  # (B,)
-    max_length: int  # the longest text (a host int: the kernels take it as one)
-    flat_index: torch.Tensor  # (T,): each token's position in the flattened (B, L) padded grid
-    width: int  # L
+    lengths: torch.Tensor  # (B',): the texts', then the filler's
+    max_length: int  # >= the longest segment (a host int: the kernels take it as one)
+    flat_index: torch.Tensor  # (T,): each token's place in a (B', max_length) grid, row-major
+    texts: int  # B: the batch's texts (the first B of the B' segments; the others are filler)
+    tokens: int  # the texts' tokens (the first `tokens` of the T)
 
     @classmethod
-    def from_padded(cls, batch) -> "PackedBatch":
+    def from_padded(cls, batch, buckets: bool = False) -> "PackedBatch":
+        """`buckets`: few shapes for compiled layers: the token count rounded up (`bucket`) with filler
+        texts of pad tokens no longer than the longest text, and `max_length` rounded up to a multiple
+        of 32; the filler's states are never pooled."""
         mask = batch["attention_mask"].bool()
         lengths = mask.sum(1)
-        flat_index = mask.flatten().nonzero().squeeze(1)  # row-major: each text's tokens in order
+        real = mask.flatten().nonzero().squeeze(1)  # row-major: each text's tokens in order
+        ids = batch["input_ids"].flatten()[real]
+        types = batch.get("token_type_ids")
+        types = types.flatten()[real] if types is not None else torch.zeros_like(real)
+        texts, tokens, longest = len(lengths), len(real), int(lengths.max())
+        filler = bucket(tokens) - tokens if buckets else 0
+        if filler:
+            rows = -(-filler // longest)
+            fill = torch.full((rows,), longest, dtype=lengths.dtype, device=mask.device)
+            fill[-1] = filler - longest * (rows - 1)
+            lengths = torch.cat([lengths, fill])
+            ids = torch.cat([ids, ids.new_zeros(filler)])
+            types = torch.cat([types, types.new_zeros(filler)])
+        max_length = -(-longest // 32) * 32 if buckets else longest
         cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=mask.device)
         cu[1:] = lengths.cumsum(0)
-        starts = cu[:-1].long().repeat_interleave(lengths)
-        positions = torch.arange(len(flat_index), device=mask.device) - starts
-        types = batch.get("token_type_ids")
-        types = types.flatten()[flat_index] if types is not None else torch.zeros_like(flat_index)
-        return cls(batch["input_ids"].flatten()[flat_index], types, positions, cu, lengths,
-                   int(lengths.max()), flat_index, mask.shape[1])
+        segment = torch.arange(len(lengths), device=mask.device).repeat_interleave(lengths)
+        positions = torch.arange(len(ids), device=mask.device) - cu[:-1].long()[segment]
+        return cls(ids, types, positions, cu, lengths, max_length, segment * max_length + positions, texts, tokens)
 
     @property
-    def texts(self) -> int:
+    def segments(self) -> int:
         return len(self.lengths)
 
     def pool(self, states: torch.Tensor, pooling: str) -> torch.Tensor:
         """`(B, H')` from packed states `(T, H')`: each text's first token (cls) or the mean of its tokens."""
         if pooling == "cls":
-            return states[self.cu_seqlens[:-1].long()]
-        text_of_token = torch.arange(self.texts, device=states.device).repeat_interleave(self.lengths)
-        sums = states.new_zeros(self.texts, states.shape[1]).index_add_(0, text_of_token, states)
-        return sums / self.lengths.unsqueeze(1).to(states.dtype)
+            return states[self.cu_seqlens[:self.texts].long()]
+        lengths = self.lengths[:self.texts]
+        text_of_token = torch.arange(self.texts, device=states.device).repeat_interleave(lengths)
+        sums = states.new_zeros(self.texts, states.shape[1]).index_add_(0, text_of_token, states[:self.tokens])
+        return sums / lengths.unsqueeze(1).to(states.dtype)
 
 
 # ------------------------------------------------------------ kernels
@@ -99,16 +123,16 @@ def fast_kernel_available(device: torch.device) -> bool:
 
 def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: float) -> torch.Tensor:
     """Reference: scatter `(T, heads, d)` into the `(B, L)` grid, one masked SDPA call, gather back."""
-    grid = packed.texts * packed.width
+    grid = packed.segments * packed.max_length
 
     def to_grid(x):
         full = x.new_zeros(grid, *x.shape[1:]).index_copy(0, packed.flat_index, x)
-        return full.view(packed.texts, packed.width, *x.shape[1:]).transpose(1, 2)  # (B, heads, L, d)
+        return full.view(packed.segments, packed.max_length, *x.shape[1:]).transpose(1, 2)  # (B', heads, L, d)
 
     keep = torch.zeros(grid, dtype=torch.bool, device=q.device)
     keep[packed.flat_index] = True
     out = nn.functional.scaled_dot_product_attention(
-        to_grid(q), to_grid(k), to_grid(v), attn_mask=keep.view(packed.texts, 1, 1, packed.width),
+        to_grid(q), to_grid(k), to_grid(v), attn_mask=keep.view(packed.segments, 1, 1, packed.max_length),
         dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).reshape(grid, *q.shape[1:])[packed.flat_index]
 
@@ -179,9 +203,10 @@ def use_packing(setting, backbone: nn.Module, device: torch.device) -> bool:
     return setting is True or fast_kernel_available(device)
 
 
-def packed_hidden_states(backbone: nn.Module, layers: nn.ModuleList, batch, wanted: list[int]):
-    """`(PackedBatch, {layer: (T, H) states})` for the requested layers (1-based), no deeper than needed."""
-    packed = PackedBatch.from_padded(batch)
+def packed_hidden_states(backbone: nn.Module, layers: nn.ModuleList, batch, wanted: list[int], buckets: bool = False):
+    """`(PackedBatch, {layer: (T, H) states})` for the requested layers (1-based), no deeper than needed;
+    `buckets`: the token count rounded up to a few shapes (for compiled layers, `PackedBatch.from_padded`)."""
+    packed = PackedBatch.from_padded(batch, buckets)
     hidden = backbone.embeddings(input_ids=packed.input_ids[None], token_type_ids=packed.token_type_ids[None],
                                  position_ids=packed.position_ids[None])
     config = backbone.config

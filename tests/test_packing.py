@@ -48,6 +48,45 @@ def test_packed_batch_layout():
     assert p.pool(states, "mean").squeeze(1).tolist() == [1.0, 3.0, 5.5]
 
 
+def test_buckets_are_few_and_close_above():
+    from retrieval.packing import bucket
+
+    assert [bucket(t) for t in (1, 256, 257, 320, 321, 1000, 1024, 1025)] == [256, 256, 320, 320, 384, 1024, 1024, 1280]
+    shapes = {bucket(t) for t in range(1, 100_001)}
+    assert len(shapes) <= 40 and all(t <= bucket(t) <= max(256, 1.25 * t) for t in range(1, 5000))
+
+
+def test_bucketed_layout_adds_filler_texts_no_longer_than_the_longest():
+    b = {"input_ids": torch.tensor([[7, 8, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]]),
+         "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])}
+    p = PackedBatch.from_padded(b, buckets=True)
+    assert len(p.input_ids) == 256 and p.tokens == 8 and p.texts == 3
+    assert p.lengths[:3].tolist() == [3, 1, 4] and p.lengths[3:].max() <= 4 and int(p.lengths.sum()) == 256
+    assert p.max_length == 32 and len(set(p.flat_index.tolist())) == 256  # distinct places in the grid
+    states = torch.arange(256.0).unsqueeze(1)
+    assert p.pool(states, "mean").squeeze(1).tolist() == [1.0, 3.0, 5.5]  # filler never pooled
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bucketed_packing_gives_the_same_embeddings_and_gradients(pooling):
+    b = ragged_batch(seed=4)
+    out, grads = {}, {}
+    for buckets in (False, True):
+        enc = encoder(True, pooling, dropout=0.0).train()
+        enc.pack_buckets = buckets
+        widths = []
+        enc.layers[0].register_forward_hook(lambda _m, inputs, _o: widths.append(inputs[0].shape[1]))
+        emb = enc.embed(b, SIZES)
+        sum(v.pow(2).sum() for v in emb.values()).backward()
+        out[buckets] = {s: v.detach() for s, v in emb.items()}
+        grads[buckets] = [p.grad for p in enc.parameters() if p.grad is not None]
+        assert widths == [256 if buckets else int(b["attention_mask"].sum())]
+    for s in SIZES:
+        torch.testing.assert_close(out[True][s], out[False][s], rtol=1e-5, atol=1e-6)
+    for g, h in zip(grads[True], grads[False]):
+        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_packed_equals_padded_for_every_size(pooling, normalize):
