@@ -81,6 +81,15 @@ def _front_matter(name: str, meta: Mapping, results: Mapping) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def _default_id(directory: Path, meta: Mapping) -> str:
+    """Where the load examples say the model is: a trained model's place in its experiment (it is
+    saved under a temporary name first), else the directory."""
+    config = meta.get("config") or {}
+    if "exported_from" in meta or not config.get("output_dir"):
+        return str(directory)
+    return str((config.get("paths") or {}).get("model") or Path(config["output_dir"]) / "model")
+
+
 def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
                 model_id: str | None = None, shape: tuple[int, int] | None = None) -> str:
     """The card's text for the model in `directory` (its `starbucks.json` is `meta`); `model_id` is
@@ -91,9 +100,12 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
     sizes = _sizes(meta, shape)
     config = meta.get("config") or {}
     name = str(config.get("name") or directory.name)
-    model_id = model_id or str(directory)
+    exported = meta.get("exported_size")
+    if exported:
+        name = f"{name}-{exported['name']}"
+    model_id = model_id or _default_id(directory, meta)
     pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))
-    largest = sizes.largest
+    largest, middle = sizes.largest, sizes[len(sizes) // 2]
     parts = [_front_matter(name, meta, results), f"# {name}\n"]
     parts.append(
         f"A [Starbucks]({PAPER}) 2D Matryoshka embedding model: its first `n` layers and first `d` "
@@ -118,8 +130,8 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
         "With the `starbucks-retrieval` toolkit, at any size (several from one pass):\n\n"
         "```python\nfrom retrieval import StarbucksModel\n\n"
         f"model = StarbucksModel.from_pretrained({model_id!r})\n"
-        f"q = model.encode_queries([\"how do I edit a PDF\"], size={largest.name!r})\n"
-        f"p = model.encode_passages([\"A PDF editor.\", \"An IRC client.\"], size={largest.name!r})\n"
+        f"q = model.encode_queries([\"how do I edit a PDF\"], size={middle.name!r})  # {middle.key}\n"
+        f"p = model.encode_passages([\"A PDF editor.\", \"An IRC client.\"], size={middle.name!r})\n"
         "print(model.similarity(q, p))\n"
         f"both = model.encode_passages([\"A PDF editor.\"], sizes={sizes.names[:2]!r})  # name -> array\n```\n")
     parts.append(
@@ -127,10 +139,11 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
         "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f"model = SentenceTransformer({model_id!r})\n"
         "embeddings = model.encode([\"A PDF editor.\"])\n```\n")
-    parts.append(
-        "A standalone sentence-transformers model of one size (its layers only, the first `d` dims "
-        "taken before any normalisation):\n\n"
-        f"```bash\npython -m train.export {model_id} --size {sizes[0].name} --out {name}-{sizes[0].name}\n```\n")
+    if not exported:
+        parts.append(
+            "A standalone sentence-transformers model of one size (its layers only, the first `d` dims "
+            "taken before any normalisation):\n\n"
+            f"```bash\npython -m train.export {model_id} --size {sizes[0].name} --out {name}-{sizes[0].name}\n```\n")
     parts.append("## Training\n")
     facts = [("method", meta.get("method")), ("base model", meta.get("base_model")), ("steps", meta.get("step")),
              ("training data", (config.get("data") or {}).get("train")),

@@ -31,7 +31,7 @@ def save_tiny(path, pooling, normalize):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    config = {"name": "tiny-exp", "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-5},
+    config = {"name": "tiny-exp", "output_dir": "runs/tiny-exp", "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-5},
               "data": {"train": "data/x/train.jsonl"}}
     StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=7), pooling, normalize).save(
         path, tok, {"sizes": SIZES, "query_max_length": 8, "passage_max_length": 16, "method": "srl",
@@ -80,14 +80,18 @@ def test_truncate_dim_would_differ_for_a_normalised_model(exported):
 
 
 def test_the_card_has_the_sizes_the_training_and_the_citation(exported):
-    model_dir, _, normalize = exported
+    model_dir, out, normalize = exported
     card = (model_dir / "README.md").read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["library_name"] == "sentence-transformers" and "starbucks" in front["tags"]
     assert front["base_model"] == "sentence-transformers/all-MiniLM-L6-v2" and "model-index" not in front
     assert "| mid | 2 | 16 | 32 | 64 |" in card  # bytes per passage: 16 dims x 2 (fp16), x 4 (fp32)
     assert "- method: `srl`" in card and "- steps: `12`" in card and "- training data: `data/x/train.jsonl`" in card
-    assert "arXiv:2410.13230" in card and "StarbucksModel.from_pretrained" in card
+    assert "arXiv:2410.13230" in card
+    # a trained model is saved under a temporary name first: the examples name its place in the experiment
+    assert "StarbucksModel.from_pretrained('runs/tiny-exp/model')" in card
+    exported_card = (out / "mid" / "README.md").read_text()
+    assert "# tiny-exp-mid" in exported_card and f"from_pretrained({str(out / 'mid')!r})" in exported_card
     assert ("cosine similarity" in card) == normalize
 
 
