@@ -25,6 +25,7 @@ from train.data import GroupCollator, GroupDataset
 from train.flops import retrieval_step_flops
 from train.methods import MethodPlan, plan_method
 from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
+from train.validation import Validator, keep_best_key
 
 
 class RetrievalTask:
@@ -33,8 +34,9 @@ class RetrievalTask:
     examples_name = "queries"
 
     def __init__(self, encoder: StarbucksEncoder, tokenizer, groups: Sequence[TrainGroup], plan: MethodPlan,
-                 loss: StarbucksLoss, cfg):
+                 loss: StarbucksLoss, cfg, validator: Validator | None = None):
         self.name = plan.name
+        self.validator = validator  # train.eval_steps (built on the main process only)
         self.model = encoder
         self.tokenizer = tokenizer
         self.plan = plan
@@ -66,6 +68,9 @@ class RetrievalTask:
     def compute_loss(self, model, batch: dict, step: int) -> LossOutput:
         inputs, sizes = self.embedding_inputs(batch, step)
         return self.embedding_loss({name: model(texts, sizes) for name, texts in inputs.items()}, sizes)
+
+    def validate(self, model: StarbucksEncoder) -> dict[str, float]:
+        return self.validator(model)
 
     def batch_examples(self, batch: dict) -> int:
         return len(batch["queries"]["input_ids"])
@@ -141,6 +146,12 @@ def run_training(cfg) -> TrainResult:
         encoder.truncate_(plan.truncate_to)
     encoder.length_buckets = buckets
     encoder.packing = m.packing
-    task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg)
+    validator = None
+    if settings.eval_steps:
+        if settings.keep_best:
+            keep_best_key(settings.keep_best, plan.saved_sizes, settings.eval_metric)
+        if state.is_main_process:
+            validator = Validator(cfg, plan.saved_sizes, tokenizer, settings.seed)
+    task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg, validator)
     paths = experiment_paths(cfg)
     return fit(task, settings, paths.root, paths.model)

@@ -50,8 +50,9 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 # train.* keys that may change between a run and its resume (they do not change the result).
 BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_workers", "resume",
-                    "gradient_checkpointing", "length_buckets")
+                    "gradient_checkpointing", "length_buckets", "report_to")
 LOG_FILE = "train_log.jsonl"
+BEST_DIR = "best-model"  # train.keep_best: the best validated model so far, under the run directory
 
 
 def config_fingerprint(cfg, **sections) -> dict:
@@ -113,6 +114,11 @@ class TrainSettings:
     logging_steps: int = 10
     dataloader_workers: int = 0
     resume: bool = True
+    eval_steps: int | None = None
+    eval_metric: str = "RR@10"
+    keep_best: str | None = None
+    early_stopping_patience: int | None = None
+    report_to: str = "none"
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
@@ -143,6 +149,54 @@ class TrainSettings:
         mixed_precision(self.precision, torch.cuda.is_available())
         if self.scheduler not in SCHEDULERS:
             raise StarbucksError(f"train.scheduler = {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+        for key in ("keep_best", "early_stopping_patience"):
+            if getattr(self, key) is not None and self.eval_steps is None:
+                raise StarbucksError(f"train.{key} needs validation during training: set train.eval_steps")
+        trackers(self.report_to)
+
+    @property
+    def best_key(self) -> str:
+        """The validation metric a best model and early stopping follow."""
+        return f"eval/{self.keep_best or 'avg'}/{self.eval_metric}"
+
+
+def trackers(report_to) -> list[str]:
+    """`train.report_to` as accelerate tracker names (`none`: no tracker); one line for an unknown
+    tracker or one whose package is missing."""
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    names = [n.strip() for n in str(report_to or "none").split(",") if n.strip() not in ("", "none")]
+    known = [t for t in LoggerType.list() if t != "all"]
+    available = {LoggerType(t).value for t in get_available_trackers()}
+    for name in names:
+        if name not in known:
+            raise StarbucksError(f"train.report_to = {report_to!r}: {name!r} is not one of none, {', '.join(known)}")
+        if name not in available:
+            raise StarbucksError(f"train.report_to = {name} but its package is not installed; pip install {name} "
+                                 "(or train.report_to=none)")
+    return names
+
+
+def tracker_config(fingerprint: dict, prefix: str = "") -> dict:
+    """A run's settings flattened to `section.key` -> bool/int/float/str (what trackers store)."""
+    flat = {}
+    for key, value in fingerprint.items():
+        if isinstance(value, dict):
+            flat.update(tracker_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return flat
+
+
+def validate(accelerator: Accelerator, task: TrainTask, model: nn.Module) -> dict[str, float]:
+    """The task's validation metrics, computed on the main process and shared with every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    metrics = [task.validate(accelerator.unwrap_model(model)) if accelerator.is_main_process else None]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(metrics)
+    return metrics[0]
 
 
 @dataclass
@@ -155,6 +209,28 @@ class TrainResult:
     last_loss: float | None
     model_dir: Path
     checkpoint: Path
+    best: "BestRecord | None" = None
+
+
+@dataclass
+class BestRecord:
+    """The best validation so far under `key` (`eval/<keep_best or avg>/<metric>`), the validations
+    since (early stopping), and whether the run stopped early; saved with each checkpoint."""
+
+    key: str
+    step: int | None = None
+    score: float | None = None
+    since: int = 0
+    stopped: bool = False
+
+    def update(self, step: int, metrics: dict[str, float]) -> bool:
+        """Count a validation; True when it sets a new best."""
+        score = metrics[self.key]
+        if self.score is None or score > self.score:
+            self.step, self.score, self.since = step, score, 0
+            return True
+        self.since += 1
+        return False
 
 
 def distributed_state():
@@ -271,11 +347,15 @@ class TrainLog:
         values = torch.tensor([self.sums[k] / self.counts[k] for k in keys], device=accelerator.device)
         values = accelerator.reduce(values, "mean").tolist() if accelerator.num_processes > 1 else values.tolist()
         record = {**record, **dict(zip(keys, values))}
+        self.write(record)
+        self.sums, self.counts = {}, {}
+        return record
+
+    def write(self, record: dict) -> None:
+        """Append one line (main process)."""
         if self.main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
-        self.sums, self.counts = {}, {}
-        return record
 
 
 def _postfix(record: dict, unit: str) -> dict:
@@ -295,13 +375,20 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
     """
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     cuda = torch.cuda.is_available()
-    accelerator = accelerator or Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda))
+    if accelerator is None:
+        from accelerate.utils import ProjectConfiguration
+
+        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
+        accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda),
+                                  log_with=trackers(settings.report_to) or None, project_config=project)
     main = accelerator.is_main_process
     checkpoints = Checkpoints(run_dir / "checkpoints", settings.save_total_limit)
     fingerprint = task.fingerprint()
     loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
     fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
 
+    if settings.eval_steps and not hasattr(task, "validate"):
+        raise StarbucksError(f"train.eval_steps: {task.name} has no validation; remove train.eval_steps")
     if settings.grad_cache and not hasattr(task, "embedding_inputs"):
         raise StarbucksError(f"train.grad_cache applies to fine-tuning (srl, 2dmse, separate, full), not {task.name}; "
                              "remove it (use train.gradient_checkpointing or train.grad_accum to save memory)")
@@ -348,6 +435,11 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
     log = TrainLog(run_dir / LOG_FILE, start, main)
     if latest is not None and "log_window" in read_state(latest):
         log.restore(read_state(latest)["log_window"])
+    best = BestRecord(settings.best_key)
+    if latest is not None and read_state(latest).get("best"):
+        best = BestRecord(**read_state(latest)["best"])
+    if accelerator.log_with:
+        accelerator.init_trackers(task.name, config=tracker_config(fingerprint))
     cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
 
     def save_checkpoint(step: int) -> Path:
@@ -361,6 +453,7 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
             atomic_write_json(staging / "trainer_state.json", {
                 "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
                 "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint, "log_window": window,
+                "best": vars(best) if settings.eval_steps else None,
             })
         accelerator.wait_for_everyone()
         final = checkpoints.commit(staging, step) if main else checkpoints.root / f"checkpoint-{step}"
@@ -371,7 +464,8 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
     started = time.perf_counter()
     examples, first_loss, last_loss, batches = 0, None, None, None
     checkpoint = latest
-    for step in range(start, total):
+    reached = start
+    for step in range(start, start if best.stopped else total):  # a run that stopped early stays stopped
         if batches is None or step % steps_per_epoch == 0:
             epoch, offset = divmod(step, steps_per_epoch)
             loader.set_epoch(epoch)  # accelerate passes it on to the sampler at each iteration
@@ -387,7 +481,7 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         log.add(step_terms)
-        done = step + 1
+        done = reached = step + 1
         bar.update(1)
         if done % settings.logging_steps == 0 or done == total:
             elapsed = time.perf_counter() - started
@@ -398,18 +492,39 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
             first_loss = record["loss"] if first_loss is None else first_loss
             last_loss = record["loss"]
             bar.set_postfix(_postfix(record, task.examples_name), refresh=False)
-        if done % settings.save_steps == 0 or done == total:
+            accelerator.log(record, step=done)
+        if settings.eval_steps and (done % settings.eval_steps == 0 or done == total):
+            metrics = validate(accelerator, task, model)
+            log.write({"step": done, **metrics})
+            accelerator.log(metrics, step=done)
+            if best.update(done, metrics) and settings.keep_best and main:
+                staging = staging_dir(run_dir / BEST_DIR)
+                task.save_model(accelerator.unwrap_model(model), staging, done)
+                replace_dir(staging, run_dir / BEST_DIR)
+            patience = settings.early_stopping_patience
+            best.stopped = bool(patience) and best.since >= patience
+            if main:
+                tqdm.write(f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
+                           + (f"; no new best in {best.since} validations: stopping" if best.stopped else ""))
+        if best.stopped or done % settings.save_steps == 0 or done == total:
             checkpoint = save_checkpoint(done)
+        if best.stopped:
+            break
     bar.close()
+    accelerator.end_training()
 
     if main:
         staging = staging_dir(model_dir)
-        task.save_model(accelerator.unwrap_model(model), staging, total)
+        if settings.keep_best:  # the best validated model (its starbucks.json names its step)
+            shutil.copytree(run_dir / BEST_DIR, staging, dirs_exist_ok=True)
+        else:
+            task.save_model(accelerator.unwrap_model(model), staging, reached)
         replace_dir(staging, model_dir)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
-    spent = cost.record(total, seconds if start < total else 0.0)
-    result = TrainResult(start, total, seconds, examples, first_loss, last_loss, model_dir, checkpoint)
+    spent = cost.record(reached, seconds if start < reached else 0.0)
+    result = TrainResult(start, reached, seconds, examples, first_loss, last_loss, model_dir, checkpoint,
+                         best if settings.eval_steps else None)
     if main:
         cost.write_summary(run_dir, spent, task=task.name)
         print(summary_line(task, result), flush=True)
@@ -449,6 +564,9 @@ def summary_line(task: TrainTask, r: TrainResult) -> str:
     rate = r.examples / r.seconds if r.seconds else 0.0
     loss = f"loss {r.first_loss:.4f} -> {r.last_loss:.4f}, " if r.first_loss is not None else ""
     resumed = f" (resumed at {r.start_step})" if r.start_step else ""
+    if r.best is not None and r.best.step is not None:
+        stopped = "stopped early; " if r.best.stopped else ""
+        resumed += f" ({stopped}best {r.best.key} {r.best.score:.4f} at step {r.best.step})"
     return (f"{task.name}: {r.steps} steps{resumed}, {loss}{r.examples} {task.examples_name} in {r.seconds:.1f} s "
             f"({rate:.1f} {task.examples_name}/s, {r.seconds / (r.steps - r.start_step):.2f} s/step); "
             f"model: {r.model_dir}")

@@ -1,0 +1,137 @@
+"""Validation during fine-tuning (`train.eval_steps`): every size's `train.eval_metric` on a dev split.
+
+Candidates per query are either the whole corpus (exact search over every passage: small
+collections) or a pooled set, the DPR-style validation: the query's judged passages, its BM25
+top hits (bm25s) and seeded random passages, `eval_candidates` in all. The pools are fixed when
+the run starts (a function of the seed and the data), so every validation of a run, and of its
+resume, ranks the same candidates. Embeddings come from `StarbucksModel` wrapping the training
+encoder (eval mode, one pass per batch for every size); metrics from `retrieval.metrics`.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from retrieval.data import EvalSplit, load_corpus, load_split
+from retrieval.errors import StarbucksError
+from retrieval.metrics import evaluate, parse_measures
+from retrieval.model import StarbucksModel
+from retrieval.modeling import StarbucksEncoder
+from retrieval.sizes import Size
+
+AUTO_CORPUS_LIMIT = 20000  # eval_candidates=auto: the full corpus up to this many passages, else pools of
+AUTO_POOL = 1000
+DEPTH = 1000  # ranked passages per query (R@1000 needs them)
+
+
+def candidate_setting(value, passages: int) -> int | None:
+    """`train.eval_candidates` as a pool size (None: the full corpus)."""
+    if value == "auto":
+        return None if passages <= AUTO_CORPUS_LIMIT else AUTO_POOL
+    return None if value == "corpus" else int(value)
+
+
+def keep_best_key(keep_best: str, sizes: Sequence[Size], metric: str) -> str:
+    """The logged key `train.keep_best` follows: `eval/avg/<metric>` or `eval/<size>/<metric>`."""
+    names = [s.name for s in sizes]
+    if keep_best != "avg" and keep_best not in names:
+        raise StarbucksError(f"train.keep_best = {keep_best!r} is not avg or one of the sizes {', '.join(names)}")
+    return f"eval/{keep_best}/{metric}"
+
+
+def bm25_pools(ids: Sequence[str], texts: Sequence[str], queries: Sequence[str], k: int) -> list[list[str]]:
+    """The BM25 top `k` passage ids of each query (bm25s, English stopwords)."""
+    import bm25s
+
+    if k <= 0:
+        return [[] for _ in queries]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+    found, _ = retriever.retrieve(bm25s.tokenize(list(queries), stopwords="en", show_progress=False),
+                                  k=min(k, len(ids)), show_progress=False)
+    return [[ids[i] for i in row] for row in found.tolist()]
+
+
+class Validator:
+    """Ranks each sampled dev query's candidates at every size; `__call__(encoder)` -> logged metrics."""
+
+    def __init__(self, cfg, sizes: Sequence[Size], tokenizer, seed: int):
+        t, m = cfg.train, cfg.model
+        splits = cfg.data.eval_splits or {}
+        if t.eval_split not in splits:
+            raise StarbucksError(f"train.eval_split = {t.eval_split!r} is not in data.eval_splits "
+                                 f"({', '.join(splits) or 'none configured'}); add it or pick another")
+        self.metric = str(t.eval_metric)
+        self.rel_level = int((cfg.eval.split_rel_level or {}).get(t.eval_split, cfg.eval.rel_level))
+        parse_measures([self.metric], self.rel_level)  # a bad name fails before training
+        self.sizes = list(sizes)
+        self.tokenizer, self.model_cfg = tokenizer, m
+        self.batch_size = int(cfg.encode.batch_size)
+        self.precision = str(t.precision)
+        split = load_split(t.eval_split, splits[t.eval_split])
+        corpus = load_corpus(cfg.data.corpus)
+        qids = sorted(split.qrels)
+        if t.eval_queries is not None and t.eval_queries < len(qids):
+            qids = sorted(random.Random(f"{seed}:eval-queries").sample(qids, int(t.eval_queries)))
+        self.split = EvalSplit(split.name, {q: split.queries[q] for q in qids}, {q: split.qrels[q] for q in qids})
+        pool = candidate_setting(t.eval_candidates, len(corpus))
+        self.pools = None if pool is None else self._pools(corpus, pool, seed)
+        wanted = corpus if self.pools is None else {d: corpus[d] for d in sorted({d for p in self.pools for d in p})}
+        self.passage_ids, self.passages = list(wanted), list(wanted.values())
+
+    def _pools(self, corpus: dict[str, str], size: int, seed: int) -> list[list[str]]:
+        """Per query: judged passages in the corpus, then BM25 hits, then random passages, `size` distinct in all."""
+        ids = list(corpus)
+        qids = list(self.split.queries)
+        bm25 = bm25_pools(ids, list(corpus.values()), [self.split.queries[q] for q in qids], size // 2)
+        pools = []
+        for qid, hits in zip(qids, bm25):
+            pool = dict.fromkeys(d for d in self.split.qrels[qid] if d in corpus)
+            pool.update(dict.fromkeys(hits[:max(0, size // 2 - len(pool))]))
+            rng = random.Random(f"{seed}:eval-pool:{qid}")
+            while len(pool) < min(size, len(ids)):
+                pool.setdefault(ids[rng.randrange(len(ids))])
+            pools.append(list(pool))
+        return pools
+
+    def __call__(self, encoder: StarbucksEncoder) -> dict[str, float]:
+        """`eval/<size>/<metric>` of every size and their mean `eval/avg/<metric>`."""
+        m = self.model_cfg
+        model = StarbucksModel(encoder, self.tokenizer, None, query_max_length=m.query_max_length,
+                               passage_max_length=m.passage_max_length, query_prefix=m.query_prefix,
+                               passage_prefix=m.passage_prefix, precision=self.precision)
+        was_training = encoder.training
+        encoder.eval()
+        try:
+            queries = model.embed_texts(list(self.split.queries.values()), self.sizes, "query", self.batch_size)
+            passages = model.embed_texts(self.passages, self.sizes, "passage", self.batch_size)
+        finally:
+            encoder.train(was_training)
+        record = {}
+        for size in self.sizes:
+            run = self._rank(queries[size], passages[size])
+            value = evaluate(run, self.split.qrels, [self.metric], self.rel_level).aggregate[self.metric]
+            record[f"eval/{size.name}/{self.metric}"] = value
+        record[f"eval/avg/{self.metric}"] = float(np.mean(list(record.values())))
+        return record
+
+    def _rank(self, q: np.ndarray, p: np.ndarray) -> dict[str, dict[str, float]]:
+        """`{qid: {docid: score}}` of each query's top `DEPTH` candidates (exact inner product)."""
+        qids = list(self.split.queries)
+        run = {}
+        if self.pools is None:
+            scores = torch.from_numpy(q) @ torch.from_numpy(p).T
+            top = torch.topk(scores, min(DEPTH, scores.shape[1]), dim=1)
+            for qid, values, rows in zip(qids, top.values.tolist(), top.indices.tolist()):
+                run[qid] = {self.passage_ids[r]: v for r, v in zip(rows, values)}
+            return run
+        row_of = {d: i for i, d in enumerate(self.passage_ids)}
+        for i, (qid, pool) in enumerate(zip(qids, self.pools)):
+            rows = [row_of[d] for d in pool]
+            scores = p[rows] @ q[i]
+            run[qid] = {pool[j]: float(scores[j]) for j in np.argsort(-scores, kind="stable")[:DEPTH]}
+        return run
