@@ -215,3 +215,19 @@ def test_the_readme_example_runs_as_written_on_a_demo_model(tmp_path, monkeypatc
     exec(compile(code, "README.md", "exec"), {})
     scores = np.array([float(x) for x in re.findall(r"-?\d+\.\d+(?:e-?\d+)?", capsys.readouterr().out)])
     assert scores.shape == (2,) and np.all(np.abs(scores) <= 1 + 1e-5)  # cosine scores of one query, two passages
+
+
+def test_a_hub_checkpoint_brings_its_starbucks_json(tmp_path, monkeypatch):
+    import json
+
+    import huggingface_hub
+
+    from retrieval.model import checkpoint_meta
+
+    assert checkpoint_meta("someone/not-cached") == {}  # offline (HF_HUB_OFFLINE=1) and not cached: a plain model
+    (tmp_path / "starbucks.json").write_text(json.dumps({"pooling": "cls", "sizes": ["2x8"]}))
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo_id, filename: asked.append((repo_id, filename)) or str(tmp_path / filename))
+    assert checkpoint_meta("someone/model") == {"pooling": "cls", "sizes": ["2x8"]}
+    assert asked == [("someone/model", "starbucks.json")]
