@@ -25,17 +25,13 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
-from retrieval.config import load_config, sizes_of
+from experiment.report import ReportedRun, write_report
+from retrieval.config import experiment_paths, load_config, sizes_of
 from retrieval.errors import StarbucksError
 from retrieval.names import parse_names
 from retrieval.sizes import Size, SizeList
 
-METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-nokl", "smae-srl")
-# Report labels, in the paper's words.
-LABELS = {
-    "zeroshot": "zero-shot", "full": "full", "separate": "separate", "2dmse": "2DMSE", "srl": "SRL",
-    "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
-}
+METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-nokl", "smae-srl")  # labels: experiment.report.LABELS
 
 
 @dataclass(frozen=True)
@@ -92,7 +88,7 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
 
     for method in selected_methods(cfg):
         if method == "zeroshot":
-            add("zeroshot", method, [], None, everything)
+            add("zeroshot", method, ["encode.model=${model.name_or_path}"], None, everything)  # the backbone, named
         elif method in ("full", "2dmse", "srl"):
             add(method, method, [f"train.method={method}"], "finetune", everything)
         elif method == "srl-nokl":
@@ -115,6 +111,12 @@ def run_config(cfg_path: str | None, overrides: list[str], run: Run) -> DictConf
     spec = ",".join(s.name for s in run.sizes) or "all"
     stage_sizes = [f"encode.sizes={spec}", f"search.sizes={spec}", f"eval.sizes={spec}"] if run.sizes else []
     return load_config(cfg_path, [*overrides, *run.overrides, *stage_sizes])
+
+
+def reported_runs(cfg_path: str | None, overrides: list[str], runs: list[Run]) -> list[ReportedRun]:
+    """The runs the report shows, each with the directory its eval files are in."""
+    return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval)
+            for r in runs if r.report]
 
 
 def _stages(run: Run) -> list[tuple[str, Callable[[DictConfig], object]]]:
@@ -160,9 +162,7 @@ def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | 
             fn(run_cfg)
             print(f"== {run.name}: {stage} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not only:
-        from experiment.report import write_report
-
-        write_report(cfg, runs, cfg_path, overrides)
+        write_report(cfg, reported_runs(cfg_path, overrides, runs), cfg_path, overrides)
     return runs
 
 

@@ -1,7 +1,8 @@
 """The experiment's report: the paper's tables, plots and heatmaps, and the files behind them.
 
-`write_report` evaluates every run's run files (ir_measures, through eval's own functions),
-and writes to `experiment.report_dir` (default `<output_dir>/report`):
+`write_report` reads what eval wrote for every run (`<eval>/<split>.json` and the per-query values
+beside it, `retrieval.evalfile`; nothing is evaluated again) and writes to `experiment.report_dir`
+(default `<output_dir>/report`):
 
 - `results.md`: Table 4's shape (rows size x method; RR@10, nDCG@10, R@100 on each split; `*`
   where a method differs from `experiment.reference` at p < eval.alpha, paired t-test), Table
@@ -25,52 +26,85 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
-from eval.pipeline import SizeResult, evaluate_runs, rel_level, select_runs
-from experiment.pipeline import LABELS, Run, run_config
-from retrieval.config import experiment_paths, sizes_of
-from retrieval.data import load_eval_splits
+from retrieval.config import sizes_of
+from retrieval.errors import StarbucksError
+from retrieval.evalfile import SizeScores, read_split, read_summary
 from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json, atomic_write_text
 from retrieval.metrics import paired_ttest
 from retrieval.names import parse_names
-from retrieval.runfile import read_run_record, run_stem
+from retrieval.runfile import read_run_record, run_stem, write_run_record
 from retrieval.sizes import Size
 from retrieval.tables import markdown_table, plot_measures
 
 DISCUSSION_START = "<!-- discussion: hand-written, kept when the report is regenerated -->"
 DISCUSSION_END = "<!-- end of discussion -->"
+# Report labels, in the paper's words (and the order of the tables).
+LABELS = {
+    "zeroshot": "zero-shot", "full": "full", "separate": "separate", "2dmse": "2DMSE", "srl": "SRL",
+    "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
+}
 
 Key = tuple[int, int]
 # method -> split -> (layers, dim) -> (run name, result)
-Results = dict[str, dict[str, dict[Key, tuple[str, SizeResult]]]]
+Results = dict[str, dict[str, dict[Key, tuple[str, SizeScores]]]]
 
 
-def collect(cfg_path: str | None, overrides: Sequence[str], runs: Sequence[Run], splits) -> Results:
-    """Evaluate every reported run's run files; the `separate` runs merge into one method. Where two
+@dataclass(frozen=True)
+class ReportedRun:
+    """One evaluated run of the experiment: what it reports under and where eval wrote its files."""
+
+    name: str
+    method: str  # the row of the tables (`separate-<size>` runs all report under `separate`)
+    sizes: tuple[Size, ...]  # the sizes it was evaluated for
+    eval_dir: Path
+
+
+def report_splits(cfg: DictConfig) -> list[str]:
+    """`eval.splits` (all: every configured split)."""
+    names = parse_names(cfg.eval.splits) or list(cfg.data.eval_splits)
+    unknown = [n for n in names if n not in cfg.data.eval_splits]
+    if unknown:
+        raise StarbucksError(f"unknown eval split {unknown[0]!r}; configured splits are "
+                             f"{sorted(cfg.data.eval_splits)} (data.eval_splits)")
+    return names
+
+
+def split_queries(runs: Sequence[ReportedRun], split: str) -> int | str:
+    """The split's judged queries, from the first run eval wrote it for."""
+    for run in runs:
+        summary = read_summary(run.eval_dir, split)
+        if summary is not None:
+            return summary["queries"]
+    return "?"
+
+
+def collect(runs: Sequence[ReportedRun], splits: Sequence[str], measures: Sequence[str]) -> Results:
+    """Every run's scores as eval wrote them; the `separate` runs merge into one method. Where two
     separate models cover the same grid cell (sizes sharing a layer count), the model trained at that
     cell's size wins, else the first."""
     out: Results = {}
     trained_at: dict[str, Key] = {}  # separate run -> the size it was trained for (its first size)
     for run in runs:
-        if not run.report:
-            continue
-        cfg = run_config(cfg_path, list(overrides), run)
-        runs_dir = experiment_paths(cfg).runs
         wanted = {(s.layers, s.dim) for s in run.sizes}
         if run.method == "separate":
             trained_at[run.name] = (run.sizes[0].layers, run.sizes[0].dim)
-        for name, split in splits.items():
-            found = [(s, p) for s, p in select_runs(runs_dir, name, "all", strict=False)
-                     if (s.layers, s.dim) in wanted]
-            measures = list(cfg.eval.metrics)
+        for name in splits:
             cells = out.setdefault(run.method, {}).setdefault(name, {})
-            for r in evaluate_runs(found, split, measures, rel_level(cfg, name)):
+            for r in read_split(run.eval_dir, name) or []:
                 key = (r.size.layers, r.size.dim)
+                if key not in wanted:
+                    continue
+                missing = [m for m in measures if m not in r.evaluation.aggregate]
+                if missing:
+                    raise StarbucksError(f"{run.eval_dir}: split {name!r} has no {missing[0]} (eval.metrics changed?); "
+                                         f"re-run `python -m experiment` to evaluate it again")
                 held = cells.get(key)
                 if held is None or (trained_at.get(run.name) == key and trained_at.get(held[0]) != key):
                     cells[key] = (run.name, r)
@@ -316,7 +350,7 @@ def published_cells(cfg: DictConfig, results: Results):
                     yield method, split, key, run_name, r, int(cfg.experiment.grid_run_depth)
 
 
-def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, runs: Sequence[Run], cfg_path) -> int:
+def publish_files(cfg: DictConfig, results: Results, out_dir: Path, runs: Sequence[ReportedRun]) -> int:
     """Copy the report's run files (cut, gzipped) with their records, each run's eval JSON, and the
     per-query values behind every number of the tables (`per_query.json.gz`)."""
     copied = 0
@@ -325,19 +359,17 @@ def publish_files(cfg: DictConfig, results: Results, out_dir: Path, overrides, r
     for method, split, key, run_name, r, depth in published_cells(cfg, results):
         dst = out_dir / run_name / "runs" / split / f"{run_stem(r.run)}.trec.gz"
         copy_run(r.run, dst, depth)
-        record = read_run_record(r.run) or {}
-        atomic_write_json(dst.parent / f"{run_stem(r.run)}.json", {**record, "published_depth": depth})
+        record = {k: v for k, v in (read_run_record(r.run) or {}).items() if k != "file"}
+        write_run_record(dst, {**record, "published_depth": depth})  # the summary of the cut copy
         copied += 1
         if key in named:
             per_query.setdefault(method, {}).setdefault(split, {})[r.size.name] = r.evaluation.per_query
     atomic_write_gzip(out_dir / "per_query.json.gz", [json.dumps(per_query, sort_keys=True)])
     for run in runs:
-        if run.report:
-            eval_dir = experiment_paths(run_config(cfg_path, list(overrides), run)).eval
-            for f in sorted(eval_dir.glob("*.json")):
-                target = out_dir / run.name / "eval" / f.name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, target)
+        for f in sorted(run.eval_dir.glob("*.json")):
+            target = out_dir / run.name / "eval" / f.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, target)
     return copied
 
 
@@ -372,29 +404,28 @@ def _discussion(path: Path) -> str:
     return f"{DISCUSSION_START}\n_(not written yet)_\n{DISCUSSION_END}"
 
 
-def write_report(cfg: DictConfig, runs: Sequence[Run], cfg_path: str | None, overrides: Sequence[str]) -> Path:
-    """Evaluate, tabulate, plot, copy; returns the path of results.md."""
+def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | None, overrides: Sequence[str]) -> Path:
+    """Read eval's files, tabulate, plot, copy; returns the path of results.md."""
     report_dir = Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else Path(cfg.output_dir) / "report"
     out_dir = report_dir / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_eval_splits(cfg.data.eval_splits, parse_names(cfg.eval.splits))
-    results = collect(cfg_path, overrides, runs, splits)
-    names = list(splits)
+    names = report_splits(cfg)
+    results = collect(runs, names, list(cfg.eval.metrics))
     summary = summarise(cfg, results, names)
     prov = provenance(cfg_path, overrides, report_dir)
     plots = size_plots(cfg, results, names, out_dir)
     maps = heatmaps(cfg, results, out_dir)
-    copied = publish_files(cfg, results, out_dir, overrides, runs, cfg_path)
+    copied = publish_files(cfg, results, out_dir, runs)
     atomic_write_json(out_dir / "summary.json", {**summary, "provenance": prov})
 
     md = report_dir / "results.md"
     budget = f"{cfg.train.max_steps} steps" if cfg.train.max_steps else f"{cfg.train.epochs} epoch(s) of steps"
-    queries = ", ".join(f"{n} {len(s.qrels)} queries" for n, s in splits.items())
+    queries = ", ".join(f"{n} {split_queries(runs, n)} queries" for n in names)
     ablation = ablation_table(cfg, results, names)
     parts = [
         f"# Results: {cfg.name}\n",
         "Generated by `python -m experiment` (experiment/report.py); the tables, plots and claims below are "
-        "recomputed from the run files on every run.\n",
+        "recomputed from eval's files (per-size means, per-query values) on every run.\n",
         "| | |\n|---|---|\n" + "".join(f"| {k} | {'`' + v + '`' if k in ('command', 'commit') else v} |\n"
                                       for k, v in prov.items()),
         f"Collection: corpus `{cfg.data.corpus}`; {queries}; training groups `{cfg.data.train}`. "

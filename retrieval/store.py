@@ -4,13 +4,14 @@
 <embeddings>/<size-name>/meta.json            model, size, dtype, pooling, normalisation, count, ids hash
 <embeddings>/<size-name>/shard-00000.npy      float16 (rows, dim): passages [0, shard_rows)
 <embeddings>/<size-name>/ids-00000.txt        their ids, one a line
+<embeddings>/<size-name>/texts-00000.sha256   sha256 of their texts (an edited text re-encodes its shard)
 <embeddings>/<size-name>/queries-<split>.npy  float16 (queries, dim), with .ids.txt and .json
 ```
 Shard `k` always holds corpus positions `[k * shard_rows, (k + 1) * shard_rows)`, whoever wrote
 it, so workers that encode disjoint sets of shards (`--shard i/n`, torchrun ranks) together
 write exactly the store a single process writes. A shard is complete once its `.npy` exists
 (written atomically after its ids). `meta.json` is created when encoding starts (identity only)
-and gains `count`, `ids_sha256` and `complete: true` when every shard is present.
+and gains `count`, `ids_sha256`, `texts_sha256` and `complete: true` when every shard is present.
 """
 
 from __future__ import annotations
@@ -67,6 +68,14 @@ def ids_sha256(ids: Iterable[str]) -> str:
     return IdsHasher().update(ids).hexdigest()
 
 
+def texts_sha256(texts: Iterable[str]) -> str:
+    """sha256 of passage texts, each followed by a NUL (texts may hold newlines)."""
+    sha = hashlib.sha256()
+    for t in texts:
+        sha.update(t.encode("utf-8") + b"\0")
+    return sha.hexdigest()
+
+
 def model_fingerprint(module) -> str:
     """sha256 of a torch module's parameters and buffers (names, shapes, dtypes, raw bytes)."""
     import torch
@@ -96,14 +105,9 @@ def _write_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
 
-def check_compatible(meta: Mapping, other: Mapping, what: str, other_what: str, fields: Sequence[str]) -> None:
-    """Refuse inputs that disagree on an identity field, naming the first difference."""
-    for f in fields:
-        if meta.get(f) != other.get(f):
-            raise StarbucksError(
-                f"{other_what} does not match {what}: {f} is {other.get(f)!r} there but {meta.get(f)!r} here; "
-                f"delete it and re-run `python -m encode` so both come from the same model and size"
-            )
+def _mismatch(meta: Mapping, other: Mapping, fields: Sequence[str]) -> str | None:
+    """The first identity field on which two records disagree."""
+    return next((f for f in fields if meta.get(f) != other.get(f)), None)
 
 
 class EmbeddingStore:
@@ -180,27 +184,56 @@ class EmbeddingStore:
     def ids_path(self, k: int) -> Path:
         return self.dir / f"ids-{k:05d}.txt"
 
+    def texts_path(self, k: int) -> Path:
+        return self.dir / f"texts-{k:05d}.sha256"
+
     def has_shard(self, k: int) -> bool:
         return self.shard_path(k).is_file() and self.ids_path(k).is_file()
+
+    def shard_problem(self, k: int, texts_digest: str) -> str | None:
+        """Why shard `k` must be encoded again (missing, damaged, or made from other passage texts), or None."""
+        if not self.has_shard(k):
+            return "missing"
+        try:
+            rows = self.load_shard(k).shape[0]
+        except StarbucksError:
+            return "damaged"
+        if rows != len(self.read_ids(k)):
+            return "damaged"
+        saved = self.texts_path(k).read_text().strip() if self.texts_path(k).is_file() else None
+        if saved != texts_digest:
+            return "made from other passage texts" if saved else "made without a record of its texts"
+        return None
 
     def shard_indices(self) -> list[int]:
         if not self.dir.is_dir():
             return []
         return sorted(int(m.group(1)) for p in self.dir.iterdir() if (m := _SHARD.match(p.name)))
 
-    def write_shard(self, k: int, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """Write shard `k` atomically (ids first; the `.npy` marks it complete)."""
+    def write_shard(self, k: int, ids: Sequence[str], vectors: np.ndarray, texts_digest: str | None = None) -> None:
+        """Write shard `k` atomically (ids and the hash of its texts first; the `.npy` marks it complete)."""
         if len(ids) != len(vectors):
             raise ValueError(f"shard {k}: {len(ids)} ids but {len(vectors)} vectors")
+        self.shard_path(k).unlink(missing_ok=True)  # a shard being replaced is incomplete until its .npy is back
         atomic_write_text(self.ids_path(k), "".join(i + "\n" for i in ids))
+        if texts_digest is not None:
+            atomic_write_text(self.texts_path(k), texts_digest + "\n")
         _write_npy(self.shard_path(k), np.ascontiguousarray(vectors, dtype=DTYPE))
 
     def read_ids(self, k: int) -> list[str]:
         return _read_lines(self.ids_path(k))
 
     def load_shard(self, k: int) -> np.ndarray:
-        """Shard `k`'s vectors, memory-mapped (float16, rows x dim)."""
-        return np.load(self.shard_path(k), mmap_mode="r")
+        """Shard `k`'s vectors, memory-mapped (float16, rows x dim); a damaged file is one line."""
+        path = self.shard_path(k)
+        try:
+            return np.load(path, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as err:
+            size = path.stat().st_size if path.is_file() else 0
+            raise StarbucksError(
+                f"embedding shard {path} is damaged ({size} bytes: {str(err).splitlines()[0] if str(err) else 'unreadable'}); "
+                f"re-run `python -m encode` with the same config: it re-encodes damaged shards"
+            ) from None
 
     def iter_shards(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """`(shard, first_row, vectors)` for every shard of a finished store, in corpus order."""
@@ -231,10 +264,11 @@ class EmbeddingStore:
         shards = -(-count // meta["shard_rows"]) if count else 0
         if any(not self.has_shard(k) for k in range(shards)):
             return None
-        hasher = IdsHasher()
+        hasher, texts = IdsHasher(), hashlib.sha256()
         for k in range(shards):
             ids = self.read_ids(k)
             rows = self.load_shard(k).shape[0]
+            texts.update((self.texts_path(k).read_text() if self.texts_path(k).is_file() else "-\n").encode())
             expected = min(meta["shard_rows"], count - k * meta["shard_rows"])
             if len(ids) != rows or rows != expected:
                 raise StarbucksError(
@@ -247,7 +281,7 @@ class EmbeddingStore:
                 f"the shards in {self.dir} hold other passage ids than the corpus; it changed since they were "
                 f"written: delete {self.dir} and re-encode"
             )
-        meta.update(count=count, shards=shards, ids_sha256=ids_digest, complete=True)
+        meta.update(count=count, shards=shards, ids_sha256=ids_digest, texts_sha256=texts.hexdigest(), complete=True)
         atomic_write_json(self.meta_path, meta)
         return meta
 
@@ -286,7 +320,18 @@ class EmbeddingStore:
         if not self.has_queries(split):
             raise StarbucksError(f"no query embeddings for split {split!r} in {self.dir}; run `python -m encode` first")
         meta = json.loads(base.with_suffix(".json").read_text())
-        check_compatible(self.require_complete(), meta, f"the passages in {self.dir}", f"{base.name}", COMPATIBLE_FIELDS)
+        field = _mismatch(self.require_complete(), meta, COMPATIBLE_FIELDS)
+        if field:
+            passages = self.require_complete()
+            older_queries = base.with_suffix(".json").stat().st_mtime <= self.meta_path.stat().st_mtime
+            fix = ("the queries are older: re-run `python -m encode` with the config that encoded the passages (it "
+                   "re-encodes stale queries)" if older_queries else
+                   f"the passages are older: delete {self.dir} and re-run `python -m encode` with the config that "
+                   f"encoded the queries")
+            raise StarbucksError(
+                f"{base.name} does not match the passages in {self.dir}: {field} is {meta.get(field)!r} for the queries "
+                f"but {passages.get(field)!r} for the passages; {fix}"
+            )
         ids = _read_lines(base.with_suffix(".ids.txt"))
         vectors = np.load(base)
         if len(ids) != len(vectors) or ids_sha256(ids) != meta["ids_sha256"]:

@@ -38,7 +38,7 @@ from search.backends import EXACT, faiss_reason, make_index, set_params
 INDEX_VERSION = 1
 # What identifies the passage vectors of a store: a saved index or run made from other values is stale
 # (same weights and ids but, say, another pooling or max_length give other vectors).
-PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "count")
+PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "texts_sha256", "count")
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 
@@ -152,7 +152,7 @@ def _index_record(meta: dict, part: IndexPart, settings: SearchSettings) -> dict
         "format_version": INDEX_VERSION,
         "factory": settings.index,
         "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-        **{k: meta[k] for k in PASSAGE_FIELDS},
+        **{k: meta.get(k) for k in PASSAGE_FIELDS},
         "shards": [part.first_shard, part.end_shard],
         "train_rows": settings.train_rows, "seed": settings.seed,
     }
@@ -247,7 +247,7 @@ def _run_record(meta: dict, qmeta: dict, settings: SearchSettings) -> dict:
     """What a run file was made from; a run whose record differs is searched again."""
     return {
         "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-        "passages": {k: meta[k] for k in PASSAGE_FIELDS},
+        "passages": {k: meta.get(k) for k in PASSAGE_FIELDS},
         "queries": {k: qmeta.get(k) for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
         "index": settings.index, "params": settings.params, "depth": settings.depth,
     }

@@ -121,10 +121,10 @@ def test_an_interrupted_encode_resumes_without_redoing_finished_shards(workspace
     out = tmp_path / "exp"
     real_write = EmbeddingStore.write_shard
 
-    def killed_at_shard_2(self, k, ids, vectors):
+    def killed_at_shard_2(self, k, ids, vectors, *rest):
         if k == 2:
             raise KeyboardInterrupt
-        real_write(self, k, ids, vectors)
+        real_write(self, k, ids, vectors, *rest)
 
     monkeypatch.setattr(EmbeddingStore, "write_shard", killed_at_shard_2)
     with pytest.raises(KeyboardInterrupt):
@@ -202,9 +202,10 @@ def test_zero_shot_model_takes_pooling_and_sizes_from_the_config(workspace, tmp_
     np.testing.assert_allclose(np.linalg.norm(vectors.astype(np.float32), axis=1), 1.0, atol=2e-3)
 
 
-def test_model_choice_prefers_encode_model_then_trained_then_backbone(tmp_path):
+def test_model_choice_prefers_encode_model_then_trained_and_never_falls_back_silently(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}"])
-    assert encode_pipeline.model_source(cfg) == cfg.model.name_or_path
+    with pytest.raises(StarbucksError, match=r"no trained model in .*run `python -m train`.*encode.model="):
+        encode_pipeline.model_source(cfg)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     assert encode_pipeline.model_source(cfg) == str(tmp_path / "model")

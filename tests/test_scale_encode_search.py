@@ -71,7 +71,9 @@ def test_two_rank_torchrun_encode_equals_single_process_byte_for_byte(encoded):
 def test_search_over_the_ranks_shards_equals_search_over_the_single_encode(encoded, tmp_path):
     single, multi, _ = encoded
     for out in (single, multi):
-        assert len(search_collection(load_config(None, [f"output_dir={out}", "search.depth=20"]), progress=False)) == 3
+        splits = [f"data.eval_splits.dev={out.parent / 'col'}", "data.eval_splits.test=null"]  # the encoded collection's
+        assert len(search_collection(load_config(None, [f"output_dir={out}", "search.depth=20", *splits]),
+                                     progress=False)) == 3
     for size in ("a", "b", "4x32"):
         assert read_run(single / "runs" / "dev" / f"{size}.trec") == read_run(multi / "runs" / "dev" / f"{size}.trec")
     # per-shard IVF indexes (one per rank-written shard, every list probed) merge to the exact top-k

@@ -101,10 +101,10 @@ def test_queries_from_another_model_or_size_are_refused(tmp_path):
     assert qids == ["q1", "q2", "q3"] and np.array_equal(got, qv) and meta["max_length"] == 16
     assert store.query_splits() == ["dev"]
     store.write_queries("dev", ["q1"], qv[:1], identity(model="other"))
-    with pytest.raises(StarbucksError, match="queries-dev.npy does not match .*model_sha256 is 'other' there but 'm1'"):
+    with pytest.raises(StarbucksError, match="queries-dev.npy does not match .*model_sha256 is 'other' for the queries but 'm1' for the passages"):
         store.load_queries("dev")
     store.write_queries("dev", ["q1"], qv[:1], identity(size=Size("tall", 3, 8)))
-    with pytest.raises(StarbucksError, match="layers is 3 there but 4"):
+    with pytest.raises(StarbucksError, match="layers is 3 for the queries but 4 for the passages"):
         store.load_queries("dev")
     with pytest.raises(StarbucksError, match="no query embeddings for split 'test'"):
         store.load_queries("test")

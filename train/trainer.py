@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
+from retrieval.lock import run_lock
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
 from retrieval.seeds import derive_seed
@@ -371,8 +372,16 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
         accelerator: Accelerator | None = None) -> TrainResult:
     """Train `task.model`; checkpoint under `run_dir/checkpoints`, write the final model to `model_dir`.
 
-    Re-running with the same settings resumes from the newest complete checkpoint.
+    Re-running with the same settings resumes from the newest complete checkpoint. The main process
+    holds a lock on `run_dir` meanwhile: a second training of the same run stops with one line.
     """
+    main = distributed_state().is_main_process
+    with run_lock(run_dir, f"training {task.name}", ".lock-train") if main else contextlib.nullcontext():
+        return _fit(task, settings, run_dir, model_dir, accelerator)
+
+
+def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, model_dir: str | os.PathLike,
+         accelerator: Accelerator | None) -> TrainResult:
     run_dir, model_dir = Path(run_dir), Path(model_dir)
     cuda = torch.cuda.is_available()
     if accelerator is None:
