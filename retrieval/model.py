@@ -101,7 +101,8 @@ class StarbucksModel:
         self.query_prefix, self.passage_prefix = str(query_prefix or ""), str(passage_prefix or "")
         self.source = source or encoder.name
         self.meta = dict(meta or {})
-        self.precision = resolve_precision(precision, self.device, "precision")
+        self.precision = precision  # resolved per call, on the device the model is on then
+        resolve_precision(precision, self.device, "precision")  # a bad value fails here, in one line
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
@@ -256,7 +257,7 @@ class StarbucksModel:
             if progress is not None:
                 progress.update(len(rows))
 
-        with torch.inference_mode(), autocast_context(device, self.precision):
+        with torch.inference_mode(), autocast_context(device, resolve_precision(self.precision, device, "precision")):
             previous = None
             for rows, batch in loader:
                 batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}

@@ -188,6 +188,10 @@ def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
         with pytest.raises(StarbucksError, match=message) as err:
             model.encode(TEXTS, bad)
         assert "\n" not in str(err.value)
+    with pytest.raises(StarbucksError, match="precision = 'fp8' is not one of auto, fp32, fp16, bf16"):
+        StarbucksModel.from_pretrained(path, "cpu", precision="fp8")
+    half = StarbucksModel.from_pretrained(path, "cpu", precision="bf16").encode(TEXTS, "mid")  # bf16 autocast
+    assert 0 < np.abs(half - model.encode(TEXTS, "mid")).max() < 5e-2
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     for bad, message in [(tmp_path / "empty", "is not a model directory \\(no config.json\\)"),
