@@ -61,6 +61,7 @@ class SuiteCollection:
 class SuiteModel:
     name: str
     path: str
+    defaults: Mapping | None = None  # settings of a model without starbucks.json (pooling, normalize, sizes, ...)
 
 
 def _named(spec: str) -> tuple[str | None, str]:
@@ -90,13 +91,13 @@ def parse_collection(spec, split: str = DEFAULT_SPLIT) -> SuiteCollection:
     return SuiteCollection(name, source, split)
 
 
-def parse_model(spec: str) -> SuiteModel:
+def parse_model(spec: str, defaults: Mapping | None = None) -> SuiteModel:
     """`PATH` or `name=PATH`; the name defaults to the directory's name (its parent's for `.../model`)."""
     name, path = _named(spec)
     if name is None:
         p = Path(path)
         name = p.parent.name if p.name == "model" and p.parent.name else p.name
-    return SuiteModel(name, path)
+    return SuiteModel(name, path, defaults)
 
 
 def _unique(items: Sequence, what: str) -> list:
@@ -213,6 +214,17 @@ def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, sear
     return out
 
 
+def write_cell_eval(eval_dir: Path, title: str, col: LoadedCollection, cells: Sequence["Cell"]) -> None:
+    """`<eval>/<split>.json` as the eval stage writes it (per size its means and run file), so that a
+    suite cell directory is a run directory for `eval.sizes`."""
+    atomic_write_json(eval_dir / f"{col.spec.split}.json", {
+        "experiment": title, "split": col.spec.split, "rel_level": 1, "queries": len(col.split.qrels),
+        "measures": {m: str(x) for m, x in cells[0].evaluation.measures.items()},
+        "sizes": [{"size": c.size.name, "layers": c.size.layers, "dim": c.size.dim, "run": str(c.run),
+                   "metrics": c.evaluation.aggregate} for c in cells],
+    })
+
+
 # ---------------------------------------------------------------- the whole suite
 
 
@@ -242,7 +254,7 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
     searcher = ExactSearcher("torch", str(torch_device)) if torch_device.type == "cuda" else ExactSearcher()
     cells: dict[str, dict[str, list[Cell]]] = {}
     for m in models:
-        model = StarbucksModel.from_pretrained(m.path, torch_device, precision=precision)
+        model = StarbucksModel.from_pretrained(m.path, torch_device, precision=precision, defaults=m.defaults)
         chosen = [model.size(s) for s in (parse_names(sizes) or [s.name for s in model.sizes])]
         for col in loaded:
             root = out / m.name / col.spec.name
@@ -253,6 +265,7 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
             for s in chosen:
                 path = search_store(stores[s], col.spec.split, root / "runs", depth, searcher)
                 done.append(Cell(s, path, evaluate(read_run(path), col.split.qrels, measures)))
+            write_cell_eval(root / "eval", f"{m.name} / {col.spec.name}", col, done)
         del model
     report = build_report(models, loaded, cells, measures)
     write_report(out, report, cells, measures)
@@ -355,6 +368,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", nargs="+", help=f"ir_measures names (default: {' '.join(DEFAULT_MEASURES)})")
     p.add_argument("--depth", type=int, help=f"passages ranked per query (default {DEFAULT_DEPTH})")
     p.add_argument("--out", default="runs/suite", help="output directory (default runs/suite)")
+    p.add_argument("--pooling", choices=("cls", "mean"),
+                   help="pooling of models without starbucks.json (plain HF encoders, zero-shot)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise such models' embeddings (cosine)")
     p.add_argument("--batch-size", type=int, default=64, help="encode batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", default="auto", help="auto, fp32, fp16 or bf16 (default auto)")
@@ -367,7 +383,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     suite = read_suite_file(args.suite) if args.suite else {}
     split = args.split or str(suite.get("split", DEFAULT_SPLIT))
     collections = [parse_collection(c, split) for c in [*(suite.get("collections") or []), *args.collections]]
-    models = [parse_model(m) for m in [*(suite.get("models") or []), *args.models]]
+    plain = {"pooling": args.pooling, "normalize": args.normalize} if args.pooling else None
+    models = [parse_model(m, plain) for m in [*(suite.get("models") or []), *args.models]]
     depth = args.depth if args.depth is not None else int(suite.get("depth", DEFAULT_DEPTH))
     if depth < 1 or args.batch_size < 1:
         raise StarbucksError("--depth and --batch-size must be >= 1")

@@ -188,3 +188,33 @@ def test_suite_files_parse(suite):
         assert len(collections) == 12 and all(c.source.startswith("irds:beir/") for c in collections)
     else:
         assert [c.name for c in collections] == ["python-docs"]
+
+
+def test_a_suite_cell_is_a_run_directory_for_the_size_chooser(setup):
+    from eval.sizes import main as choose
+
+    _, cols, _, out, _, report = setup
+    best = choose([str(out / "b" / "docs"), "--queries", str(cols["docs"]), "--passages", "8", "--query-sample", "2",
+                   "--device", "cpu", "--max-bytes", "1000"])
+    chosen = json.loads((out / "b" / "docs" / "eval" / "sizes-test.json").read_text())
+    assert {s["size"]: s["quality"] for s in chosen["sizes"]} == report["tables"]["b"]["nDCG@10"]["docs"]
+    assert best.quality == max(report["tables"]["b"]["nDCG@10"]["docs"].values())
+
+
+def test_a_plain_model_needs_its_pooling(setup, tmp_path, capsys):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from retrieval.modeling import resolve_model_path
+
+    _, cols, _, _, _, _ = setup
+    plain = tmp_path / "plain"  # long enough for the default passage length (196 tokens)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(plain)
+    AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")).save_pretrained(plain)
+    args = ["--models", f"plain={plain}", "--collections", str(cols["pkgs"]), "--out", str(tmp_path / "out"),
+            "--device", "cpu"]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "pooling is unknown" in capsys.readouterr().err
+    report = main([*args, "--pooling", "mean", "--sizes", "1x8,2x16"])
+    assert list(report["tables"]["plain"]["nDCG@10"]["pkgs"]) == ["1x8", "2x16"]
