@@ -1,7 +1,8 @@
 """Run files + qrels -> per-size metric tables, plots and significance tests.
 
 `evaluate_experiment(cfg)` evaluates one experiment's runs (`<runs>/<split>/<size>.trec`) and
-writes `<eval>/<split>.{json,md,csv,png}`; `compare_experiments(cfg, dirs)` puts several
+writes `<eval>/<split>.{json,md,csv,png}` and the per-query values `<eval>/<split>.perquery.json.gz`
+(`retrieval.evalfile`); `compare_experiments(cfg, dirs)` puts several
 experiments side by side with a paired two-sided t-test per size against a baseline and
 writes `<eval>/compare-<split>.{json,md,csv,png}`.
 """
@@ -19,6 +20,7 @@ from retrieval.card import refresh_card
 from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, check_coverage, load_eval_splits, qrels_coverage
 from retrieval.errors import StarbucksError
+from retrieval.evalfile import write_per_query
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.names import parse_names
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
@@ -148,6 +150,7 @@ def evaluate_experiment(cfg: DictConfig) -> dict[str, list[SizeResult]]:
                        "relevant_missing": None if r.coverage is None else r.coverage["missing"],
                        "metrics": r.evaluation.aggregate} for r in results],
         })
+        write_per_query(paths.eval, name, [(r.size, r.evaluation) for r in results])
         if cfg.eval.plot and results:
             plot_measures({str(cfg.name): [(r.size, r.evaluation.aggregate) for r in results]}, measures,
                           base.with_suffix(".png"), title)

@@ -11,7 +11,9 @@ from eval.__main__ import main as eval_main
 from retrieval.config import load_config
 from retrieval.data import read_qrels_file
 from retrieval.errors import StarbucksError
+from retrieval.evalfile import per_query_path, read_split
 from retrieval.runfile import run_path, write_run
+from retrieval.sizes import Size
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
@@ -155,6 +157,23 @@ def test_evaluate_experiment_writes_tables_and_plot(tmp_path, capsys):
     assert [r.size.name for r in only["dev"]] == ["venti"]
     with pytest.raises(StarbucksError, match="no run file for size 'grande'"):
         evaluate_experiment(eval_config(tmp_path, exp, "encode.sizes=grande"))
+
+
+def test_eval_writes_the_per_query_values(tmp_path):
+    exp = tmp_path / "exp"
+    write_runs(exp, "dev", SIZES, lambda layers, i: 1 if layers == 5 else 2 + i % 5)
+    evaluate_experiment(eval_config(tmp_path, exp, "eval.plot=false"))
+    demi, venti = read_split(exp / "eval", "dev")
+    assert (demi.size, venti.size) == (Size("demi", 1, 32), Size("venti", 5, 256))
+    assert demi.run == run_path(exp / "runs", "dev", "demi")
+    assert demi.evaluation.per_query["RR@10"] == {f"q{i}": 1 / (2 + i % 5) for i in range(30)}  # by hand
+    assert demi.evaluation.per_query["R@5"] == {f"q{i}": float(2 + i % 5 <= 5) for i in range(30)}
+    assert venti.evaluation.per_query == {"RR@10": dict.fromkeys(QRELS, 1.0), "R@5": dict.fromkeys(QRELS, 1.0)}
+    assert venti.evaluation.aggregate == {"RR@10": 1.0, "R@5": 1.0}
+    first = per_query_path(exp / "eval", "dev").read_bytes()
+    evaluate_experiment(eval_config(tmp_path, exp, "eval.plot=false"))
+    assert per_query_path(exp / "eval", "dev").read_bytes() == first  # same values, same bytes
+    assert read_split(exp / "eval", "test") is None  # eval wrote no test split
 
 
 def test_split_rel_level_applies_to_its_split(tmp_path):

@@ -159,10 +159,12 @@ def test_bad_experiment_input_is_one_line(finished, capsys):
         assert message in capsys.readouterr().err
 
 
-def test_separate_models_sharing_a_layer_count_keep_their_own_size(tmp_path):
-    """Sizes 1x8 and 1x16 share layer 1: each size's row must come from the model trained at it."""
-    from experiment.report import collect
-    from retrieval.data import load_eval_splits
+def evaluated_separate_runs(tmp_path):
+    """Two separate models (sizes 1x8 and 1x16, sharing layer 1), each with run files for both sizes
+    (query q1's relevant passage at a chosen rank) evaluated by eval; returns their reported runs."""
+    from eval.pipeline import evaluate_experiment
+    from experiment.pipeline import reported_runs, run_config
+    from retrieval.runfile import write_run_record
 
     col = tmp_path / "col"
     (col / "qrels").mkdir(parents=True)
@@ -180,14 +182,56 @@ experiment: {{methods: separate}}
     runs = plan_runs(load_config(config))
     assert [r.name for r in runs] == ["separate-a", "separate-b"]
     rank_of_d1 = {"separate-a": {"1x8": 1, "1x16": 3}, "separate-b": {"1x8": 4, "1x16": 2}}
+    names = {"1x8": "a", "1x16": "b"}
     for run, ranks in rank_of_d1.items():
         for key, rank in ranks.items():
-            path = tmp_path / "runs" / run / "runs" / "dev" / f"{key}.trec"
+            path = tmp_path / "runs" / run / "runs" / "dev" / f"{names[key]}.trec"  # as search names them
             path.parent.mkdir(parents=True, exist_ok=True)
             docs = ["d9", "d8", "d7", "d6"]
             docs.insert(rank - 1, "d1")
             path.write_text("".join(f"q1 Q0 {d} {i} {10 - i} t\n" for i, d in enumerate(docs, 1)))
-    results = collect(str(config), [], runs, load_eval_splits({"dev": str(col)}))
+            layers, dim = map(int, key.split("x"))
+            write_run_record(path, {"size": names[key], "layers": layers, "dim": dim})
+    for run in runs:
+        evaluate_experiment(run_config(str(config), [], run))
+    return reported_runs(str(config), [], runs)
+
+
+def test_separate_models_sharing_a_layer_count_keep_their_own_size(tmp_path):
+    """Sizes 1x8 and 1x16 share layer 1: each size's row must come from the model trained at it."""
+    from experiment.report import collect
+
+    results = collect(evaluated_separate_runs(tmp_path), ["dev"], ["RR@10"])
     cells = results["separate"]["dev"]
     assert cells[(1, 8)][0] == "separate-a" and cells[(1, 8)][1].evaluation.aggregate["RR@10"] == 1.0
     assert cells[(1, 16)][0] == "separate-b" and cells[(1, 16)][1].evaluation.aggregate["RR@10"] == 0.5
+
+
+def test_report_reads_what_eval_wrote(tmp_path):
+    """The report takes eval's files as they are (no re-evaluation of the run files): values edited
+    consistently in both files show up, and a per-query file that disagrees with the means is refused."""
+    from experiment.report import collect
+    from retrieval.errors import StarbucksError
+    from retrieval.evalfile import per_query_path, split_json
+
+    reported = evaluated_separate_runs(tmp_path)
+    eval_dir = reported[0].eval_dir  # separate-a: d1 at rank 1 for 1x8, at rank 3 for 1x16
+    summary = json.loads(split_json(eval_dir, "dev").read_text())
+    values = json.loads(gzip.decompress(per_query_path(eval_dir, "dev").read_bytes()))
+    for entry in summary["sizes"]:
+        entry["metrics"]["RR@10"] = 0.125
+    for entry in values["sizes"]:
+        entry["per_query"]["RR@10"]["q1"] = 0.125
+    split_json(eval_dir, "dev").write_text(json.dumps(summary))
+    per_query_path(eval_dir, "dev").write_bytes(gzip.compress(json.dumps(values).encode()))
+    cells = collect(reported, ["dev"], ["RR@10"])["separate"]["dev"]
+    assert cells[(1, 8)][0] == "separate-a" and cells[(1, 8)][1].evaluation.aggregate["RR@10"] == 0.125
+    assert cells[(1, 8)][1].evaluation.per_query["RR@10"] == {"q1": 0.125}
+
+    values["sizes"][0]["per_query"]["RR@10"]["q1"] = 1.0  # no longer the mean eval wrote
+    per_query_path(eval_dir, "dev").write_bytes(gzip.compress(json.dumps(values).encode()))
+    with pytest.raises(StarbucksError, match="does not hold the per-query values of size 1x8"):
+        collect(reported, ["dev"], ["RR@10"])
+    per_query_path(eval_dir, "dev").unlink()
+    with pytest.raises(StarbucksError, match="dev.perquery.json.gz is missing"):
+        collect(reported, ["dev"], ["RR@10"])
