@@ -1,0 +1,136 @@
+"""The import rules of docs/architecture.md, read from the source with `ast` (nothing is imported).
+
+- the library (`retrieval/`) imports no stage, orchestrator, benchmark or collection builder;
+- a stage (`train`, `encode`, `search`, `eval`) imports no other stage and no orchestrator;
+- the collection builders (`corpora/`) import the library only;
+- the orchestrators (`experiment/`, `bench/`) import from a stage only its public functions: the
+  names in the stage package's `__all__` (train: its two stage functions); the report imports no stage;
+- the console script (`starbucks_cli/`) names each command's module in its table, and every one exists.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = "retrieval"
+STAGES = ("train", "encode", "search", "eval")
+ORCHESTRATORS = ("experiment", "bench")
+OUTSIDE_THE_LIBRARY = (*STAGES, *ORCHESTRATORS, "corpora", "starbucks_cli")
+TRAIN_FUNCTIONS = {"run_training", "run_pretraining"}  # train.finetune / train.pretrain (train has no __all__)
+
+
+def modules(package: str) -> list[Path]:
+    return sorted((REPO / package).rglob("*.py"))
+
+
+def imports(path: Path) -> list[tuple[str, str | None, int]]:
+    """`(module, name or None, line)` for every import statement of a file, nested ones included;
+    `import a.b` gives ('a.b', None), `from a.b import c` gives ('a.b', 'c')."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, None, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [(node.module, alias.name, node.lineno) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):  # relative: resolve against the file's package
+            package = path.relative_to(REPO).parent.parts
+            base = ".".join(package[: len(package) - node.level + 1] + ((node.module,) if node.module else ()))
+            found += [(base, alias.name, node.lineno) for alias in node.names]
+    return found
+
+
+def top(module: str) -> str:
+    return module.split(".", 1)[0]
+
+
+def where(path: Path, line: int) -> str:
+    return f"{path.relative_to(REPO)}:{line}"
+
+
+def stage_public(stage: str) -> set[str]:
+    """The names a stage exports: its package's `__all__`."""
+    if stage == "train":
+        return TRAIN_FUNCTIONS
+    tree = ast.parse((REPO / stage / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return set(ast.literal_eval(node.value))
+    raise AssertionError(f"{stage}/__init__.py declares no __all__")
+
+
+def test_the_rules_see_imports_of_every_form(tmp_path, monkeypatch):
+    """The parser itself: plain, from, nested and relative imports are all found."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "mod.py").write_text("import os.path\nfrom train import finetune\n"
+                                "def f():\n    from eval.pipeline import evaluate_experiment\n"
+                                "from . import sibling\nfrom .sub import thing\n")
+    monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
+    assert imports(pkg / "mod.py") == [("os.path", None, 1), ("train", "finetune", 2), ("pkg", "sibling", 5),
+                                       ("pkg.sub", "thing", 6), ("eval.pipeline", "evaluate_experiment", 4)]
+
+
+def test_the_library_imports_no_stage():
+    bad = [f"{where(p, line)} imports {mod}" for p in modules(LIBRARY) for mod, _, line in imports(p)
+           if top(mod) in OUTSIDE_THE_LIBRARY]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_no_stage_imports_another(stage):
+    bad = [f"{where(p, line)} imports {mod}" for p in modules(stage) for mod, _, line in imports(p)
+           if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != stage]
+    assert not bad, bad
+
+
+def test_collection_builders_import_the_library_only():
+    bad = [f"{where(p, line)} imports {mod}" for p in modules("corpora") for mod, _, line in imports(p)
+           if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != "corpora"]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("orchestrator", ORCHESTRATORS)
+def test_orchestrators_call_only_public_stage_functions(orchestrator):
+    bad = []
+    for p in modules(orchestrator):
+        for mod, name, line in imports(p):
+            if top(mod) not in STAGES:
+                continue
+            if name is None or name not in stage_public(top(mod)):
+                bad.append(f"{where(p, line)} imports {mod}.{name or ''} (not in {top(mod)}'s public functions)")
+    assert not bad, bad
+
+
+def test_the_report_imports_no_stage():
+    """The report reads what eval wrote; it neither evaluates nor drives the stages."""
+    bad = [f"{where(REPO / 'experiment' / 'report.py', line)} imports {mod}"
+           for mod, _, line in imports(REPO / "experiment" / "report.py") if top(mod) in (*STAGES, "experiment")]
+    assert not bad, bad
+
+
+def test_experiment_modules_import_no_cycle():
+    """pipeline -> report, never back (the report is files in, report out)."""
+    graph = {p.stem: {mod.split(".")[1] for mod, _, _ in imports(p) if top(mod) == "experiment" and "." in mod}
+             for p in modules("experiment")}
+    assert "pipeline" in graph["__main__"] and "report" in graph["pipeline"]
+
+    def reaches(a: str, b: str, seen: frozenset = frozenset()) -> bool:
+        return any(n == b or (n not in seen and reaches(n, b, seen | {n})) for n in graph.get(a, ()))
+
+    assert not [m for m in graph if reaches(m, m)]
+
+
+def test_every_console_command_names_an_existing_module():
+    from starbucks_cli import COMMANDS
+
+    assert {"train", "encode", "search", "eval", "experiment"} <= set(COMMANDS)
+    for name, (module, summary) in COMMANDS.items():
+        path = REPO / (module.replace(".", "/") + ".py")
+        assert path.is_file(), f"starbucks {name}: {module} does not exist"
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body), f"{module} has no main"
+        assert summary
