@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one command, on the device machine (one H100/H200), from the repo root:
 #   bash bench/pack_gpu.sh                      # here, once: wheels + MiniLM's config/tokenizer into bench/carry
-#   run(command="bash bench/run_gpu.sh", carry=["bench/carry"])   # device tool
+#   run(command="bash bench/run_gpu.sh", carry=["bench/carry"])   # device tool: issue 7's set
+#   run(command="bash bench/run_gpu.sh packing", carry=["bench/carry"])   # issue 19: packed, fp32 search
+#   run(command="bash bench/run_gpu.sh compile", carry=["bench/carry"])   # issue 19: compile, MiniLM
+# Each set fits one device command (10 minutes).
 # Installs the carried wheels, then times the SRL training step, encoding and exact search against
 # the plain-transformers reference (issue 7's workloads), plus the variants tried (--no-write:
 # JSON lines only). The markdown sections land in docs/benchmarks.md of the device's copy; that
@@ -19,9 +22,28 @@ LOG=${OUT:-/tmp}/bench_gpu.log
 step() { local limit=$1; shift; echo "### $*" | tee -a "$LOG"; timeout "$limit" python3 "$@" 2>&1 | grep -v "^Loading weights" | tee -a "$LOG"; }
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$LOG"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$LOG"
+SET=${1:-issue7}
+T="--model bert-base --group 8 --steps 5 --no-cudnn-sdp"
+if [ "$SET" = packing ]; then
+  # the CUDA-only tests first (varlen / flash-attn kernels against the padded reference, fused fp32 re-scoring)
+  echo "### CUDA tests" | tee -a "$LOG"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_packing.py tests/test_exact_search.py -k cuda 2>&1 | tail -n 15 | tee -a "$LOG"
+  python3 -c "import torch.nn.attention.varlen" 2>&1 | tail -n 1 | sed 's/^/torch varlen: /' | tee -a "$LOG"
+  step 120 bench/train_step.py $T --queries 128 --packing both --skip-reference --tag _packing
+  step 100 bench/encode_speed.py --model bert-base --passages 10000 --batch-size 512 --repeats 1 --only trenta,all \
+    --packing both --skip-reference --tag _packing
+  step 150 bench/search_speed.py --vectors 1000000 --queries 6980 --dims 32,128,768 --depth 1000 --batch-size 1024 \
+    --topk block:16,block:32 --faiss-vectors 0 --skip-hnsw
+elif [ "$SET" = compile ]; then
+  # compiled layers on packed batches: dynamic shapes, then static shapes over token-count buckets
+  step 200 bench/train_step.py $T --queries 128 --packing true --compile --skip-reference --tag _packing_compile
+  step 200 bench/train_step.py $T --queries 128 --packing true --compile buckets --skip-reference --tag _packing_buckets
+  step 80 bench/train_step.py --model minilm --group 8 --steps 5 --no-cudnn-sdp --queries 128 --packing both --skip-reference --tag _packing
+  step 80 bench/encode_speed.py --model minilm --passages 5000 --batch-size 512 --repeats 1 --only trenta,all \
+    --packing both --skip-reference --tag _packing
+else
 # Training: ours with train.length_buckets=auto (0) against the reference, which runs out of memory at
 # 128 x 8 without gradient checkpointing; then at 64 x 8, where both fit; then fixed bucket counts.
-T="--model bert-base --group 8 --steps 5 --no-cudnn-sdp"
 step 90 bench/train_step.py $T --queries 128 --buckets 0 --reference-checkpointing
 step 80 bench/train_step.py $T --queries 64 --buckets 0 --tag _64x8
 for b in 2 4 8; do step 60 bench/train_step.py $T --queries 128 --buckets $b --skip-reference --no-write; done
@@ -30,5 +52,6 @@ step 40 bench/encode_speed.py --model bert-base --passages 10000 --batch-size 51
 step 90 bench/encode_speed.py --model minilm --passages 5000 --batch-size 512 --repeats 1 --only demi,trenta,all
 step 100 bench/search_speed.py --vectors 1000000 --queries 6980 --dims 32,128,768 --depth 1000 --batch-size 1024 \
   --topk topk,block:16,block:32,block:64 --faiss-vectors 100000 --skip-hnsw
+fi
 if [ -n "${OUT:-}" ]; then cp docs/benchmarks.md "$OUT/"; fi
 grep -h '^{' "$LOG" | tail -n 60

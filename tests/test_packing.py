@@ -1,5 +1,6 @@
 """Packed (unpadded) batches: the same embeddings, gradients and training loss as padded batches."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import BertConfig, BertModel
@@ -9,6 +10,7 @@ from retrieval.errors import StarbucksError
 from retrieval.modeling import StarbucksEncoder
 from retrieval.packing import PackedBatch, packed_attention, pick_kernel
 from retrieval.sizes import Size, SizeList
+from test_encode import make_config, stored, workspace  # noqa: F401 (workspace: a fixture)
 from test_train import collection, log_lines, train, write_config  # noqa: F401 (collection: a fixture)
 
 SIZES = SizeList([Size("a", 1, 8), Size("b", 2, 16), Size("c", 3, 8), Size("d", 4, 32)])
@@ -229,3 +231,20 @@ def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_mode
         assert (len(packed_calls) > 0) == packing  # queries and passages of both steps ran packed
     assert len(losses[True]) == 2
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_encode_stage_with_packing_writes_the_same_embeddings(tmp_path, workspace, monkeypatch):  # noqa: F811
+    import retrieval.modeling as modeling
+    from encode import encode_collection
+
+    packed_calls = []
+    original = modeling.packed_hidden_states
+    monkeypatch.setattr(modeling, "packed_hidden_states", lambda *a: packed_calls.append(1) or original(*a))
+    for packing in ("false", "true"):
+        encode_collection(make_config(workspace, tmp_path / packing, f"model.packing={packing}"), progress=False)
+        assert bool(packed_calls) == (packing == "true")
+    for size in ("a", "b", "4x32"):
+        ids, padded = stored(tmp_path / "false", size)
+        ids2, packed = stored(tmp_path / "true", size)
+        assert ids == ids2
+        np.testing.assert_allclose(packed.astype(np.float32), padded.astype(np.float32), rtol=2e-3, atol=1e-5)  # fp16 ulp
