@@ -30,6 +30,7 @@ import numpy as np
 
 from retrieval.data import EvalSplit, iter_corpus, load_split, qrels_coverage
 from retrieval.errors import StarbucksError, cli_entry
+from retrieval.evalfile import split_json, write_per_query
 from retrieval.exact_search import ExactSearcher, TopK
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
@@ -215,14 +216,16 @@ def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, sear
 
 
 def write_cell_eval(eval_dir: Path, title: str, col: LoadedCollection, cells: Sequence["Cell"]) -> None:
-    """`<eval>/<split>.json` as the eval stage writes it (per size its means and run file), so that a
-    suite cell directory is a run directory for `eval.sizes`."""
-    atomic_write_json(eval_dir / f"{col.spec.split}.json", {
+    """`<eval>/<split>.json` and the per-query values beside it, as the eval stage writes them
+    (`retrieval.evalfile`): the experiment's report reads them, and a suite cell directory is a run
+    directory for `eval.sizes`."""
+    atomic_write_json(split_json(eval_dir, col.spec.split), {
         "experiment": title, "split": col.spec.split, "rel_level": 1, "queries": len(col.split.qrels),
         "measures": {m: str(x) for m, x in cells[0].evaluation.measures.items()},
         "sizes": [{"size": c.size.name, "layers": c.size.layers, "dim": c.size.dim, "run": str(c.run),
                    "metrics": c.evaluation.aggregate} for c in cells],
     })
+    write_per_query(eval_dir, col.spec.split, [(c.size, c.evaluation) for c in cells])
 
 
 # ---------------------------------------------------------------- the whole suite

@@ -129,6 +129,12 @@ def test_average_row_and_t_tests(setup):
             x, y = [a[q] for q in qids], [b[q] for q in qids]
             expected = 1.0 if np.allclose(x, y) else ttest_rel(x, y).pvalue
             assert entry["b"]["p"] == pytest.approx(expected, rel=1e-9)
+    from retrieval.evalfile import read_split  # each cell in eval's format, per-query values included
+
+    cell = read_split(out / "b" / "docs" / "eval", "test")
+    assert [c.size.key for c in cell] == SIZES
+    assert cell[1].evaluation.aggregate == pytest.approx(
+        {m: report["tables"]["b"][m]["docs"]["2x16"] for m in ("nDCG@10", "RR@10")}, abs=1e-12)
     md = (out / "suite.md").read_text()
     assert "## a: nDCG@10" in md and "| average |" in md and "models compared: nDCG@10" in md
     assert (out / "suite.png").stat().st_size > 0 and (out / "suite.csv").read_text().startswith("model,collection")
