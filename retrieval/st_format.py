@@ -33,6 +33,18 @@ def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
     return hidden
 
 
+def _builds_a_pooler(directory: Path) -> bool:
+    """Whether the saved model's class adds a pooler unless told not to (BERT, RoBERTa, MPNet, ...)."""
+    import inspect
+    import json
+
+    import transformers
+
+    architectures = json.loads((directory / "config.json").read_text()).get("architectures") or [""]
+    model_class = getattr(transformers, architectures[0], None)
+    return model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters
+
+
 def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
     """Transformer -> Pooling (CLS or mean) -> [first `d` dims] -> [Normalize] for a model of `shape`
     (layers, hidden) whose `starbucks.json` is `meta`, plus the max length, the query/passage prompts
@@ -64,8 +76,11 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
     atomic_write_json(directory / "modules.json", [
         {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
         for i, (path, kind) in enumerate(modules)])
-    atomic_write_json(directory / "sentence_bert_config.json",
-                      {"max_seq_length": int(meta.get("passage_max_length") or DEFAULTS["model"]["passage_max_length"]), "do_lower_case": False})
+    settings = {"max_seq_length": int(meta.get("passage_max_length") or DEFAULTS["model"]["passage_max_length"]),
+                "do_lower_case": False}
+    if _builds_a_pooler(directory):  # the toolkit saves no pooler: do not build a random one
+        settings["model_args"] = {"add_pooling_layer": False}
+    atomic_write_json(directory / "sentence_bert_config.json", settings)
     atomic_write_json(directory / "config_sentence_transformers.json", {
         "prompts": {"query": str(meta.get("query_prefix") or ""), "document": str(meta.get("passage_prefix") or "")},
         "default_prompt_name": None, "similarity_fn_name": "cosine" if normalize else "dot"})

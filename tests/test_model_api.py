@@ -141,6 +141,7 @@ def test_sentence_transformers_loads_a_checkpoint_and_gives_the_largest_size(tin
     model = StarbucksModel.from_pretrained(path, "cpu")
     loaded = st.SentenceTransformer(str(path), device="cpu")
     assert loaded.similarity_fn_name == model.similarity_fn_name and loaded.max_seq_length == 12
+    assert loaded[0].auto_model.pooler is None  # none was saved: ST builds no random one
     np.testing.assert_allclose(loaded.encode(TEXTS, batch_size=2), model.encode(TEXTS, "full"), atol=1e-5, rtol=0)
     np.testing.assert_allclose(loaded.encode_query(TEXTS), model.encode(["query: " + t for t in TEXTS], "full"),
                                atol=1e-5, rtol=0)
