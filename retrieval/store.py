@@ -29,6 +29,7 @@ import numpy as np
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
 from retrieval.names import parse_names
+from retrieval.settings import first_line
 from retrieval.sizes import Size
 
 STORE_VERSION = 1
@@ -231,7 +232,7 @@ class EmbeddingStore:
         except (ValueError, OSError, EOFError) as err:
             size = path.stat().st_size if path.is_file() else 0
             raise StarbucksError(
-                f"embedding shard {path} is damaged ({size} bytes: {str(err).splitlines()[0] if str(err) else 'unreadable'}); "
+                f"embedding shard {path} is damaged ({size} bytes: {first_line(err)}); "
                 f"re-run `python -m encode` with the same config: it re-encodes damaged shards"
             ) from None
 
