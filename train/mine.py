@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -38,6 +39,7 @@ from retrieval.data import EvalSplit, iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.exact_search import ExactSearcher, TopK
 from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json, atomic_write_text
+from retrieval.settings import whole_number
 
 BM25_NAME = "bm25"
 
@@ -60,12 +62,8 @@ class MineSettings:
     progress: bool = True
 
     def __post_init__(self):
-        for name in ("depth", "negatives", "shard_rows", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise StarbucksError(f"--{name.replace('_', '-')} = {value!r} must be a whole number >= 1")
-        if isinstance(self.skip_top, bool) or not isinstance(self.skip_top, int) or self.skip_top < 0:
-            raise StarbucksError(f"--skip-top = {self.skip_top!r} must be a whole number >= 0")
+        for name in ("depth", "negatives", "shard_rows", "batch_size", "skip_top"):
+            whole_number(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0 if name == "skip_top" else 1)
         if self.retriever == BM25_NAME and self.size is not None:
             raise StarbucksError("--size is for a dense retriever; BM25 has no sizes (drop --size or pass --retriever MODEL)")
 
@@ -178,6 +176,7 @@ def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], part
         "shard_rows": settings.shard_rows, "corpus": str(cfg.data.corpus)})
     print(f"mine: {model.source} at size {size}; blocks of {settings.shard_rows} passages in {parts_dir}",
           file=sys.stderr)
+    started = time.perf_counter()
     q = model.embed_texts([queries[i] for i in qids], [size], "query", settings.batch_size)[size]
     cuda = model.device.type == "cuda"
     searcher = ExactSearcher(backend="torch" if cuda else "faiss", device=str(model.device))
@@ -200,6 +199,9 @@ def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], part
         top.add(*found, offset=len(corpus_ids))
         corpus_ids.extend(ids)
     bar.close()
+    seconds = time.perf_counter() - started
+    print(f"mine: {len(qids)} queries ranked against {len(corpus_ids)} passages at {size} in {seconds:.1f}s "
+          f"({len(corpus_ids) / seconds:.0f} passages/s, blocks already finished included)", file=sys.stderr)
     return {qid: [corpus_ids[r] for r in top.rows[i] if r >= 0] for i, qid in enumerate(qids)}
 
 
