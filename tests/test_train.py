@@ -355,25 +355,119 @@ def test_short_run_on_debian_pkgs_mini_lowers_the_loss(tmp_path, tiny_model):
     assert last < 0.8 * first, (first, last)
 
 
-def test_minilm_backbone_trains_on_cpu(tmp_path, collection):
-    config = write_config(tmp_path, MINILM, collection, sizes=["1x32", "3x96", "6x384"], max_steps=2,
-                          batch_size=4, group_size=2, learning_rate=5e-5)
+@pytest.fixture(scope="module")
+def quiet_minilm(tmp_path_factory) -> Path:
+    """all-MiniLM-L6-v2 without dropout, so that a training step's loss is a function of its batch."""
+    from transformers import AutoModel, AutoTokenizer
+
+    d = tmp_path_factory.mktemp("minilm-no-dropout")
+    path = resolve_model_path(MINILM)
+    AutoModel.from_pretrained(path, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).save_pretrained(d)
+    AutoTokenizer.from_pretrained(path).save_pretrained(d)
+    return d
+
+
+def first_batch(monkeypatch) -> list[dict]:
+    """Record the tokenised batches the training collator makes (train.dataloader_workers=0)."""
+    from train.data import GroupCollator
+
+    batches = []
+    original = GroupCollator.__call__
+    monkeypatch.setattr(GroupCollator, "__call__", lambda self, items: batches.append(original(self, items)) or
+                        batches[-1])
+    return batches
+
+
+def plain_terms(backbone: Path, batch: dict, sizes: dict[str, tuple[int, int]], temperature: float,
+                kl_temperature: float = 1.0) -> dict[str, float]:
+    """`ce/<size>` and `kl/<size>` of a step from a plain HF forward: mean-pooled `hidden_states[n]`, its
+    first `d` dims, L2-normalised; query i's positive at column i * group; KL(P_largest || P_size)."""
+    import torch.nn.functional as F
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(backbone).eval()
+
+    def embed(texts):
+        with torch.no_grad():
+            hidden = model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"],
+                           output_hidden_states=True).hidden_states
+        mask = texts["attention_mask"].unsqueeze(-1).float()
+        return {name: F.normalize(((hidden[n] * mask).sum(1) / mask.sum(1))[:, :d], dim=-1)
+                for name, (n, d) in sizes.items()}
+
+    q, p = embed(batch["queries"]), embed(batch["passages"])
+    logits = {name: q[name] @ p[name].T / temperature for name in sizes}
+    group = p[next(iter(sizes))].shape[0] // q[next(iter(sizes))].shape[0]
+    target = torch.arange(len(batch["queries"]["input_ids"])) * group
+    teacher = max(sizes, key=lambda name: sizes[name])
+    terms = {f"ce/{name}": F.cross_entropy(x, target).item() for name, x in logits.items()}
+    for name, x in logits.items():
+        if name != teacher:
+            p_teacher = torch.softmax(logits[teacher] / kl_temperature, -1)
+            log_student = torch.log_softmax(x / kl_temperature, -1)
+            terms[f"kl/{name}"] = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean().item()
+    return terms
+
+
+def test_minilm_backbone_trains_on_cpu(tmp_path, collection, quiet_minilm, monkeypatch):
+    """The first step's loss terms equal a plain HF computation on its batch; the second step trains on."""
+    batches = first_batch(monkeypatch)
+    config = write_config(tmp_path, quiet_minilm, collection, sizes=["1x32", "3x96", "6x384"], max_steps=2,
+                          batch_size=4, group_size=2, learning_rate=5e-5, dataloader_workers=0)
     result = train(config, "model.pooling=mean", "model.normalize=true", "train.temperature=0.05")
-    assert result.steps == 2 and all(r["loss"] > 0 for r in log_lines(tmp_path / "run"))
+    first, second = log_lines(tmp_path / "run")
+    sizes = {"1x32": (1, 32), "3x96": (3, 96), "6x384": (6, 384)}
+    expected = plain_terms(quiet_minilm, batches[0], sizes, temperature=0.05)
+    assert set(expected) == {k for k in first if k.startswith(("ce/", "kl/"))}
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert first["loss"] == pytest.approx(sum(expected.values()) / 3, rel=1e-4)  # the mean of (ce + kl) over sizes
+    # linear warm-up starts at learning rate 0: step 2 still sees the initial weights, its update does not
+    for key, value in plain_terms(quiet_minilm, batches[1], sizes, temperature=0.05).items():
+        assert second[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    before = load_file(quiet_minilm / "model.safetensors")
+    after = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    changed = [k for k in after if k in before and not torch.equal(after[k], before[k])]
+    assert result.steps == 2 and changed
     meta = read_meta(tmp_path / "run" / "model")
-    assert (meta["pooling"], meta["normalize"], meta["base_model"]) == ("mean", True, MINILM)
+    assert (meta["pooling"], meta["normalize"], meta["base_model"]) == ("mean", True, str(quiet_minilm))
 
 
 @pytest.mark.skipif(not MINI.is_dir(), reason="data/debian-pkgs-mini not built")
 @pytest.mark.parametrize("method", ["srl", "2dmse", "separate", "full"])
-def test_each_method_config_runs(tmp_path, method):
-    """configs/<method>.yaml, shrunk to one small step."""
+def test_each_method_config_runs(tmp_path, method, quiet_minilm, monkeypatch):
+    """configs/<method>.yaml, shrunk to one small step: the sizes it visits are the method's (the paper's
+    definitions) and every loss term equals the plain HF computation on the step's batch."""
+    from transformers import AutoConfig
+
+    batches = first_batch(monkeypatch)
     result = train(REPO / "configs" / f"{method}.yaml", f"output_dir={tmp_path / method}", "train.max_steps=1",
                    "train.batch_size=2", "train.group_size=2", "model.query_max_length=8",
-                   "model.passage_max_length=16", f"data.corpus={MINI}", f"data.train={MINI / 'train.jsonl.gz'}")
+                   "model.passage_max_length=16", f"data.corpus={MINI}", f"data.train={MINI / 'train.jsonl.gz'}",
+                   f"model.name_or_path={quiet_minilm}", "train.dataloader_workers=0", "train.logging_steps=1")
     meta = read_meta(result.model_dir)
     assert meta["method"] == method and result.steps == 1
     assert len(meta["sizes"]) == (1 if method == "separate" else 6)
+    named = {"demi": (1, 32), "short": (2, 64), "tall": (3, 96), "grande": (4, 128), "venti": (5, 256),
+             "trenta": (6, 384)}  # configs/default.yaml
+    (line,) = log_lines(tmp_path / method)
+    visited = {k[3:]: named.get(k[3:]) or tuple(map(int, k[3:].split("x"))) for k in line if k.startswith("ce/")}
+    if method == "srl":
+        assert visited == named
+    elif method == "full":
+        assert visited == {"trenta": (6, 384)}
+    elif method == "separate":
+        assert visited == {"grande": (4, 128)}
+        assert AutoConfig.from_pretrained(result.model_dir).num_hidden_layers == 4  # the model has only its layers
+    else:  # 2DMSE: one sampled (n, d) with n < N, d < D, and its three partners (the paper's Eq. 3)
+        (n, d), = {s for s in visited.values() if s[0] < 6 and s[1] < 384}
+        assert sorted(visited.values()) == sorted([(n, d), (n, 384), (6, d), (6, 384)])
+    expected = plain_terms(quiet_minilm, batches[0], visited, temperature=0.05)
+    assert set(expected) == {k for k in line if k.startswith(("ce/", "kl/"))}
+    for key, value in expected.items():
+        assert line[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    reduce = sum if method == "2dmse" else lambda terms: sum(terms) / len(visited)  # 2DMSE sums, SRL averages
+    assert line["loss"] == pytest.approx(reduce(expected.values()), rel=1e-4)
 
 
 def test_check_groups_pads_short_groups_and_refuses_empty_ones(capsys):
@@ -397,3 +491,29 @@ def test_length_buckets_setting():
     for bad in (0, -2, "many", True):
         with pytest.raises(StarbucksError, match="train.length_buckets"):
             length_buckets(bad)
+
+
+def test_length_buckets_count_in_the_fingerprint_because_dropout_sees_another_order():
+    """Sub-batches draw dropout masks in another order, so a bucket count changes a training run: a
+    resume must not change it (bookkeeping keys may change)."""
+    from conftest import tiny_bert
+    from train.trainer import config_fingerprint
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 25, (32,), generator=g)
+    batch = {"input_ids": torch.randint(5, 1000, (32, 24), generator=g),
+             "attention_mask": (torch.arange(24)[None, :] < lengths[:, None]).long()}  # 2 buckets of 16 rows
+    size = [Size("", 4, 32)]
+    outs = {}
+    for buckets in (1, 2):
+        enc = StarbucksEncoder(tiny_bert(layers=4, seed=1), pooling="cls").train()  # BERT's dropout 0.1
+        enc.length_buckets = buckets
+        torch.manual_seed(3)
+        outs[buckets] = enc.embed(batch, size)[size[0]].detach()
+    assert not torch.allclose(outs[1], outs[2], atol=1e-3)
+
+    def fingerprint(*overrides):
+        return config_fingerprint(load_config(None, list(overrides)))
+
+    assert fingerprint("train.length_buckets=2") != fingerprint("train.length_buckets=1")
+    assert fingerprint("train.save_steps=7", "train.logging_steps=3") == fingerprint("train.save_steps=9")

@@ -51,7 +51,7 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "inverse_sqrt")
 # train.* keys that may change between a run and its resume (they do not change the result).
 BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_workers", "resume",
-                    "gradient_checkpointing", "length_buckets", "report_to")
+                    "gradient_checkpointing", "report_to")  # not length_buckets: sub-batches draw dropout in another order
 LOG_FILE = "train_log.jsonl"
 BEST_DIR = "best-model"  # train.keep_best: the best validated model so far, under the run directory
 
