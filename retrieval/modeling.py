@@ -353,7 +353,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "",
 
     The same ids and mask as `tokenizer(texts, padding=True, ...)`, built through numpy rather
     than the tokenizer's nested-list tensor conversion (2-3x faster; tokenising is what keeps a GPU
-    waiting when encoding). No `token_type_ids`: one segment, which BERT-style models default to."""
+    waiting when encoding). No `token_type_ids`: one segment, which BERT-style models default to.
+    Always padded on the right, even for a tokenizer set to pad on the left: the encoder reads CLS at
+    position 0, counts positions from the first token and cuts length buckets on the right."""
     import numpy as np
     from transformers import BatchEncoding
 
@@ -368,13 +370,8 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "",
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = np.full((len(ids), width), pad, dtype=np.int64)
     positions = np.arange(width)
-    if tokenizer.padding_side == "left":
-        for row, seq in zip(input_ids, ids):
-            row[width - len(seq):] = seq
-        mask = positions[None, :] >= (width - lengths)[:, None]
-    else:
-        for row, seq in zip(input_ids, ids):
-            row[:len(seq)] = seq
-        mask = positions[None, :] < lengths[:, None]
+    for row, seq in zip(input_ids, ids):  # on the right, whatever tokenizer.padding_side says
+        row[:len(seq)] = seq
+    mask = positions[None, :] < lengths[:, None]
     return BatchEncoding({"input_ids": torch.from_numpy(input_ids),
                           "attention_mask": torch.from_numpy(mask.astype(np.int64))})

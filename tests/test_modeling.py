@@ -181,8 +181,9 @@ def test_tokenize_equals_the_tokenizers_own_padding():
         assert set(got) == {"input_ids", "attention_mask"}
         torch.testing.assert_close(got["input_ids"], want["input_ids"])
         torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
-    tok.padding_side = "left"
+    tok.padding_side = "left"  # the encoder needs right padding (CLS at 0, positions from the first token)
     got = tokenize(tok, texts, 32)
-    want = tok(texts, max_length=32, truncation=True, padding=True, pad_to_multiple_of=8, return_tensors="pt")
+    want = tok(texts, max_length=32, truncation=True, padding=True, pad_to_multiple_of=8, return_tensors="pt",
+               padding_side="right")
     torch.testing.assert_close(got["input_ids"], want["input_ids"])
     torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
