@@ -13,8 +13,9 @@ import numpy as np
 class TopK:
     """The best `k` (score, row) pairs per query seen so far; rows are global corpus positions.
 
-    Rows `< 0` (FAISS's "no result") never enter. Ties keep the pair added first, so merging
-    parts in corpus order breaks ties by the lower row.
+    Rows `< 0` (FAISS's "no result") never enter. Ties keep the pair added first: merging parts in
+    corpus order ranks a tie between two parts by the lower row; within a part, tied pairs keep the
+    order the part gives them (by row from `torch_search`; FAISS promises no order).
     """
 
     def __init__(self, queries: int, k: int):
