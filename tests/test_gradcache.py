@@ -116,6 +116,29 @@ def test_cached_step_equals_the_plain_step(method, pooling, buckets):
     assert_same(cached(encoder, batch, sizes, loss, 16, seed=5), reference(encoder, batch, sizes, loss, 16, 5))
 
 
+def test_cached_step_under_bf16_autocast():
+    """accelerate's bf16 autocast: embeddings (the cached leaves) in bf16, the loss in fp32. The loss is
+    the same to the last bit; gradients agree to bf16's precision (8 bits of mantissa: ~1% after a
+    few roundings in a different order)."""
+    from accelerate.state import AcceleratorState
+
+    encoder, sizes, loss = method_setup("2dmse", "cls", 1)
+    batch = random_batch(0, queries=8)
+    AcceleratorState._reset_state(reset_partial_state=False)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = reference(encoder, batch, sizes, loss, 1000, seed=3)
+        assert_same(cached(encoder, batch, sizes, loss, 1000, seed=3, accelerator=accelerator), plain, tol=2e-2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = reference(encoder, batch, sizes, loss, 4, seed=3)
+        assert_same(cached(encoder, batch, sizes, loss, 4, seed=3, accelerator=accelerator), plain, tol=2e-2)
+        fp32 = reference(encoder, batch, sizes, loss, 4, seed=3)
+        assert abs(fp32[0] - plain[0]) > 1e-4  # autocast was on
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def test_peak_activation_memory_falls_with_the_chunk_size():
     """Bytes of the tensors autograd saves for backward, alive at once (saved-tensor accounting)."""
     encoder, sizes, loss = method_setup("srl", "cls", 1)

@@ -141,6 +141,7 @@ def assert_same_weights(a: Path, b: Path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # four short trainings
 def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collection, monkeypatch):
     # no early stopping: every step validated, the final model is the best logged checkpoint
     full = train_with_dev(run_config(tmp_path, tiny_model, dev_collection, name="full", max_steps=6,
