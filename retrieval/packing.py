@@ -106,9 +106,10 @@ def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def pick_kernel(device: torch.device, dropout: float) -> str:
-    """The fastest exact kernel for packed attention on `device` with attention dropout `dropout`."""
-    if device.type == "cuda":
+def pick_kernel(device: torch.device, dropout: float, dtype: torch.dtype = torch.bfloat16) -> str:
+    """The fastest exact kernel for packed attention on `device` with attention dropout `dropout` (the
+    variable-length kernels take fp16/bf16 only: fp32 attention uses the reference)."""
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if flash_attn_available():
             return "flash_attn"
         if torch_varlen_available() and dropout == 0.0:
@@ -143,7 +144,7 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         raise RuntimeError(f"{PACKED_ATTENTION} attention is only for packed batches (retrieval.packing)")
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # (T, heads, d)
     scaling = scaling if scaling is not None else q.shape[-1] ** -0.5
-    kernel = pick_kernel(q.device, dropout)
+    kernel = pick_kernel(q.device, dropout, q.dtype)
     if kernel == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
@@ -203,22 +204,34 @@ def use_packing(setting, backbone: nn.Module, device: torch.device) -> bool:
     return setting is True or fast_kernel_available(device)
 
 
+def _run_layer(layer: nn.Module, hidden: torch.Tensor, packed: PackedBatch, config) -> torch.Tensor:
+    """One layer on the packed sequence, its attention through `PACKED_ATTENTION`; under gradient
+    checkpointing the layer is checkpointed here, so that its re-run in the backward pass (outside
+    this forward) also attends per text."""
+
+    def run(h):
+        previous, config._attn_implementation = config._attn_implementation, PACKED_ATTENTION
+        checkpointing, layer.gradient_checkpointing = getattr(layer, "gradient_checkpointing", False), False
+        try:
+            out = layer(h, None, packed=packed)
+        finally:
+            config._attn_implementation, layer.gradient_checkpointing = previous, checkpointing
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    if getattr(layer, "gradient_checkpointing", False) and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(run, hidden)
+    return run(hidden)
+
+
 def packed_hidden_states(backbone: nn.Module, layers: nn.ModuleList, batch, wanted: list[int], buckets: bool = False):
     """`(PackedBatch, {layer: (T, H) states})` for the requested layers (1-based), no deeper than needed;
     `buckets`: the token count rounded up to a few shapes (for compiled layers, `PackedBatch.from_padded`)."""
     packed = PackedBatch.from_padded(batch, buckets)
     hidden = backbone.embeddings(input_ids=packed.input_ids[None], token_type_ids=packed.token_type_ids[None],
                                  position_ids=packed.position_ids[None])
-    config = backbone.config
-    previous = config._attn_implementation
-    config._attn_implementation = PACKED_ATTENTION
     states = {}
-    try:
-        for n, layer in enumerate(layers[:wanted[-1]], start=1):
-            out = layer(hidden, None, packed=packed)
-            hidden = out[0] if isinstance(out, (tuple, list)) else out
-            if n in wanted:
-                states[n] = hidden[0]
-    finally:
-        config._attn_implementation = previous
+    for n, layer in enumerate(layers[:wanted[-1]], start=1):
+        hidden = _run_layer(layer, hidden, packed, backbone.config)
+        if n in wanted:
+            states[n] = hidden[0]
     return packed, states

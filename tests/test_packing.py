@@ -127,12 +127,14 @@ def test_packed_runs_only_the_needed_layers():
     assert calls == [0, 1]
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_packed_gives_the_same_gradients(pooling):
+@pytest.mark.parametrize("pooling,checkpointing", [("cls", False), ("mean", False), ("mean", True)])
+def test_packed_gives_the_same_gradients(pooling, checkpointing):
     b = ragged_batch(seed=5)
     grads = {}
     for packing in (False, True):
         enc = encoder(packing, pooling, dropout=0.0).train()
+        if checkpointing:  # the backward pass re-runs each layer, outside the packed forward
+            enc.backbone.activation_checkpointing_enable()
         out = enc.embed(b, SIZES)
         sum((v * torch.linspace(-1, 1, v.shape[1])).sum() + v.pow(2).sum() for v in out.values()).backward()
         grads[packing] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
@@ -194,7 +196,7 @@ def test_cuda_varlen_kernel_equals_the_padded_reference(kernel, monkeypatch):
     with torch.no_grad():
         padded = enc.embed(b, sizes)[sizes[0]]
         enc.packing = True
-        monkeypatch.setattr(packing, "pick_kernel", lambda device, dropout: kernel)
+        monkeypatch.setattr(packing, "pick_kernel", lambda device, dropout, dtype: kernel)
         packed = enc.embed(b, sizes)[sizes[0]]
     torch.testing.assert_close(packed.float(), padded.float(), rtol=2e-2, atol=2e-3)
 
@@ -214,9 +216,9 @@ def dropout_free_model(tmp_path_factory):
     return d
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean"])
+@pytest.mark.parametrize("pooling,extra", [("cls", []), ("mean", []), ("mean", ["train.gradient_checkpointing=true"])])
 def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_model, collection, pooling,  # noqa: F811
-                                                     monkeypatch):
+                                                     extra, monkeypatch):
     import retrieval.modeling as modeling
 
     packed_calls = []
@@ -226,7 +228,7 @@ def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_mode
     for packing in (False, True):
         name = f"packing-{packing}"
         cfg = write_config(tmp_path, dropout_free_model, collection, name=name, max_steps=2)
-        train(cfg, f"model.packing={str(packing).lower()}", f"model.pooling={pooling}")
+        train(cfg, f"model.packing={str(packing).lower()}", f"model.pooling={pooling}", *extra)
         losses[packing] = [line["loss"] for line in log_lines(tmp_path / name)]
         assert (len(packed_calls) > 0) == packing  # queries and passages of both steps ran packed
     assert len(losses[True]) == 2
