@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
         "passage_prefix": "",
         "attn_implementation": "sdpa",
         "packing": "auto",  # auto | true | false: a batch's real tokens as one unpadded sequence (auto: on CUDA with a varlen kernel)
+        "allow_pooling_change": False,  # fine-tune an SMAE checkpoint with another pooling than its bottleneck's
     },
     # Ordered small -> large; each entry {name, layers, dim} or "LxD".
     "sizes": [
@@ -99,7 +100,7 @@ DEFAULTS: dict[str, Any] = {
         "report_to": "none",  # none | tensorboard | wandb | mlflow | ... (accelerate trackers; comma list for several)
     },
     "pretrain": {
-        "text": "data/debian-pkgs/corpus.jsonl.gz",  # local .txt/.jsonl[.gz] or hf:<dataset id>
+        "text": "data/debian-pkgs/corpus.jsonl.gz",  # local .txt/.jsonl[.gz], a BEIR corpus, hf:<dataset id>, or train-data (data.train_corpus's passages + data.train's queries)
         "text_field": "text",
         "hf_config": None,
         "max_length": 128,
@@ -109,6 +110,7 @@ DEFAULTS: dict[str, Any] = {
         "max_texts": None,
         "hf_split": "train",  # split of an hf: source
         "max_tokens": None,  # pack at most this many tokens (None: the whole source)
+        "head_warmup_steps": 100,  # a new MLM head (backbone without one) first trains alone this many steps, encoder frozen
         "mask_replace": "bert",  # bert: [MASK] 80% / random 10% / kept 10%; mask: always [MASK]
         "windows_dir": None,  # packed-window cache (None: <output_dir>/windows)
     },

@@ -8,7 +8,7 @@ from conftest import tiny_bert
 from retrieval.losses import InfoNCE, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder
 from retrieval.sizes import Size, SizeList
-from train.flops import encoder_flops, layer_flops, retrieval_step_flops, smae_step_flops
+from train.flops import encoder_flops, head_warmup_flops, layer_flops, retrieval_step_flops, smae_step_flops
 
 
 def mask(*lengths, width=None):
@@ -74,3 +74,20 @@ def test_smae_step_equals_torchs_flop_counter():
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
              "decoder_input_ids": ids, "decoder_labels": decoder_labels}
     assert counted(lambda: model(batch).loss.backward()) == smae_step_flops(model.encoder.config, batch, sizes, 1)
+
+
+def test_head_warmup_step_equals_torchs_flop_counter():
+    from test_smae import tiny_mlm
+    from train.pretrain import HeadWarmup
+    from train.smae import SMAE
+
+    model = SMAE(tiny_mlm(vocab=500, layers=3), SizeList([Size("a", 1, 8), Size("full", 3, 32)]))
+    head = {id(p) for p in model.head_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in head)  # as warm_up_head freezes them
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 500, (4, 12), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+             "labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, -100)}
+    warmup = HeadWarmup(model)
+    assert counted(lambda: warmup(batch).loss.backward()) == head_warmup_flops(model.encoder.config, batch)

@@ -112,6 +112,37 @@ def test_loss_equals_hand_computation_per_size():
     assert set(out.terms) == {"loss"} | {f"{part}/{s.name}" for s in SIZES for part in ("enc", "dec")}
 
 
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_bottleneck_is_the_pooled_projection_of_the_sub_vectors(pooling):
+    # Eq. 7: pool(V_n^d W_{1:d}); the pooling is the fine-tune's (model.pooling)
+    mlm = tiny_mlm()
+    with torch.no_grad():
+        mlm.cls.predictions.transform.dense.bias.normal_()
+    model = SMAE(mlm, SIZES, pooling=pooling).eval()
+    t = mlm.cls.predictions.transform.dense
+    batch = hand_batch()
+    mask = batch["attention_mask"]
+    states = torch.randn(2, 10, 32)
+    for dim in (8, 32):
+        projected = states[..., :dim] @ t.weight[:, :dim].T + t.bias  # every token's V^d W_{1:d}
+        if pooling == "cls":
+            expected = projected[:, 0]
+        else:  # the mean over the real tokens only (row 2 has 8)
+            expected = torch.stack([projected[0].mean(0), projected[1, :8].mean(0)])
+        torch.testing.assert_close(model.bottleneck(states, mask, dim), expected, rtol=1e-5, atol=1e-5)
+    # ... and it is what the decoder gets at position 0, for every size
+    seen = []
+    model.decoder[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, 0].clone()))
+    with torch.no_grad():
+        model(batch)
+        hidden = mlm.bert(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True).hidden_states
+        firsts = seen[0].chunk(len(SIZES))
+        for s, first in zip(SIZES, firsts):
+            projected = hidden[s.layers][..., :s.dim] @ t.weight[:, :s.dim].T + t.bias
+            want = projected[:, 0] if pooling == "cls" else torch.stack([projected[0].mean(0), projected[1, :8].mean(0)])
+            torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-5)
+
+
 def test_every_part_gets_gradients_and_the_head_is_tied():
     mlm = tiny_mlm()
     model = SMAE(mlm, SIZES)
@@ -170,7 +201,13 @@ def test_head_is_reused_from_a_checkpoint_else_tied_to_embeddings(tmp_path, toke
     tokenizer.save_pretrained(tmp_path / "plain")
     model, _, from_checkpoint = SMAE.from_pretrained(str(tmp_path / "plain"), SIZES)
     assert not from_checkpoint
-    assert model.head.predictions.decoder.weight is model.encoder.backbone.embeddings.word_embeddings.weight
+    words = model.encoder.backbone.embeddings.word_embeddings.weight
+    assert model.head.predictions.decoder.weight is words
+    assert model.head.predictions.decoder.weight.data_ptr() == words.data_ptr()  # one storage, as BERT's
+    with torch.no_grad():
+        words[7, 3] = 1.5
+    assert model.head.predictions.decoder.weight[7, 3] == 1.5
+    assert all(p is not words for p in model.head_parameters())  # the warm-up leaves the embeddings alone
 
 
 def test_saved_backbone_is_the_encoder_only(tmp_path, tokenizer):
@@ -420,7 +457,9 @@ def test_short_run_lowers_both_losses_and_finetuning_starts_from_it(tmp_path, he
     pretrained = AutoModel.from_pretrained(result.model_dir).state_dict()
     base = AutoModel.from_pretrained(headless_base).state_dict()
     meta = json.loads((result.model_dir / "starbucks.json").read_text())
-    assert meta["method"] == "smae" and meta["mlm_head"] == "new" and meta["pooling"] == "cls"
+    assert meta["method"] == "smae" and meta["mlm_head"] == "new" and meta["pooling"] == "mean"
+    assert meta["head_warmup"]["steps"] == 100 and meta["bottleneck_pooling"] == "mean"
+    assert meta["head_warmup"]["mlm_loss_after"] < meta["head_warmup"]["mlm_loss_before"]
 
     finetune = load_config(repo_root / "configs" / "default.yaml", [
         f"model.name_or_path={result.model_dir}", f"output_dir={tmp_path / 'ft'}", "sizes=[1x8,2x16,3x32]",
@@ -451,3 +490,62 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base):
     assert resumed.start_step == 3
     a, b = load_file(whole.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_warmup_changes_only_the_head_and_reports_the_mlm_loss(tmp_path, headless_base, tokenizer):
+    from train.pretrain import PROBE_WINDOWS, probe_loss, warm_up_head
+    from train.trainer import TrainSettings
+
+    model, _, from_checkpoint = SMAE.from_pretrained(str(headless_base), SizeList([Size("a", 1, 8), Size("b", 3, 32)]))
+    assert not from_checkpoint
+    windows = build(tmp_path, random_texts(300), tokenizer, max_length=32)
+    collate = SMAECollator(tokenizer, 0.2, 0.4, "bert", seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = probe_loss(model, windows, collate, 8)
+    settings = TrainSettings(max_steps=8, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=8,
+                             logging_steps=4)
+    report = warm_up_head(model, windows, collate, settings, {"test": 1}, tmp_path / "warmup")
+    after = model.state_dict()
+    head = {f"head.{n}" for n, p in model.head.named_parameters() if any(p is q for q in model.head_parameters())}
+    assert head == {"head.predictions.bias", "head.predictions.transform.dense.weight",
+                    "head.predictions.transform.dense.bias", "head.predictions.transform.LayerNorm.weight",
+                    "head.predictions.transform.LayerNorm.bias"}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= head | {"head.predictions.decoder.bias"}  # HF may alias the vocab bias
+    assert all(p.requires_grad for p in model.parameters())  # unfrozen again for SMAE itself
+    assert report["steps"] == 8 and report["probe_windows"] == min(PROBE_WINDOWS, len(windows))
+    assert report["mlm_loss_before"] == pytest.approx(fresh, abs=1e-4)
+    assert report["mlm_loss_after"] == pytest.approx(probe_loss(model, windows, collate, 8), abs=1e-4)
+    assert report["mlm_loss_after"] < report["mlm_loss_before"]
+    assert (tmp_path / "warmup" / "model" / "head.safetensors").is_file()
+    assert (tmp_path / "warmup" / "train_summary.json").is_file()
+
+
+def test_finetuning_an_smae_checkpoint_with_another_pooling_is_refused(tmp_path):
+    from train.smae import check_pretrained_pooling
+
+    (tmp_path / "starbucks.json").write_text(json.dumps({"method": "smae", "pooling": "mean"}))
+    check_pretrained_pooling(str(tmp_path), "mean", allowed=False)
+    with pytest.raises(StarbucksError, match="mean-pooled bottleneck but model.pooling = cls.*allow_pooling_change"):
+        check_pretrained_pooling(str(tmp_path), "cls", allowed=False)
+    check_pretrained_pooling(str(tmp_path), "cls", allowed=True)
+    (tmp_path / "starbucks.json").write_text(json.dumps({"method": "srl", "pooling": "mean"}))
+    check_pretrained_pooling(str(tmp_path), "cls", allowed=False)  # only SMAE's bottleneck binds the pooling
+
+
+def test_train_data_text_is_the_training_passages_and_queries(tmp_path, tokenizer):
+    from retrieval.config import load_config
+    from train.pretrain import prepare_windows, text_sources
+
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"zeroconf daemon {i}"})
+                                                   + "\n" for i in range(3)))
+    queries = ["xkcdian preprocessor", " ".join(["filler"] * 40)]  # the stream's cut-off tail is filler
+    (tmp_path / "train.jsonl").write_text("".join(
+        json.dumps({"query_id": f"q{i}", "query": q, "positive_document_ids": ["d0"], "negative_document_ids": []})
+        + "\n" for i, q in enumerate(queries)))
+    cfg = load_config(None, ["pretrain.text=train-data", f"data.corpus={tmp_path}",
+                             f"data.train={tmp_path / 'train.jsonl'}", "pretrain.max_length=16"])
+    assert [s["source"] for s in text_sources(cfg)] == [str(tmp_path), str(tmp_path / "train.jsonl")]
+    windows = prepare_windows(cfg, tokenizer, tmp_path / "windows")
+    text = tokenizer.decode([int(t) for t in windows.input_ids.reshape(-1)], skip_special_tokens=True)
+    assert all(f"zeroconf daemon {i}" in text for i in range(3)) and "xkcdian preprocessor" in text

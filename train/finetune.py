@@ -24,6 +24,7 @@ from retrieval.sizes import Size
 from train.data import GroupCollator, GroupDataset
 from train.flops import retrieval_step_flops
 from train.methods import MethodPlan, plan_method
+from train.smae import check_pretrained_pooling
 from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
 from train.validation import Validator, keep_best_key
 
@@ -128,6 +129,7 @@ def run_training(cfg) -> TrainResult:
     sizes = sizes_of(cfg)
     buckets = length_buckets(t.length_buckets)
     num_layers, hidden = model_shape(m.name_or_path)
+    check_pretrained_pooling(m.name_or_path, m.pooling, m.allow_pooling_change)
     plan = plan_method(t, sizes, num_layers, hidden, settings.seed, m.name_or_path)
     base = InfoNCE(t.temperature)
     weights = list(t.size_weights) if t.size_weights is not None else None

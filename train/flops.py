@@ -81,6 +81,16 @@ def smae_step_flops(config, batch: dict, sizes, decoder_layers: int) -> int:
     return TRAINED * total
 
 
+def head_warmup_flops(config, batch: dict) -> int:
+    """FLOPs of one head warm-up micro-batch: the frozen encoder forward only; the head's two products
+    at the labelled positions forward and one gradient each (the dense layer's weight, whose input
+    needs none; the tied vocabulary projection's input, whose weight is frozen)."""
+    hidden, vocab = int(config.hidden_size), int(config.vocab_size)
+    labels = int((batch["labels"] != -100).sum())
+    encoder = encoder_flops(lengths_of(batch["attention_mask"]), int(config.num_hidden_layers), config)
+    return encoder + 2 * (matmul(labels, hidden, hidden) + matmul(labels, hidden, vocab))
+
+
 class RunCost:
     """Wall time, steps and FLOPs of a run, summed over the ranks and over resumed invocations."""
 

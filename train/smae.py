@@ -8,13 +8,17 @@ the encoder's embeddings and MLM head. For each size `(n, d)`:
   first `d` dims and projected to the full width by `W_{1:d}`, the first `d` input columns of
   the head transform's dense layer (`W[:, :d] h + b`), then the rest of the head;
 - decoder loss: MLM on the decoder-masked tokens of the decoder, whose input is the embedded
-  decoder-masked text with position 0 (CLS) replaced by the layer-`n` CLS vector's first `d`
-  dims projected the same way (`W[:, :d] h_cls + b`).
+  decoder-masked text with position 0 (CLS) replaced by the bottleneck `pool(V_n^d W_{1:d})`
+  (Eq. 7): the layer-`n` token states cut to `d` dims, projected the same way and pooled with
+  the pooling the encoder will be fine-tuned with (`model.pooling`: the CLS token's, or the mean
+  over the real tokens; the projection is affine, so this is `W[:, :d] pool(h) + b`).
 
 loss = mean over sizes of (encoder loss + decoder loss). The head comes from the checkpoint
 when it has one (e.g. `BertForMaskedLM`'s `cls.predictions.*`), else it is initialised with its
-output layer tied to the word embeddings. The decoder layers are new (BERT initialisation), of
-the encoder's own layer class. Only the encoder is saved (`save_encoder`).
+output layer tied to the word embeddings (as BERT's is); such a new head can be warmed up first
+with the encoder frozen (`head_parameters`, `mlm_loss`: `pretrain.head_warmup_steps`). The
+decoder layers are new (BERT initialisation), of the encoder's own layer class. Only the encoder
+is saved (`save_encoder`), with the bottleneck's pooling in its `starbucks.json`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.nn import functional as F
 
 from retrieval.errors import StarbucksError
 from retrieval.losses import LossOutput
-from retrieval.modeling import StarbucksEncoder, load_backbone
+from retrieval.modeling import StarbucksEncoder, load_backbone, read_meta
 from retrieval.sizes import SizeList
 from train.masking import IGNORE
 
@@ -77,11 +81,11 @@ def _decoder_mask(config, states: torch.Tensor, attention_mask: torch.Tensor):
 class SMAE(nn.Module):
     """Encoder + MLM head + shallow decoder; `forward(batch)` gives the loss and its per-size terms."""
 
-    def __init__(self, mlm: nn.Module, sizes: SizeList, decoder_layers: int = 1):
+    def __init__(self, mlm: nn.Module, sizes: SizeList, decoder_layers: int = 1, pooling: str = "cls"):
         super().__init__()
         if decoder_layers < 1:
             raise StarbucksError(f"pretrain.decoder_layers = {decoder_layers} must be >= 1")
-        self.encoder = StarbucksEncoder(mlm.base_model, pooling="cls", normalize=False)
+        self.encoder = StarbucksEncoder(mlm.base_model, pooling=pooling, normalize=False)
         self.sizes = SizeList(self.encoder.check(s) for s in sizes)
         self.head = _mlm_head(mlm)
         template = self.encoder.layers[-1]
@@ -91,13 +95,13 @@ class SMAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, sizes: SizeList, decoder_layers: int = 1,
-                        attn_implementation: str | None = "sdpa"):
+                        attn_implementation: str | None = "sdpa", pooling: str = "cls"):
         """`(model, tokenizer, head_from_checkpoint)` for an HF checkpoint (hub id or directory)."""
         from transformers import AutoModelForMaskedLM
 
         (mlm, info), tokenizer = load_backbone(name_or_path, attn_implementation, auto_class=AutoModelForMaskedLM,
                                                output_loading_info=True)
-        model = cls(mlm, sizes, decoder_layers)
+        model = cls(mlm, sizes, decoder_layers, pooling)
         dense = _head_parts(model.head)[0].weight
         dense_key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
         return model, tokenizer, dense_key not in info["missing_keys"]
@@ -108,6 +112,10 @@ class SMAE(nn.Module):
         """`W_{1:d} h + b`: the first `dim` dims of `states`, through the first `dim` input columns of the dense layer."""
         dense = _head_parts(self.head)[0]
         return F.linear(states[..., :dim], dense.weight[:, :dim], dense.bias)
+
+    def bottleneck(self, states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> torch.Tensor:
+        """`pool(V_n^d W_{1:d})` `(B, H)`: the decoder's view of a layer's token states `(B, T, H)` at `dim` dims."""
+        return self.project(self.encoder.pool(states, attention_mask, dim), dim)
 
     def vocab_logits(self, states: torch.Tensor, dim: int) -> torch.Tensor:
         """MLM logits of `states` cut to `dim` dims (the full head when `dim` is the hidden size)."""
@@ -141,7 +149,7 @@ class SMAE(nn.Module):
         decoder_embedded = self.encoder.backbone.embeddings(input_ids=batch["decoder_input_ids"])
         # All sizes' decoder inputs go through the decoder in one pass: (S*B, T, H).
         decoder_inputs = torch.cat([
-            torch.cat([self.project(layer_states[s.layers][:, :1], s.dim).to(decoder_embedded.dtype),
+            torch.cat([self.bottleneck(layer_states[s.layers], mask, s.dim)[:, None].to(decoder_embedded.dtype),
                        decoder_embedded[:, 1:]], dim=1)
             for s in sizes
         ])
@@ -157,6 +165,21 @@ class SMAE(nn.Module):
         terms["loss"] = total.detach()
         return LossOutput(total, terms)
 
+    # ------------------------------------------------------------ head warm-up
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        """What a head warm-up trains: the head's own parameters, not the word embeddings its output
+        layer is tied to (those are the encoder's)."""
+        tied = {id(p) for p in self.encoder.parameters()}
+        return [p for p in self.head.parameters() if id(p) not in tied]
+
+    def mlm_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Plain MLM on the encoder-masked tokens at the full size (no gradient into the encoder)."""
+        full = self.encoder.num_layers
+        with torch.no_grad():
+            states = self.encoder.hidden_states(batch, [full])[full]
+        return self._mlm_loss(states, batch["labels"], self.encoder.hidden_size)
+
     # ------------------------------------------------------------ saving
 
     def save_encoder(self, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None) -> None:
@@ -164,3 +187,15 @@ class SMAE(nn.Module):
         record = {"method": "smae", "sizes": self.sizes.to_config()}
         record.update(meta or {})
         self.encoder.save(directory, tokenizer=tokenizer, meta=record)
+
+
+def check_pretrained_pooling(name_or_path: str, pooling: str, allowed: bool) -> None:
+    """A fine-tune from an SMAE checkpoint must pool as its bottleneck did (`model.allow_pooling_change`)."""
+    meta = read_meta(name_or_path) if os.path.isdir(name_or_path) else None
+    if not meta or meta.get("method") != "smae" or meta.get("pooling") == pooling or allowed:
+        return
+    raise StarbucksError(
+        f"{name_or_path} was SMAE-pre-trained with a {meta.get('pooling')}-pooled bottleneck but model.pooling = "
+        f"{pooling}, so pre-training shaped a vector this fine-tune never uses; set model.pooling="
+        f"{meta.get('pooling')}, pre-train again with model.pooling={pooling}, or set model.allow_pooling_change=true"
+    )
