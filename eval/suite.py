@@ -125,6 +125,12 @@ def read_suite_file(path: str | Path) -> dict:
     return data
 
 
+def suite_collections(suite: Mapping, split: str | None = None) -> list[SuiteCollection]:
+    """The collections of a suite file's contents; their qrels split is `split`, else the file's, else `test`."""
+    split = split or str(suite.get("split", DEFAULT_SPLIT))
+    return [parse_collection(c, split) for c in suite.get("collections") or []]
+
+
 # ---------------------------------------------------------------- one model on one collection
 
 
@@ -385,7 +391,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     suite = read_suite_file(args.suite) if args.suite else {}
     split = args.split or str(suite.get("split", DEFAULT_SPLIT))
-    collections = [parse_collection(c, split) for c in [*(suite.get("collections") or []), *args.collections]]
+    collections = [*suite_collections(suite, split), *(parse_collection(c, split) for c in args.collections)]
     plain = {"pooling": args.pooling, "normalize": args.normalize} if args.pooling else None
     models = [parse_model(m, plain) for m in [*(suite.get("models") or []), *args.models]]
     depth = args.depth if args.depth is not None else int(suite.get("depth", DEFAULT_DEPTH))

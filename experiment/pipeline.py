@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from experiment.report import ReportedRun, write_report
 from retrieval.config import experiment_paths, load_config, sizes_of
@@ -114,9 +114,48 @@ def run_config(cfg_path: str | None, overrides: list[str], run: Run) -> DictConf
 
 
 def reported_runs(cfg_path: str | None, overrides: list[str], runs: list[Run]) -> list[ReportedRun]:
-    """The runs the report shows, each with the directory its eval files are in."""
-    return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval)
+    """The runs the report shows, each with the directory its eval files are in (and, with
+    `experiment.suite`, those of its out-of-domain suite cells)."""
+    cfg = load_config(cfg_path, overrides)
+    collections = suite_collections(cfg)
+    return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval,
+                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections))
             for r in runs if r.report]
+
+
+def suite_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / "suite"
+
+
+def suite_collections(cfg: DictConfig) -> list:
+    """The collections of `experiment.suite` (none without one)."""
+    if not cfg.experiment.suite:
+        return []
+    from eval.suite import read_suite_file, suite_collections as collections
+
+    return collections(read_suite_file(cfg.experiment.suite))
+
+
+def run_out_of_domain(cfg: DictConfig, cfg_path: str | None, overrides: list[str], runs: list[Run]) -> None:
+    """`eval.suite` over `experiment.suite`'s collections for every reported run's model: its trained model,
+    or (zero-shot) the backbone with the config's model settings and sizes; each at its own sizes."""
+    from eval.suite import DEFAULT_DEPTH, DEFAULT_MEASURES, SuiteModel, read_suite_file, run_suite
+
+    suite = read_suite_file(cfg.experiment.suite)
+    models = []
+    for r in runs:
+        if not r.report:
+            continue
+        run_cfg = run_config(cfg_path, overrides, r)
+        if r.train is None:
+            defaults = {**OmegaConf.to_container(run_cfg.model, resolve=True), "sizes": sizes_of(run_cfg).to_config()}
+            models.append(SuiteModel(r.name, str(run_cfg.encode.model), defaults))
+        else:
+            models.append(SuiteModel(r.name, str(experiment_paths(run_cfg).model)))
+    print(f"\n== experiment {cfg.name}: out-of-domain suite {cfg.experiment.suite}", file=sys.stderr, flush=True)
+    run_suite(models, suite_collections(cfg), suite_dir(cfg), suite.get("metrics") or DEFAULT_MEASURES, None,
+              int(suite.get("depth", DEFAULT_DEPTH)), int(cfg.encode.batch_size), str(cfg.encode.device),
+              str(cfg.encode.precision))
 
 
 def _stages(run: Run) -> list[tuple[str, Callable[[DictConfig], object]]]:
@@ -162,6 +201,8 @@ def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | 
             fn(run_cfg)
             print(f"== {run.name}: {stage} done in {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
     if not only:
+        if cfg.experiment.suite and not report_only:
+            run_out_of_domain(cfg, cfg_path, overrides, runs)
         write_report(cfg, reported_runs(cfg_path, overrides, runs), cfg_path, overrides)
     return runs
 

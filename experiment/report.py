@@ -64,6 +64,7 @@ class ReportedRun:
     method: str  # the row of the tables (`separate-<size>` runs all report under `separate`)
     sizes: tuple[Size, ...]  # the sizes it was evaluated for
     eval_dir: Path
+    out_of_domain: tuple[tuple[str, str, Path], ...] = ()  # (collection, split, eval dir) of its eval.suite cells
 
 
 def report_splits(cfg: DictConfig) -> list[str]:
@@ -175,6 +176,36 @@ def averages_table(summary: dict) -> str:
     rows = [[LABELS[m], *[_fmt(summary["averages"].get(m, {}).get(sp, {}).get(x)) for sp in splits for x in measures]]
             for m in summary["methods"]]
     return markdown_table(headers, rows)
+
+
+def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun]) -> tuple[str, str] | None:
+    """`(title, table)`: rows the size list, columns the methods, each cell the size's measure (nDCG@10 where
+    the suite has it, else its first) averaged over the suite's collections, from the suite cells' eval files;
+    None without a suite. A method that lacks a collection at a size shows `-` there."""
+    cells = [(r, name, split, d) for r in runs for name, split, d in r.out_of_domain]
+    if not cells:
+        return None
+    collections = sorted({name for _, name, _, _ in cells})
+    values: dict[tuple[str, Key], dict[str, float]] = {}
+    measure = None
+    for r, name, split, eval_dir in cells:
+        summary = read_summary(eval_dir, split)
+        if summary is None:
+            continue
+        measure = measure or ("nDCG@10" if "nDCG@10" in summary["measures"] else next(iter(summary["measures"])))
+        for entry in summary["sizes"]:
+            values.setdefault((r.method, (entry["layers"], entry["dim"])), {})[name] = entry["metrics"][measure]
+    if measure is None:
+        return None
+    methods = [m for m in LABELS if any(r.method == m for r in runs)]
+    rows = []
+    for s in sizes_of(cfg):
+        per = [values.get((m, (s.layers, s.dim)), {}) for m in methods]
+        rows.append([f"{s.name} ({s.key})", *(_fmt(float(np.mean([v[c] for c in collections])))
+                                               if set(v) == set(collections) else "-" for v in per)])
+    title = (f"Out-of-domain: {measure} averaged over {len(collections)} collection"
+             f"{'s' if len(collections) > 1 else ''} ({', '.join(collections)}; `eval.suite`, {cfg.experiment.suite})")
+    return title, markdown_table(["size", *(LABELS[m] for m in methods)], rows)
 
 
 def ablation_table(cfg: DictConfig, results: Results, splits: Sequence[str]) -> str | None:
@@ -439,6 +470,9 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     ]
     if ablation:
         parts.append(f"## Table 2: SRL with and without the KL term\n\np: paired t-test between the two.\n\n{ablation}")
+    ood = out_of_domain(cfg, runs)
+    if ood:
+        parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")
     parts.append("## The paper's claims, counted\n\n" + "\n".join(claims(cfg, results, names)) + "\n")
     parts.append("## Metric vs size\n\n" + "\n".join(f"![{p}](results/{p})" for p in plots) + "\n")
     if maps:

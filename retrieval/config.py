@@ -162,6 +162,7 @@ DEFAULTS: dict[str, Any] = {
         "report_dir": None,  # where results.md and results/ go (None: <output_dir>/report)
         "run_depth": 100,  # depth of the run files copied next to the report
         "grid_run_depth": 10,  # ... of the heatmaps' other grid cells (the heatmap metric needs 10)
+        "suite": None,  # a suite file (configs/suites/offline.yaml): every reported run on its collections (eval.suite)
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).
     "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},

@@ -84,3 +84,26 @@ def save_tiny_backbone(path: Path, layers: int = 4, hidden: int = 32):
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     StarbucksEncoder(tiny_bert(layers=layers, hidden=hidden, vocab=tok.vocab_size), "cls").save(path, tok)
     return path
+
+
+def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int, skip: int = 0) -> Path:
+    """A BEIR collection at `out` with `queries` judged queries of `source`'s split (after the first `skip`),
+    their relevant passages, and other passages up to `passages`; qrels under `test`."""
+    from retrieval.data import iter_corpus, load_split
+
+    judged = load_split(split, str(source))
+    qids = sorted(judged.qrels)[skip:skip + queries]
+    wanted = {d for q in qids for d in judged.qrels[q]}
+    corpus = [(d, t) for d, t in iter_corpus(str(source)) if d in wanted]
+    for d, t in iter_corpus(str(source)):
+        if len(corpus) >= passages:
+            break
+        if d not in wanted:
+            corpus.append((d, t))
+    (out / "qrels").mkdir(parents=True)
+    with gzip.open(out / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
+    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": judged.queries[q]}) + "\n" for q in qids))
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items()))
+    return out

@@ -14,7 +14,7 @@ import pytest
 import pytrec_eval
 from scipy.stats import ttest_rel
 
-from conftest import mini_slice, save_tiny_backbone
+from conftest import REPO, beir_slice, mini_slice, save_tiny_backbone
 from experiment.__main__ import main
 from experiment.pipeline import plan_runs
 from retrieval.config import load_config
@@ -35,6 +35,8 @@ def finished(tmp_path_factory):
     col, qids, dev = mini_slice(root / "col", queries=16, passages=200)
     shutil.copyfile(col / "qrels" / "dev.tsv", col / "qrels" / "test.tsv")
     save_tiny_backbone(root / "backbone", layers=4, hidden=32)
+    docs = beir_slice(REPO / "data" / "python-docs", root / "docs", "test", queries=8, passages=40)
+    (root / "suite.yaml").write_text(f"collections: [{{name: docs, source: {docs}}}]\nmetrics: [nDCG@10]\ndepth: 20\n")
     config = root / "exp.yaml"
     config.write_text(f"""
 name: tiny
@@ -51,6 +53,7 @@ experiment:
   run_depth: 20
   grid_run_depth: 10
   smae: [pretrain.text={col / 'corpus.jsonl.gz'}, pretrain.max_length=32, train.max_steps=2, train.batch_size=2]
+  suite: {root / 'suite.yaml'}
 """)
     main(["--config", str(config)])
     qrels = {q: dev.qrels[q] for q in qids}
@@ -140,6 +143,7 @@ def test_a_second_run_redoes_nothing(finished, capsys):
     runs = root / "runs"
     # the embedding shards and run files are kept (the stores' meta.json is rewritten, same content)
     watched = [p for p in runs.glob("*/embeddings/*/*") if p.name != "meta.json"] + [*runs.glob("*/runs/*/*.trec")]
+    watched += [*runs.glob("suite/*/docs/runs/test/*.trec")]  # the out-of-domain suite's runs too
     before = {p: p.stat().st_mtime_ns for p in watched}
     logs = {p: p.read_text() for p in runs.glob("*/train_log.jsonl")}
     assert len(watched) > 100 and len(logs) == 9
@@ -147,6 +151,29 @@ def test_a_second_run_redoes_nothing(finished, capsys):
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert {p: p.read_text() for p in logs} == logs
     assert "already trained" in capsys.readouterr().out
+
+
+def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
+    """The report's out-of-domain table: each method's every size on the suite's collection, from the
+    suite's run files (pytrec_eval), the separate models each at their own size."""
+    from retrieval.data import load_split
+
+    root, _, _ = finished
+    md = (root / "report" / "results.md").read_text()
+    section = md[md.index("## Out-of-domain: nDCG@10 averaged over 1 collection (docs"):].split("\n## ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| size |"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["size", "zero-shot", "full", "separate", "2DMSE", "SRL", "SRL w/o KL", "SMAE+SRL"]
+    qrels = load_split("test", str(root / "docs")).qrels
+    runs = {"zero-shot": "zeroshot", "full": "full", "2DMSE": "2dmse", "SRL": "srl", "SRL w/o KL": "srl-nokl",
+            "SMAE+SRL": "smae-srl"}
+    for size in "abc":
+        row = next(line for line in section.splitlines() if line.startswith(f"| {size} ("))
+        cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
+        for label, run in {**runs, "separate": f"separate-{size}"}.items():
+            path = root / "runs" / "suite" / run / "docs" / "runs" / "test" / f"{size}.trec"
+            expected = np.mean(list(per_query(qrels, read_run(path), "ndcg_cut.10").values()))
+            assert float(cells[label]) == pytest.approx(expected, abs=5e-5), (size, label)
 
 
 def test_bad_experiment_input_is_one_line(finished, capsys):

@@ -1,7 +1,6 @@
 """`python -m eval.suite`: two tiny BEIR collections x two tiny models against per-collection runs of the
 stages and pytrec_eval; the average row; reuse of finished work; refusals."""
 
-import gzip
 import json
 from pathlib import Path
 
@@ -10,34 +9,13 @@ import pytest
 import pytrec_eval
 from scipy.stats import ttest_rel
 
-from conftest import REPO, tiny_bert
+from conftest import REPO, beir_slice, tiny_bert
 from eval.suite import main, parse_collection, parse_model
-from retrieval.data import iter_corpus, load_split
+from retrieval.data import load_split
 from retrieval.runfile import read_run
 
 SIZES = ["1x8", "2x16", "4x32"]
 DEPTH = 20
-
-
-def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int, skip: int = 0) -> Path:
-    """A BEIR collection at `out` with `queries` judged queries of `source`'s split (after the first `skip`),
-    their relevant passages, and other passages up to `passages`; qrels under `test`."""
-    judged = load_split(split, str(source))
-    qids = sorted(judged.qrels)[skip:skip + queries]
-    wanted = {d for q in qids for d in judged.qrels[q]}
-    corpus = [(d, t) for d, t in iter_corpus(str(source)) if d in wanted]
-    for d, t in iter_corpus(str(source)):
-        if len(corpus) >= passages:
-            break
-        if d not in wanted:
-            corpus.append((d, t))
-    (out / "qrels").mkdir(parents=True)
-    with gzip.open(out / "corpus.jsonl.gz", "wt") as f:
-        f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
-    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": judged.queries[q]}) + "\n" for q in qids))
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items()))
-    return out
 
 
 @pytest.fixture(scope="module")
