@@ -21,10 +21,6 @@ COMMANDS = {
     "sizes": ("eval.sizes", "quality vs latency and memory per size of a run; the best size within a budget"),
     "export": ("train.export", "a standalone sentence-transformers model per size; model card; upload to the hub"),
     "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
-    "mine": ("train.mine", "hard negatives for a split's queries, from BM25 or a model at any size"),
-    "export": ("train.export", "a standalone sentence-transformers model of one size (model card, hub upload)"),
-    "suite": ("eval.suite", "every model on every collection at every size (out-of-domain table)"),
-    "sizes": ("eval.sizes", "quality against cost per size of one run; the best size within a budget"),
 }
 
 
