@@ -136,6 +136,9 @@ def test_every_console_command_names_an_existing_module():
     from starbucks_cli import COMMANDS
 
     assert {"train", "encode", "search", "eval", "experiment"} <= set(COMMANDS)
+    (table,) = [n.value for n in ast.parse((REPO / "starbucks_cli" / "__init__.py").read_text()).body
+                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "COMMANDS"]
+    assert len(table.keys) == len(COMMANDS), "a command is listed twice in COMMANDS"
     for name, (module, summary) in COMMANDS.items():
         path = REPO / (module.replace(".", "/") + ".py")
         assert path.is_file(), f"starbucks {name}: {module} does not exist"
