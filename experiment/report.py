@@ -7,6 +7,8 @@ beside it, `retrieval.evalfile`; nothing is evaluated again) and writes to `expe
 - `results.md`: Table 4's shape (rows size x method; RR@10, nDCG@10, R@100 on each split; `*`
   where a method differs from `experiment.reference` at p < eval.alpha, paired t-test), Table
   1's shape (each method's average over the sizes), Table 2's ablation (SRL with and without KL),
+  with `experiment.suite` the out-of-domain table (sizes x methods, nDCG@10 averaged over the
+  suite's collections, from the `eval.suite` cells' eval files),
   what the numbers say about the paper's claims (computed, not written by hand), the commands,
   commit, machine and date; a hand-written `Discussion` between markers survives regeneration;
 - `results/`: `summary.json` (every number and p-value), `sizes-<split>.png` (metric vs size per
