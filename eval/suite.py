@@ -35,9 +35,9 @@ from retrieval.exact_search import ExactSearcher, TopK
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.names import parse_names
-from retrieval.runfile import read_run, read_run_record, run_path, write_run, write_run_record
+from retrieval.runfile import check_run_file, read_run, read_run_record, run_path, write_run, write_run_record
 from retrieval.sizes import Size
-from retrieval.store import EmbeddingStore, IdsHasher, check_ids
+from retrieval.store import EmbeddingStore, IdsHasher, check_ids, texts_sha256
 from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
 DEFAULT_MEASURES = ("nDCG@10",)
@@ -176,18 +176,16 @@ def encode_collection(model, col: LoadedCollection, sizes: Sequence[Size], root:
     for s, store in stores.items():
         store.start({**model.identity(s, "passage"), "shard_rows": SHARD_ROWS},
                     info={"model": model.source, "corpus": col.spec.source})
-    pending = [s for s, st in stores.items() if not (st.read_meta().get("complete")
-                                                     and st.read_meta().get("ids_sha256") == col.ids_sha256)]
-    if pending:
-        for k, block in enumerate(_blocks(iter_corpus(col.spec.source), SHARD_ROWS)):
-            ids = [i for i, _ in block]
-            todo = [s for s in pending if not (stores[s].has_shard(k) and stores[s].read_ids(k) == ids)]
-            if todo:
-                vectors = model.embed_texts([t for _, t in block], todo, "passage", batch_size, dtype=np.float16)
-                for s in todo:
-                    stores[s].write_shard(k, ids, vectors[s])
-        for s in pending:
-            stores[s].finalize(col.count, col.ids_sha256)
+    for k, block in enumerate(_blocks(iter_corpus(col.spec.source), SHARD_ROWS)):
+        ids, texts = [i for i, _ in block], [t for _, t in block]
+        digest = texts_sha256(texts)  # an edited passage re-encodes its shard
+        todo = [s for s in sizes if stores[s].shard_problem(k, digest) or stores[s].read_ids(k) != ids]
+        if todo:
+            vectors = model.embed_texts(texts, todo, "passage", batch_size, dtype=np.float16)
+            for s in todo:
+                stores[s].write_shard(k, ids, vectors[s], digest)
+    for store in stores.values():
+        store.finalize(col.count, col.ids_sha256)
     qids = list(col.split.queries)
     stale = [s for s, st in stores.items() if not st.queries_up_to_date(col.spec.split, qids, model.identity(s, "query"))]
     if stale:
@@ -205,11 +203,12 @@ def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, sear
     qids, queries, qmeta = store.load_queries(split)
     out = run_path(runs, split, meta["size"])
     record = {"embeddings": str(store.dir), "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-              "passages": {k: meta[k] for k in ("model_sha256", "ids_sha256", "count")},
+              "passages": {k: meta.get(k) for k in ("model_sha256", "ids_sha256", "texts_sha256", "count")},
               "queries": {k: qmeta[k] for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
               "index": "exact", "depth": depth}
     previous = read_run_record(out)
-    if out.is_file() and previous is not None and {k: previous.get(k) for k in record} == record:
+    if out.is_file() and previous is not None and {k: previous.get(k) for k in record} == record \
+            and check_run_file(out, previous) is None:  # a run file cut or edited since is searched again
         return out
     top = TopK(len(queries), min(depth, meta["count"]))
     for _, first_row, vectors in store.iter_shards():

@@ -1,6 +1,7 @@
 """`python -m eval.suite`: two tiny BEIR collections x two tiny models against per-collection runs of the
 stages and pytrec_eval; the average row; reuse of finished work; refusals."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from scipy.stats import ttest_rel
 from conftest import REPO, beir_slice, tiny_bert
 from eval.suite import main, parse_collection, parse_model
 from retrieval.data import load_split
-from retrieval.runfile import read_run
+from retrieval.runfile import read_run, read_run_record
 
 SIZES = ["1x8", "2x16", "4x32"]
 DEPTH = 20
@@ -131,6 +132,35 @@ def test_a_second_run_reuses_everything(setup, monkeypatch):
     monkeypatch.setattr(StarbucksModel, "embed_texts", refuse)
     assert main(args) == report
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # not searched again either
+
+
+def test_an_edited_passage_is_encoded_and_searched_again(setup, tmp_path):
+    import shutil
+
+    _, cols, models, *_ = setup
+    col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
+    args = ["--models", f"a={models['a']}", "--collections", f"pkgs={col}", "--sizes", "1x8", "--out",
+            str(tmp_path / "out"), "--device", "cpu", "--depth", str(DEPTH)]
+    first = main(args)
+    shard = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8" / "shard-00000.npy"
+    run_file = tmp_path / "out" / "a" / "pkgs" / "runs" / "test" / "1x8.trec"
+    before, searched = np.load(shard), read_run_record(run_file)["passages"]["texts_sha256"]
+    rows = [json.loads(line) for line in gzip.open(col / "corpus.jsonl.gz", "rt")]
+    relevant = next(iter(load_split("test", str(col)).qrels.values()))
+    edited = next(i for i, r in enumerate(rows) if r["_id"] in relevant)
+    rows[edited]["text"] = "a completely different passage about nothing in particular"
+    with gzip.open(col / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    second = main(args)
+    after = np.load(shard)
+    assert not np.array_equal(before[edited], after[edited])  # re-encoded ...
+    np.testing.assert_array_equal(np.delete(before, edited, 0), np.delete(after, edited, 0))  # ... the same elsewhere
+    meta = json.loads((shard.parent / "meta.json").read_text())
+    assert read_run_record(run_file)["passages"]["texts_sha256"] == meta["texts_sha256"] != searched  # searched again
+    qrels = load_split("test", str(col)).qrels
+    assert second["tables"]["a"]["nDCG@10"]["pkgs"]["1x8"] == pytest.approx(
+        np.mean(list(pytrec(read_run(run_file), qrels, "ndcg_cut_10").values())), abs=1e-9)
+    assert first["collections"] == second["collections"]
 
 
 def test_qrels_naming_passages_missing_from_the_corpus_are_refused(setup, tmp_path, capsys):
