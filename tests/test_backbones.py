@@ -82,12 +82,7 @@ def test_every_size_equals_pooled_hidden_states(arch, tmp_path, tokenizer):
 
 
 
-# DistilBERT: train/flops.py (issue 20) reads config.intermediate_size, which DistilBertConfig calls hidden_dim
-TRAINABLE = [pytest.param(a, marks=pytest.mark.xfail(reason="train/flops.py needs config.intermediate_size"))
-             if a == "distilbert" else a for a in ARCHS]
-
-
-@pytest.mark.parametrize("arch", TRAINABLE)
+@pytest.mark.parametrize("arch", ARCHS)
 def test_one_training_step_then_the_trained_model_encodes(arch, tmp_path, tokenizer):
     from train.finetune import run_training
 

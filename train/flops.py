@@ -19,16 +19,19 @@ through the checkpoint (`cost.json`) and written next to the model as `train_sum
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import torch
 
 from retrieval.cost import TRAIN_SUMMARY
+from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json
 
 TRAINED = 3  # forward + backward (both operands' gradients) of a product whose inputs all need gradients
 CHECKPOINT_FILE = "cost.json"
+__all__ = ["estimate_training"]  # what the experiment's dry run may call
 
 
 def matmul(rows: int, inner: int, cols: int, factor: int = 1) -> int:
@@ -47,9 +50,19 @@ def layer_flops(lengths: list[int], hidden: int, intermediate: int) -> int:
     return 2 * tokens * (4 * hidden * hidden + 2 * hidden * intermediate) + 4 * squares * hidden
 
 
+def intermediate_size(config) -> int:
+    """The feed-forward width of an HF encoder config (`intermediate_size`; DistilBERT's `hidden_dim`)."""
+    for name in ("intermediate_size", "hidden_dim"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise StarbucksError(f"cannot count FLOPs of {type(config).__name__}: it names no feed-forward width "
+                         f"(intermediate_size or hidden_dim)")
+
+
 def encoder_flops(lengths: list[int], layers: int, config) -> int:
-    """Forward FLOPs of the first `layers` layers of an HF encoder (`hidden_size`, `intermediate_size`)."""
-    return layers * layer_flops(lengths, int(config.hidden_size), int(config.intermediate_size))
+    """Forward FLOPs of the first `layers` layers of an HF encoder (`hidden_size`, its feed-forward width)."""
+    return layers * layer_flops(lengths, int(config.hidden_size), intermediate_size(config))
 
 
 def retrieval_step_flops(config, query_mask: torch.Tensor, passage_mask: torch.Tensor, sizes, world: int = 1) -> int:
@@ -75,7 +88,7 @@ def smae_step_flops(config, batch: dict, sizes, decoder_layers: int) -> int:
     total = encoder_flops(lengths, max(s.layers for s in sizes), config)
     for s in sizes:
         total += matmul(len(lengths), s.dim, hidden)  # bottleneck projection
-        total += decoder_layers * layer_flops(lengths, hidden, int(config.intermediate_size))
+        total += decoder_layers * layer_flops(lengths, hidden, intermediate_size(config))
         total += matmul(enc_labels, s.dim, hidden) + matmul(enc_labels, hidden, vocab)
         total += matmul(dec_labels, hidden, hidden) + matmul(dec_labels, hidden, vocab)
     return TRAINED * total
@@ -89,6 +102,73 @@ def head_warmup_flops(config, batch: dict) -> int:
     labels = int((batch["labels"] != -100).sum())
     encoder = encoder_flops(lengths_of(batch["attention_mask"]), int(config.num_hidden_layers), config)
     return encoder + 2 * (matmul(labels, hidden, hidden) + matmul(labels, hidden, vocab))
+
+
+SAMPLE_BATCHES = 8  # batches an estimate tokenises
+
+
+@functools.lru_cache(maxsize=4)
+def _groups(source: str, corpus: str, split: str, max_groups):
+    from retrieval.data import load_train_groups
+
+    return load_train_groups(source, corpus, split, max_groups)
+
+
+def estimate_training(cfg) -> dict:
+    """What a training run of `cfg` will cost, before it runs: `{steps, flops, flops_per_step}` on one
+    process. Fine-tuning: the real collation of `SAMPLE_BATCHES` batches drawn as the run draws them;
+    SMAE: full windows with the configured mask ratios, the window count from a sample of the texts' tokens."""
+    import math
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from retrieval.config import sizes_of
+    from retrieval.modeling import resolve_model_path
+
+    t, m = cfg.train, cfg.model
+    path = resolve_model_path(m.name_or_path)
+    config, tokenizer = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    sizes = sizes_of(cfg)
+    batch = int(t.batch_size) * int(t.grad_accum)
+    if t.method == "smae":
+        from train.pretrain import text_sources
+        from train.masking import iter_texts
+
+        p = cfg.pretrain
+        texts = [text for s in text_sources(cfg) for text in iter_texts(s["source"], s["text_field"], s["hf_config"],
+                                                                        s["hf_split"])][: p.max_texts]
+        sample = texts[:: max(1, len(texts) // 2000)]
+        per_text = sum(len(ids) - 1 for ids in tokenizer(sample, add_special_tokens=True)["input_ids"]) / len(sample)
+        tokens = per_text * len(texts) if p.max_tokens is None else min(per_text * len(texts), p.max_tokens)
+        windows = int(tokens // (int(p.max_length) - 2))
+        length = int(p.max_length)
+        ones = torch.ones(batch, length, dtype=torch.long)
+        shape = {"attention_mask": ones}
+        for key, ratio in (("labels", p.enc_mask_ratio), ("decoder_labels", p.dec_mask_ratio)):
+            shape[key] = torch.where(torch.rand(batch, length) < ratio, ones, torch.full_like(ones, -100))
+        deepest = min(sizes.largest.layers, int(config.num_hidden_layers))
+        config.num_hidden_layers = deepest
+        per_step = smae_step_flops(config, shape, sizes, int(p.decoder_layers))
+        steps = t.max_steps or math.ceil(t.epochs * (windows // batch))
+        warmup = int(p.head_warmup_steps) * head_warmup_flops(config, shape) if p.head_warmup_steps else 0
+        return {"steps": steps, "flops": steps * per_step + warmup, "flops_per_step": per_step, "windows": windows}
+    from train.data import GroupCollator, GroupDataset
+    from train.methods import plan_method
+
+    plan = plan_method(t, sizes, int(config.num_hidden_layers), int(config.hidden_size), int(cfg.seed))
+    groups = _groups(str(cfg.data.train), str(cfg.data.train_corpus or cfg.data.corpus), str(cfg.data.train_split),
+                     cfg.data.max_train_groups)
+    dataset = GroupDataset(groups, int(t.group_size), int(cfg.seed))
+    collate = GroupCollator(tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix, m.passage_prefix)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(cfg.seed))).tolist()
+    sampled = []
+    for i in range(min(SAMPLE_BATCHES, len(dataset) // batch)):
+        b = collate([dataset[(k, 0)] for k in order[i * batch:(i + 1) * batch]])
+        sampled.append(retrieval_step_flops(config, b["queries"]["attention_mask"], b["passages"]["attention_mask"],
+                                            plan.schedule.at(i)))
+    per_step = int(sum(sampled) / len(sampled))
+    steps = t.max_steps or max(1, math.ceil(t.epochs * (len(groups) // batch)))
+    return {"steps": steps, "flops": steps * per_step, "flops_per_step": per_step}
 
 
 class RunCost:
