@@ -97,7 +97,8 @@ def main(argv=None) -> None:
         rows.append([label, "+".join(s.key for s in wanted) if len(wanted) < 3 else "all",
                      *[f"{r[0]:.1f}" for r in rates.values()],
                      *([f"{gain[0]:.2f}x ({gain[1]:.2f}x)"] if gain else []),
-                     f"{ref:.1f}", f"{mine / ref:.2f}x", "-" if mfu is None else f"{100 * mfu:.1f}%"])
+                     *(["-", "-"] if args.skip_reference else [f"{ref:.1f}", f"{mine / ref:.2f}x"]),
+                     "-" if mfu is None else f"{100 * mfu:.1f}%"])
         common.emit(mark, sizes=label, **{f"{name}_passages_per_s": round(r[0], 1) for name, r in rates.items()},
                     **({"packed_over_padded": round(gain[0], 3), "packed_over_padded_cpu_time": round(gain[1], 3)}
                        if gain else {}),
@@ -108,7 +109,8 @@ def main(argv=None) -> None:
         "",
         f"- command: `python bench/encode_speed.py --model {args.model} --passages {args.passages} "
         f"--batch-size {args.batch_size} --repeats {args.repeats}{' --half' if args.half else ''}"
-        f"{' --compile ' + args.compile if args.compile else ''}{' --packing ' + args.packing if args.packing != 'auto' else ''}"
+        f"{' --only ' + args.only if args.only else ''}{' --compile ' + args.compile if args.compile else ''}"
+        f"{' --packing ' + args.packing if args.packing != 'auto' else ''}"
         f"{' --workers ' + str(args.workers) if args.workers is not None else ''}"
         f"{' --skip-reference' if args.skip_reference else ''}{' --tag ' + args.tag if args.tag else ''}`",
         f"- machine: {common.machine(device)}",

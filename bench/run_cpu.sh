@@ -3,7 +3,8 @@
 #   bash bench/run_cpu.sh
 # Per-size encoding (early exit) and all six in one pass vs the reference, one SRL training step
 # vs the reference, exact search (torch, FAISS) vs the reference, FAISS flat vs HNSW on the
-# embedded collection (embeddings of the CPU experiment, runs/experiment-debian-cpu).
+# embedded collection (embeddings of the CPU experiment, runs/experiment-debian-cpu), packed vs
+# padded training and encoding (issue 19).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -12,3 +13,9 @@ $PY bench/encode_speed.py --model minilm --passages 512 --batch-size 64 --repeat
 $PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3 --warmup 2
 $PY bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384 --depth 1000 --topk topk,block:32 \
   --faiss-vectors 200000 --repeats 2
+# Packed vs padded batches (model.packing), on one thread: with other load on the machine, this
+# process's CPU time then measures its own work (two threads also count the threads' spin-waits)
+OMP_NUM_THREADS=1 $PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3 --warmup 1 --packing both \
+  --skip-reference --tag _packing
+OMP_NUM_THREADS=1 $PY bench/encode_speed.py --model minilm --passages 256 --batch-size 64 --repeats 1 --only trenta,all \
+  --packing both --skip-reference --workers 0 --tag _packing
