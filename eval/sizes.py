@@ -344,5 +344,8 @@ def main(argv: Sequence[str] | None = None) -> SizeCost | None:
     return best
 
 
+__all__ = ["SizeCost", "best_within", "main", "measure_run", "pareto_front", "write_report"]
+
+
 if __name__ == "__main__":
     main()

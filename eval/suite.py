@@ -400,5 +400,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                      args.sizes or suite.get("sizes"), depth, args.batch_size, args.device, args.precision)
 
 
+__all__ = ["DEFAULT_DEPTH", "DEFAULT_MEASURES", "SuiteCollection", "SuiteModel", "main", "parse_collection",
+           "parse_model", "read_suite_file", "run_suite", "suite_collections"]
+
+
 if __name__ == "__main__":
     main()
