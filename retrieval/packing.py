@@ -19,6 +19,7 @@ Only BERT-family backbones (`PACKABLE`: absolute positions, the embedding module
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from dataclasses import dataclass
@@ -160,13 +161,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     return out.unsqueeze(0), None
 
 
+@functools.cache
 def _register() -> None:
+    """Register `packed_attention` with transformers (once, at the first packed batch)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
-
-
-_register()
 
 
 # ------------------------------------------------------------ the packed forward
@@ -226,6 +226,7 @@ def _run_layer(layer: nn.Module, hidden: torch.Tensor, packed: PackedBatch, conf
 def packed_hidden_states(backbone: nn.Module, layers: nn.ModuleList, batch, wanted: list[int], buckets: bool = False):
     """`(PackedBatch, {layer: (T, H) states})` for the requested layers (1-based), no deeper than needed;
     `buckets`: the token count rounded up to a few shapes (for compiled layers, `PackedBatch.from_padded`)."""
+    _register()
     packed = PackedBatch.from_padded(batch, buckets)
     hidden = backbone.embeddings(input_ids=packed.input_ids[None], token_type_ids=packed.token_type_ids[None],
                                  position_ids=packed.position_ids[None])
