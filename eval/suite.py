@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from retrieval.data import EvalSplit, iter_corpus, load_split, qrels_coverage
+from retrieval.data import IRDS, EvalSplit, iter_corpus, load_split, qrels_coverage
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.evalfile import split_json, write_per_query
 from retrieval.exact_search import ExactSearcher, TopK
@@ -45,7 +45,6 @@ DEFAULT_SPLIT = "test"
 DEFAULT_DEPTH = 100
 SHARD_ROWS = 50_000
 ALPHA = 0.05
-IRDS = "irds:"
 
 
 # ---------------------------------------------------------------- what to run
