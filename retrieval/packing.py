@@ -29,7 +29,6 @@ from torch import nn
 
 PACKED_ATTENTION = "starbucks_packed"
 PACKABLE = ("bert",)  # config.model_type of the backbones the packed path supports
-PACKING_VALUES = ("auto", True, False)
 
 
 def bucket(tokens: int, minimum: int = 256) -> int:
@@ -48,7 +47,7 @@ class PackedBatch:
     input_ids: torch.Tensor  # (T,)
     token_type_ids: torch.Tensor  # (T,)
     position_ids: torch.Tensor  # (T,), restarting at 0 for each text
-    cu_seqlens: torch.Tensor  # (B + 1,) int32: text i is tokens cu_seqlens[i]:cu_seqlens[i+1]
+    cu_seqlens: torch.Tensor  # (B' + 1,) int32: segment i is tokens cu_seqlens[i]:cu_seqlens[i+1]
     lengths: torch.Tensor  # (B',): the texts', then the filler's
     max_length: int  # >= the longest segment (a host int: the kernels take it as one)
     flat_index: torch.Tensor  # (T,): each token's place in a (B', max_length) grid, row-major
@@ -85,6 +84,13 @@ class PackedBatch:
     @property
     def segments(self) -> int:
         return len(self.lengths)
+
+    @functools.cached_property
+    def grid_mask(self) -> torch.Tensor:
+        """`(B', 1, 1, max_length)`: which places of the grid hold a token (SDPA's key mask)."""
+        keep = torch.zeros(self.segments * self.max_length, dtype=torch.bool, device=self.flat_index.device)
+        keep[self.flat_index] = True
+        return keep.view(self.segments, 1, 1, self.max_length)
 
     def pool(self, states: torch.Tensor, pooling: str) -> torch.Tensor:
         """`(B, H')` from packed states `(T, H')`: each text's first token (cls) or the mean of its tokens."""
@@ -124,18 +130,15 @@ def fast_kernel_available(device: torch.device) -> bool:
 
 
 def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: float) -> torch.Tensor:
-    """Reference: scatter `(T, heads, d)` into the `(B, L)` grid, one masked SDPA call, gather back."""
+    """Reference: scatter `(T, heads, d)` into the `(B', max_length)` grid, one masked SDPA call, gather back."""
     grid = packed.segments * packed.max_length
 
     def to_grid(x):
         full = x.new_zeros(grid, *x.shape[1:]).index_copy(0, packed.flat_index, x)
         return full.view(packed.segments, packed.max_length, *x.shape[1:]).transpose(1, 2)  # (B', heads, L, d)
 
-    keep = torch.zeros(grid, dtype=torch.bool, device=q.device)
-    keep[packed.flat_index] = True
-    out = nn.functional.scaled_dot_product_attention(
-        to_grid(q), to_grid(k), to_grid(v), attn_mask=keep.view(packed.segments, 1, 1, packed.max_length),
-        dropout_p=dropout, scale=scaling)
+    out = nn.functional.scaled_dot_product_attention(to_grid(q), to_grid(k), to_grid(v), attn_mask=packed.grid_mask,
+                                                     dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2).reshape(grid, *q.shape[1:])[packed.flat_index]
 
 
@@ -176,7 +179,7 @@ def check_packing(value):
     """`model.packing`: auto | true | false."""
     from retrieval.errors import StarbucksError
 
-    if value in PACKING_VALUES:
+    if value == "auto" or isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "auto"):
         return {"true": True, "false": False, "auto": "auto"}[value.strip().lower()]

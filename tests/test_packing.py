@@ -151,8 +151,9 @@ def test_auto_packs_only_where_a_varlen_kernel_exists():
     assert use_packing("auto", enc.backbone, torch.device("cpu")) is False
     assert use_packing(True, enc.backbone, torch.device("cpu")) is True
     assert use_packing("auto", enc.backbone, torch.device("cuda")) is fast_kernel_available(torch.device("cuda"))
-    with pytest.raises(StarbucksError, match="model.packing"):
-        enc.packing = "sometimes"
+    for bad in ("sometimes", 1, None):
+        with pytest.raises(StarbucksError, match="model.packing"):
+            enc.packing = bad
     enc.packing = "false"
     assert enc.packing is False
 
