@@ -2,7 +2,12 @@
 
 `plan_runs(cfg)` turns an experiment config into runs: `zeroshot` (the backbone, no training),
 `full`, one `separate-<size>` per size, `2dmse`, `srl`, `srl-nokl` (SRL with `train.kl_weight=0`,
-the paper's Table 2 ablation), and `smae` pre-training followed by `smae-srl`. Every run is the
+the paper's Table 2 ablation), `smae` pre-training followed by `smae-srl`, and `srl-matched`
+(not in the paper: SRL trained for the FLOPs of all the separate models together, its step count
+set from their recorded cost and the `srl` run's FLOPs per step; "one run or six for the same
+compute?"). `srl`, `2dmse` and `separate` run once per seed of `experiment.seeds` (the first seed's
+runs keep the plain names, the others end in `-seed<N>`; the first seed also seeds every other
+run), and the report averages over the seeds. Every run is the
 experiment's own config (same data, sizes and hyperparameters) plus a few method overrides, with
 its outputs under `<output_dir>/<run>`. `run_experiment` trains, encodes, searches and evaluates
 each run in order; every stage reuses what a previous invocation finished (training resumes from
@@ -17,21 +22,24 @@ only has its own layers, so it covers its row of the grid.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiment.report import ReportedRun, write_report
 from retrieval.config import experiment_paths, load_config, sizes_of
+from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
 from retrieval.names import parse_names
 from retrieval.sizes import Size, SizeList
 
-METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-nokl", "smae-srl")  # labels: experiment.report.LABELS
+METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl")  # labels: report.LABELS
+SEEDED = ("separate", "2dmse", "srl")  # the methods repeated per seed of experiment.seeds
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class Run:
     train: str | None  # finetune | pretrain | None (zero-shot)
     sizes: tuple[Size, ...]  # what it encodes, searches and evaluates
     report: bool = True  # False: a pre-training step, not evaluated
+    seed: int | None = None  # the run's `seed`
 
 
 def grid_sizes(sizes: SizeList, num_layers: int, layers: int | None = None) -> list[Size]:
@@ -69,7 +78,23 @@ def selected_methods(cfg: DictConfig) -> list[str]:
     unknown = [m for m in wanted if m not in METHODS]
     if unknown:
         raise StarbucksError(f"experiment.methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    return [m for m in METHODS if m in wanted]
+    chosen = [m for m in METHODS if m in wanted]
+    if "srl-matched" in chosen and not {"srl", "separate"} <= set(chosen):
+        raise StarbucksError("experiment.methods: srl-matched needs srl and separate (its step count follows from "
+                             "the separate models' recorded FLOPs and SRL's FLOPs per step); add them")
+    return chosen
+
+
+def experiment_seeds(cfg: DictConfig) -> list[int]:
+    """`experiment.seeds` (null: `[seed]`): one run of each SEEDED method per seed."""
+    seeds = cfg.experiment.seeds
+    if seeds is None:
+        return [int(cfg.seed)]
+    values = list(seeds) if isinstance(seeds, (list, ListConfig)) else [seeds]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values) or len(set(values)) < len(values):
+        raise StarbucksError(f"experiment.seeds = {values} must be a list of distinct whole numbers "
+                             "(or null: the config's seed)")
+    return values
 
 
 def plan_runs(cfg: DictConfig) -> list[Run]:
@@ -80,30 +105,65 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
     full_grid = grid_sizes(sizes, num_layers) if grid else []
     everything = _with(list(sizes), full_grid)
     root = Path(cfg.output_dir)
+    seeds = experiment_seeds(cfg)
     runs: list[Run] = []
 
-    def add(name: str, method: str, overrides: list[str], train: str | None, run_sizes, **kw) -> None:
+    def add(name: str, method: str, overrides: list[str], train: str | None, run_sizes, seed: int = seeds[0],
+            **kw) -> None:
+        name = name if seed == seeds[0] else f"{name}-seed{seed}"
         base = [f"name={cfg.name}-{name}", f"output_dir={root / name}"]
-        runs.append(Run(name, method, tuple(base + overrides), train, tuple(run_sizes), **kw))
+        base += [f"seed={seed}"] if seed != int(cfg.seed) else []
+        runs.append(Run(name, method, tuple(base + overrides), train, tuple(run_sizes), seed=seed, **kw))
 
     for method in selected_methods(cfg):
-        if method == "zeroshot":
-            add("zeroshot", method, ["encode.model=${model.name_or_path}"], None, everything)  # the backbone, named
-        elif method in ("full", "2dmse", "srl"):
-            add(method, method, [f"train.method={method}"], "finetune", everything)
-        elif method == "srl-nokl":
-            add(method, method, ["train.method=srl", "train.kl_weight=0"], "finetune", everything)
-        elif method == "separate":
-            for s in sizes:
-                row = grid_sizes(sizes, num_layers, s.layers) if grid else []
-                add(f"separate-{s.name}", method, ["train.method=separate", f"train.size={s.name}"], "finetune",
-                    _with([s], row))
-        elif method == "smae-srl":  # pre-training first: smae-srl starts from its model
-            smae = ["train.method=smae", "model.pooling=cls", "model.normalize=false", *cfg.experiment.smae]
-            add("smae", "smae", smae, "pretrain", (), report=False)
-            model = root / "smae" / "model"
-            add(method, method, ["train.method=srl", f"model.name_or_path={model}"], "finetune", everything)
+        for seed in seeds if method in SEEDED else seeds[:1]:
+            if method == "zeroshot":
+                add("zeroshot", method, ["encode.model=${model.name_or_path}"], None, everything)  # the backbone
+            elif method in ("full", "2dmse", "srl"):
+                add(method, method, [f"train.method={method}"], "finetune", everything, seed)
+            elif method == "srl-matched":  # train.max_steps is set when it trains (matched_steps)
+                add(method, method, ["train.method=srl"], "finetune", everything)
+            elif method == "srl-nokl":
+                add(method, method, ["train.method=srl", "train.kl_weight=0"], "finetune", everything)
+            elif method == "separate":
+                for s in sizes:
+                    row = grid_sizes(sizes, num_layers, s.layers) if grid else []
+                    add(f"separate-{s.name}", method, ["train.method=separate", f"train.size={s.name}"], "finetune",
+                        _with([s], row), seed)
+            elif method == "smae-srl":  # pre-training first (its bottleneck pooled as model.pooling): then SRL
+                add("smae", "smae", ["train.method=smae", "model.normalize=false", *cfg.experiment.smae], "pretrain",
+                    (), report=False)
+                model = root / "smae" / "model"
+                add(method, method, ["train.method=srl", f"model.name_or_path={model}"], "finetune", everything)
     return runs
+
+
+def run_root(cfg_path: str | None, overrides: list[str], run: Run) -> Path:
+    return experiment_paths(run_config(cfg_path, overrides, run)).root
+
+
+def matched_steps(cfg_path: str | None, overrides: list[str], runs: list[Run], run: Run) -> int:
+    """`srl-matched`'s step count: the FLOPs the separate models of its seed recorded (`train_summary.json`),
+    together, over the FLOPs per step the `srl` run of that seed recorded."""
+    separate = [r for r in runs if r.method == "separate" and r.seed == run.seed]
+    srl = next(r for r in runs if r.method == "srl" and r.seed == run.seed)
+    costs = {r.name: read_train_summary(run_root(cfg_path, overrides, r)) for r in [*separate, srl]}
+    missing = [name for name, cost in costs.items() if cost is None]
+    if missing:
+        raise StarbucksError(f"srl-matched needs the recorded cost of {missing[0]}, which has not finished training; "
+                             f"run `python -m experiment` without --only, or --only {missing[0]} first")
+    budget = sum(costs[r.name]["flops"] for r in separate)
+    per_step = costs[srl.name]["flops"] / costs[srl.name]["steps"]
+    return max(1, round(budget / per_step))
+
+
+def cost_dirs(runs: list[Run], run: Run, cfg_path: str | None, overrides: list[str]) -> tuple[Path, ...]:
+    """Where a reported run's training cost is recorded: its own directory, and SMAE's for smae-srl
+    (every `train_summary.json` under them counts: the head warm-up's too)."""
+    dirs = [run_root(cfg_path, overrides, run)]
+    if run.method == "smae-srl":
+        dirs += [run_root(cfg_path, overrides, r) for r in runs if r.method == "smae"]
+    return tuple(dirs)
 
 
 def run_config(cfg_path: str | None, overrides: list[str], run: Run) -> DictConfig:
@@ -119,7 +179,8 @@ def reported_runs(cfg_path: str | None, overrides: list[str], runs: list[Run]) -
     cfg = load_config(cfg_path, overrides)
     collections = suite_collections(cfg)
     return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval,
-                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections))
+                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections),
+                        seed=r.seed, cost_dirs=cost_dirs(runs, r, cfg_path, overrides))
             for r in runs if r.report]
 
 
@@ -194,6 +255,9 @@ def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | 
     for i, run in enumerate(runs, 1):
         if report_only or (only and run.name not in wanted):
             continue
+        if run.method == "srl-matched":
+            run = dataclasses.replace(run, overrides=(*run.overrides,
+                                                      f"train.max_steps={matched_steps(cfg_path, overrides, runs, run)}"))
         run_cfg = run_config(cfg_path, overrides, run)
         for stage, fn in _stages(run):
             started = time.perf_counter()
@@ -207,11 +271,37 @@ def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | 
     return runs
 
 
-def describe(cfg: DictConfig) -> str:
-    """The plan, one line per run (for --dry-run)."""
+GPU_PEAK_FLOPS = 989e12  # H100 SXM, dense bf16
+GPU_MFU = 0.10  # what the training loop reaches there (docs/benchmarks.md: 8-12% for BERT-base SRL steps)
+
+
+def describe(cfg: DictConfig, cfg_path: str | None = None, overrides: list[str] = (), estimate: bool = False) -> str:
+    """The plan, one line per run (for --dry-run); with `estimate`, each training run's steps and model FLOPs
+    (`train.flops.estimate_training`, from the real data) and its time at `GPU_MFU` of an H100's peak."""
+    runs = plan_runs(cfg)
+    costs: dict[str, dict] = {}
+    if estimate:
+        from train.flops import estimate_training
+
+        for r in runs:
+            if r.train and r.method != "srl-matched":  # smae-srl: as its backbone (its model is not trained yet)
+                backbone = [f"model.name_or_path={cfg.model.name_or_path}"] if r.method == "smae-srl" else []
+                costs[r.name] = estimate_training(load_config(cfg_path, [*overrides, *r.overrides, *backbone]))
+        for r in runs:  # srl-matched: the separate models' FLOPs over an SRL step's
+            if r.method == "srl-matched":
+                budget = sum(costs[s.name]["flops"] for s in runs if s.method == "separate" and s.seed == r.seed)
+                per_step = next(costs[s.name] for s in runs if s.method == "srl" and s.seed == r.seed)["flops_per_step"]
+                costs[r.name] = {"steps": round(budget / per_step), "flops": budget, "flops_per_step": per_step}
     lines = []
-    for r in plan_runs(cfg):
+    for r in runs:
         what = {"finetune": "train", "pretrain": "pre-train", None: "no training"}[r.train]
         sizes = f"{len(r.sizes)} sizes" if r.sizes else "-"
-        lines.append(f"{r.name:18s} {what:12s} {sizes:9s} {' '.join(r.overrides[2:])}")
+        cost = costs.get(r.name)
+        spent = (f"{cost['steps']:6d} steps {cost['flops'] / 1e15:8.2f} PFLOP ~{cost['flops'] / (GPU_PEAK_FLOPS * GPU_MFU):6.1f} s "
+                 if cost else "")
+        lines.append(f"{r.name:24s} {what:12s} {sizes:9s} {spent}{' '.join(r.overrides[2:])}")
+    if costs:
+        total = sum(c["flops"] for c in costs.values())
+        lines.append(f"training in all: {total / 1e15:.2f} PFLOP, ~{total / (GPU_PEAK_FLOPS * GPU_MFU) / 60:.1f} min "
+                     f"at {GPU_MFU:.0%} of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (an H100's bf16 peak)")
     return "\n".join(lines)

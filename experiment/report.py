@@ -28,7 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -36,10 +36,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from retrieval.config import sizes_of
+from retrieval.cost import total_cost
 from retrieval.errors import StarbucksError
 from retrieval.evalfile import SizeScores, read_split, read_summary
 from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json, atomic_write_text
-from retrieval.metrics import paired_ttest
+from retrieval.metrics import Evaluation, paired_ttest
 from retrieval.names import parse_names
 from retrieval.runfile import read_run_record, run_stem, write_run_record
 from retrieval.sizes import Size
@@ -50,7 +51,7 @@ DISCUSSION_END = "<!-- end of discussion -->"
 # Report labels, in the paper's words (and the order of the tables).
 LABELS = {
     "zeroshot": "zero-shot", "full": "full", "separate": "separate", "2dmse": "2DMSE", "srl": "SRL",
-    "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
+    "srl-matched": "SRL (separate's FLOPs)", "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
 }
 
 Key = tuple[int, int]
@@ -67,6 +68,16 @@ class ReportedRun:
     sizes: tuple[Size, ...]  # the sizes it was evaluated for
     eval_dir: Path
     out_of_domain: tuple[tuple[str, str, Path], ...] = ()  # (collection, split, eval dir) of its eval.suite cells
+    seed: int | None = None  # runs of one method and several seeds are averaged
+    cost_dirs: tuple[Path, ...] = ()  # where its training cost is recorded (retrieval.cost)
+
+
+@dataclass
+class SeedScores(SizeScores):
+    """A size's scores over several seeds: per-query values and means are the seeds' means (what the
+    tables and t-tests use); `per_seed` holds each seed's mean of each measure (the tables' spread)."""
+
+    per_seed: dict[str, list[float]] = field(default_factory=dict)
 
 
 def report_splits(cfg: DictConfig) -> list[str]:
@@ -91,7 +102,34 @@ def split_queries(runs: Sequence[ReportedRun], split: str) -> int | str:
 def collect(runs: Sequence[ReportedRun], splits: Sequence[str], measures: Sequence[str]) -> Results:
     """Every run's scores as eval wrote them; the `separate` runs merge into one method. Where two
     separate models cover the same grid cell (sizes sharing a layer count), the model trained at that
-    cell's size wins, else the first."""
+    cell's size wins, else the first. A method run with several seeds gets its seeds' mean (`SeedScores`)."""
+    seeds = list(dict.fromkeys(r.seed for r in runs))
+    return merge_seeds([_collect_seed([r for r in runs if r.seed == seed], splits, measures) for seed in seeds])
+
+
+def merge_seeds(per_seed: Sequence[Results]) -> Results:
+    """One `Results` from one per seed: a cell present in several becomes their mean, per query and overall."""
+    out: Results = {}
+    for method in dict.fromkeys(m for results in per_seed for m in results):
+        for split in dict.fromkeys(sp for results in per_seed for sp in results.get(method, {})):
+            cells = out.setdefault(method, {}).setdefault(split, {})
+            for key in dict.fromkeys(k for results in per_seed for k in results.get(method, {}).get(split, {})):
+                hits = [results[method][split][key] for results in per_seed
+                        if key in results.get(method, {}).get(split, {})]
+                cells[key] = hits[0] if len(hits) == 1 else (hits[0][0], _seed_mean([h for _, h in hits]))
+    return out
+
+
+def _seed_mean(scores: Sequence[SizeScores]) -> SeedScores:
+    first = scores[0].evaluation
+    per_query = {m: {q: float(np.mean([s.evaluation.per_query[m][q] for s in scores])) for q in values}
+                 for m, values in first.per_query.items()}
+    per_seed = {m: [s.evaluation.aggregate[m] for s in scores] for m in first.aggregate}
+    aggregate = {m: float(np.mean(v)) for m, v in per_seed.items()}
+    return SeedScores(scores[0].size, scores[0].run, Evaluation(first.measures, per_query, aggregate), per_seed)
+
+
+def _collect_seed(runs: Sequence[ReportedRun], splits: Sequence[str], measures: Sequence[str]) -> Results:
     out: Results = {}
     trained_at: dict[str, Key] = {}  # separate run -> the size it was trained for (its first size)
     for run in runs:
@@ -119,6 +157,13 @@ def _value(results: Results, method: str, split: str, key: Key, measure: str) ->
     return None if hit is None else hit[1].evaluation.aggregate[measure]
 
 
+def _spread(results: Results, method: str, split: str, key: Key, measure: str) -> float | None:
+    """The sample standard deviation of the seeds' means (None for a single seed)."""
+    hit = results.get(method, {}).get(split, {}).get(key)
+    per_seed = getattr(hit[1], "per_seed", {}).get(measure) if hit else None
+    return float(np.std(per_seed, ddof=1)) if per_seed else None
+
+
 def _pvalue(results: Results, a: str, b: str, split: str, key: Key, measure: str) -> float | None:
     ra, rb = results.get(a, {}).get(split, {}).get(key), results.get(b, {}).get(split, {}).get(key)
     if ra is None or rb is None:
@@ -142,22 +187,28 @@ def summarise(cfg: DictConfig, results: Results, splits: Sequence[str]) -> dict:
                 for measure in measures:
                     v = _value(results, m, split, key, measure)
                     p = _pvalue(results, ref, m, split, key, measure) if m != ref else None
-                    row["splits"].setdefault(split, {})[measure] = {"value": v, "p": p}
+                    row["splits"].setdefault(split, {})[measure] = {"value": v, "p": p,
+                                                                    "sd": _spread(results, m, split, key, measure)}
             table.append(row)
+    spreads: dict = {}
     for m in methods:
         for split in splits:
             for measure in measures:
                 vals = [_value(results, m, split, (s.layers, s.dim), measure) for s in sizes]
                 if all(v is not None for v in vals):
                     averages.setdefault(m, {}).setdefault(split, {})[measure] = float(np.mean(vals))
-    return {"reference": ref, "alpha": float(cfg.eval.alpha), "measures": measures, "splits": list(splits),
+                seeds = [getattr(results[m][split][(s.layers, s.dim)][1], "per_seed", {}).get(measure)
+                         if (s.layers, s.dim) in results[m].get(split, {}) else None for s in sizes]
+                if all(seeds) and len({len(x) for x in seeds}) == 1:  # the sd over seeds of the size average
+                    spreads.setdefault(m, {}).setdefault(split, {})[measure] = float(np.std(np.mean(seeds, 0), ddof=1))
+    return {"average_sd": spreads, "reference": ref, "alpha": float(cfg.eval.alpha), "measures": measures, "splits": list(splits),
             "sizes": sizes.to_config(), "methods": methods, "table": table, "averages": averages}
 
 
-def _fmt(v: float | None, p: float | None = None, alpha: float = 0.05) -> str:
+def _fmt(v: float | None, p: float | None = None, alpha: float = 0.05, sd: float | None = None) -> str:
     if v is None:
         return "-"
-    return f"{v:.4f}" + ("*" if p is not None and p < alpha else "")
+    return f"{v:.4f}" + (f" ± {sd:.4f}" if sd is not None else "") + ("*" if p is not None and p < alpha else "")
 
 
 def table4(summary: dict) -> str:
@@ -166,18 +217,44 @@ def table4(summary: dict) -> str:
     rows, last = [], None
     for r in summary["table"]:
         label = f"{r['size']} ({r['layers']}x{r['dim']})"
-        cells = [_fmt(r["splits"][sp][m]["value"], r["splits"][sp][m]["p"], alpha) for sp in splits for m in measures]
+        cells = [_fmt(r["splits"][sp][m]["value"], r["splits"][sp][m]["p"], alpha, r["splits"][sp][m]["sd"])
+                 for sp in splits for m in measures]
         rows.append([label if label != last else "", LABELS[r["method"]], *cells])
         last = label
     return markdown_table(headers, rows)
 
 
 def averages_table(summary: dict) -> str:
-    splits, measures = summary["splits"], summary["measures"]
-    headers = ["method", *[f"{sp} {m}" for sp in splits for m in measures]]
-    rows = [[LABELS[m], *[_fmt(summary["averages"].get(m, {}).get(sp, {}).get(x)) for sp in splits for x in measures]]
+    """Each method's average over the sizes (± its spread over seeds) and its training cost."""
+    splits, measures, cost = summary["splits"], summary["measures"], summary["cost"]
+    headers = ["method", *[f"{sp} {m}" for sp in splits for m in measures], "train PFLOP", "train time"]
+
+    def cost_cells(m: str) -> list[str]:
+        c = cost.get(m)
+        if c is None:
+            return ["-", "-"]
+        return [f"{c['flops'] / 1e15:.3g}", f"{c['seconds'] / 60:.1f} min"]
+
+    rows = [[LABELS[m], *[_fmt(summary["averages"].get(m, {}).get(sp, {}).get(x),
+                               sd=summary["average_sd"].get(m, {}).get(sp, {}).get(x))
+                          for sp in splits for x in measures], *cost_cells(m)]
             for m in summary["methods"]]
     return markdown_table(headers, rows)
+
+
+def method_costs(runs: Sequence[ReportedRun]) -> dict[str, dict]:
+    """Per method the training cost of one seed's runs (separate: its models together; SMAE+SRL: with its
+    pre-training), averaged over the seeds; a method with an unrecorded run is left out."""
+    out: dict[str, dict] = {}
+    for method in dict.fromkeys(r.method for r in runs):
+        per_seed = []
+        for seed in dict.fromkeys(r.seed for r in runs if r.method == method):
+            dirs = [d for r in runs if r.method == method and r.seed == seed for d in r.cost_dirs]
+            per_seed.append(total_cost(dirs) if dirs else None)
+        if per_seed and all(per_seed):
+            out[method] = {"seeds": len(per_seed), "runs": per_seed[0]["runs"], "device": per_seed[0]["device"],
+                           **{k: float(np.mean([c[k] for c in per_seed])) for k in ("steps", "seconds", "flops")}}
+    return out
 
 
 def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun]) -> tuple[str, str] | None:
@@ -228,32 +305,76 @@ def ablation_table(cfg: DictConfig, results: Results, splits: Sequence[str]) -> 
     return markdown_table(headers, rows)
 
 
+def compare(results: Results, a: str, b: str, split: str, measure: str, sizes, alpha: float) -> dict | None:
+    """Method `a` against `b` at each size: how often ahead, how often significantly ahead or behind
+    (paired t-test on the per-query values, averaged over seeds), the mean and the worst difference."""
+    if a not in results or b not in results:
+        return None
+    wins, sig_w, sig_l, gaps = 0, 0, 0, []
+    for s in sizes:
+        key = (s.layers, s.dim)
+        va, vb = _value(results, a, split, key, measure), _value(results, b, split, key, measure)
+        if va is None or vb is None:
+            continue
+        p = _pvalue(results, a, b, split, key, measure)
+        wins += va > vb
+        sig_w += va > vb and p < alpha
+        sig_l += va < vb and p < alpha
+        gaps.append(va - vb)
+    if not gaps:
+        return None
+    return {"sizes": len(gaps), "ahead": wins, "significantly_ahead": sig_w, "significantly_behind": sig_l,
+            "mean_difference": float(np.mean(gaps)), "worst_difference": float(min(gaps))}
+
+
+# The paper's claims: (title, method, against, which sizes, how it is judged). "ahead": the method must be
+# ahead at every size; "close": it must not be significantly behind at any size.
+CLAIMS = (
+    ("SRL > 2DMSE at every size", "srl", "2dmse", "all", "ahead"),
+    ("SRL close to the separately trained models on the diagonal", "srl", "separate", "all", "close"),
+    ("SMAE pre-training helps the small sizes (SMAE+SRL > SRL)", "smae-srl", "srl", "small", "ahead"),
+    ("KL alignment helps (SRL > SRL w/o KL)", "srl", "srl-nokl", "all", "ahead"),
+    ("Not the paper's: one SRL run for the FLOPs of the six separate models, against them", "srl-matched",
+     "separate", "all", "close"),
+)
+
+
+def verdict(c: dict, kind: str) -> str:
+    """Whether a claim holds on one split and measure, and how strongly, in words."""
+    n, ahead, sig_w, sig_l = c["sizes"], c["ahead"], c["significantly_ahead"], c["significantly_behind"]
+    if kind == "close":
+        if sig_l == 0:
+            word = "holds" + (" (and ahead at every size)" if ahead == n else "")
+        else:
+            word = "holds in part" if sig_l < n / 2 else "does not hold"
+        return (f"{word}: significantly behind at {sig_l} of {n} sizes, ahead at {ahead} ({sig_w} significantly); "
+                f"mean difference {c['mean_difference']:+.4f}, largest deficit {min(c['worst_difference'], 0):+.4f}")
+    if ahead == n and sig_l == 0:
+        word = "holds strongly" if sig_w == n else "holds" if sig_w >= n / 2 else "holds weakly"
+    elif ahead > n / 2 and sig_l == 0:
+        word = "holds in part"
+    else:
+        word = "does not hold"
+    return (f"{word}: ahead at {ahead} of {n} sizes ({sig_w} significantly, {sig_l} significantly behind); "
+            f"mean difference {c['mean_difference']:+.4f}")
+
+
 def claims(cfg: DictConfig, results: Results, splits: Sequence[str]) -> list[str]:
-    """The paper's claims checked against the numbers, one sentence each."""
-    sizes = sizes_of(cfg)
+    """Each claim of the paper checked against the numbers: per split and measure, whether it holds and how strongly."""
+    sizes = list(sizes_of(cfg))
+    small = sizes[: max(1, len(sizes) // 2)]
     alpha = float(cfg.eval.alpha)
     lines = []
-    for sp in splits:
-        for m in list(cfg.eval.metrics)[:2]:
-            def compare(a: str, b: str) -> str | None:
-                if a not in results or b not in results:
-                    return None
-                wins, sig_w, sig_l, gaps = 0, 0, 0, []
-                for s in sizes:
-                    key = (s.layers, s.dim)
-                    va, vb = _value(results, a, sp, key, m), _value(results, b, sp, key, m)
-                    if va is None or vb is None:
-                        continue
-                    p = _pvalue(results, a, b, sp, key, m)
-                    wins += va > vb
-                    sig_w += va > vb and p < alpha
-                    sig_l += va < vb and p < alpha
-                    gaps.append(va - vb)
-                return (f"{LABELS[a]} > {LABELS[b]} at {wins} of {len(gaps)} sizes ({sig_w} significantly; "
-                        f"{sig_l} significantly worse); mean difference {np.mean(gaps):+.4f}")
-            found = [c for c in (compare("srl", "2dmse"), compare("srl", "separate"), compare("smae-srl", "srl"),
-                                 compare("srl", "srl-nokl"), compare("srl", "zeroshot")) if c]
-            lines += [f"- {sp} {m}: {c}" for c in found]
+    for title, a, b, which, kind in CLAIMS:
+        found = [(sp, m, compare(results, a, b, sp, m, small if which == "small" else sizes, alpha))
+                 for sp in splits for m in list(cfg.eval.metrics)[:2]]
+        found = [(sp, m, c) for sp, m, c in found if c]
+        if not found:
+            continue
+        scope = f" ({', '.join(s.name for s in small)})" if which == "small" else ""
+        lines.append(f"**{title}**{scope}:\n")
+        lines += [f"- {sp} {m}: {verdict(c, kind)}" for sp, m, c in found]
+        lines.append("")
     return lines
 
 
@@ -437,6 +558,26 @@ def _discussion(path: Path) -> str:
     return f"{DISCUSSION_START}\n_(not written yet)_\n{DISCUSSION_END}"
 
 
+def seeds_sentence(cfg: DictConfig, runs: Sequence[ReportedRun]) -> str:
+    seeds = list(dict.fromkeys(r.seed for r in runs if r.method == "srl")) or [cfg.seed]
+    if len(seeds) == 1:
+        return f"Seed {seeds[0]}."
+    repeated = sorted({LABELS[r.method] for r in runs if r.seed != seeds[0]})
+    return (f"{', '.join(repeated)} ran with seeds {', '.join(map(str, seeds))}: their cells are the mean over the "
+            f"seeds ± the standard deviation of the seeds' means, and their t-tests use the per-query values "
+            f"averaged over the seeds; the other methods ran with seed {seeds[0]}.")
+
+
+def cost_ratio(cost: dict) -> str:
+    """How srl-matched's budget came about, from the recorded numbers."""
+    matched, separate, srl = cost["srl-matched"], cost.get("separate"), cost.get("srl")
+    text = f"{matched['steps']:.0f}"
+    if separate and srl:
+        text += (f", the FLOPs of the separate models together ({separate['flops'] / 1e15:.3g} PFLOP) over SRL's "
+                 f"{srl['flops'] / srl['steps'] / 1e12:.3g} TFLOP per step")
+    return text + "."
+
+
 def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | None, overrides: Sequence[str]) -> Path:
     """Read eval's files, tabulate, plot, copy; returns the path of results.md."""
     report_dir = Path(cfg.experiment.report_dir) if cfg.experiment.report_dir else Path(cfg.output_dir) / "report"
@@ -445,6 +586,7 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     names = report_splits(cfg)
     results = collect(runs, names, list(cfg.eval.metrics))
     summary = summarise(cfg, results, names)
+    summary["cost"] = method_costs(runs)
     prov = provenance(cfg_path, overrides, report_dir)
     plots = size_plots(cfg, results, names, out_dir)
     maps = heatmaps(cfg, results, out_dir)
@@ -465,17 +607,31 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
         f"Backbone `{cfg.model.name_or_path}` ({cfg.model.pooling} pooling, normalize={cfg.model.normalize}). "
         f"Every fine-tuned run: {budget} of "
         f"{cfg.train.batch_size} queries x {cfg.train.group_size} passages, lr {cfg.train.learning_rate}, "
-        f"temperature {cfg.train.temperature}, passages <= {cfg.model.passage_max_length} tokens, seed {cfg.seed}.\n",
+        f"temperature {cfg.train.temperature}, passages <= {cfg.model.passage_max_length} tokens. "
+        f"{seeds_sentence(cfg, runs)} 2DMSE samples its layer and dim per step as "
+        + ("the paper does (`n ~ U(1, N-1)`, `d ~ U(1, D-1)`, `train.twodmse_dims: uniform`)."
+           if cfg.train.twodmse_dims == "uniform" else
+           "sentence-transformers' Matryoshka2dLoss does (`d` from the size list, `train.twodmse_dims: list`).")
+        + (f" SRL (separate's FLOPs) is SRL trained for {cost_ratio(summary['cost'])} steps" if "srl-matched" in
+           summary["cost"] else "") + "\n",
         f"## Table 4: every size and method\n\n`*`: differs from {LABELS.get(summary['reference'], summary['reference'])} "
         f"at p < {summary['alpha']} (two-sided paired t-test over the queries).\n\n{table4(summary)}",
-        f"## Table 1: averages over the {len(sizes_of(cfg))} sizes\n\n{averages_table(summary)}",
+        f"## Table 1: averages over the {len(sizes_of(cfg))} sizes, and what training cost\n\n"
+        "Train PFLOP: model FLOPs of the training runs (forward + backward of the matrix products on the real "
+        "tokens, only the layers each step runs; `train/flops.py`), wall time as recorded by the runs "
+        f"({', '.join(sorted({c['device'] for c in summary['cost'].values()})) or '-'}). `separate` is its "
+        f"{len(sizes_of(cfg))} models together, SMAE+SRL includes the pre-training and its head warm-up; "
+        "with several seeds, one seed's cost.\n\n"
+        f"{averages_table(summary)}",
     ]
     if ablation:
         parts.append(f"## Table 2: SRL with and without the KL term\n\np: paired t-test between the two.\n\n{ablation}")
     ood = out_of_domain(cfg, runs)
     if ood:
         parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")
-    parts.append("## The paper's claims, counted\n\n" + "\n".join(claims(cfg, results, names)) + "\n")
+    parts.append("## The paper's claims, checked\n\nPer split and measure: ahead = better mean at a size; "
+                 f"significantly = paired t-test p < {cfg.eval.alpha}; the cost of each method is in Table 1.\n\n"
+                 + "\n".join(claims(cfg, results, names)) + "\n")
     parts.append("## Metric vs size\n\n" + "\n".join(f"![{p}](results/{p})" for p in plots) + "\n")
     if maps:
         parts.append(

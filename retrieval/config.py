@@ -153,7 +153,7 @@ DEFAULTS: dict[str, Any] = {
     # `python -m experiment` / `make experiment`: the paper's comparison, one run per method under
     # <output_dir>/<run>, every run the four stages of this config with the method's overrides.
     "experiment": {
-        "methods": "all",  # all | comma list of: zeroshot, full, separate, 2dmse, srl, srl-nokl, smae-srl
+        "methods": "all",  # all | comma list of: zeroshot, full, separate, 2dmse, srl, srl-matched, srl-nokl, smae-srl
         "reference": "smae-srl",  # every other method is t-tested against this one
         "grid": True,  # also encode/search the whole (layer, dim) grid: layers 1..N x the size list's dims
         "grid_split": "dev",  # the split the grid heatmaps show
@@ -162,6 +162,7 @@ DEFAULTS: dict[str, Any] = {
         "report_dir": None,  # where results.md and results/ go (None: <output_dir>/report)
         "run_depth": 100,  # depth of the run files copied next to the report
         "grid_run_depth": 10,  # ... of the heatmaps' other grid cells (the heatmap metric needs 10)
+        "seeds": None,  # srl, 2dmse and separate once per seed, the tables their mean and spread (None: [seed])
         "suite": None,  # a suite file (configs/suites/offline.yaml): every reported run on its collections (eval.suite)
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).

@@ -30,3 +30,16 @@ def read_train_summary(run_dir: str | os.PathLike) -> dict | None:
     if missing:
         raise StarbucksError(f"{path} lacks {', '.join(missing)}; delete it and re-run the training to remake it")
     return record
+
+
+def total_cost(directories) -> dict | None:
+    """The cost of everything trained under `directories`: every `train_summary.json` beneath them (a run's,
+    its head warm-up's, ...) summed; None when one of them has none (not trained yet)."""
+    found = []
+    for directory in directories:
+        paths = sorted(Path(directory).glob(f"**/{TRAIN_SUMMARY}"))
+        if not paths:
+            return None
+        found += [read_train_summary(p.parent) for p in paths]
+    return {"runs": len(found), "steps": sum(r["steps"] for r in found), "seconds": sum(r["seconds"] for r in found),
+            "flops": sum(r["flops"] for r in found), "device": ", ".join(sorted({r["device"] for r in found}))}

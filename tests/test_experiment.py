@@ -64,8 +64,8 @@ def test_plan_covers_every_method_with_identical_settings(finished):
     root, config, _ = finished
     cfg = load_config(config)
     runs = {r.name: r for r in plan_runs(cfg)}
-    assert list(runs) == ["zeroshot", "full", "separate-a", "separate-b", "separate-c", "2dmse", "srl", "srl-nokl",
-                          "smae", "smae-srl"]
+    assert list(runs) == ["zeroshot", "full", "separate-a", "separate-b", "separate-c", "2dmse", "srl", "srl-matched",
+                          "srl-nokl", "smae", "smae-srl"]
     assert len(runs["srl"].sizes) == 4 * 3  # the whole grid: layers 1..4 x dims 8, 16, 32
     assert sorted((s.layers, s.dim) for s in runs["separate-b"].sizes) == [(2, 8), (2, 16), (2, 32)]
     assert "train.kl_weight=0" in runs["srl-nokl"].overrides
@@ -78,7 +78,7 @@ def test_report_numbers_equal_pytrec_eval_and_scipy_on_the_run_files(finished):
     root, _, qrels = finished
     summary = json.loads((root / "report" / "results" / "summary.json").read_text())
     rows = {(r["size"], r["method"]): r["splits"] for r in summary["table"]}
-    assert summary["methods"] == ["zeroshot", "full", "separate", "2dmse", "srl", "srl-nokl", "smae-srl"]
+    assert summary["methods"] == ["zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl"]
     runs = root / "runs"
     for size, method, run_dir in [("c", "srl", "srl"), ("a", "separate", "separate-a"),
                                   ("b", "separate", "separate-b"), ("b", "2dmse", "2dmse")]:
@@ -146,7 +146,7 @@ def test_a_second_run_redoes_nothing(finished, capsys):
     watched += [*runs.glob("suite/*/docs/runs/test/*.trec")]  # the out-of-domain suite's runs too
     before = {p: p.stat().st_mtime_ns for p in watched}
     logs = {p: p.read_text() for p in runs.glob("*/train_log.jsonl")}
-    assert len(watched) > 100 and len(logs) == 9
+    assert len(watched) > 100 and len(logs) == 10
     main(["--config", str(config)])
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert {p: p.read_text() for p in logs} == logs
@@ -163,10 +163,11 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
     section = md[md.index("## Out-of-domain: nDCG@10 averaged over 1 collection (docs"):].split("\n## ")[0]
     header = next(line for line in section.splitlines() if line.startswith("| size |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns == ["size", "zero-shot", "full", "separate", "2DMSE", "SRL", "SRL w/o KL", "SMAE+SRL"]
+    assert columns == ["size", "zero-shot", "full", "separate", "2DMSE", "SRL", "SRL (separate's FLOPs)", "SRL w/o KL",
+                       "SMAE+SRL"]
     qrels = load_split("test", str(root / "docs")).qrels
     runs = {"zero-shot": "zeroshot", "full": "full", "2DMSE": "2dmse", "SRL": "srl", "SRL w/o KL": "srl-nokl",
-            "SMAE+SRL": "smae-srl"}
+            "SMAE+SRL": "smae-srl", "SRL (separate's FLOPs)": "srl-matched"}
     for size in "abc":
         row = next(line for line in section.splitlines() if line.startswith(f"| {size} ("))
         cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
