@@ -188,3 +188,19 @@ def test_saved_model_encodes_the_same_in_the_toolkit_at_every_size(backbone, tmp
             with at_size(model, (size.layers, size.dim)):  # what an ST evaluator sees at that size
                 torch.testing.assert_close(model.encode(POSITIVES, convert_to_tensor=True), ours[size],
                                            rtol=1e-4, atol=1e-5)
+
+
+def test_the_example_script_trains_evaluates_and_saves(backbone, tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("st_starbucks", REPO / "examples" / "st_starbucks.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    pairs = tmp_path / "pairs.jsonl"  # 40 of the shipped eval pairs: quick to score at three sizes, twice
+    with gzip.open(REPO / "examples" / "data" / "debian-pairs-eval.jsonl.gz", "rt") as f:
+        pairs.write_text("".join(f.readlines()[:40]))
+    example.main(["--model", str(backbone), "--pooling", "mean", "--sizes", "1x8,2x16,4x32", "--max-steps", "2",
+                  "--batch-size", "8", "--max-seq-length", "32", "--eval", str(pairs), "--out", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| 1x8 |") or line.startswith("| 4x32 |")]
+    assert len(rows) == 2 and "encodes it at every size (8, 16, 32 dims)" in out
