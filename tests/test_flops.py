@@ -5,6 +5,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_bert
+from test_train import collection, tiny_model, train, write_config  # noqa: F401 (fixtures)
 from retrieval.losses import InfoNCE, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder
 from retrieval.sizes import Size, SizeList
@@ -91,3 +92,17 @@ def test_head_warmup_step_equals_torchs_flop_counter():
              "labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, -100)}
     warmup = HeadWarmup(model)
     assert counted(lambda: warmup(batch).loss.backward()) == head_warmup_flops(model.encoder.config, batch)
+
+
+def test_estimate_of_a_finetuning_run_is_close_to_what_it_records(tmp_path, tiny_model, collection):
+    from retrieval.config import load_config
+    from retrieval.cost import read_train_summary
+    from train.flops import estimate_training
+
+    config = write_config(tmp_path, tiny_model, collection, max_steps=4)
+    estimate = estimate_training(load_config(config))
+    train(config)
+    recorded = read_train_summary(tmp_path / "run")
+    assert estimate["steps"] == recorded["steps"] == 4
+    assert estimate["flops"] == estimate["steps"] * estimate["flops_per_step"]
+    assert 0.8 < estimate["flops"] / recorded["flops"] < 1.25  # other batches of the same data
