@@ -520,7 +520,8 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
         if best.stopped:
             break
     bar.close()
-    accelerator.end_training()
+    for tracker in accelerator.trackers:  # not end_training(): it would also end the caller's process group
+        tracker.finish()
 
     if main:
         staging = staging_dir(model_dir)
