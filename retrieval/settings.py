@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -200,6 +200,7 @@ KEY_RULES: dict[str, Rule] = {
     "model.query_max_length": integer(1),
     "model.passage_max_length": integer(1),
     "data.max_train_groups": integer(1, allow_none=True),
+    "data.train_corpus": text(),
     "train.method": choice("srl", "2dmse", "separate", "full", "smae"),
     "train.size": text(),
     "train.epochs": number(0, above=True),
@@ -220,6 +221,7 @@ KEY_RULES: dict[str, Rule] = {
     "train.save_total_limit": integer(0, allow_none=True),
     "train.logging_steps": integer(1),
     "train.dataloader_workers": integer(0),
+    "train.twodmse_dims": choice("uniform", "list"),
     "train.grad_cache_chunk": integer(1),
     "train.eval_steps": integer(1, allow_none=True),
     "train.eval_split": text(allow_none=False),
@@ -259,6 +261,9 @@ KEY_RULES: dict[str, Rule] = {
     "eval.splits": names(),
     "eval.alpha": number(0, 1, above=True, below=True),
     "experiment.methods": names(),
+    "experiment.seeds": Rule(lambda v, k: v if v is None else [whole_number(x, f"{k}[{i}]", 0) for i, x in enumerate(
+        v if isinstance(v, Sequence) and not isinstance(v, str) else [v])]),
+    "experiment.grid_split": text(allow_none=False),
     "experiment.run_depth": integer(1),
     "experiment.grid_run_depth": integer(1),
 }
