@@ -80,8 +80,13 @@ def _coverage(record: dict | None, split: EvalSplit) -> dict | None:
     store = EmbeddingStore(record["embeddings"]) if record.get("embeddings") else None
     meta = store.read_meta() if store is not None else None
     if meta and meta.get("complete") and meta.get("ids_sha256") == record.get("passages", {}).get("ids_sha256"):
-        return qrels_coverage(split.qrels, set(store.ids()))
+        if _PASSAGE_IDS.get("sha") != meta["ids_sha256"]:  # the sizes of a corpus share their ids: read them once
+            _PASSAGE_IDS.update(sha=meta["ids_sha256"], ids=frozenset(store.ids()))
+        return qrels_coverage(split.qrels, _PASSAGE_IDS["ids"])
     return record.get("qrels_coverage")
+
+
+_PASSAGE_IDS: dict = {}  # the ids of the last corpus looked at, by its ids_sha256
 
 
 def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[str], level: int) -> SizeResult:
