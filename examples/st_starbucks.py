@@ -1,7 +1,7 @@
 """Train a Starbucks model in a plain sentence-transformers script (the paper's STS path) and report
 the Spearman correlation of every size with ST's `EmbeddingSimilarityEvaluator`, before and after.
 
-    # offline, on the CPU in a few minutes: MiniLM on the debian-pkgs pairs shipped in examples/data
+    # offline, on the CPU: MiniLM on the debian-pkgs pairs shipped in examples/data (docs/sentence-transformers.md)
     python examples/st_starbucks.py
 
     # the paper's STS setting (Table 5), with internet and a GPU: BERT-base on AllNLI triplets, STS-B test
