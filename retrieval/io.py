@@ -61,6 +61,10 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tu
         yield lineno, obj
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`.
@@ -74,6 +78,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets a plain file's mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():
