@@ -197,6 +197,7 @@ def names() -> Rule:
 KEY_RULES: dict[str, Rule] = {
     "seed": integer(0),
     "model.pooling": choice("cls", "mean"),
+    "model.packing": Rule(lambda v, k: v if v == "auto" or isinstance(v, bool) else choice("auto", "true", "false").check(v, k)),
     "model.query_max_length": integer(1),
     "model.passage_max_length": integer(1),
     "data.max_train_groups": integer(1, allow_none=True),
