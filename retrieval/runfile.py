@@ -90,17 +90,22 @@ def read_run_record(path: str | os.PathLike) -> dict | None:
         return None
 
 
-def run_file_summary(path: str | os.PathLike) -> dict:
-    """What identifies a run file's content: sha256 of its bytes, its lines and its queries."""
-    sha, lines, queries = hashlib.sha256(), 0, set()
+def _sha256(path: str | os.PathLike) -> str:
+    sha = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             sha.update(chunk)
+    return sha.hexdigest()
+
+
+def run_file_summary(path: str | os.PathLike) -> dict:
+    """What identifies a run file's content: sha256 of its bytes, its lines and its queries."""
+    lines, queries = 0, set()
     for _, line in iter_lines(path, "run file"):
         if line.strip():
             lines += 1
             queries.add(line.split(None, 1)[0])
-    return {"sha256": sha.hexdigest(), "lines": lines, "queries": len(queries)}
+    return {"sha256": _sha256(path), "lines": lines, "queries": len(queries)}
 
 
 def write_run_record(path: str | os.PathLike, record: dict) -> dict:
@@ -116,11 +121,9 @@ def check_run_file(path: str | os.PathLike, record: dict | None = None) -> str |
     else what differs, in words."""
     record = read_run_record(path) if record is None else record
     saved = (record or {}).get("file")
-    if not saved:
+    if not saved or _sha256(path) == saved.get("sha256"):
         return None
-    now = run_file_summary(path)
-    if now == saved:
-        return None
+    now = run_file_summary(path)  # only to say what differs
     if now["queries"] != saved["queries"] or now["lines"] != saved["lines"]:
         return (f"it holds {now['queries']} queries / {now['lines']} lines, but {saved['queries']} / {saved['lines']} "
                 f"were written")
