@@ -22,6 +22,7 @@ from retrieval.card import read_results, write_card
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.model import StarbucksModel
 from retrieval.modeling import META_FILE, read_meta
+from retrieval.settings import first_line
 from retrieval.sizes import Size, SizeList
 
 
@@ -87,7 +88,7 @@ def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private
                           commit_message=f"Upload {meta.get('exported_size', {}).get('name') or 'model'} "
                                          f"with starbucks-retrieval")
     except (HfHubHTTPError, OSError) as err:
-        raise StarbucksError(f"upload to {repo_id} failed: {str(err).strip().splitlines()[0]}; check HF_TOKEN "
+        raise StarbucksError(f"upload to {repo_id} failed: {first_line(err)}; check HF_TOKEN "
                              f"(or huggingface-cli login) and the network") from None
     return files
 
