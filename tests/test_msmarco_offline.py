@@ -140,9 +140,15 @@ def test_msmarco_config_end_to_end_offline_equals_pytrec_eval(standins, tmp_path
         "encode.batch_size=64", "encode.precision=fp32",
     ]
     config = REPO / "configs" / "msmarco-bert-base.yaml"
-    for stage in ("train", "encode", "search", "eval"):
-        module = __import__(f"{stage}.__main__", fromlist=["main"])
-        module.main(["--config", str(config), *overrides])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # the config trains in bf16; earlier tests in fp32
+    try:
+        for stage in ("train", "encode", "search", "eval"):
+            module = __import__(f"{stage}.__main__", fromlist=["main"])
+            module.main(["--config", str(config), *overrides])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
     meta = json.loads((out / "model" / "starbucks.json").read_text())
     assert (meta["pooling"], meta["normalize"]) == ("cls", False)
