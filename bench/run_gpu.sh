@@ -4,6 +4,7 @@
 #   run(command="bash bench/run_gpu.sh", carry=["bench/carry"])   # device tool: issue 7's set
 #   run(command="bash bench/run_gpu.sh packing", carry=["bench/carry"])   # issue 19: packed, fp32 search
 #   run(command="bash bench/run_gpu.sh compile", carry=["bench/carry"])   # issue 19: compile, MiniLM
+#   run(command="bash bench/run_gpu.sh gradcache", carry=["bench/carry"])   # issue 17: BERT-base 128 x 8 cached
 # Each set fits one device command (10 minutes).
 # Installs the carried wheels, then times the SRL training step, encoding and exact search against
 # the plain-transformers reference (issue 7's workloads), plus the variants tried (--no-write:
@@ -41,6 +42,10 @@ elif [ "$SET" = compile ]; then
   step 80 bench/train_step.py --model minilm --group 8 --steps 5 --no-cudnn-sdp --queries 128 --packing both --skip-reference --tag _packing
   step 80 bench/encode_speed.py --model minilm --passages 5000 --batch-size 512 --repeats 1 --only trenta,all \
     --packing both --skip-reference --tag _packing
+elif [ "$SET" = gradcache ]; then
+  # gradient caching: peak memory and step time of BERT-base 128 x 8 per chunk size next to the uncached step
+  # (issue 17's goal: under 16 GiB at no more than 1.4x the time); each configuration in its own process
+  step 540 bench/grad_cache.py --model bert-base --batches 128x8 --chunks 0,32,64,128,256 --steps 3
 else
 # Training: ours with train.length_buckets=auto (0) against the reference, which runs out of memory at
 # 128 x 8 without gradient checkpointing; then at 64 x 8, where both fit; then fixed bucket counts.
