@@ -58,6 +58,7 @@ class RetrievalTask:
         }
         data = OmegaConf.to_container(cfg.data, resolve=True)
         self._fingerprint = config_fingerprint(cfg, data={k: v for k, v in data.items() if k != "eval_splits"})
+        self._fingerprint["train"]["length_buckets"] = encoder.length_buckets  # resolved: auto differs by device
 
     def embedding_inputs(self, batch: dict, step: int) -> tuple[dict[str, dict], list[Size]]:
         """The texts a step embeds and the sizes it visits (gradient caching embeds them chunk by chunk)."""
