@@ -107,3 +107,32 @@ def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int,
     (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
         f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items()))
     return out
+
+
+def run_two_gloo_ranks(script, *args: str):
+    """Run `script` (a test module with a `__main__` part) as 2 torchrun ranks on the CPU; asserts it succeeded."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    return launched
+
+
+def die_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make training stop with a KeyboardInterrupt (a kill) right after checkpoint `step` is committed."""
+    from train.checkpoint import Checkpoints
+
+    commit = Checkpoints.commit
+
+    def commit_then_die(self, staging, at):
+        path = commit(self, staging, at)
+        if at == step:
+            raise KeyboardInterrupt
+        return path
+
+    monkeypatch.setattr(Checkpoints, "commit", commit_then_die)

@@ -6,8 +6,6 @@ function for two steps with half the batch size (with and without gradient accum
 parent checks both against one process.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_bert
+from conftest import run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
 from retrieval.modeling import load_encoder, read_meta, resolve_model_path
@@ -93,12 +91,7 @@ def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection)
     config = write_config(tmp_path, model_dir, collection, max_steps=2, group_size=GROUP, save_steps=1,
                           learning_rate=1e-4, weight_decay=0.01)  # Adam magnifies float noise in ~0 gradients by lr
     (tmp_path / "run.yaml").write_text(config.read_text())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    run_two_gloo_ranks(__file__, str(tmp_path))
 
     # (1) loss and gradients of every parameter, against one process on the combined batch
     encoder, _, _ = load_encoder(str(model_dir), "mean", False)

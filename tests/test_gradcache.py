@@ -8,8 +8,6 @@ step itself (`RetrievalTask.compute_loss`); with smaller chunks it draws the sam
 as the cached step's first (no-grad) pass, which the re-runs must replay.
 """
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_bert
+from conftest import run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder
@@ -226,12 +224,7 @@ def test_cached_step_under_two_gloo_processes_with_cross_device_negatives(tmp_pa
     config = write_config(tmp_path, make_model_dir(tmp_path / "model"), collection, max_steps=2, save_steps=1,
                           learning_rate=1e-4, weight_decay=0.01)
     (tmp_path / "run.yaml").write_text(config.read_text())
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__, str(tmp_path)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
+    run_two_gloo_ranks(__file__, str(tmp_path))
     encoder, sizes, loss = method_setup("srl", "mean", 1, dropout=0.0)
     loss_value, grads = reference(encoder, random_batch(0), sizes, loss, 1000, seed=0)  # one process, whole batch
     ddp = torch.load(tmp_path / "ddp.pt")

@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, tiny_bert
+from conftest import REPO, die_after_checkpoint, tiny_bert
 from retrieval.config import load_config
 from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
@@ -288,15 +288,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, co
     straight = train(write_config(tmp_path, tiny_model, collection, name="straight", **settings))
 
     config = write_config(tmp_path, tiny_model, collection, name="killed", **settings)
-    commit = Checkpoints.commit
-
-    def commit_then_die(self, staging, step):
-        path = commit(self, staging, step)
-        if step == 3:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(Checkpoints, "commit", commit_then_die)
+    die_after_checkpoint(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         train(config)
     monkeypatch.undo()

@@ -11,12 +11,12 @@ import yaml
 import torch
 from safetensors.torch import load_file
 
+from conftest import die_after_checkpoint
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
 from retrieval.modeling import load_encoder, read_meta
 from retrieval.sizes import SizeList
 from test_train import TINY_SIZES, collection, log_lines, tiny_model, train, write_config  # noqa: F401  (fixtures)
-from train.checkpoint import Checkpoints
 from train.validation import Validator
 
 DEV = 10  # dev queries: the first words of passages d20..d29
@@ -164,15 +164,7 @@ def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collectio
 
     # killed after the checkpoint of step 1, resumed: the same best, the same stop, the same model
     config = run_config(tmp_path, tiny_model, dev_collection, name="killed", **settings)
-    commit = Checkpoints.commit
-
-    def commit_then_die(self, staging, step):
-        path = commit(self, staging, step)
-        if step == 1:
-            raise KeyboardInterrupt
-        return path
-
-    monkeypatch.setattr(Checkpoints, "commit", commit_then_die)
+    die_after_checkpoint(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_with_dev(config, dev_collection)
     monkeypatch.undo()
