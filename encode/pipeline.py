@@ -203,14 +203,14 @@ def _encode_collection(cfg: DictConfig, work: Slice, progress: bool) -> EncodeSu
         if not work.owns(k):
             continue
         check_ids(ids, f"corpus {cfg.data.corpus}")
-        for s in sizes:
-            if stores[s].has_shard(k) and stores[s].read_ids(k) != ids:
+        digest = texts_sha256(texts)
+        problems = {s: stores[s].shard_problem(k, digest, ids) for s in sizes}
+        for s, problem in problems.items():
+            if problem == "of other passages":
                 raise StarbucksError(
                     f"{stores[s].ids_path(k)} lists other passages than block {k} of the corpus; the corpus changed "
                     f"since it was encoded: delete {stores[s].dir} and re-encode"
                 )
-        digest = texts_sha256(texts)
-        problems = {s: stores[s].shard_problem(k, digest) for s in sizes}
         todo = [s for s in sizes if problems[s]]
         for s in todo:
             if problems[s] != "missing":

@@ -178,7 +178,7 @@ def encode_collection(model, col: LoadedCollection, sizes: Sequence[Size], root:
     for k, block in enumerate(_blocks(iter_corpus(col.spec.source), SHARD_ROWS)):
         ids, texts = [i for i, _ in block], [t for _, t in block]
         digest = texts_sha256(texts)  # an edited passage re-encodes its shard
-        todo = [s for s in sizes if stores[s].shard_problem(k, digest) or stores[s].read_ids(k) != ids]
+        todo = [s for s in sizes if stores[s].shard_problem(k, digest, ids)]
         if todo:
             vectors = model.embed_texts(texts, todo, "passage", batch_size, dtype=np.float16)
             for s in todo:
@@ -390,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     suite = read_suite_file(args.suite) if args.suite else {}
     split = args.split or str(suite.get("split", DEFAULT_SPLIT))
     collections = [*suite_collections(suite, split), *(parse_collection(c, split) for c in args.collections)]
+    if args.normalize and not args.pooling:
+        raise StarbucksError("--normalize applies to plain HF models, which need --pooling cls|mean too; add it")
     plain = {"pooling": args.pooling, "normalize": args.normalize} if args.pooling else None
     models = [parse_model(m, plain) for m in [*(suite.get("models") or []), *args.models]]
     depth = args.depth if args.depth is not None else int(suite.get("depth", DEFAULT_DEPTH))

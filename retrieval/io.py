@@ -61,8 +61,13 @@ def read_jsonl(path: str | os.PathLike, what: str = "JSONL file") -> Iterator[tu
         yield lineno, obj
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+def _umask() -> int:
+    """The process's umask, read without changing it (Linux); 0o022 where it cannot be read."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 @contextlib.contextmanager
@@ -79,7 +84,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets a plain file's mode
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a plain file's mode
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -105,10 +105,12 @@ class PackedBatch:
 # ------------------------------------------------------------ kernels
 
 
+@functools.cache
 def flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+@functools.cache
 def torch_varlen_available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 

@@ -193,11 +193,17 @@ def names() -> Rule:
     return Rule(check, literal=True)
 
 
+def _packing_setting(value):
+    from retrieval.packing import check_packing  # the packed path's own check
+
+    return check_packing(value)
+
+
 # Keys whose rule is not implied by their default (None, auto, a choice, a range, names).
 KEY_RULES: dict[str, Rule] = {
     "seed": integer(0),
     "model.pooling": choice("cls", "mean"),
-    "model.packing": Rule(lambda v, k: v if v == "auto" or isinstance(v, bool) else choice("auto", "true", "false").check(v, k)),
+    "model.packing": Rule(lambda v, k: _packing_setting(v)),
     "model.query_max_length": integer(1),
     "model.passage_max_length": integer(1),
     "data.max_train_groups": integer(1, allow_none=True),

@@ -214,7 +214,7 @@ class StarbucksLoss(nn.Module):
     def kl_term(self, columns: dict[Size, list[Tensor]], size: Size, teacher: Size) -> Tensor:
         """`KL(P_teacher || P_size)` of the anchors' scores against the candidate columns (the anchors
         themselves when there is only one column)."""
-        similarity = unwrap(self.model).similarity
+        similarity = getattr(self.loss, "similarity_fct", None) or unwrap(self.model).similarity  # the base loss's
 
         def logits(s: Size) -> Tensor:
             anchors, *candidates = columns[s]

@@ -191,15 +191,19 @@ class EmbeddingStore:
     def has_shard(self, k: int) -> bool:
         return self.shard_path(k).is_file() and self.ids_path(k).is_file()
 
-    def shard_problem(self, k: int, texts_digest: str) -> str | None:
-        """Why shard `k` must be encoded again (missing, damaged, or made from other passage texts), or None."""
+    def shard_problem(self, k: int, texts_digest: str, ids: Sequence[str] | None = None) -> str | None:
+        """Why shard `k` must be encoded again (missing, damaged, of other passages when `ids` are given and
+        differ, or made from other passage texts), or None."""
         if not self.has_shard(k):
             return "missing"
+        stored = self.read_ids(k)
+        if ids is not None and stored != list(ids):
+            return "of other passages"
         try:
             rows = self.load_shard(k).shape[0]
         except StarbucksError:
             return "damaged"
-        if rows != len(self.read_ids(k)):
+        if rows != len(stored):
             return "damaged"
         saved = self.texts_path(k).read_text().strip() if self.texts_path(k).is_file() else None
         if saved != texts_digest:
@@ -219,6 +223,8 @@ class EmbeddingStore:
         atomic_write_text(self.ids_path(k), "".join(i + "\n" for i in ids))
         if texts_digest is not None:
             atomic_write_text(self.texts_path(k), texts_digest + "\n")
+        else:
+            self.texts_path(k).unlink(missing_ok=True)  # a record of other texts must not outlive them
         _write_npy(self.shard_path(k), np.ascontiguousarray(vectors, dtype=DTYPE))
 
     def read_ids(self, k: int) -> list[str]:

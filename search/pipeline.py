@@ -280,16 +280,16 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
     tag = "_".join(str(cfg.name).split()) or "run"
     written = []
     coverages: dict[tuple[str, str], dict | None] = {}  # (ids_sha256, split) -> coverage: stores share a corpus
+    id_sets: dict[str, set[str]] = {}  # the last corpus's ids, by ids_sha256 (read only when a coverage is new)
     for store in select_stores(paths.embeddings, cfg.search.sizes):
         meta = store.require_complete()
-        passage_ids = store.ids()
-        id_set = None
         pending = []
         for split in _splits_of(store, cfg.search.splits):
             qids, qvecs, qmeta = store.load_queries(split)
             if (meta["ids_sha256"], split) not in coverages:
-                id_set = id_set if id_set is not None else set(passage_ids)
-                coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_set)
+                if meta["ids_sha256"] not in id_sets:
+                    id_sets = {meta["ids_sha256"]: set(store.ids())}
+                coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_sets[meta["ids_sha256"]])
             out = run_path(paths.runs, split, meta["size"])
             record = {**_run_record(meta, qmeta, settings), "embeddings": str(store.dir),
                       "qrels_coverage": coverages[meta["ids_sha256"], split]}
@@ -307,6 +307,7 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
         queries = np.concatenate([q for _, q, _, _ in pending])
         scores, rows = search_store(store, queries, settings, paths.index, progress)
         seconds = time.perf_counter() - started
+        passage_ids = store.ids()
         start = 0
         for qids, _, out, record in pending:
             rankings = (

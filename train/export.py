@@ -59,16 +59,19 @@ def upload_files(folder: Path) -> list[str]:
                   if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False) -> list[str]:
+def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False,
+                own_folder: bool = True) -> list[str]:
     """Upload `folder` to the hub model repository `repo_id` (created if missing); its card's load
-    examples name `repo_id`. `dry_run`: only list the files. Returns the files (relative paths)."""
+    examples name `repo_id`. `dry_run`: only list the files. `own_folder=False` (the trained checkpoint
+    itself, not an export): a dry run leaves its card as it is. Returns the files (relative paths)."""
     folder = Path(folder)
     meta = read_meta(folder)
     if meta is None:
         raise StarbucksError(f"{folder} has no {META_FILE}: push a model saved by this toolkit")
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise StarbucksError(f"--push-to-hub {repo_id!r} is not a hub repository id such as user/name")
-    write_card(folder, meta, read_results(folder), model_id=repo_id)
+    if own_folder or not dry_run:  # a dry run changes nothing in the user's checkpoint
+        write_card(folder, meta, read_results(folder), model_id=repo_id)
     files = upload_files(folder)
     total = sum((folder / f).stat().st_size for f in files)
     verb = "would upload" if dry_run else "uploading"
@@ -104,7 +107,7 @@ def export(model_path: str, sizes: Sequence[str] | None = None, out: str | Path 
             raise StarbucksError("nothing to do: give --size S --out DIR, --all --out DIR, or --push-to-hub USER/NAME")
         StarbucksModel.from_pretrained(model_path, "cpu")  # one clear line if it is not a model
         result = ExportResult([Path(model_path)])
-        result.uploads[push] = push_to_hub(model_path, push, dry_run, private)
+        result.uploads[push] = push_to_hub(model_path, push, dry_run, private, own_folder=False)
         return result
     if out is None:
         raise StarbucksError("give --out DIR: where the exported model goes")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
@@ -20,12 +21,13 @@ from retrieval.errors import StarbucksError
 from retrieval.settings import whole_number
 from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder, load_encoder, model_shape
+from retrieval.packing import use_packing
 from retrieval.sizes import Size
 from train.data import GroupCollator, GroupDataset
 from train.flops import retrieval_step_flops
 from train.methods import MethodPlan, plan_method
 from train.smae import check_pretrained_pooling
-from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit
+from train.trainer import TrainResult, TrainSettings, config_fingerprint, distributed_state, fit, mixed_precision
 from train.validation import Validator, keep_best_key
 
 
@@ -58,7 +60,12 @@ class RetrievalTask:
         }
         data = OmegaConf.to_container(cfg.data, resolve=True)
         self._fingerprint = config_fingerprint(cfg, data={k: v for k, v in data.items() if k != "eval_splits"})
-        self._fingerprint["train"]["length_buckets"] = encoder.length_buckets  # resolved: auto differs by device
+        # `auto` values resolved: they differ by device, and packing or precision change a run's numbers
+        cuda = torch.cuda.is_available()
+        self._fingerprint["train"]["length_buckets"] = encoder.length_buckets
+        self._fingerprint["train"]["precision"] = mixed_precision(str(cfg.train.precision), cuda)
+        self._fingerprint["model"]["packing"] = use_packing(encoder.packing, encoder.backbone,
+                                                            torch.device("cuda" if cuda else "cpu"))
 
     def embedding_inputs(self, batch: dict, step: int) -> tuple[dict[str, dict], list[Size]]:
         """The texts a step embeds and the sizes it visits (gradient caching embeds them chunk by chunk)."""
@@ -153,6 +160,7 @@ def run_training(cfg) -> TrainResult:
     if settings.eval_steps:
         if settings.keep_best:
             keep_best_key(settings.keep_best, plan.saved_sizes, settings.eval_metric)
+        Validator.check_settings(cfg)  # on every rank
         if state.is_main_process:
             validator = Validator(cfg, plan.saved_sizes, tokenizer, settings.seed)
     task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg, validator)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.lock import run_lock
+from retrieval.modeling import read_meta
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
 from retrieval.seeds import derive_seed
@@ -447,6 +448,9 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
     best = BestRecord(settings.best_key)
     if latest is not None and read_state(latest).get("best"):
         best = BestRecord(**read_state(latest)["best"])
+    saved_best = read_meta(run_dir / BEST_DIR) if (run_dir / BEST_DIR).is_dir() else None
+    if main and saved_best is not None and saved_best.get("step") != best.step:
+        shutil.rmtree(run_dir / BEST_DIR)  # saved after the checkpoint resumed from: the record does not describe it
     if accelerator.log_with:
         accelerator.init_trackers(task.name, config=tracker_config(fingerprint))
     cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
@@ -472,6 +476,17 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
     bar = tqdm(total=total, initial=start, desc=f"train {task.name}", unit="step", disable=not main, dynamic_ncols=True)
     started = time.perf_counter()
     examples, first_loss, last_loss, batches = 0, None, None, None
+
+    def write_log(done: int, first: float | None) -> tuple[float, float]:
+        """Flush the open log window at step `done`; returns the (first, last) logged losses."""
+        elapsed = time.perf_counter() - started
+        record = log.flush(accelerator, {
+            "step": done, "epoch": round(done / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
+            f"{task.examples_name}_per_s": examples / elapsed, "elapsed_s": round(elapsed, 2),
+        })
+        bar.set_postfix(_postfix(record, task.examples_name), refresh=False)
+        accelerator.log(record, step=done)
+        return (record["loss"] if first is None else first), record["loss"]
     checkpoint = latest
     reached = start
     for step in range(start, start if best.stopped else total):  # a run that stopped early stays stopped
@@ -483,6 +498,7 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
             batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
         step_terms, step_examples = accumulate_gradients(accelerator, task, model, batches, step, settings, cost)
         examples += step_examples
+        new_best = False
         if settings.max_grad_norm:
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             step_terms["grad_norm"] = float(grad_norm)
@@ -492,21 +508,15 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
         log.add(step_terms)
         done = reached = step + 1
         bar.update(1)
-        if done % settings.logging_steps == 0 or done == total:
-            elapsed = time.perf_counter() - started
-            record = log.flush(accelerator, {
-                "step": done, "epoch": round(done / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-                f"{task.examples_name}_per_s": examples / elapsed, "elapsed_s": round(elapsed, 2),
-            })
-            first_loss = record["loss"] if first_loss is None else first_loss
-            last_loss = record["loss"]
-            bar.set_postfix(_postfix(record, task.examples_name), refresh=False)
-            accelerator.log(record, step=done)
+        logged = done % settings.logging_steps == 0 or done == total
+        if logged:
+            first_loss, last_loss = write_log(done, first_loss)
         if settings.eval_steps and (done % settings.eval_steps == 0 or done == total):
             metrics = validate(accelerator, task, model)
             log.write({"step": done, **metrics})
             accelerator.log(metrics, step=done)
-            if best.update(done, metrics) and settings.keep_best and main:
+            new_best = best.update(done, metrics) and settings.keep_best
+            if new_best and main:
                 staging = staging_dir(run_dir / BEST_DIR)
                 task.save_model(accelerator.unwrap_model(model), staging, done)
                 replace_dir(staging, run_dir / BEST_DIR)
@@ -515,7 +525,10 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
             if main:
                 tqdm.write(f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
                            + (f"; no new best in {best.since} validations: stopping" if best.stopped else ""))
-        if best.stopped or done % settings.save_steps == 0 or done == total:
+        if best.stopped and not logged:  # the open log window of a run that stops early
+            first_loss, last_loss = write_log(done, first_loss)
+        # a new kept best is checkpointed at once, so that a resume finds the record that describes best-model/
+        if best.stopped or new_best or done % settings.save_steps == 0 or done == total:
             checkpoint = save_checkpoint(done)
         if best.stopped:
             break
@@ -525,9 +538,12 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
 
     if main:
         staging = staging_dir(model_dir)
-        if settings.keep_best:  # the best validated model (its starbucks.json names its step)
+        if settings.keep_best and (run_dir / BEST_DIR).is_dir():  # the best validated model (its starbucks.json names its step)
             shutil.copytree(run_dir / BEST_DIR, staging, dirs_exist_ok=True)
         else:
+            if settings.keep_best:
+                tqdm.write(f"train: no validated best model in {run_dir / BEST_DIR} (dropped on resume: it was saved "
+                           f"after the checkpoint resumed from); the model is the last step's")
             task.save_model(accelerator.unwrap_model(model), staging, reached)
         replace_dir(staging, model_dir)
     accelerator.wait_for_everyone()

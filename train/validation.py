@@ -59,15 +59,23 @@ def bm25_pools(ids: Sequence[str], texts: Sequence[str], queries: Sequence[str],
 class Validator:
     """Ranks each sampled dev query's candidates at every size; `__call__(encoder)` -> logged metrics."""
 
-    def __init__(self, cfg, sizes: Sequence[Size], tokenizer, seed: int):
-        t, m = cfg.train, cfg.model
+    @staticmethod
+    def check_settings(cfg) -> tuple[str, int]:
+        """`(metric, relevance level)` of the validation settings, or one line; cheap, so every DDP rank runs
+        it (only the main process builds the Validator: a rank-0-only error would leave the others waiting)."""
+        t = cfg.train
         splits = cfg.data.eval_splits or {}
         if t.eval_split not in splits:
             raise StarbucksError(f"train.eval_split = {t.eval_split!r} is not in data.eval_splits "
                                  f"({', '.join(splits) or 'none configured'}); add it or pick another")
-        self.metric = str(t.eval_metric)
-        self.rel_level = int((cfg.eval.split_rel_level or {}).get(t.eval_split, cfg.eval.rel_level))
-        parse_measures([self.metric], self.rel_level)  # a bad name fails before training
+        level = int((cfg.eval.split_rel_level or {}).get(t.eval_split, cfg.eval.rel_level))
+        parse_measures([str(t.eval_metric)], level)  # a bad name fails before training
+        return str(t.eval_metric), level
+
+    def __init__(self, cfg, sizes: Sequence[Size], tokenizer, seed: int):
+        t, m = cfg.train, cfg.model
+        splits = cfg.data.eval_splits or {}
+        self.metric, self.rel_level = self.check_settings(cfg)
         self.sizes = list(sizes)
         self.tokenizer, self.model_cfg = tokenizer, m
         self.batch_size = int(cfg.encode.batch_size)
