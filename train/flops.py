@@ -20,6 +20,7 @@ through the checkpoint (`cost.json`) and written next to the model as `train_sum
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 from pathlib import Path
 
@@ -135,8 +136,9 @@ def estimate_training(cfg) -> dict:
         from train.masking import iter_texts
 
         p = cfg.pretrain
-        texts = [text for s in text_sources(cfg) for text in iter_texts(s["source"], s["text_field"], s["hf_config"],
-                                                                        s["hf_split"])][: p.max_texts]
+        stream = (text for s in text_sources(cfg)
+                  for text in iter_texts(s["source"], s["text_field"], s["hf_config"], s["hf_split"]))
+        texts = list(itertools.islice(stream, p.max_texts))  # no more of the sources than the run reads
         sample = texts[:: max(1, len(texts) // 2000)]
         per_text = sum(len(ids) - 1 for ids in tokenizer(sample, add_special_tokens=True)["input_ids"]) / len(sample)
         tokens = per_text * len(texts) if p.max_tokens is None else min(per_text * len(texts), p.max_tokens)
@@ -161,6 +163,9 @@ def estimate_training(cfg) -> dict:
     dataset = GroupDataset(groups, int(t.group_size), int(cfg.seed))
     collate = GroupCollator(tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix, m.passage_prefix)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(cfg.seed))).tolist()
+    if len(dataset) < batch:
+        raise StarbucksError(f"{len(dataset)} training groups make no full step of {batch} (batch_size x grad_accum); "
+                             f"lower train.batch_size or add data")
     sampled = []
     for i in range(min(SAMPLE_BATCHES, len(dataset) // batch)):
         b = collate([dataset[(k, 0)] for k in order[i * batch:(i + 1) * batch]])
