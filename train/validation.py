@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from retrieval.data import EvalSplit, load_corpus, load_split
+from retrieval.bm25 import BM25
 from retrieval.errors import StarbucksError
 from retrieval.metrics import evaluate, parse_measures
 from retrieval.model import StarbucksModel
@@ -44,16 +45,11 @@ def keep_best_key(keep_best: str, sizes: Sequence[Size], metric: str) -> str:
 
 
 def bm25_pools(ids: Sequence[str], texts: Sequence[str], queries: Sequence[str], k: int) -> list[list[str]]:
-    """The BM25 top `k` passage ids of each query (bm25s, English stopwords)."""
-    import bm25s
-
+    """The BM25 top `k` passage ids of each query (`retrieval.bm25`: English stopwords, ties by corpus position)."""
     if k <= 0:
         return [[] for _ in queries]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
-    found, _ = retriever.retrieve(bm25s.tokenize(list(queries), stopwords="en", show_progress=False),
-                                  k=min(k, len(ids)), show_progress=False)
-    return [[ids[i] for i in row] for row in found.tolist()]
+    index = BM25(ids, texts, progress=False)
+    return [[doc for doc, _ in index.search(q, k)] for q in queries]
 
 
 class Validator:
