@@ -136,11 +136,17 @@ def queries_source(store: EmbeddingStore, split: str, given: str | None):
     return source
 
 
+def index_file(store: EmbeddingStore, index_dir: Path) -> Path | None:
+    """The size's saved FAISS index (search.index other than Flat), if there is one."""
+    path = index_dir / f"{store.require_complete()['size']}.faiss"
+    return path if path.is_file() else None
+
+
 def store_bytes(store: EmbeddingStore, index_dir: Path) -> float:
     """Bytes per passage of the size's index file, or of its embedding shards without one."""
     meta = store.require_complete()
-    index = index_dir / f"{meta['size']}.faiss"
-    files = [index] if index.is_file() else [store.shard_path(k) for k in range(meta["shards"])]
+    index = index_file(store, index_dir)
+    files = [index] if index else [store.shard_path(k) for k in range(meta["shards"])]
     return sum(f.stat().st_size for f in files) / meta["count"]
 
 
@@ -164,17 +170,22 @@ def _load_model(store: EmbeddingStore, qmeta: dict, device: str, precision: str)
 
 
 def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries: Sequence[str],
-                 batch_size: int) -> tuple[float, float, float, float]:
-    """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`."""
+                 batch_size: int, index_dir: Path | None = None) -> tuple[float, float, float, float]:
+    """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`;
+    search on the size's saved index when there is one (the index its bytes are counted from), else exact."""
     import faiss
 
     from retrieval.exact_search import faiss_search
 
     meta = store.require_complete()
     size = store.size
-    index = faiss.IndexFlatIP(size.dim)
-    for _, _, vectors in store.iter_shards():
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    saved = index_file(store, index_dir) if index_dir is not None else None
+    if saved is not None:
+        index = faiss.read_index(str(saved))
+    else:
+        index = faiss.IndexFlatIP(size.dim)
+        for _, _, vectors in store.iter_shards():
+            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     model.embed_texts(passages[:batch_size], [size], "passage", batch_size)  # warm-up
     started = time.perf_counter()
     model.embed_texts(passages, [size], "passage", batch_size)
@@ -223,7 +234,8 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
         _, _, qmeta = store.load_queries(split)
         if model is None or model.fingerprint != store.read_meta()["model_sha256"]:  # one model in memory at a time
             model = _load_model(store, qmeta, device, precision)
-        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size)
+        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size,
+                                                        run_dir / "index")
         costs.append(SizeCost(store.size, quality[name], rate, enc_ms, search_ms, latency,
                               store_bytes(store, run_dir / "index")))
         print(f"sizes: {name}: {rate:.1f} passages/s, {latency:.2f} ms per query", file=sys.stderr)
