@@ -104,6 +104,22 @@ class StarbucksModel:
         self.precision = precision  # resolved per call, on the device the model is on then
         resolve_precision(precision, self.device, "precision")  # a bad value fails here, in one line
 
+    def _check_positions(self, width: int, kind: str | None) -> None:
+        """One line (not an index error inside the model) when a batch is longer than the model's positions
+        (RoBERTa-style models start counting after their padding index)."""
+        config = self.encoder.config
+        limit = getattr(config, "max_position_embeddings", None)
+        if not limit:
+            return
+        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+            limit -= config.pad_token_id + 1
+        if width > limit:
+            side = "query" if kind == "query" else "passage"
+            raise StarbucksError(
+                f"texts of {width} tokens but {self.source} has {limit} positions; set model.{side}_max_length "
+                f"(or {side}_max_length=) to at most {limit}"
+            )
+
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
                         pooling: str | None = None, normalize: bool | None = None, sizes=None,
@@ -260,6 +276,7 @@ class StarbucksModel:
         with torch.inference_mode(), autocast_context(device, resolve_precision(self.precision, device, "precision")):
             previous = None
             for rows, batch in loader:
+                self._check_positions(batch["input_ids"].shape[1], kind)
                 batch = {k: v.to(device, non_blocking=cuda) for k, v in batch.items()}
                 vectors = {size: v.to(tensor_dtype) for size, v in self.encoder.embed(batch, sizes).items()}
                 done = None

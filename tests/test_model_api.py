@@ -195,6 +195,11 @@ def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
     assert 0 < np.abs(half - model.encode(TEXTS, "mid")).max() < 5e-2
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
+    long = StarbucksModel.from_pretrained(path, "cpu", passage_max_length=200)  # the tiny BERT has 128 positions
+    with pytest.raises(StarbucksError, match="texts of 200 tokens but .* has 128 positions; set "
+                                             "model.passage_max_length .* to at most 128"):
+        long.encode_passages(["word " * 300])
+    assert long.encode_passages(TEXTS).shape[0] == len(TEXTS)  # short texts fit
     for bad, message in [(tmp_path / "empty", "is not a model directory \\(no config.json\\)"),
                          (tmp_path / "file.txt", "is a file, not a model directory"),
                          (tmp_path / "missing" / "model", "does not exist")]:
