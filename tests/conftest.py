@@ -136,3 +136,14 @@ def die_after_checkpoint(monkeypatch, step: int) -> None:
         return path
 
     monkeypatch.setattr(Checkpoints, "commit", commit_then_die)
+
+
+def ragged_ids(n: int, length: int, generator, low: int = 5, high: int = 1000) -> dict:
+    """`n` rows of random token ids in [low, high), each padded after a random length >= 3 (right padding)."""
+    import torch
+
+    ids = torch.randint(low, high, (n, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, torch.randint(3, length + 1, (1,), generator=generator).item():] = 0
+    return {"input_ids": ids * mask, "attention_mask": mask}

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_two_gloo_ranks, tiny_bert
+from conftest import ragged_ids, run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
 from retrieval.modeling import load_encoder, read_meta, resolve_model_path
@@ -39,15 +39,7 @@ def make_model_dir(directory: Path) -> Path:
 def combined_batch():
     """Queries `(4, 8)` and passages `(12, 12)` with some padding, fixed by a seed."""
     g = torch.Generator().manual_seed(3)
-
-    def texts(n, length):
-        ids = torch.randint(1000, 30000, (n, length), generator=g)
-        mask = torch.ones_like(ids)
-        for i in range(n):
-            mask[i, torch.randint(3, length + 1, (1,), generator=g).item():] = 0
-        return {"input_ids": ids * mask, "attention_mask": mask}
-
-    return texts(QUERIES, 8), texts(QUERIES * GROUP, 12)
+    return ragged_ids(QUERIES, 8, g, 1000, 30000), ragged_ids(QUERIES * GROUP, 12, g, 1000, 30000)
 
 
 def half(batch: dict, rank: int, world: int) -> dict:

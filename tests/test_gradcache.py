@@ -16,7 +16,7 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
-from conftest import run_two_gloo_ranks, tiny_bert
+from conftest import ragged_ids, run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder
@@ -33,15 +33,7 @@ QUERIES, GROUP = 4, 3
 def random_batch(seed: int, queries: int = QUERIES):
     """Queries `(q, 8)` and passages `(q * GROUP, 12)` of random ids with ragged padding."""
     g = torch.Generator().manual_seed(seed)
-
-    def texts(n, length):
-        ids = torch.randint(5, 1000, (n, length), generator=g)
-        mask = torch.ones_like(ids)
-        for i in range(n):
-            mask[i, torch.randint(3, length + 1, (1,), generator=g).item():] = 0
-        return {"input_ids": ids * mask, "attention_mask": mask}
-
-    return {"queries": texts(queries, 8), "passages": texts(queries * GROUP, 12)}
+    return {"queries": ragged_ids(queries, 8, g), "passages": ragged_ids(queries * GROUP, 12, g)}
 
 
 def method_setup(method: str, pooling: str, buckets: int, dropout: float = 0.1):
