@@ -86,32 +86,33 @@ def _iter_id_text_jsonl(path: Path, what: str, text_key: str = "text") -> Iterat
         yield lineno, str(obj["_id"]), _passage_text(obj.get("title"), obj[text_key])
 
 
-def _corpus_rows(source: str) -> Iterator[tuple[str, str, str]]:
-    """`(where, doc_id, text)`: where is "<file> line N" or "<source> record N"."""
+def _corpus_rows(source: str) -> tuple[str, Iterator[tuple[int, str, str]]]:
+    """`(unit, rows)`: rows are `(number, doc_id, text)`; "<unit> <number>" says where a row is ("<file> line
+    N", "<source> record N"), formatted only when an error needs it."""
     if source.startswith(IRDS):
         ds = _irds(source[len(IRDS):])
-        for n, doc in enumerate(ds.docs_iter(), 1):
-            yield f"{source} record {n}", doc.doc_id, _passage_text(getattr(doc, "title", None), doc.text)
-        return
+        docs = ds.docs_iter()
+        return f"{source} record", ((n, d.doc_id, _passage_text(getattr(d, "title", None), d.text))
+                                    for n, d in enumerate(docs, 1))
     path = _corpus_file(source)
     if ".jsonl" in path.name:
-        for lineno, doc_id, text in _iter_id_text_jsonl(path, "corpus"):
-            yield f"{path} line {lineno}", doc_id, text
-    else:
-        for lineno, parts in _iter_tsv(path, "corpus"):
-            yield f"{path} line {lineno}", parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1])
+        return f"{path} line", _iter_id_text_jsonl(path, "corpus")
+    return f"{path} line", ((n, parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1]))
+                            for n, parts in _iter_tsv(path, "corpus"))
 
 
 def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
     """Stream `(doc_id, text)` pairs of a corpus (title and text joined when there is a title).
 
     A passage id seen twice (its run files would list one passage twice) and a corpus without
-    passages are refused: the first at the line of the second occurrence, the second at the end."""
+    passages are refused: the first at the line of the second occurrence, the second at the end.
+    The ids seen are held in a set while streaming (MS MARCO's 8.8M: about 0.6 GB)."""
+    unit, rows = _corpus_rows(source)
     seen: set[str] = set()
-    for where, doc_id, text in _corpus_rows(source):
+    for number, doc_id, text in rows:
         if doc_id in seen:
-            raise StarbucksError(f"{where}: passage id {doc_id!r} appears a second time; passage ids must be "
-                                 f"unique: remove or rename the duplicate")
+            raise StarbucksError(f"{unit} {number}: passage id {doc_id!r} appears a second time; passage ids must "
+                                 f"be unique: remove or rename the duplicate")
         seen.add(doc_id)
         yield doc_id, text
     if not seen:
