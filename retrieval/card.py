@@ -20,6 +20,7 @@ import yaml
 
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.sizes import Size, SizeList
+from retrieval.tables import markdown_table
 
 CARD_FILE = "README.md"
 RESULTS_FILE = "starbucks-eval.json"
@@ -35,22 +36,10 @@ TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "d
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def _model_shape(directory: Path) -> tuple[int, int]:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(directory)
-    return int(config.num_hidden_layers), int(config.hidden_size)
-
-
 def _sizes(meta: Mapping, shape: tuple[int, int]) -> SizeList:
     from retrieval.modeling import meta_sizes
 
     return meta_sizes(meta) or SizeList([Size("", *shape)])
-
-
-def _table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
 
 
 def _metric_type(measure: str) -> str:
@@ -96,7 +85,10 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
     the name the load examples use (default: the directory)."""
     directory = Path(directory)
     results = results or {}
-    shape = shape or _model_shape(directory)
+    if shape is None:
+        from retrieval.modeling import model_shape  # (modeling calls this module when saving)
+
+        shape = model_shape(str(directory))
     sizes = _sizes(meta, shape)
     config = meta.get("config") or {}
     name = str(config.get("name") or directory.name)
@@ -114,7 +106,7 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
         f"{'L2-normalised (cosine similarity)' if normalize else 'dot product'}; "
         f"{shape[0]} layers, {shape[1]} dims.\n")
     parts.append("## Sizes\n")
-    parts.append(_table(["size", "layers", "dims", "bytes per passage (fp16)", "bytes per passage (fp32)"],
+    parts.append(markdown_table(["size", "layers", "dims", "bytes per passage (fp16)", "bytes per passage (fp32)"],
                         [[s.name, s.layers, s.dim, 2 * s.dim, 4 * s.dim] for s in sizes]) + "\n")
     if results:
         parts.append("## Results\n")
@@ -122,7 +114,7 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
             measures = list(r["measures"])
             parts.append(f"`{split}`: {r.get('queries', '?')} queries, relevant at level >= "
                          f"{r.get('rel_level', '?')} (`python -m eval`).\n")
-            parts.append(_table(["size", *measures], [[f"{s['size']} ({s['layers']}x{s['dim']})",
+            parts.append(markdown_table(["size", *measures], [[f"{s['size']} ({s['layers']}x{s['dim']})",
                                                        *(f"{s['metrics'][m]:.4f}" for m in measures)]
                                                       for s in r["sizes"]]) + "\n")
     parts.append("## Usage\n")
