@@ -549,3 +549,25 @@ def test_train_data_text_is_the_training_passages_and_queries(tmp_path, tokenize
     windows = prepare_windows(cfg, tokenizer, tmp_path / "windows")
     text = tokenizer.decode([int(t) for t in windows.input_ids.reshape(-1)], skip_special_tokens=True)
     assert all(f"zeroconf daemon {i}" in text for i in range(3)) and "xkcdian preprocessor" in text
+
+
+def test_estimate_counts_the_head_warmup_only_for_a_headless_backbone(tmp_path, headless_base, tokenizer):
+    """A backbone that ships an MLM head is not warmed up, so the estimate adds no warm-up FLOPs for it."""
+    from train.flops import estimate_training
+    from train.smae import ships_mlm_head
+
+    with_head = tmp_path / "with-head"
+    tiny_mlm(vocab=len(tokenizer), layers=3).save_pretrained(with_head)
+    tokenizer.save_pretrained(with_head)
+    assert not ships_mlm_head(str(headless_base)) and ships_mlm_head(str(with_head))
+
+    overrides = ("pretrain.head_warmup_steps=7", "train.max_steps=5")
+    estimates = []
+    for base in (headless_base, with_head):
+        torch.manual_seed(0)  # the estimate draws its mask positions: the same for both
+        estimates.append(estimate_training(smae_config(base, tmp_path / base.name, *overrides)))
+    headless, headed = estimates
+    assert headless["flops_per_step"] == headed["flops_per_step"] and headless["steps"] == headed["steps"] == 5
+    assert headed["flops"] == 5 * headed["flops_per_step"]
+    warmup = headless["flops"] - 5 * headless["flops_per_step"]
+    assert warmup > 0 and warmup % 7 == 0

@@ -152,7 +152,10 @@ def estimate_training(cfg) -> dict:
         config.num_hidden_layers = deepest
         per_step = smae_step_flops(config, shape, sizes, int(p.decoder_layers))
         steps = t.max_steps or math.ceil(t.epochs * (windows // batch))
-        warmup = int(p.head_warmup_steps) * head_warmup_flops(config, shape) if p.head_warmup_steps else 0
+        from train.smae import ships_mlm_head
+
+        warm = p.head_warmup_steps and not ships_mlm_head(m.name_or_path)  # a shipped head is not warmed up
+        warmup = int(p.head_warmup_steps) * head_warmup_flops(config, shape) if warm else 0
         return {"steps": steps, "flops": steps * per_step + warmup, "flops_per_step": per_step, "windows": windows}
     from train.data import GroupCollator, GroupDataset
     from train.methods import plan_method

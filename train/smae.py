@@ -59,6 +59,51 @@ def _head_parts(head: nn.Module) -> tuple[nn.Linear, object, nn.Module, nn.Linea
     return head.dense, F.gelu, head.layer_norm, head.decoder
 
 
+def _weight_names(path: str) -> set[str] | None:
+    """The weight names a checkpoint holds, read from its index or file headers (no tensors loaded);
+    None when they cannot be read without downloading the weights."""
+    import json
+
+    if os.path.isdir(path):
+        for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if os.path.isfile(os.path.join(path, index)):
+                with open(os.path.join(path, index), encoding="utf-8") as f:
+                    return set(json.load(f)["weight_map"])
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
+                return set(f.keys())
+        if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
+            return set(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="meta", weights_only=True,
+                                  mmap=True))
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        return set(get_safetensors_metadata(path).weight_map)
+    except Exception:  # offline, no safetensors on the hub, ...: unknown
+        return None
+
+
+def ships_mlm_head(name_or_path: str) -> bool:
+    """Whether the checkpoint holds a trained MLM head (so SMAE uses it and skips the head warm-up).
+    A checkpoint whose weight names cannot be read counts as headless (the warm-up's cost included)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from retrieval.modeling import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    names = _weight_names(path)
+    if names is None:
+        return False
+    with torch.device("meta"):
+        mlm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(path))
+    dense = _head_parts(_mlm_head(mlm))[0].weight
+    key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
+    return key in names
+
+
 def _reinitialise(module: nn.Module, std: float) -> None:
     """BERT initialisation: normal(0, std) linear weights, zero biases, unit layer norms."""
     for m in module.modules():
