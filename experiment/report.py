@@ -277,11 +277,17 @@ def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun]) -> tuple[str, st
     if measure is None:
         return None
     methods = [m for m in LABELS if any(r.method == m for r in runs)]
-    rows = []
+    rows, means = [], {m: [] for m in methods}
     for s in sizes_of(cfg):
-        per = [values.get((m, (s.layers, s.dim)), {}) for m in methods]
-        rows.append([f"{s.name} ({s.key})", *(_fmt(float(np.mean([v[c] for c in collections])))
-                                               if set(v) == set(collections) else "-" for v in per)])
+        cells = []
+        for m in methods:
+            v = values.get((m, (s.layers, s.dim)), {})
+            cell = float(np.mean([v[c] for c in collections])) if set(v) == set(collections) else None
+            means[m].append(cell)
+            cells.append("-" if cell is None else _fmt(cell))
+        rows.append([f"{s.name} ({s.key})", *cells])
+    rows.append(["average over the sizes", *("-" if None in means[m] else _fmt(float(np.mean(means[m])))
+                                             for m in methods)])
     title = (f"Out-of-domain: {measure} averaged over {len(collections)} collection"
              f"{'s' if len(collections) > 1 else ''} ({', '.join(collections)}; `eval.suite`, {cfg.experiment.suite})")
     return title, markdown_table(["size", *(LABELS[m] for m in methods)], rows)
@@ -351,7 +357,7 @@ def verdict(c: dict, kind: str) -> str:
                 f"mean difference {c['mean_difference']:+.4f}, largest deficit {min(c['worst_difference'], 0):+.4f}")
     if ahead == n and sig_l == 0:
         word = "holds strongly" if sig_w == n else "holds" if sig_w >= n / 2 else "holds weakly"
-    elif ahead > n / 2 and sig_l == 0:
+    elif ahead > n / 2 and (sig_l == 0 or sig_w > sig_l):  # mostly ahead, and more often significantly ahead than behind
         word = "holds in part"
     else:
         word = "does not hold"
@@ -571,9 +577,9 @@ def seeds_sentence(cfg: DictConfig, runs: Sequence[ReportedRun]) -> str:
 def cost_ratio(cost: dict) -> str:
     """How srl-matched's budget came about, from the recorded numbers."""
     matched, separate, srl = cost["srl-matched"], cost.get("separate"), cost.get("srl")
-    text = f"{matched['steps']:.0f}"
+    text = f"{matched['steps']:.0f} steps"
     if separate and srl:
-        text += (f", the FLOPs of the separate models together ({separate['flops'] / 1e15:.3g} PFLOP) over SRL's "
+        text += (f": the FLOPs of the separate models together ({separate['flops'] / 1e15:.3g} PFLOP) over SRL's "
                  f"{srl['flops'] / srl['steps'] / 1e12:.3g} TFLOP per step")
     return text + "."
 
@@ -612,7 +618,7 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
         + ("the paper does (`n ~ U(1, N-1)`, `d ~ U(1, D-1)`, `train.twodmse_dims: uniform`)."
            if cfg.train.twodmse_dims == "uniform" else
            "sentence-transformers' Matryoshka2dLoss does (`d` from the size list, `train.twodmse_dims: list`).")
-        + (f" SRL (separate's FLOPs) is SRL trained for {cost_ratio(summary['cost'])} steps" if "srl-matched" in
+        + (f" SRL (separate's FLOPs) is SRL trained for {cost_ratio(summary['cost'])}" if "srl-matched" in
            summary["cost"] else "") + "\n",
         f"## Table 4: every size and method\n\n`*`: differs from {LABELS.get(summary['reference'], summary['reference'])} "
         f"at p < {summary['alpha']} (two-sided paired t-test over the queries).\n\n{table4(summary)}",

@@ -175,6 +175,12 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
             path = root / "runs" / "suite" / run / "docs" / "runs" / "test" / f"{size}.trec"
             expected = np.mean(list(per_query(qrels, read_run(path), "ndcg_cut.10").values()))
             assert float(cells[label]) == pytest.approx(expected, abs=5e-5), (size, label)
+    table = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+             for line in section.splitlines() if line.startswith("| ") and not line.startswith("| size |")]
+    *per_size, average = table
+    assert average["size"] == "average over the sizes" and len(per_size) == 3
+    for label in columns[1:]:
+        assert float(average[label]) == pytest.approx(np.mean([float(r[label]) for r in per_size]), abs=1e-4), label
 
 
 def test_bad_experiment_input_is_one_line(finished, capsys):

@@ -139,3 +139,28 @@ def test_cost_of_separate_is_its_models_and_smae_srl_includes_pretraining(tmp_pa
     costs = method_costs(reported)
     assert costs["separate"]["flops"] == 3e12 and costs["separate"]["runs"] == 2 and costs["separate"]["seconds"] == 30
     assert costs["smae-srl"]["flops"] == 3e12 + 4e12 + 1e11 and costs["smae-srl"]["steps"] == 15
+
+
+def test_claim_verdicts_follow_the_counts():
+    """The words of a verdict from hand-made counts: every size ahead / mostly ahead / contradicted."""
+    from experiment.report import cost_ratio, verdict
+
+    def counts(ahead, sig_w, sig_l, n=6, mean=0.01, worst=-0.01):
+        return {"sizes": n, "ahead": ahead, "significantly_ahead": sig_w, "significantly_behind": sig_l,
+                "mean_difference": mean, "worst_difference": worst}
+
+    assert verdict(counts(6, 6, 0), "ahead").startswith("holds strongly:")
+    assert verdict(counts(6, 3, 0), "ahead").startswith("holds:")
+    assert verdict(counts(6, 1, 0), "ahead").startswith("holds weakly:")
+    assert verdict(counts(5, 5, 1), "ahead").startswith("holds in part:")  # one size against, five for
+    assert verdict(counts(4, 0, 0), "ahead").startswith("holds in part:")
+    assert verdict(counts(4, 1, 1), "ahead").startswith("does not hold:")  # as often significantly behind
+    assert verdict(counts(3, 3, 0), "ahead").startswith("does not hold:")  # not ahead at most sizes
+    assert verdict(counts(0, 0, 0), "close").startswith("holds:")
+    assert verdict(counts(6, 2, 0), "close").startswith("holds (and ahead at every size):")
+    assert verdict(counts(0, 0, 2), "close").startswith("holds in part:")
+    assert verdict(counts(0, 0, 3), "close").startswith("does not hold:")
+    cost = {"srl-matched": {"steps": 210}, "separate": {"flops": 6.48e13}, "srl": {"flops": 1.85e13, "steps": 60}}
+    assert cost_ratio(cost) == ("210 steps: the FLOPs of the separate models together (0.0648 PFLOP) over SRL's "
+                                "0.308 TFLOP per step.")
+    assert cost_ratio({"srl-matched": {"steps": 210}}) == "210 steps."
