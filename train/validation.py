@@ -19,6 +19,7 @@ import torch
 from retrieval.data import EvalSplit, load_corpus, load_split
 from retrieval.bm25 import BM25
 from retrieval.errors import StarbucksError
+from retrieval.exact_search import torch_search
 from retrieval.metrics import evaluate, parse_measures
 from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder
@@ -127,11 +128,10 @@ class Validator:
         """`{qid: {docid: score}}` of each query's top `DEPTH` candidates (exact inner product)."""
         qids = list(self.split.queries)
         run = {}
-        if self.pools is None:
-            scores = torch.from_numpy(q) @ torch.from_numpy(p).T
-            top = torch.topk(scores, min(DEPTH, scores.shape[1]), dim=1)
-            for qid, values, rows in zip(qids, top.values.tolist(), top.indices.tolist()):
-                run[qid] = {self.passage_ids[r]: v for r, v in zip(rows, values)}
+        if self.pools is None:  # the search stage's exact top k (fp32 scores, ties by the lower row)
+            values, rows = torch_search(torch.from_numpy(p).float(), torch.from_numpy(q).float(), DEPTH, 256)
+            for qid, scores, hits in zip(qids, values.tolist(), rows.tolist()):
+                run[qid] = {self.passage_ids[r]: v for r, v in zip(hits, scores)}
             return run
         row_of = {d: i for i, d in enumerate(self.passage_ids)}
         for i, (qid, pool) in enumerate(zip(qids, self.pools)):
