@@ -75,8 +75,11 @@ def _weight_names(path: str) -> set[str] | None:
             with safe_open(os.path.join(path, "model.safetensors"), framework="pt") as f:
                 return set(f.keys())
         if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
-            return set(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="meta", weights_only=True,
-                                  mmap=True))
+            try:  # mmap needs the zip format of torch >= 1.6; an older file reads as unknown
+                return set(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="meta",
+                                      weights_only=True, mmap=True))
+            except (RuntimeError, ValueError, OSError):
+                return None
         return None
     try:
         from huggingface_hub import get_safetensors_metadata
