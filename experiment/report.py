@@ -636,7 +636,12 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     if ood:
         parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")
     parts.append("## The paper's claims, checked\n\nPer split and measure: ahead = better mean at a size; "
-                 f"significantly = paired t-test p < {cfg.eval.alpha}; the cost of each method is in Table 1.\n\n"
+                 f"significantly = paired t-test p < {cfg.eval.alpha}; the cost of each method is in Table 1. "
+                 "A claim that one method is better *holds strongly* / *holds* / *holds weakly* when it is ahead at "
+                 "every size and significantly behind at none, significantly ahead at all / at least half / fewer "
+                 "of them; *holds in part* when it is ahead at most sizes and either never significantly behind or "
+                 "more often significantly ahead than behind; else it *does not hold*. A claim that one is close to "
+                 "another *holds* when it is significantly behind at no size, *in part* at fewer than half.\n\n"
                  + "\n".join(claims(cfg, results, names)) + "\n")
     parts.append("## Metric vs size\n\n" + "\n".join(f"![{p}](results/{p})" for p in plots) + "\n")
     if maps:
