@@ -257,10 +257,11 @@ def method_costs(runs: Sequence[ReportedRun]) -> dict[str, dict]:
     return out
 
 
-def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun]) -> tuple[str, str] | None:
+def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun], out_dir: Path | None = None) -> tuple[str, str] | None:
     """`(title, table)`: rows the size list, columns the methods, each cell the size's measure (nDCG@10 where
     the suite has it, else its first) averaged over the suite's collections, from the suite cells' eval files;
-    None without a suite. A method that lacks a collection at a size shows `-` there."""
+    None without a suite. A method that lacks a collection at a size shows `-` there. With `out_dir`, the
+    table's values are also plotted against the size, one line per method (`out-of-domain.png`)."""
     cells = [(r, name, split, d) for r in runs for name, split, d in r.out_of_domain]
     if not cells:
         return None
@@ -290,7 +291,14 @@ def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun]) -> tuple[str, st
                                              for m in methods)])
     title = (f"Out-of-domain: {measure} averaged over {len(collections)} collection"
              f"{'s' if len(collections) > 1 else ''} ({', '.join(collections)}; `eval.suite`, {cfg.experiment.suite})")
-    return title, markdown_table(["size", *(LABELS[m] for m in methods)], rows)
+    table = markdown_table(["size", *(LABELS[m] for m in methods)], rows)
+    series = {LABELS[m]: [(s, {measure: v}) for s, v in zip(sizes_of(cfg), means[m]) if v is not None] for m in methods}
+    series = {label: points for label, points in series.items() if points}
+    if out_dir is not None and series:
+        plot_measures(series, [measure], out_dir / "out-of-domain.png",
+                      f"{cfg.name}: out of domain ({', '.join(collections)})")
+        table += "\n![out-of-domain.png](results/out-of-domain.png)\n"
+    return title, table
 
 
 def ablation_table(cfg: DictConfig, results: Results, splits: Sequence[str]) -> str | None:
@@ -632,7 +640,7 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     ]
     if ablation:
         parts.append(f"## Table 2: SRL with and without the KL term\n\np: paired t-test between the two.\n\n{ablation}")
-    ood = out_of_domain(cfg, runs)
+    ood = out_of_domain(cfg, runs, out_dir)
     if ood:
         parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")
     parts.append("## The paper's claims, checked\n\nPer split and measure: ahead = better mean at a size; "

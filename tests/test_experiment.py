@@ -178,6 +178,8 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
     table = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
              for line in section.splitlines() if line.startswith("| ") and not line.startswith("| size |")]
     *per_size, average = table
+    assert "![out-of-domain.png](results/out-of-domain.png)" in section
+    assert (root / "report" / "results" / "out-of-domain.png").stat().st_size > 0
     assert average["size"] == "average over the sizes" and len(per_size) == 3
     for label in columns[1:]:
         assert float(average[label]) == pytest.approx(np.mean([float(r[label]) for r in per_size]), abs=1e-4), label
