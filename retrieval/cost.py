@@ -33,13 +33,14 @@ def read_train_summary(run_dir: str | os.PathLike) -> dict | None:
 
 
 def total_cost(directories) -> dict | None:
-    """The cost of everything trained under `directories`: every `train_summary.json` beneath them (a run's,
-    its head warm-up's, ...) summed; None when one of them has none (not trained yet)."""
+    """The cost of everything trained under `directories`: each one's own `train_summary.json` plus those of
+    the runs beneath it (its head warm-up's, ...), summed; None when one of them has no summary of its own
+    (not finished: a finished head warm-up under an unfinished pre-training is not its cost)."""
     found = []
     for directory in directories:
-        paths = sorted(Path(directory).glob(f"**/{TRAIN_SUMMARY}"))
-        if not paths:
+        if not (Path(directory) / TRAIN_SUMMARY).is_file():
             return None
+        paths = sorted(Path(directory).glob(f"**/{TRAIN_SUMMARY}"))
         found += [read_train_summary(p.parent) for p in paths]
     return {"runs": len(found), "steps": sum(r["steps"] for r in found), "seconds": sum(r["seconds"] for r in found),
             "flops": sum(r["flops"] for r in found), "device": ", ".join(sorted({r["device"] for r in found}))}
