@@ -152,8 +152,12 @@ def matched_steps(cfg_path: str | None, overrides: list[str], runs: list[Run], r
     if missing:
         raise StarbucksError(f"srl-matched needs the recorded cost of {missing[0]}, which has not finished training; "
                              f"run `python -m experiment` without --only, or --only {missing[0]} first")
-    budget = sum(costs[r.name]["flops"] for r in separate)
-    per_step = costs[srl.name]["flops"] / costs[srl.name]["steps"]
+    return matched_step_count(sum(costs[r.name]["flops"] for r in separate),
+                              costs[srl.name]["flops"] / costs[srl.name]["steps"])
+
+
+def matched_step_count(budget: float, per_step: float) -> int:
+    """SRL steps that spend `budget` FLOPs at `per_step` each (at least one)."""
     return max(1, round(budget / per_step))
 
 
@@ -291,7 +295,8 @@ def describe(cfg: DictConfig, cfg_path: str | None = None, overrides: list[str] 
             if r.method == "srl-matched":
                 budget = sum(costs[s.name]["flops"] for s in runs if s.method == "separate" and s.seed == r.seed)
                 per_step = next(costs[s.name] for s in runs if s.method == "srl" and s.seed == r.seed)["flops_per_step"]
-                costs[r.name] = {"steps": round(budget / per_step), "flops": budget, "flops_per_step": per_step}
+                costs[r.name] = {"steps": matched_step_count(budget, per_step), "flops": budget,
+                                 "flops_per_step": per_step}
     lines = []
     for r in runs:
         what = {"finetune": "train", "pretrain": "pre-train", None: "no training"}[r.train]
