@@ -229,11 +229,14 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
     if not texts or not query_texts:
         raise StarbucksError(f"no passages in {corpus} or no queries in split {split!r} to measure with")
 
-    costs, model = [], None
+    costs, model, loaded = [], None, None
     for name, store in stores.items():
         _, _, qmeta = store.load_queries(split)
-        if model is None or model.fingerprint != store.read_meta()["model_sha256"]:  # one model in memory at a time
-            model = _load_model(store, qmeta, device, precision)
+        meta = store.read_meta()
+        settings = (meta["model_sha256"], meta["pooling"], meta["normalize"], meta["max_length"], meta["prefix"],
+                    qmeta["max_length"], qmeta["prefix"])
+        if settings != loaded:  # one model in memory at a time, with the settings its store was encoded with
+            model, loaded = _load_model(store, qmeta, device, precision), settings
         rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size,
                                                         run_dir / "index")
         costs.append(SizeCost(store.size, quality[name], rate, enc_ms, search_ms, latency,
