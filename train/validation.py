@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from retrieval.data import EvalSplit, load_corpus, load_split
-from retrieval.bm25 import BM25
 from retrieval.errors import StarbucksError
 from retrieval.exact_search import torch_search
 from retrieval.metrics import evaluate, parse_measures
 from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder
 from retrieval.sizes import Size
+from train.mine import bm25_rankings
 
 AUTO_CORPUS_LIMIT = 20000  # eval_candidates=auto: the full corpus up to this many passages, else pools of
 AUTO_POOL = 1000
@@ -49,8 +49,8 @@ def bm25_pools(ids: Sequence[str], texts: Sequence[str], queries: Sequence[str],
     """The BM25 top `k` passage ids of each query (`retrieval.bm25`: English stopwords, ties by corpus position)."""
     if k <= 0:
         return [[] for _ in queries]
-    index = BM25(ids, texts, progress=False)
-    return [[doc for doc, _ in index.search(q, k)] for q in queries]
+    ranked = bm25_rankings(ids, texts, dict(enumerate(queries)), k, progress=False)
+    return [ranked[i] for i in range(len(queries))]
 
 
 class Validator:
