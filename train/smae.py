@@ -102,9 +102,13 @@ def ships_mlm_head(name_or_path: str) -> bool:
         return False
     with torch.device("meta"):
         mlm = AutoModelForMaskedLM.from_config(AutoConfig.from_pretrained(path))
+    return _dense_key(mlm) in names
+
+
+def _dense_key(mlm: nn.Module) -> str:
+    """The state-dict name of the MLM head's transform dense weight (the head's first layer)."""
     dense = _head_parts(_mlm_head(mlm))[0].weight
-    key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
-    return key in names
+    return next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
 
 
 def _reinitialise(module: nn.Module, std: float) -> None:
@@ -150,9 +154,7 @@ class SMAE(nn.Module):
         (mlm, info), tokenizer = load_backbone(name_or_path, attn_implementation, auto_class=AutoModelForMaskedLM,
                                                output_loading_info=True)
         model = cls(mlm, sizes, decoder_layers, pooling)
-        dense = _head_parts(model.head)[0].weight
-        dense_key = next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
-        return model, tokenizer, dense_key not in info["missing_keys"]
+        return model, tokenizer, _dense_key(mlm) not in info["missing_keys"]
 
     # ------------------------------------------------------------ pieces
 

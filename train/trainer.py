@@ -436,18 +436,17 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
                               num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
 
-    start = 0
+    start, state = 0, {}
     if latest is not None:
         accelerator.load_state(str(latest / "state"))
-        start = int(read_state(latest)["step"])
+        state = read_state(latest)
+        start = int(state["step"])
         if main:
             tqdm.write(f"resuming from {latest} (step {start} of {total})")
     log = TrainLog(run_dir / LOG_FILE, start, main)
-    if latest is not None and "log_window" in read_state(latest):
-        log.restore(read_state(latest)["log_window"])
-    best = BestRecord(settings.best_key)
-    if latest is not None and read_state(latest).get("best"):
-        best = BestRecord(**read_state(latest)["best"])
+    if "log_window" in state:
+        log.restore(state["log_window"])
+    best = BestRecord(**state["best"]) if state.get("best") else BestRecord(settings.best_key)
     saved_best = read_meta(run_dir / BEST_DIR) if (run_dir / BEST_DIR).is_dir() else None
     if main and saved_best is not None and saved_best.get("step") != best.step:
         shutil.rmtree(run_dir / BEST_DIR)  # saved after the checkpoint resumed from: the record does not describe it
