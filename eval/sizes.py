@@ -7,9 +7,10 @@ the run's embeddings at that size (early exit at its layers, its first `dim` dim
 - encode throughput: passages per second over a sample of the run's corpus through `StarbucksModel`
   (batched, longest first, tokenising included);
 - single-query latency: median milliseconds to tokenise one query of the split, encode it and
-  search the size's stored passage vectors exactly (a flat inner-product index in memory);
-- bytes per passage: the size's index file (`RUN_DIR/index/<size>.faiss`) over its passages, or,
-  without one (exact search reads the embedding store), the store's shard files over its passages.
+  search it as the run was searched: on the size's saved index (its parts in turn, with the run's
+  search params) when the run used one, else exactly over its stored vectors (a flat index in memory);
+- bytes per passage: the size's index files (`RUN_DIR/index/<size>.faiss` or its `.part-*` files)
+  over its passages, or, without one (exact search reads the embedding store), the store's shards.
 
 It writes `RUN_DIR/eval/sizes-<split>.{json,md,csv,png}` (the PNG: quality vs latency and vs bytes
 with the Pareto front marked) and, with `--max-latency-ms` / `--max-bytes`, prints the best size
@@ -34,7 +35,8 @@ from retrieval.data import iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
 from retrieval.sizes import Size
-from retrieval.store import EmbeddingStore
+from retrieval.runfile import read_run_record, run_path
+from retrieval.store import PASSAGE_FIELDS, EmbeddingStore
 from retrieval.tables import markdown_table, size_label, text_table, write_csv
 
 EVAL_PREFIXES = ("compare-", "sizes-")
@@ -136,17 +138,29 @@ def queries_source(store: EmbeddingStore, split: str, given: str | None):
     return source
 
 
-def index_file(store: EmbeddingStore, index_dir: Path) -> Path | None:
-    """The size's saved FAISS index (search.index other than Flat), if there is one."""
-    path = index_dir / f"{store.require_complete()['size']}.faiss"
-    return path if path.is_file() else None
-
-
-def store_bytes(store: EmbeddingStore, index_dir: Path) -> float:
-    """Bytes per passage of the size's index file, or of its embedding shards without one."""
+def index_files(store: EmbeddingStore, index_dir: Path, factory: str | None = None) -> list[Path]:
+    """The size's saved FAISS index (search.index other than Flat): one file, or its parts
+    (search.shards_per_index); none without one. An index its record does not tie to the store's
+    embeddings (another model, other passages) is refused in one line; one of another `factory` than the
+    run was searched with (when given) is not the run's and does not count."""
     meta = store.require_complete()
-    index = index_file(store, index_dir)
-    files = [index] if index else [store.shard_path(k) for k in range(meta["shards"])]
+    single = index_dir / f"{meta['size']}.faiss"
+    paths = [single] if single.is_file() else sorted(index_dir.glob(f"{meta['size']}.part-*.faiss"))
+    for path in paths:
+        record_path = path.with_suffix(".json")
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        if any(record.get(k) != meta.get(k) for k in ("size", "layers", "dim", *PASSAGE_FIELDS)):
+            raise StarbucksError(f"{path} was not built from the embeddings in {store.dir}; re-run search "
+                                 f"(make search) before choosing a size")
+        if factory is not None and record["factory"] != factory:
+            return []  # left by a search with another index: not what the run's quality came from
+    return paths
+
+
+def store_bytes(store: EmbeddingStore, index_dir: Path, factory: str | None = None) -> float:
+    """Bytes per passage of the size's index files, or of its embedding shards without one."""
+    meta = store.require_complete()
+    files = index_files(store, index_dir, factory) or [store.shard_path(k) for k in range(meta["shards"])]
     return sum(f.stat().st_size for f in files) / meta["count"]
 
 
@@ -170,22 +184,26 @@ def _load_model(store: EmbeddingStore, qmeta: dict, device: str, precision: str)
 
 
 def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries: Sequence[str],
-                 batch_size: int, index_dir: Path | None = None) -> tuple[float, float, float, float]:
+                 batch_size: int, index_dir: Path | None = None,
+                 run: dict | None = None) -> tuple[float, float, float, float]:
     """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`;
-    search on the size's saved index when there is one (the index its bytes are counted from), else exact."""
+    search on the size's saved index when there is one (the index its bytes are counted from; every part
+    of it in turn, as the search stage does, with the search `params` of the `run` record, e.g. nprobe),
+    else exact."""
     import faiss
 
-    from retrieval.exact_search import faiss_search
+    from retrieval.exact_search import faiss_search, set_params
 
-    meta = store.require_complete()
     size = store.size
-    saved = index_file(store, index_dir) if index_dir is not None else None
-    if saved is not None:
-        index = faiss.read_index(str(saved))
+    saved = index_files(store, index_dir, (run or {}).get("index")) if index_dir is not None else []
+    if saved:
+        indexes = [faiss.read_index(str(path)) for path in saved]
+        for index in indexes:
+            set_params(index, (run or {}).get("params") or {})
     else:
-        index = faiss.IndexFlatIP(size.dim)
+        indexes = [faiss.IndexFlatIP(size.dim)]
         for _, _, vectors in store.iter_shards():
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+            indexes[0].add(np.ascontiguousarray(vectors, dtype=np.float32))
     model.embed_texts(passages[:batch_size], [size], "passage", batch_size)  # warm-up
     started = time.perf_counter()
     model.embed_texts(passages, [size], "passage", batch_size)
@@ -195,7 +213,8 @@ def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries:
         t0 = time.perf_counter()
         vector = model.embed_texts([text], [size], "query", 1)[size]
         t1 = time.perf_counter()
-        faiss_search(index, vector, min(10, meta["count"]), 1)
+        for index in indexes:
+            faiss_search(index, vector, min(10, index.ntotal), 1)
         t2 = time.perf_counter()
         if i >= 3:
             encode_ms.append(1e3 * (t1 - t0))
@@ -237,10 +256,11 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
                     qmeta["max_length"], qmeta["prefix"])
         if settings != loaded:  # one model in memory at a time, with the settings its store was encoded with
             model, loaded = _load_model(store, qmeta, device, precision), settings
-        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size,
-                                                        run_dir / "index")
+        record = read_run_record(run_path(run_dir / "runs", split, name))
+        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size, run_dir / "index",
+                                                        record)
         costs.append(SizeCost(store.size, quality[name], rate, enc_ms, search_ms, latency,
-                              store_bytes(store, run_dir / "index")))
+                              store_bytes(store, run_dir / "index", (record or {}).get("index"))))
         print(f"sizes: {name}: {rate:.1f} passages/s, {latency:.2f} ms per query", file=sys.stderr)
     return split, measure, costs
 

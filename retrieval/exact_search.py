@@ -78,6 +78,20 @@ def to_gpu(index):
         return index
 
 
+def set_params(index, params: dict, gpu: bool = False) -> None:
+    """Apply FAISS search parameters such as `{nprobe: 32}` or `{efSearch: 128}`."""
+    import faiss
+
+    from retrieval.errors import StarbucksError
+
+    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, str(name), float(value))
+        except RuntimeError:
+            raise StarbucksError(f"search.params.{name} = {value} does not apply to this index; remove it") from None
+
+
 def faiss_search(index, queries: np.ndarray, k: int, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-`k` `(scores, rows)` of every query from a FAISS index, in batches."""
     scores = np.empty((len(queries), k), dtype=np.float32)

@@ -39,6 +39,8 @@ _SHARD = re.compile(r"^shard-(\d{5,})\.npy$")
 
 # Fields that must agree between a passage store and query embeddings searched against it.
 COMPATIBLE_FIELDS = ("model_sha256", "layers", "dim", "pooling", "normalize")
+# Fields of a passage store that an index or a run made from it records (a change makes them stale).
+PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "texts_sha256", "count")
 
 
 def embedding_identity(model_sha256: str, size: Size, pooling: str, normalize: bool, max_length: int,

@@ -31,11 +31,3 @@ def make_index(spec: str, dim: int) -> faiss.Index:
         ) from None
 
 
-def set_params(index: faiss.Index, params: dict, gpu: bool = False) -> None:
-    """Apply search parameters such as `{nprobe: 32}` or `{efSearch: 128}`."""
-    space = faiss.GpuParameterSpace() if gpu else faiss.ParameterSpace()
-    for name, value in params.items():
-        try:
-            space.set_index_parameter(index, str(name), float(value))
-        except RuntimeError:
-            raise StarbucksError(f"search.params.{name} = {value} does not apply to this index; remove it") from None

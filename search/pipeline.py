@@ -26,19 +26,18 @@ from tqdm import tqdm
 
 from retrieval.config import experiment_paths
 from retrieval.errors import StarbucksError
-from retrieval.exact_search import ExactSearcher, TopK, faiss_search, to_gpu
+from retrieval.exact_search import ExactSearcher, TopK, faiss_search, set_params, to_gpu
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
 from retrieval.settings import resolve_device, resolve_precision, whole_number
 from retrieval.data import check_coverage, load_eval_splits, qrels_coverage
 from retrieval.runfile import check_run_file, read_run_record, run_path, write_run, write_run_record
-from retrieval.store import EmbeddingStore, select_stores
-from search.backends import EXACT, faiss_reason, make_index, set_params
+from retrieval.store import PASSAGE_FIELDS, EmbeddingStore, select_stores
+from search.backends import EXACT, faiss_reason, make_index
 
 INDEX_VERSION = 1
 # What identifies the passage vectors of a store: a saved index or run made from other values is stale
 # (same weights and ids but, say, another pooling or max_length give other vectors).
-PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "texts_sha256", "count")
 _DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 

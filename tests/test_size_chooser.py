@@ -95,3 +95,40 @@ def test_report_of_a_run(run, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--max-bytes", "1"])
     assert "no size fits --max-bytes 1" in capsys.readouterr().err
+
+
+def test_a_run_searched_on_an_index_is_timed_on_that_index(run, tmp_path, capsys, monkeypatch):
+    """An IVF run: latency on its saved index with the run's nprobe, bytes from the index file; an index
+    that was built from other embeddings is refused in one line."""
+    import shutil
+
+    import retrieval.exact_search as exact_search
+    from eval.pipeline import evaluate_experiment
+    from retrieval.config import load_config
+    from search.pipeline import search_collection
+
+    shutil.copytree(run / "run", tmp_path / "run")
+    config = tmp_path / "exp.yaml"
+    config.write_text((run / "exp.yaml").read_text().replace(str(run / "run"), str(tmp_path / "run")))
+    cfg = load_config(config, ["search.index=IVF2,Flat", "search.params.nprobe=2"])
+    search_collection(cfg, progress=False)
+    evaluate_experiment(cfg)
+
+    applied = []
+    real = exact_search.set_params
+    monkeypatch.setattr(exact_search, "set_params", lambda index, params, gpu=False: (applied.append(dict(params)),
+                                                                                      real(index, params, gpu)))
+    run_dir = tmp_path / "run"
+    args = [str(run_dir), "--queries", str(run / "col"), "--passages", "16", "--query-sample", "3", "--device", "cpu"]
+    main(args)
+    report = json.loads((run_dir / "eval" / "sizes-dev.json").read_text())
+    for s in report["sizes"]:
+        index = run_dir / "index" / f"{s['size']}.faiss"
+        assert s["bytes_per_passage"] == index.stat().st_size / 150
+    assert applied == [{"nprobe": 2}] * len(SIZES)
+
+    record = run_dir / "index" / "1x8.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "texts_sha256": "other"}))
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and "1x8.faiss was not built from the embeddings" in capsys.readouterr().err
