@@ -1,11 +1,19 @@
 """sentence-transformers module files, so that `SentenceTransformer(path)` loads a saved model.
 
-The files use the long-standing module names (`sentence_transformers.models.*`) and config keys,
-which every release from 2.x to 6.2 reads. The model's output is the largest size of its
-`starbucks.json` when that size runs every layer the model has (a checkpoint's trenta, an
-export's one size), else the full width. Where the dim is cut, an identity-slice `Dense` layer
-keeps the first `d` dims *before* `Normalize`: ST's `truncate_dim` cuts after `Normalize`, which
-gives another vector for a normalised model (and only recent releases read it from the config).
+The files use the long-standing module names (`sentence_transformers.models.*`). The model's
+output is the largest size of its `starbucks.json` when that size runs every layer the model has
+(a checkpoint's trenta, an export's one size), else the full width. Where the dim is cut, an
+identity-slice `Dense` layer keeps the first `d` dims *before* `Normalize`: ST's `truncate_dim`
+cuts after `Normalize`, which gives another vector for a normalised model (and only recent
+releases read it from the config).
+
+Queries and passages keep their own lengths, as in `StarbucksModel`: the Transformer's
+`query_length` / `document_length` (sentence-transformers >= 6.0) cut `encode_query` at the query
+max length and `encode_document` at the passage max length, and the prompts `query` / `document`
+are the prefixes; plain `encode` (no task) takes `max_seq_length`, the passage max length, and no
+prompt, as `StarbucksModel.encode` does. One Transformer serves both (a `Router` with a route per
+side would need a second copy of the weights: the length lives on each route's own module).
+Releases before 6.0 refuse the two length keys (`unexpected keyword argument 'query_length'`).
 """
 
 from __future__ import annotations
@@ -33,6 +41,12 @@ def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
     return hidden
 
 
+def st_lengths(meta: Mapping) -> tuple[int, int]:
+    """`(query, passage)` max lengths a model with this `starbucks.json` encodes with (the toolkit's
+    defaults where it records none, as `StarbucksModel.from_pretrained` reads them)."""
+    return tuple(int(meta.get(k) or DEFAULTS["model"][k]) for k in ("query_max_length", "passage_max_length"))
+
+
 def _builds_a_pooler(directory: Path) -> bool:
     """Whether the saved model's class adds a pooler unless told not to (BERT, RoBERTa, MPNet, ...)."""
     import inspect
@@ -47,8 +61,9 @@ def _builds_a_pooler(directory: Path) -> bool:
 
 def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
     """Transformer -> Pooling (CLS or mean) -> [first `d` dims] -> [Normalize] for a model of `shape`
-    (layers, hidden) whose `starbucks.json` is `meta`, plus the max length, the query/passage prompts
-    and the similarity function (`cosine` when normalised, else `dot`)."""
+    (layers, hidden) whose `starbucks.json` is `meta`, plus the max lengths (plain and document: the
+    passage's; query: the query's), the query/passage prompts and the similarity function (`cosine`
+    when normalised, else `dot`)."""
     from retrieval.modeling import meta_sizes
 
     directory = Path(directory)
@@ -76,7 +91,9 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
     atomic_write_json(directory / "modules.json", [
         {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
         for i, (path, kind) in enumerate(modules)])
-    settings = {"max_seq_length": int(meta.get("passage_max_length") or DEFAULTS["model"]["passage_max_length"]),
+    query_length, passage_length = st_lengths(meta)
+    # plain encode() (no task): the passage length; encode_query / encode_document: each side's own
+    settings = {"max_seq_length": passage_length, "query_length": query_length, "document_length": passage_length,
                 "do_lower_case": False}
     if _builds_a_pooler(directory):  # the toolkit saves no pooler: do not build a random one
         settings["model_args"] = {"add_pooling_layer": False}

@@ -143,8 +143,9 @@ def test_sentence_transformers_loads_a_checkpoint_and_gives_the_largest_size(tin
     assert loaded.similarity_fn_name == model.similarity_fn_name and loaded.max_seq_length == 12
     assert loaded[0].auto_model.pooler is None  # none was saved: ST builds no random one
     np.testing.assert_allclose(loaded.encode(TEXTS, batch_size=2), model.encode(TEXTS, "full"), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(loaded.encode_query(TEXTS), model.encode(["query: " + t for t in TEXTS], "full"),
-                               atol=1e-5, rtol=0)
+    # each side its own prefix and max length (the third text is longer than both)
+    np.testing.assert_allclose(loaded.encode_query(TEXTS), model.encode_queries(TEXTS, "full"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(loaded.encode_document(TEXTS), model.encode_passages(TEXTS, "full"), atol=1e-5, rtol=0)
 
 
 def test_minilm_fine_tuned_every_size_and_sentence_transformers(minilm):
