@@ -127,10 +127,13 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
         "print(model.similarity(q, p))\n"
         f"both = model.encode_passages([\"A PDF editor.\"], sizes={sizes.names[:2]!r})  # name -> array\n```\n")
     parts.append(
-        f"With sentence-transformers (the {largest} embedding):\n\n"
+        f"With sentence-transformers (the {largest} embedding; `encode_query` / `encode_document` add each "
+        "side's prefix and max length, as above):\n\n"
         "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f"model = SentenceTransformer({model_id!r})\n"
-        "embeddings = model.encode([\"A PDF editor.\"])\n```\n")
+        "q = model.encode_query([\"how do I edit a PDF\"])\n"
+        "p = model.encode_document([\"A PDF editor.\", \"An IRC client.\"])\n"
+        "print(model.similarity(q, p))\n```\n")
     if not exported:
         parts.append(
             "A standalone sentence-transformers model of one size (its layers only, the first `d` dims "
