@@ -45,13 +45,34 @@ def random_texts(n, seed=0, length=(3, 40)):
 # ---------------------------------------------------------------- the loss, by hand
 
 
+def hand_transform(mlm, x, dim):
+    """The authors' cut head transform (ielab/Starbucks smae/modeling.py:14-27), in plain torch ops:
+    the dense layer's first `dim` input columns, GELU, then LayerNorm over the full width."""
+    t = mlm.cls.predictions.transform
+    h = F.gelu(F.linear(x[..., :dim], t.dense.weight[:, :dim], t.dense.bias))
+    return F.layer_norm(h, (h.shape[-1],), t.LayerNorm.weight, t.LayerNorm.bias, t.LayerNorm.eps)
+
+
 def hand_head(mlm, states, dim):
     """BERT's MLM head with the dense layer cut to its first `dim` input columns, in plain torch ops."""
+    return hand_transform(mlm, states, dim) @ mlm.bert.embeddings.word_embeddings.weight.T + mlm.cls.predictions.bias
+
+
+def hand_pool(states, mask, pooling):
+    """The CLS token's vector, or the mean over the real tokens."""
+    if pooling == "cls":
+        return states[:, 0]
+    return torch.stack([row[m.bool()].mean(0) for row, m in zip(states, mask)])
+
+
+def randomise_head(mlm):
+    """Non-zero biases and a non-trivial LayerNorm, so that a dropped piece of the head would show."""
     t = mlm.cls.predictions.transform
-    h = states[..., :dim] @ t.dense.weight[:, :dim].T + t.dense.bias
-    h = F.gelu(h)
-    h = F.layer_norm(h, (h.shape[-1],), t.LayerNorm.weight, t.LayerNorm.bias, t.LayerNorm.eps)
-    return h @ mlm.bert.embeddings.word_embeddings.weight.T + mlm.cls.predictions.bias
+    with torch.no_grad():
+        t.dense.bias.normal_()
+        t.LayerNorm.weight.uniform_(0.5, 1.5)
+        t.LayerNorm.bias.normal_(std=0.1)
+        mlm.cls.predictions.bias.normal_()
 
 
 def hand_ce(logits, targets):
@@ -81,65 +102,70 @@ def hand_batch(vocab=30522, mask_id=103):
             "decoder_input_ids": dec_ids, "decoder_labels": dec_labels}
 
 
-def test_loss_equals_hand_computation_per_size():
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_loss_equals_hand_computation_per_size(pooling):
+    # The authors' code (smae/modeling.py:159-171): per size, the encoder's MLM through the cut head, the
+    # decoder's MLM from the cut head transform of the sub-size vector at position 0, (enc + dec) / 2;
+    # mean over the sizes.
     mlm = tiny_mlm()
-    with torch.no_grad():  # non-zero biases, so that a dropped bias would show
-        mlm.cls.predictions.transform.dense.bias.normal_()
-        mlm.cls.predictions.bias.normal_()
-    model = SMAE(mlm, SIZES).eval()
+    randomise_head(mlm)
+    model = SMAE(mlm, SIZES, pooling=pooling).eval()
     batch = hand_batch()
+    mask = batch["attention_mask"]
     with torch.no_grad():
         out = model(batch)
-        hidden = mlm.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          output_hidden_states=True).hidden_states
-        t = mlm.cls.predictions.transform
+        hidden = mlm.bert(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True).hidden_states
         embedded = mlm.bert.embeddings(input_ids=batch["decoder_input_ids"])
-        pad = (1.0 - batch["attention_mask"][:, None, None, :].float()) * torch.finfo(torch.float32).min
+        pad = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
         enc_pick, dec_pick = batch["labels"] != IGNORE, batch["decoder_labels"] != IGNORE
         expected = []
         for s in SIZES:
             h = hidden[s.layers]
             enc = hand_ce(hand_head(mlm, h[enc_pick], s.dim), batch["labels"][enc_pick])
-            cls = h[:, 0, : s.dim] @ t.dense.weight[:, : s.dim].T + t.dense.bias
-            decoder_in = torch.cat([cls[:, None], embedded[:, 1:]], dim=1)
-            decoded = model.decoder[0](decoder_in, attention_mask=pad)
+            first = hand_transform(mlm, hand_pool(h[..., : s.dim], mask, pooling), s.dim)
+            decoded = model.decoder[0](torch.cat([first[:, None], embedded[:, 1:]], dim=1), attention_mask=pad)
             decoded = decoded[0] if isinstance(decoded, tuple) else decoded
             dec = hand_ce(hand_head(mlm, decoded[dec_pick], 32), batch["decoder_labels"][dec_pick])
             torch.testing.assert_close(out.terms[f"enc/{s.name}"], enc, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(out.terms[f"dec/{s.name}"], dec, rtol=1e-5, atol=1e-5)
-            expected.append(enc + dec)
+            expected.append((enc + dec) / 2)
     torch.testing.assert_close(out.loss, torch.stack(expected).mean(), rtol=1e-5, atol=1e-5)
     assert set(out.terms) == {"loss"} | {f"{part}/{s.name}" for s in SIZES for part in ("enc", "dec")}
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
-def test_bottleneck_is_the_pooled_projection_of_the_sub_vectors(pooling):
-    # Eq. 7: pool(V_n^d W_{1:d}); the pooling is the fine-tune's (model.pooling)
+def test_bottleneck_is_the_cut_head_transform_of_the_pooled_sub_vector(pooling):
+    # The authors' code: the decoder's position 0 is the head's whole transform (cut dense, activation,
+    # LayerNorm) of the sub-size vector, not the paper's Eq. 7 dense layer alone; the pooling is the
+    # fine-tune's (model.pooling).
     mlm = tiny_mlm()
-    with torch.no_grad():
-        mlm.cls.predictions.transform.dense.bias.normal_()
+    randomise_head(mlm)
     model = SMAE(mlm, SIZES, pooling=pooling).eval()
-    t = mlm.cls.predictions.transform.dense
     batch = hand_batch()
     mask = batch["attention_mask"]
     states = torch.randn(2, 10, 32)
-    for dim in (8, 32):
-        projected = states[..., :dim] @ t.weight[:, :dim].T + t.bias  # every token's V^d W_{1:d}
-        if pooling == "cls":
-            expected = projected[:, 0]
-        else:  # the mean over the real tokens only (row 2 has 8)
-            expected = torch.stack([projected[0].mean(0), projected[1, :8].mean(0)])
-        torch.testing.assert_close(model.bottleneck(states, mask, dim), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for dim in (8, 32):
+            expected = hand_transform(mlm, hand_pool(states[..., :dim], mask, pooling), dim)
+            torch.testing.assert_close(model.bottleneck(states, mask, dim), expected, rtol=1e-5, atol=1e-5)
+        # ... normalised like the embeddings beside it: with the LayerNorm's identity affine, each vector
+        # has mean 0 and variance 1 over the full width
+        norm = mlm.cls.predictions.transform.LayerNorm
+        norm.weight.fill_(1.0)
+        norm.bias.zero_()
+        first = model.bottleneck(states, mask, 8)
+        assert first.shape == (2, 32)
+        torch.testing.assert_close(first.mean(-1), torch.zeros(2), atol=1e-5, rtol=0)
+        torch.testing.assert_close(first.var(-1, unbiased=False), torch.ones(2), atol=1e-3, rtol=0)
     # ... and it is what the decoder gets at position 0, for every size
+    randomise_head(mlm)
     seen = []
     model.decoder[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0][:, 0].clone()))
     with torch.no_grad():
         model(batch)
         hidden = mlm.bert(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True).hidden_states
-        firsts = seen[0].chunk(len(SIZES))
-        for s, first in zip(SIZES, firsts):
-            projected = hidden[s.layers][..., :s.dim] @ t.weight[:, :s.dim].T + t.bias
-            want = projected[:, 0] if pooling == "cls" else torch.stack([projected[0].mean(0), projected[1, :8].mean(0)])
+        for s, first in zip(SIZES, seen[0].chunk(len(SIZES))):
+            want = hand_transform(mlm, hand_pool(hidden[s.layers][..., : s.dim], mask, pooling), s.dim)
             torch.testing.assert_close(first, want, rtol=1e-4, atol=1e-5)
 
 

@@ -2,23 +2,28 @@
 
 The model is the encoder (`StarbucksEncoder` over the HF backbone), its MLM head, and a shallow
 decoder (default one transformer layer of the encoder's own architecture and width) that shares
-the encoder's embeddings and MLM head. For each size `(n, d)`:
+the encoder's embeddings and MLM head. It computes what the authors' code computes
+(ielab/Starbucks `smae/modeling.py`), which made the paper's numbers; where the paper's text
+says otherwise, `docs/pretraining.md` lists the difference. The head's transform is cut to a
+size: `T_d(h) = LayerNorm(act(W[:, :d] h[:d] + b))`, the dense layer's first `d` input columns
+(a `d -> H` map), then the head's own activation and LayerNorm over the full width `H`
+(modeling.py:14-27). For each size `(n, d)`:
 
-- encoder loss: MLM on the encoder-masked tokens, from the layer-`n` token states cut to their
-  first `d` dims and projected to the full width by `W_{1:d}`, the first `d` input columns of
-  the head transform's dense layer (`W[:, :d] h + b`), then the rest of the head;
+- encoder loss: MLM on the encoder-masked tokens from the layer-`n` token states through
+  `T_d` and the head's vocabulary projection (modeling.py:160);
 - decoder loss: MLM on the decoder-masked tokens of the decoder, whose input is the embedded
-  decoder-masked text with position 0 (CLS) replaced by the bottleneck `pool(V_n^d W_{1:d})`
-  (Eq. 7): the layer-`n` token states cut to `d` dims, projected the same way and pooled with
-  the pooling the encoder will be fine-tuned with (`model.pooling`: the CLS token's, or the mean
-  over the real tokens; the projection is affine, so this is `W[:, :d] pool(h) + b`).
+  decoder-masked text with position 0 (CLS) replaced by the bottleneck `T_d(pool(V_n^d))`
+  (modeling.py:107-109, 164): the sub-size vector the fine-tune will use (`model.pooling`: the
+  CLS token's, or the mean over the real tokens) through the head's whole transform, so that it
+  is layer-normalised like the embeddings beside it (the paper's Eq. 7 has the dense layer only).
 
-loss = mean over sizes of (encoder loss + decoder loss). The head comes from the checkpoint
-when it has one (e.g. `BertForMaskedLM`'s `cls.predictions.*`), else it is initialised with its
-output layer tied to the word embeddings (as BERT's is); such a new head can be warmed up first
-with the encoder frozen (`head_parameters`, `mlm_loss`: `pretrain.head_warmup_steps`). The
-decoder layers are new (BERT initialisation), of the encoder's own layer class. Only the encoder
-is saved (`save_encoder`), with the bottleneck's pooling in its `starbucks.json`.
+loss = mean over sizes of (encoder loss + decoder loss) / 2 (modeling.py:169-171; the paper's
+Eq. 8 sums the two). The head comes from the checkpoint when it has one (e.g. `BertForMaskedLM`'s
+`cls.predictions.*`), else it is initialised with its output layer tied to the word embeddings
+(as BERT's is); such a new head can be warmed up first with the encoder frozen
+(`head_parameters`, `mlm_loss`: `pretrain.head_warmup_steps`). The decoder layers are new (BERT
+initialisation), of the encoder's own layer class. Only the encoder is saved (`save_encoder`),
+with the bottleneck's pooling in its `starbucks.json`.
 """
 
 from __future__ import annotations
@@ -158,19 +163,19 @@ class SMAE(nn.Module):
 
     # ------------------------------------------------------------ pieces
 
-    def project(self, states: torch.Tensor, dim: int) -> torch.Tensor:
-        """`W_{1:d} h + b`: the first `dim` dims of `states`, through the first `dim` input columns of the dense layer."""
-        dense = _head_parts(self.head)[0]
-        return F.linear(states[..., :dim], dense.weight[:, :dim], dense.bias)
+    def transform(self, states: torch.Tensor, dim: int) -> torch.Tensor:
+        """`T_d(h)` `(..., H)`: the first `dim` dims of `states` through the head's transform cut to
+        them: the dense layer's first `dim` input columns, the activation, the LayerNorm (full width)."""
+        dense, act, norm, _ = _head_parts(self.head)
+        return norm(act(F.linear(states[..., :dim], dense.weight[:, :dim], dense.bias)))
 
     def bottleneck(self, states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> torch.Tensor:
-        """`pool(V_n^d W_{1:d})` `(B, H)`: the decoder's view of a layer's token states `(B, T, H)` at `dim` dims."""
-        return self.project(self.encoder.pool(states, attention_mask, dim), dim)
+        """`T_d(pool(V_n^d))` `(B, H)`: the decoder's view of a layer's token states `(B, T, H)` at `dim` dims."""
+        return self.transform(self.encoder.pool(states, attention_mask, dim), dim)
 
     def vocab_logits(self, states: torch.Tensor, dim: int) -> torch.Tensor:
         """MLM logits of `states` cut to `dim` dims (the full head when `dim` is the hidden size)."""
-        _, act, norm, vocab = _head_parts(self.head)
-        return vocab(norm(act(self.project(states, dim))))
+        return _head_parts(self.head)[3](self.transform(states, dim))
 
     def decode(self, inputs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Run the decoder layers over input embeddings `(B, T, H)`."""
@@ -210,7 +215,7 @@ class SMAE(nn.Module):
             enc = self._mlm_loss(layer_states[s.layers], batch["labels"], s.dim)
             dec = self._mlm_loss(decoder_states, batch["decoder_labels"], self.encoder.hidden_size)
             terms[f"enc/{s.name}"], terms[f"dec/{s.name}"] = enc.detach(), dec.detach()
-            total = total + enc + dec
+            total = total + (enc + dec) / 2
         total = total / len(sizes)
         terms["loss"] = total.detach()
         return LossOutput(total, terms)
