@@ -39,6 +39,11 @@ _OFFLINE_MODELS = {
 
 # Where HF encoders keep their list of transformer layers.
 _LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
+# Where encoders keep the norm they apply after their last layer (ModernBERT, XLM-RoBERTa-XL); BERT,
+# RoBERTa, XLM-R, DistilBERT, ELECTRA and MPNet have none.
+_FINAL_NORM_PATHS = ("final_norm", "encoder.LayerNorm")
+# Config lists as long as the layer list that are not one entry per layer.
+_NOT_PER_LAYER = ("architectures",)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -71,6 +76,20 @@ def _layer_holder(model: nn.Module) -> tuple[nn.Module, str]:
         f"cannot find the transformer layer list of {type(model).__name__}; supported: BERT-style encoders "
         f"with one of {', '.join(_LAYER_PATHS)}"
     )
+
+
+def _final_norm(model: nn.Module) -> nn.Module | None:
+    for path in _FINAL_NORM_PATHS:
+        module = model
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, nn.Module):
+            return module
+    return None
+
+
+def _per_layer(key: str) -> bool:
+    return key not in _NOT_PER_LAYER and not key.endswith(("_token_id", "_token_ids"))
 
 
 def _first(output):
@@ -123,6 +142,11 @@ class StarbucksEncoder(nn.Module):
     def config(self):
         return self.backbone.config
 
+    @property
+    def final_norm(self) -> nn.Module | None:
+        """The norm the backbone applies after its last layer (ModernBERT's `final_norm`), or None."""
+        return _final_norm(self.backbone)
+
     def check(self, size: Size) -> Size:
         check_size(size, self.num_layers, self.hidden_size, self.name)
         return size
@@ -132,11 +156,18 @@ class StarbucksEncoder(nn.Module):
         return str(getattr(self.backbone.config, "_name_or_path", "") or type(self.backbone).__name__)
 
     def truncate_(self, num_layers: int) -> "StarbucksEncoder":
-        """Keep only the first `num_layers` layers, for good (the `separate` baseline)."""
+        """Keep only the first `num_layers` layers, for good (the `separate` baseline, an export). The
+        config follows: `num_hidden_layers` and every per-layer list (ModernBERT's `layer_types`: any
+        list as long as the layer list, token ids aside), so that the cut model saves and reloads. The
+        final norm stays: the cut model's output is each size's vector (`hidden_states`)."""
         if not 1 <= num_layers <= self.num_layers:
             raise StarbucksError(f"cannot truncate {self.name} ({self.num_layers} layers) to {num_layers} layers")
+        config, depth = self.backbone.config, self.num_layers
+        for key, value in list(vars(config).items()):
+            if isinstance(value, (list, tuple)) and len(value) == depth and _per_layer(key):
+                setattr(config, key, type(value)(value[:num_layers]))
         setattr(self._holder, self._attr, nn.ModuleList(list(self.layers)[:num_layers]))
-        self.backbone.config.num_hidden_layers = num_layers
+        config.num_hidden_layers = num_layers
         return self
 
     # ------------------------------------------------------------ forward
@@ -153,7 +184,11 @@ class StarbucksEncoder(nn.Module):
             setattr(self._holder, self._attr, full)
 
     def hidden_states(self, batch: Mapping[str, torch.Tensor], layers: Iterable[int]) -> dict[int, torch.Tensor]:
-        """Token states `(B, T, H)` after each requested layer (1-based), running no deeper than needed."""
+        """Token states `(B, T, H)` of each requested layer `n` (1-based), running no deeper than needed.
+
+        A layer's states are what the model cut to `n` layers outputs (its `last_hidden_state`): layer
+        `n`'s output, passed through the backbone's final norm when it has one (`final_norm`: ModernBERT's).
+        The full model and a model cut to fewer layers (`truncate_`, an export) give the same vectors."""
         wanted = sorted(set(int(n) for n in layers))
         if not wanted:
             return {}
@@ -162,22 +197,24 @@ class StarbucksEncoder(nn.Module):
                 f"layer {wanted[-1] if wanted[-1] > self.num_layers else wanted[0]} requested but {self.name} "
                 f"has layers 1..{self.num_layers}"
             )
-        # The last layer's states are the model's output, as in HF's `hidden_states[-1]`: after the final
-        # norm of backbones that have one (ModernBERT's `final_norm`); a hook gives the others.
+        # The deepest requested layer's states are the output of the backbone run that deep (early exit):
+        # after the final norm, if any. A hook gives the shallower ones, which the final norm then follows.
+        deepest, norm = wanted[-1], self.final_norm
         captured: dict[int, torch.Tensor] = {}
         hooks = [
             self.layers[n - 1].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, _first(out)))
-            for n in wanted if n < self.num_layers
+            for n in wanted if n < deepest
         ]
         inputs = {k: v for k, v in batch.items() if k in self._inputs}
         try:
-            with self._exit_after(wanted[-1]):
+            with self._exit_after(deepest):
                 output = self.backbone(**inputs, return_dict=True)
         finally:
             for h in hooks:
                 h.remove()
-        if wanted[-1] == self.num_layers:
-            captured[self.num_layers] = output.last_hidden_state
+        if norm is not None:
+            captured = {n: norm(h) for n, h in captured.items()}
+        captured[deepest] = output.last_hidden_state
         return captured
 
     def pool(self, states: torch.Tensor, attention_mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -208,6 +245,9 @@ class StarbucksEncoder(nn.Module):
         if use_packing(self.packing, self.backbone, batch["input_ids"].device):
             packed, states = packed_hidden_states(self.backbone, self.layers, batch, sorted({s.layers for s in sizes}),
                                                   self.pack_buckets)
+            norm = self.final_norm  # raw layer outputs: each size's states as in `hidden_states`
+            if norm is not None:
+                states = {n: norm(h) for n, h in states.items()}
             return {s: self._normalized(packed.pool(states[s.layers][:, :s.dim], self.pooling)) for s in sizes}
         mask = batch["attention_mask"]
         buckets = self.length_buckets or -(-mask.numel() // BUCKET_TOKENS)  # 0: by the padded token count
