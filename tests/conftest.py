@@ -30,6 +30,42 @@ def msmarco_qrels_dir() -> Path:
     return d
 
 
+def _float64(x):
+    import numpy as np
+
+    return np.asarray(x.detach().cpu().double() if hasattr(x, "detach") else x, dtype=np.float64)
+
+
+def assert_near(actual, expected, rel: float = 1e-5, msg: str = "", scale: float | None = None) -> None:
+    """`||actual - expected|| <= rel * scale` (Frobenius norms in float64; `scale` defaults to
+    `||expected||`): two float computations of one quantity agree up to summation order, however
+    close to zero single elements are. Tensors or arrays."""
+    import numpy as np
+
+    a, b = _float64(actual), _float64(expected)
+    assert a.shape == b.shape, f"{msg} shapes differ: {a.shape} vs {b.shape}"
+    err = float(np.linalg.norm(a - b))
+    scale = float(np.linalg.norm(b)) if scale is None else scale
+    assert err <= rel * scale or err == 0.0, f"{msg} error {err:.3g} > {rel:g} x {scale:.3g}"
+
+
+def assert_all_near(actual, expected, rel: float = 1e-5) -> None:
+    """Two sets of tensors (gradients, weights; dicts by name or lists in one order) agree, tensor by
+    tensor, to `rel` of the whole set's norm: a tensor whose true value is (near) zero (a key bias's
+    gradient, by softmax's shift invariance; a LayerNorm bias one step from its zero init) holds
+    only rounding noise, which no scale of its own can judge."""
+    import numpy as np
+
+    names = list(expected.keys()) if isinstance(expected, dict) else list(range(len(expected)))
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), set(actual) ^ set(expected)
+    else:
+        assert len(actual) == len(expected)
+    total = float(np.sqrt(sum(np.linalg.norm(_float64(expected[k])) ** 2 for k in names)))
+    for k in names:
+        assert_near(actual[k], expected[k], rel=rel, msg=str(k), scale=total)
+
+
 def tiny_bert(layers: int = 4, hidden: int = 32, vocab: int = 1000, seed: int = 0):
     """A randomly initialised BERT small enough for CPU tests."""
     import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ragged_ids, run_two_gloo_ranks, tiny_bert
+from conftest import assert_all_near, ragged_ids, run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
 from retrieval.modeling import load_encoder, read_meta, resolve_model_path
@@ -94,8 +94,7 @@ def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection)
     assert ddp["loss"] == pytest.approx(out.loss.item(), abs=1e-5)
     local_only = srl_loss()(encoder(half(queries, 0, 2), SIZES), encoder(half(passages, 0, 2), SIZES))
     assert abs(local_only.loss.item() - out.loss.item()) > 1e-3  # the gather matters
-    for name, param in encoder.named_parameters():
-        torch.testing.assert_close(ddp["grads"][name], param.grad, rtol=0, atol=1e-5, msg=name)
+    assert_all_near(ddp["grads"], {name: p.grad for name, p in encoder.named_parameters()}, rel=1e-5)
 
     # (2) two training steps on 2 ranks, against one process on the same (combined) micro-batches
     from train.finetune import run_training
@@ -105,8 +104,7 @@ def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection)
                                           f"output_dir={tmp_path / 'single' / name}"]))
         a = load_file(tmp_path / "single" / name / "model" / "model.safetensors")
         b = load_file(tmp_path / "ddp" / name / "model" / "model.safetensors")
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=f"{name}: {k}")
+        assert_all_near(b, a, rel=1e-5)
     run = tmp_path / "ddp" / "plain"
     assert len((run / "train_log.jsonl").read_text().splitlines()) == 2  # rank 0 logs, once per step
     assert read_meta(run / "model")["step"] == 2

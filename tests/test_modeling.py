@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_bert
+from conftest import assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
 from retrieval.modeling import StarbucksEncoder, load_encoder, read_meta, resolve_model_path, tokenize
 from retrieval.sizes import Size, SizeList
@@ -43,7 +43,7 @@ def test_every_size_equals_pooled_hidden_states(pooling, normalize, seed):
     assert list(out) == list(SIZES)
     for size, emb in out.items():
         assert emb.shape == (3, size.dim)
-        torch.testing.assert_close(emb, reference(model, b, size, pooling, normalize), rtol=1e-5, atol=1e-6)
+        assert_near(emb, reference(model, b, size, pooling, normalize), rel=1e-5)
 
 
 def count_layer_calls(enc):
@@ -163,9 +163,8 @@ def test_length_buckets_give_the_same_embeddings_and_gradients(pooling, buckets,
             assert sum(shape[0] for shape in calls) == 40 and max(shape[1] for shape in calls) == 48
             assert min(shape[1] for shape in calls) < 48
     for s in SIZES:
-        torch.testing.assert_close(outs[buckets][s], outs[1][s], rtol=1e-4, atol=1e-5)
-    for g, h in zip(grads[buckets], grads[1]):
-        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-5)
+        assert_near(outs[buckets][s], outs[1][s], rel=1e-5)
+    assert_all_near(grads[buckets], grads[1], rel=1e-5)
 
 
 def test_tokenize_equals_the_tokenizers_own_padding():

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel
 
-from conftest import tiny_bert
+from conftest import assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
 from retrieval.modeling import StarbucksEncoder
 from retrieval.packing import PackedBatch, packed_attention, pick_kernel
@@ -84,9 +84,8 @@ def test_bucketed_packing_gives_the_same_embeddings_and_gradients(pooling):
         grads[buckets] = [p.grad for p in enc.parameters() if p.grad is not None]
         assert widths == [256 if buckets else int(b["attention_mask"].sum())]
     for s in SIZES:
-        torch.testing.assert_close(out[True][s], out[False][s], rtol=1e-5, atol=1e-6)
-    for g, h in zip(grads[True], grads[False]):
-        torch.testing.assert_close(g, h, rtol=1e-4, atol=1e-5)
+        assert_near(out[True][s], out[False][s], rel=1e-5)
+    assert_all_near(grads[True], grads[False], rel=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -102,7 +101,7 @@ def test_packed_equals_padded_for_every_size(pooling, normalize):
     assert widths == [(1, int(b["attention_mask"].sum()), 32)]  # one sequence of the real tokens only
     for s in SIZES:
         assert packed[s].shape == (9, s.dim)
-        torch.testing.assert_close(packed[s], padded[s], rtol=1e-5, atol=1e-6)
+        assert_near(packed[s], padded[s], rel=1e-5)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -139,8 +138,7 @@ def test_packed_gives_the_same_gradients(pooling, checkpointing):
         sum((v * torch.linspace(-1, 1, v.shape[1])).sum() + v.pow(2).sum() for v in out.values()).backward()
         grads[packing] = {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and len(grads[True]) > 10
-    for name, g in grads[False].items():
-        torch.testing.assert_close(grads[True][name], g, rtol=1e-4, atol=1e-5, msg=name)
+    assert_all_near(grads[True], grads[False], rel=1e-5)
 
 
 def test_auto_packs_only_where_a_varlen_kernel_exists():

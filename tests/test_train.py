@@ -9,7 +9,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import REPO, die_after_checkpoint, tiny_bert
+from conftest import REPO, assert_all_near, die_after_checkpoint, tiny_bert
 from retrieval.config import load_config
 from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
@@ -244,8 +244,7 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model, collect
     assert len(checkpointed) == 2 * 4  # queries and passages, 4 layers each
     a = load_file(tmp_path / "plain" / "model" / "model.safetensors")
     b = load_file(tmp_path / "ckpt" / "model" / "model.safetensors")
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert_all_near(b, a, rel=1e-6)
 
 
 def test_log_averages_each_term_over_the_steps_that_logged_it(tmp_path):
@@ -304,8 +303,7 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, tiny_model, co
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(run / "model" / "model.safetensors")
     assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    assert_all_near(b, a, rel=1e-6)
     straight_log, resumed_log = log_lines(tmp_path / "straight"), log_lines(run)
     assert [r["step"] for r in resumed_log] == [r["step"] for r in straight_log] == [2, 4, 5]
     # the first log after the restart (step 4) averages steps 3 (before the kill) and 4, as the straight run's
