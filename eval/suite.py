@@ -55,6 +55,10 @@ class SuiteCollection:
     name: str
     source: str  # a BEIR directory or irds:<id>
     split: str
+    # BEIR's identical-id rule: drop a retrieved passage whose id is the query's id (ArguAna, Quora: each
+    # query is also a corpus passage). Off by default: in debian-pkgs and python-docs the relevant
+    # passage has the query's id.
+    ignore_identical_ids: bool = False
 
 
 @dataclass(frozen=True)
@@ -70,12 +74,25 @@ def _named(spec: str) -> tuple[str | None, str]:
     return (name.strip(), value.strip()) if sep and name.strip() and "/" not in name else (None, str(spec).strip())
 
 
-def parse_collection(spec, split: str = DEFAULT_SPLIT) -> SuiteCollection:
-    """A collection from `SOURCE`, `name=SOURCE` or a suite file's `{name, source, split}` mapping."""
+COLLECTION_KEYS = ("name", "source", "split", "ignore_identical_ids")
+
+
+def parse_collection(spec, split: str = DEFAULT_SPLIT, ignore_identical_ids: bool = False) -> SuiteCollection:
+    """A collection from `SOURCE`, `name=SOURCE` or a suite file's `{name, source, split,
+    ignore_identical_ids}` mapping."""
     if isinstance(spec, Mapping):
         if "source" not in spec:
             raise StarbucksError(f"suite collection {dict(spec)} needs a 'source' (a BEIR directory or irds:<id>)")
+        unknown = sorted(set(spec) - set(COLLECTION_KEYS))
+        if unknown:
+            raise StarbucksError(f"suite collection {dict(spec)}: unknown key {unknown[0]!r}; a collection has "
+                                 f"{', '.join(COLLECTION_KEYS)}")
+        flag = spec.get("ignore_identical_ids", ignore_identical_ids)
+        if not isinstance(flag, bool):
+            raise StarbucksError(f"suite collection {spec['source']}: ignore_identical_ids must be true or false, "
+                                 f"not {flag!r}")
         name, source, split = spec.get("name"), str(spec["source"]), str(spec.get("split", split))
+        ignore_identical_ids = flag
     else:
         name, source = _named(spec)
     if source.startswith(IRDS):  # irds:beir/scifact/test -> scifact, split test
@@ -88,7 +105,7 @@ def parse_collection(spec, split: str = DEFAULT_SPLIT) -> SuiteCollection:
             raise StarbucksError(f"collection {source!r} is neither a BEIR directory nor irds:<id> "
                                  f"(e.g. data/python-docs, irds:beir/scifact/test)")
         name = name or Path(source).resolve().name
-    return SuiteCollection(name, source, split)
+    return SuiteCollection(name, source, split, ignore_identical_ids)
 
 
 def parse_model(spec: str, defaults: Mapping | None = None) -> SuiteModel:
@@ -196,25 +213,32 @@ def encode_collection(model, col: LoadedCollection, sizes: Sequence[Size], root:
     return stores
 
 
-def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, searcher: ExactSearcher) -> Path:
-    """The size's run file of the split (exact search over the store), unless an up-to-date one exists."""
+def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, searcher: ExactSearcher,
+                 ignore_identical_ids: bool = False) -> Path:
+    """The size's run file of the split (exact search over the store), unless an up-to-date one exists.
+    `ignore_identical_ids`: a passage whose id is the query's is left out of its ranking (BEIR's rule),
+    which still holds `depth` passages."""
     meta = store.require_complete()
     qids, queries, qmeta = store.load_queries(split)
     out = run_path(runs, split, meta["size"])
     record = {"embeddings": str(store.dir), "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
               "passages": {k: meta.get(k) for k in ("model_sha256", "ids_sha256", "texts_sha256", "count")},
               "queries": {k: qmeta[k] for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
-              "index": "exact", "depth": depth}
+              "index": "exact", "depth": depth, "ignore_identical_ids": ignore_identical_ids}
     previous = read_run_record(out)
     if out.is_file() and previous is not None and {k: previous.get(k) for k in record} == record \
             and check_run_file(out, previous) is None:  # a run file cut or edited since is searched again
         return out
-    top = TopK(len(queries), min(depth, meta["count"]))
+    top = TopK(len(queries), min(depth + ignore_identical_ids, meta["count"]))  # one more for the self-hit
     for _, first_row, vectors in store.iter_shards():
         top.add(*searcher.search(vectors, queries, top.k), offset=first_row)
     ids = store.ids()
-    write_run(out, ((q, [(ids[r], float(s)) for r, s in zip(top.rows[i], top.scores[i]) if r >= 0])
-                    for i, q in enumerate(qids)), f"suite-{meta['size']}")
+
+    def ranking(i: int, qid: str) -> list[tuple[str, float]]:
+        hits = [(ids[r], float(s)) for r, s in zip(top.rows[i], top.scores[i]) if r >= 0]
+        return [h for h in hits if h[0] != qid][:depth] if ignore_identical_ids else hits
+
+    write_run(out, ((q, ranking(i, q)) for i, q in enumerate(qids)), f"suite-{meta['size']}")
     write_run_record(out, record)
     return out
 
@@ -270,7 +294,8 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
             stores = encode_collection(model, col, chosen, root / "embeddings", batch_size)
             done = cells.setdefault(m.name, {})[col.spec.name] = []
             for s in chosen:
-                path = search_store(stores[s], col.spec.split, root / "runs", depth, searcher)
+                path = search_store(stores[s], col.spec.split, root / "runs", depth, searcher,
+                                    col.spec.ignore_identical_ids)
                 done.append(Cell(s, path, evaluate(read_run(path), col.split.qrels, measures)))
             write_cell_eval(root / "eval", f"{m.name} / {col.spec.name}", col, done)
         del model
@@ -307,7 +332,8 @@ def build_report(models: Sequence[SuiteModel], collections: Sequence[LoadedColle
     return {
         "models": {m.name: m.path for m in models},
         "collections": {c.spec.name: {"source": c.spec.source, "split": c.spec.split, "passages": c.count,
-                                      "queries": len(c.split.qrels)} for c in collections},
+                                      "queries": len(c.split.qrels),
+                                      "ignore_identical_ids": c.spec.ignore_identical_ids} for c in collections},
         "measures": list(measures), "baseline": baseline, "alpha": ALPHA,
         "sizes": {m.name: [cell.size.to_dict() for cell in cells[m.name][collections[0].spec.name]] for m in models},
         "tables": tables, "comparison": comparison,
@@ -348,7 +374,10 @@ def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> Non
         for measure, table in per_model.items():
             csv_rows += [[m, "average", s.key, measure, table["average"][s.name], ""] for s in sizes[m]]
     atomic_write_json(out / "suite.json", report)
-    atomic_write_text(out / "suite.md", "# Suite\n\n" + "".join(
+    dropped = [c for c, entry in report["collections"].items() if entry.get("ignore_identical_ids")]
+    note = (f"Self-hits dropped (BEIR's identical-id rule: a passage whose id is the query's is not ranked) in: "
+            f"{', '.join(dropped)}.\n\n" if dropped else "")
+    atomic_write_text(out / "suite.md", "# Suite\n\n" + note + "".join(
         f"## {title}\n\n{markdown_table(h, r)}\n" for title, h, r in sections))
     write_csv(out / "suite.csv", ["model", "collection", "size", "measure", "value", "p"], csv_rows)
     first = measures[0]
@@ -371,6 +400,9 @@ def parser() -> argparse.ArgumentParser:
                    help="BEIR directories or irds:<id> (added to the suite file's)")
     p.add_argument("--suite", help="a suite YAML (configs/suites/beir.yaml, configs/suites/offline.yaml)")
     p.add_argument("--sizes", help="sizes to evaluate, names or LxD, comma-separated (default: each model's own)")
+    p.add_argument("--ignore-identical-ids", action="store_true",
+                   help="BEIR's identical-id rule for the --collections given here: leave a passage whose id is "
+                        "the query's out of its ranking (ArguAna, Quora; a suite file sets it per collection)")
     p.add_argument("--split", help=f"qrels split of local collections (default: the suite file's, else {DEFAULT_SPLIT})")
     p.add_argument("--metrics", nargs="+", help=f"ir_measures names (default: {' '.join(DEFAULT_MEASURES)})")
     p.add_argument("--depth", type=int, help=f"passages ranked per query (default {DEFAULT_DEPTH})")
@@ -389,7 +421,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     suite = read_suite_file(args.suite) if args.suite else {}
     split = args.split or str(suite.get("split", DEFAULT_SPLIT))
-    collections = [*suite_collections(suite, split), *(parse_collection(c, split) for c in args.collections)]
+    collections = [*suite_collections(suite, split),
+                   *(parse_collection(c, split, args.ignore_identical_ids) for c in args.collections)]
     if args.normalize and not args.pooling:
         raise StarbucksError("--normalize applies to plain HF models, which need --pooling cls|mean too; add it")
     plain = {"pooling": args.pooling, "normalize": args.normalize} if args.pooling else None

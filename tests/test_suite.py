@@ -2,6 +2,7 @@
 stages and pytrec_eval; the average row; reuse of finished work; refusals."""
 
 import gzip
+import itertools
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from scipy.stats import ttest_rel
 
 from conftest import REPO, beir_slice, tiny_bert
 from eval.suite import main, parse_collection, parse_model
-from retrieval.data import load_split
+from retrieval.data import iter_corpus, load_split
 from retrieval.runfile import read_run, read_run_record
 
 SIZES = ["1x8", "2x16", "4x32"]
@@ -232,3 +233,67 @@ def test_a_plain_model_needs_its_pooling(setup, tmp_path, capsys):
     assert "pooling is unknown" in capsys.readouterr().err
     report = main([*args, "--pooling", "mean", "--sizes", "1x8,2x16"])
     assert list(report["tables"]["plain"]["nDCG@10"]["pkgs"]) == ["1x8", "2x16"]
+
+
+def self_hit_collection(source: Path, out: Path, queries: int = 6) -> Path:
+    """An ArguAna-like collection: each query is also a corpus passage under the query's own id (its
+    text, so it ranks itself first), while the passage judged relevant to it is another one (the same
+    words and a few more: it ranks near the top)."""
+    passages = [(d, t) for d, t in itertools.islice(iter_corpus(str(source)), 40)]
+    (out / "qrels").mkdir(parents=True)
+    texts = [" ".join(t.split()[:6]) for _, t in passages[:queries]]  # short: the same tokens as query and passage
+    corpus = [{"_id": d, "text": t} for d, t in passages[queries:]]
+    corpus += [{"_id": f"arg-{i}", "text": text} for i, text in enumerate(texts)]
+    corpus += [{"_id": f"rel-{i}", "text": f"{text} {passages[i][1].split()[6]}"} for i, text in enumerate(texts)]
+    (out / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
+    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": f"arg-{i}", "text": text}) + "\n"
+                                               for i, text in enumerate(texts)))
+    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"arg-{i}\trel-{i}\t1\n" for i in range(queries)))
+    return out
+
+
+def test_beir_identical_id_rule_drops_self_hits_per_collection(setup, tmp_path):
+    _, _, models, *_ = setup
+    col = self_hit_collection(REPO / "data" / "debian-pkgs-mini", tmp_path / "args")
+    qrels = load_split("test", str(col)).qrels
+    base = ["--models", f"b={models['b']}", "--sizes", "2x16", "--depth", str(DEPTH), "--device", "cpu",
+            "--metrics", "nDCG@10"]
+    kept = main([*base, "--collections", f"args={col}", "--out", str(tmp_path / "kept")])
+    dropped = main([*base, "--collections", f"args={col}", "--ignore-identical-ids", "--out", str(tmp_path / "dropped")])
+    with_self = read_run(tmp_path / "kept" / "b" / "args" / "runs" / "test" / "2x16.trec")
+    without = read_run(tmp_path / "dropped" / "b" / "args" / "runs" / "test" / "2x16.trec")
+    # the self-hit is each query's first passage (a normalised model: the same text, cosine 1) ...
+    assert all(max(r, key=r.get) == q for q, r in with_self.items())
+    # ... and the rule leaves it out and still ranks `depth` passages: the run without it, one deeper
+    def ranked(run: dict) -> list[str]:
+        return sorted(run, key=lambda d: -run[d])
+
+    for q, r in without.items():
+        assert q not in r and len(r) == DEPTH
+        assert ranked(r)[:DEPTH - 1] == [d for d in ranked(with_self[q]) if d != q]
+    expect_dropped = np.mean(list(pytrec({q: {d: s for d, s in r.items() if d != q} for q, r in with_self.items()},
+                                         qrels, "ndcg_cut_10").values()))
+    expect_kept = np.mean(list(pytrec(with_self, qrels, "ndcg_cut_10").values()))
+    assert dropped["tables"]["b"]["nDCG@10"]["args"]["2x16"] == pytest.approx(expect_dropped, abs=1e-9)
+    assert kept["tables"]["b"]["nDCG@10"]["args"]["2x16"] == pytest.approx(expect_kept, abs=1e-9)
+    assert expect_kept < expect_dropped  # the self-hit pushed each relevant passage down a rank
+    # recorded: the run record, the report, the page
+    assert read_run_record(tmp_path / "dropped" / "b" / "args" / "runs" / "test" / "2x16.trec")["ignore_identical_ids"]
+    assert not read_run_record(tmp_path / "kept" / "b" / "args" / "runs" / "test" / "2x16.trec")["ignore_identical_ids"]
+    assert dropped["collections"]["args"]["ignore_identical_ids"] and not kept["collections"]["args"]["ignore_identical_ids"]
+    assert "Self-hits dropped" in (tmp_path / "dropped" / "suite.md").read_text()
+    assert "Self-hits dropped" not in (tmp_path / "kept" / "suite.md").read_text()
+
+
+def test_the_beir_suite_drops_self_hits_where_beir_does():
+    from eval.suite import read_suite_file
+
+    data = read_suite_file(REPO / "configs" / "suites" / "beir.yaml")
+    flagged = {c.name for c in (parse_collection(c) for c in data["collections"]) if c.ignore_identical_ids}
+    assert flagged == {"arguana", "quora"}
+    assert not parse_collection("irds:beir/scifact/test").ignore_identical_ids  # off by default
+    with pytest.raises(Exception, match="ignore_identical_ids must be true or false"):
+        parse_collection({"source": "irds:beir/quora/test", "ignore_identical_ids": "yes"})
+    with pytest.raises(Exception, match="unknown key 'ignore_identical_id'"):
+        parse_collection({"source": "irds:beir/quora/test", "ignore_identical_id": True})
