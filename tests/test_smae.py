@@ -179,22 +179,64 @@ def test_every_part_gets_gradients_and_the_head_is_tied():
         if "token_type" in name:  # one segment only
             continue
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    # The decoder is a fresh layer of the encoder's architecture, not a copy of its weights.
-    assert type(model.decoder[0]) is type(model.encoder.layers[-1])
-    assert not torch.equal(model.decoder[0].output.dense.weight, model.encoder.layers[-1].output.dense.weight)
+
+
+def tiny_roberta(seed=0):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    torch.manual_seed(seed)
+    return RobertaForMaskedLM(RobertaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                            intermediate_size=64, initializer_range=0.2))
+
+
+def assert_same_state(module, other):
+    a, b = module.state_dict(), other.state_dict()
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+@pytest.mark.parametrize("depth", [1, 2])
+def test_decoder_starts_as_a_copy_of_the_encoders_first_layers(arch, depth):
+    # The authors' code: the decoder is the checkpoint's first layer (a second copy of the checkpoint cut
+    # to one layer, smae/modeling.py:100, :103); a deeper decoder takes the first `depth` layers.
+    mlm = tiny_mlm(vocab=500) if arch == "bert" else tiny_roberta()
+    first = [{k: v.clone() for k, v in layer.state_dict().items()} for layer in mlm.base_model.encoder.layer]
+    model = SMAE(mlm, SIZES, decoder_layers=depth)
+    assert len(model.decoder) == depth
+    for i, layer in enumerate(model.decoder):
+        assert type(layer) is type(model.encoder.layers[i])
+        assert_same_state(layer, model.encoder.layers[i])
+        state = layer.state_dict()
+        assert state.keys() == first[i].keys() and all(torch.equal(state[k], first[i][k]) for k in state)
+    # ... its own tensors, not the encoder's
+    encoder_tensors = {p.data_ptr() for p in model.encoder.parameters()}
+    assert not any(p.data_ptr() in encoder_tensors for p in model.decoder.parameters())
+    # one optimiser step on a loss of the decoder alone moves the decoder and leaves encoder layer 0 as it was
+    layer0 = {k: v.clone() for k, v in model.encoder.layers[0].state_dict().items()}
+    optimiser = torch.optim.SGD(model.decoder.parameters(), lr=0.5)
+    states = torch.randn(2, 6, 32)
+    model.decode(states, torch.ones(2, 6, dtype=torch.long)).pow(2).mean().backward()
+    optimiser.step()
+    after = model.encoder.layers[0].state_dict()
+    assert all(torch.equal(after[k], layer0[k]) for k in layer0)
+    assert all(p.grad is None for p in model.encoder.layers[0].parameters())
+    moved = model.decoder[0].state_dict()
+    assert any(not torch.equal(moved[k], layer0[k]) for k in layer0)
+
+
+def test_a_decoder_deeper_than_the_encoder_is_refused():
+    with pytest.raises(StarbucksError, match="decoder_layers = 4.*only 3"):
+        SMAE(tiny_mlm(vocab=500), SIZES, decoder_layers=4)
 
 
 @pytest.mark.parametrize("arch", ["bert", "roberta"])
 def test_full_width_head_is_the_checkpoints_own_head(arch):
-    from transformers import RobertaConfig, RobertaForMaskedLM
-
     if arch == "bert":
         mlm, head = tiny_mlm(vocab=500), lambda m, x: m.cls(x)
     else:
-        torch.manual_seed(0)
-        mlm = RobertaForMaskedLM(RobertaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=3,
-                                               num_attention_heads=4, intermediate_size=64, initializer_range=0.2))
-        head = lambda m, x: m.lm_head(x)  # noqa: E731
+        mlm, head = tiny_roberta(), lambda m, x: m.lm_head(x)
     model = SMAE(mlm, SIZES).eval()
     states = torch.randn(5, 32)
     with torch.no_grad():
@@ -222,11 +264,15 @@ def test_head_is_reused_from_a_checkpoint_else_tied_to_embeddings(tmp_path, toke
     model, _, from_checkpoint = SMAE.from_pretrained(str(tmp_path / "mlm"), SIZES)
     assert from_checkpoint
     assert torch.all(model.head.predictions.transform.dense.weight == 0.125)
+    assert_same_state(model.decoder[0], mlm.bert.encoder.layer[0])  # the checkpoint's first layer
 
-    BertModel(mlm.config).save_pretrained(tmp_path / "plain")
+    torch.manual_seed(5)
+    plain = BertModel(mlm.config)
+    plain.save_pretrained(tmp_path / "plain")
     tokenizer.save_pretrained(tmp_path / "plain")
     model, _, from_checkpoint = SMAE.from_pretrained(str(tmp_path / "plain"), SIZES)
     assert not from_checkpoint
+    assert_same_state(model.decoder[0], plain.encoder.layer[0])  # a headless checkpoint's too
     words = model.encoder.backbone.embeddings.word_embeddings.weight
     assert model.head.predictions.decoder.weight is words
     assert model.head.predictions.decoder.weight.data_ptr() == words.data_ptr()  # one storage, as BERT's
@@ -249,9 +295,12 @@ def test_saved_backbone_is_the_encoder_only(tmp_path, tokenizer):
     for key, value in loaded.state_dict().items():
         if not key.startswith("pooler"):  # the saved backbone has no pooler; AutoModel adds a fresh one
             assert torch.equal(value, encoder_state[key]), key
-    last = loaded.encoder.layer[-1].output.dense.weight
-    assert torch.equal(last, model.encoder.layers[-1].output.dense.weight)
-    assert not torch.equal(last, model.decoder[0].output.dense.weight)
+    with torch.no_grad():  # a trained decoder, no longer the copy of layer 0 it started as
+        model.decoder[0].output.dense.weight.add_(1.0)
+    model.save_encoder(tmp_path / "trained", tokenizer)
+    first = load_file(tmp_path / "trained" / "model.safetensors")["encoder.layer.0.output.dense.weight"]
+    assert torch.equal(first, model.encoder.layers[0].output.dense.weight)
+    assert not torch.equal(first, model.decoder[0].output.dense.weight)
     meta = json.loads((tmp_path / "model" / "starbucks.json").read_text())
     assert meta["method"] == "smae" and [s["name"] for s in meta["sizes"]] == SIZES.names
 
@@ -500,22 +549,38 @@ def test_short_run_lowers_both_losses_and_finetuning_starts_from_it(tmp_path, he
 
 
 @pytest.mark.slow
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base):
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base, monkeypatch):
     import shutil
 
     from safetensors.torch import load_file
+    from transformers import AutoModel
 
     from train.pretrain import run_pretraining
 
+    seen = []  # the decoder's weights at each SMAE step (one decode call per step)
+    decode = SMAE.decode
+    monkeypatch.setattr(SMAE, "decode", lambda self, *args: seen.append(
+        {k: v.detach().clone() for k, v in self.decoder.state_dict().items()}) or decode(self, *args))
+
     overrides = ("train.max_steps=6", "train.save_steps=3", "train.batch_size=4")
     whole = run_pretraining(smae_config(headless_base, tmp_path / "a", *overrides))
+    uninterrupted = seen[:]
     run_pretraining(smae_config(headless_base, tmp_path / "b", *overrides))
     shutil.rmtree(tmp_path / "b" / "model")
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "checkpoint-6")  # as if killed after step 3's checkpoint
+    seen.clear()
     resumed = run_pretraining(smae_config(headless_base, tmp_path / "b", *overrides))
     assert resumed.start_step == 3
     a, b = load_file(whole.model_dir / "model.safetensors"), load_file(resumed.model_dir / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The decoder starts as the base's first layer; the resumed run goes on with the decoder trained for
+    # 3 steps (from the checkpoint's state), not with a new copy of the base's first layer.
+    assert len(uninterrupted) == 6 and len(seen) == 3
+    base_layer0 = {f"0.{k}": v for k, v in AutoModel.from_pretrained(headless_base).encoder.layer[0].state_dict().items()}
+    assert uninterrupted[0].keys() == base_layer0.keys()
+    assert all(torch.equal(uninterrupted[0][k], base_layer0[k]) for k in base_layer0)
+    assert all(torch.equal(seen[0][k], uninterrupted[3][k]) for k in base_layer0)
+    assert any(not torch.equal(seen[0][k], base_layer0[k]) for k in base_layer0)
 
 
 def test_head_warmup_changes_only_the_head_and_reports_the_mlm_loss(tmp_path, headless_base, tokenizer):

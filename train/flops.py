@@ -80,15 +80,17 @@ def retrieval_step_flops(config, query_mask: torch.Tensor, passage_mask: torch.T
 
 def smae_step_flops(config, batch: dict, sizes, decoder_layers: int) -> int:
     """Forward + backward FLOPs of one SMAE micro-batch (`train.smae`): the encoder to the deepest size;
-    per size the bottleneck's projection `W_{1:d}`, the decoder layers over the decoder input, and the
-    MLM head (projection from `d`, resp. the full width, then the vocabulary) at the labelled positions."""
+    per size the bottleneck, i.e. the MLM head's transform cut to `d` (the dense layer's first `d` input
+    columns, a `d -> H` product; its activation and LayerNorm are elementwise and not counted), the
+    decoder layers over the decoder input, and the MLM head (its transform from `d`, resp. the full
+    width, then the vocabulary) at the labelled positions."""
     hidden, vocab = int(config.hidden_size), int(config.vocab_size)
     lengths = lengths_of(batch["attention_mask"])
     enc_labels = int((batch["labels"] != -100).sum())
     dec_labels = int((batch["decoder_labels"] != -100).sum())
     total = encoder_flops(lengths, max(s.layers for s in sizes), config)
     for s in sizes:
-        total += matmul(len(lengths), s.dim, hidden)  # bottleneck projection
+        total += matmul(len(lengths), s.dim, hidden)  # bottleneck: the cut transform's dense slice
         total += decoder_layers * layer_flops(lengths, hidden, intermediate_size(config))
         total += matmul(enc_labels, s.dim, hidden) + matmul(enc_labels, hidden, vocab)
         total += matmul(dec_labels, hidden, hidden) + matmul(dec_labels, hidden, vocab)

@@ -210,7 +210,7 @@ def run_pretraining(cfg) -> TrainResult:
     sizes = sizes_of(cfg)
     num_layers, hidden = model_shape(m.name_or_path)
     sizes.validate(num_layers, hidden, m.name_or_path)
-    torch.manual_seed(int(cfg.seed))  # the new head and decoder weights
+    torch.manual_seed(int(cfg.seed))  # a new head's weights (the decoder copies the first layers)
     model, tokenizer, head_from_checkpoint = SMAE.from_pretrained(m.name_or_path, sizes, int(p.decoder_layers),
                                                                   m.attn_implementation, str(m.pooling))
     if sizes.largest.layers < num_layers:  # layers above the deepest size get no loss (and would stall DDP)

@@ -1,7 +1,7 @@
 """SMAE: Starbucks Masked Autoencoding over sub-layers and sub-dimensions (paper section 3.2).
 
 The model is the encoder (`StarbucksEncoder` over the HF backbone), its MLM head, and a shallow
-decoder (default one transformer layer of the encoder's own architecture and width) that shares
+decoder (default one transformer layer: a copy of the encoder's first layer) that shares
 the encoder's embeddings and MLM head. It computes what the authors' code computes
 (ielab/Starbucks `smae/modeling.py`), which made the paper's numbers; where the paper's text
 says otherwise, `docs/pretraining.md` lists the difference. The head's transform is cut to a
@@ -21,9 +21,12 @@ loss = mean over sizes of (encoder loss + decoder loss) / 2 (modeling.py:169-171
 Eq. 8 sums the two). The head comes from the checkpoint when it has one (e.g. `BertForMaskedLM`'s
 `cls.predictions.*`), else it is initialised with its output layer tied to the word embeddings
 (as BERT's is); such a new head can be warmed up first with the encoder frozen
-(`head_parameters`, `mlm_loss`: `pretrain.head_warmup_steps`). The decoder layers are new (BERT
-initialisation), of the encoder's own layer class. Only the encoder is saved (`save_encoder`),
-with the bottleneck's pooling in its `starbucks.json`.
+(`head_parameters`, `mlm_loss`: `pretrain.head_warmup_steps`). The decoder's layers start as
+copies of the encoder's first layers as the model is built, i.e. of the checkpoint the run starts
+from (the authors load the checkpoint a second time and keep its first layer, modeling.py:100,
+:103); they are separate parameters, trained on their own. A resumed run loads the trained
+decoder from its checkpoint's state. Only the encoder is saved (`save_encoder`), with the
+bottleneck's pooling in its `starbucks.json`.
 """
 
 from __future__ import annotations
@@ -116,18 +119,6 @@ def _dense_key(mlm: nn.Module) -> str:
     return next(k for k, p in mlm.named_parameters(remove_duplicate=False) if p is dense)
 
 
-def _reinitialise(module: nn.Module, std: float) -> None:
-    """BERT initialisation: normal(0, std) linear weights, zero biases, unit layer norms."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=std)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 def _decoder_mask(config, states: torch.Tensor, attention_mask: torch.Tensor):
     """The attention mask the backbone's layers expect (None when nothing is padded)."""
     from transformers.masking_utils import create_bidirectional_mask
@@ -145,10 +136,12 @@ class SMAE(nn.Module):
         self.encoder = StarbucksEncoder(mlm.base_model, pooling=pooling, normalize=False)
         self.sizes = SizeList(self.encoder.check(s) for s in sizes)
         self.head = _mlm_head(mlm)
-        template = self.encoder.layers[-1]
-        std = float(getattr(self.encoder.config, "initializer_range", 0.02))
-        self.decoder = nn.ModuleList(copy.deepcopy(template) for _ in range(decoder_layers))
-        _reinitialise(self.decoder, std)
+        layers = self.encoder.layers
+        if decoder_layers > len(layers):
+            raise StarbucksError(f"pretrain.decoder_layers = {decoder_layers}: the decoder starts as a copy of the "
+                                 f"encoder's first layers, and {self.encoder.name} has only {len(layers)}")
+        # Copies (own parameters) of the encoder's first layers as they are now: the checkpoint's.
+        self.decoder = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(decoder_layers))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, sizes: SizeList, decoder_layers: int = 1,
