@@ -331,12 +331,30 @@ def _from_pretrained(auto_class, path: str, kwargs: dict):
         hf_logging.set_verbosity(level)
 
 
+def _damaged_weights(path: str, err: Exception) -> StarbucksError:
+    """One line naming the weights file a load could not read (a safetensors file or torch archive cut
+    short): the first `.safetensors` whose header does not open, the only weights file, or the directory."""
+    from safetensors import safe_open
+
+    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")) if os.path.isdir(path) else []
+    damaged = Path(path) if len(files) != 1 else files[0]
+    for f in (f for f in files if f.suffix == ".safetensors"):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:
+            damaged = f
+            break
+    return StarbucksError(f"{damaged} is damaged ({first_line(err)}); re-download the model or train it again")
+
+
 def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None,
                   auto_class=None, **options):
     """Load an HF model (`auto_class`, default `AutoModel`) and its tokenizer; one clear error on failure.
 
     `options` go to `from_pretrained` (e.g. `output_loading_info=True`).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
@@ -352,6 +370,10 @@ def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", t
         raise StarbucksError(
             f"cannot load model {name_or_path!r}: {first_line(err)}. Give a local directory or a reachable hub id (model.name_or_path)"
         ) from None
+    except (SafetensorError, RuntimeError) as err:  # a weights file cut short names no file
+        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
+            raise
+        raise _damaged_weights(path, err) from None
     return model, tokenizer
 
 
