@@ -91,7 +91,9 @@ DEFAULTS: dict[str, Any] = {
         "dataloader_workers": 0,
         "resume": True,  # continue from the newest checkpoint; false: delete the checkpoints, start over
         "eval_steps": None,  # validate every size every N steps (None: no validation during training)
-        "eval_split": "dev",  # a data.eval_splits entry
+        "eval_split": "heldout",  # heldout (train.holdout_queries) | a data.eval_splits entry (needs eval_on_reported_split)
+        "holdout_queries": 0,  # training queries held back (never trained on) as the `heldout` validation split
+        "eval_on_reported_split": False,  # true: validate on a split the eval stage also reports (selection on test data)
         "eval_queries": 200,  # judged queries sampled (seeded) from the split (None: all)
         "eval_metric": "RR@10",  # ir_measures name, logged as eval/<size>/<metric>
         "eval_candidates": "auto",  # corpus | N: per query its judged passages + BM25 + random up to N | auto (corpus up to 20,000 passages, else 1000)

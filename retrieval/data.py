@@ -11,17 +11,19 @@ Sources are strings:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 from retrieval.errors import StarbucksError
 from retrieval.io import iter_lines, read_jsonl
 from retrieval.names import parse_names
 
 Qrels = dict[str, dict[str, int]]
+log = logging.getLogger(__name__)
 
 IRDS = "irds:"
 HF = "hf:"
@@ -134,18 +136,66 @@ def load_corpus(source: str) -> dict[str, str]:
 # ---------------------------------------------------------------- queries and qrels
 
 
+def _unique_queries(rows: Iterable[tuple[int, str, str]], unit: str) -> dict[str, str]:
+    """`{qid: text}` of `(number, qid, text)` rows; a query id seen twice is refused ("<unit> <number>")."""
+    queries: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for number, qid, text in rows:
+        if qid in queries:
+            raise StarbucksError(f"{unit} {number}: query id {qid!r} appears a second time (first at {_word(unit)} "
+                                 f"{first[qid]}); query ids must be unique: remove or rename the duplicate")
+        queries[qid], first[qid] = text, number
+    return queries
+
+
 def read_queries_file(path: str | os.PathLike) -> dict[str, str]:
-    """Queries from BEIR `queries.jsonl[.gz]` or a TREC/MS MARCO topics TSV (`qid<TAB>text`)."""
+    """Queries from BEIR `queries.jsonl[.gz]` or a TREC/MS MARCO topics TSV (`qid<TAB>text`); a repeated
+    query id is refused."""
     path = Path(path)
     if ".jsonl" in path.name:
-        return {qid: text for _, qid, text in _iter_id_text_jsonl(path, "queries")}
-    return {parts[0].strip(): parts[1].strip() for _, parts in _iter_tsv(path, "topics")}
+        return _unique_queries(_iter_id_text_jsonl(path, "queries"), f"{path} line")
+    return _unique_queries(((n, parts[0].strip(), parts[1].strip()) for n, parts in _iter_tsv(path, "topics")),
+                           f"{path} line")
+
+
+def _word(unit: str) -> str:
+    """The last word of a unit ("line" of "<file> line")."""
+    return unit.rsplit(" ", 1)[-1]
+
+
+class _QrelsBuilder:
+    """Qrels from `(number, qid, docid, relevance)` judgments. A judgment repeated with the same grade is
+    kept once (a warning says how many); one repeated with another grade is refused ("<unit> <number>")."""
+
+    def __init__(self, unit: str):
+        self.unit, self.qrels, self.first, self.repeats = unit, {}, {}, []
+
+    def add(self, number: int, qid: str, did: str, rel: int) -> None:
+        judged = self.qrels.setdefault(qid, {})
+        if did in judged:
+            first = self.first[qid, did]
+            if judged[did] != rel:
+                raise StarbucksError(
+                    f"{self.unit} {number}: query {qid!r} judges passage {did!r} {rel}, but {_word(self.unit)} {first} "
+                    f"judged it {judged[did]}; keep the line with the right grade and remove the other")
+            self.repeats.append((number, first))
+            return
+        judged[did], self.first[qid, did] = rel, number
+
+    def done(self) -> Qrels:
+        if self.repeats:
+            number, first = self.repeats[0]
+            source, word = self.unit.rsplit(" ", 1)
+            log.warning("%s: %d judgments repeat an earlier one with the same grade (first: %s %d repeats %s %d); "
+                        "each is kept once", source, len(self.repeats), word, number, word, first)
+        return self.qrels
 
 
 def read_qrels_file(path: str | os.PathLike) -> Qrels:
-    """Qrels from a BEIR TSV (`query-id corpus-id score` with header) or a TREC file (`qid 0 docid rel`)."""
+    """Qrels from a BEIR TSV (`query-id corpus-id score` with header) or a TREC file (`qid 0 docid rel`).
+    A (query, passage) pair judged twice: kept once with a warning if the grades agree, refused if not."""
     path = Path(path)
-    qrels: Qrels = {}
+    qrels = _QrelsBuilder(f"{path} line")
     width = None  # fields per line, fixed by the first data line: 3 (BEIR) or 4 (TREC)
     for lineno, line in iter_lines(path, "qrels"):
         parts = line.split()
@@ -160,10 +210,11 @@ def read_qrels_file(path: str | os.PathLike) -> Qrels:
             raise StarbucksError(f"{path} line {lineno}: expected {want}, got {len(parts)} fields")
         qid, did, rel = (parts[0], parts[2], parts[3]) if width == 4 else parts
         try:
-            qrels.setdefault(qid, {})[did] = int(float(rel))
+            grade = int(float(rel))
         except ValueError:
             raise StarbucksError(f"{path} line {lineno}: relevance {rel!r} is not a number") from None
-    return qrels
+        qrels.add(lineno, qid, did, grade)
+    return qrels.done()
 
 
 @dataclass
@@ -196,11 +247,12 @@ def load_split(name: str, source) -> EvalSplit:
     source = str(source)
     if source.startswith(IRDS):
         ds = _irds(source[len(IRDS):])
-        queries = {q.query_id: q.text for q in ds.queries_iter()}
-        qrels: Qrels = {}
-        for r in ds.qrels_iter():
-            qrels.setdefault(r.query_id, {})[r.doc_id] = int(r.relevance)
-        return EvalSplit(name, queries, qrels)
+        queries = _unique_queries(((n, q.query_id, q.text) for n, q in enumerate(ds.queries_iter(), 1)),
+                                  f"{source} queries record")
+        qrels = _QrelsBuilder(f"{source} qrels record")
+        for n, r in enumerate(ds.qrels_iter(), 1):
+            qrels.add(n, r.query_id, r.doc_id, int(r.relevance))
+        return EvalSplit(name, queries, qrels.done())
     directory = Path(source)
     if not directory.is_dir():
         raise StarbucksError(
@@ -236,12 +288,14 @@ def load_eval_splits(splits: Mapping, names=None) -> dict[str, EvalSplit]:
 
 @dataclass
 class TrainGroup:
-    """One training query with its positive and hard-negative passage texts."""
+    """One training query with its positive and hard-negative passage texts (and the positives' ids
+    where the source gives them: a held-out query's qrels, `heldout_split`)."""
 
     query_id: str
     query: str
     positives: list[str]
     negatives: list[str]
+    positive_ids: tuple[str, ...] = ()
 
 
 def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> TrainGroup:
@@ -252,6 +306,7 @@ def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> 
     if "positive_passages" in row:  # Tevatron inline format
         pos = [_passage_text(p.get("title"), p.get("text")) for p in row["positive_passages"]]
         neg = [_passage_text(p.get("title"), p.get("text")) for p in row.get("negative_passages") or []]
+        pos_ids = tuple(str(p["docid"]) for p in row["positive_passages"] if p.get("docid") is not None)
     elif "positive_document_ids" in row:
         if corpus is None:
             raise StarbucksError(f"{where}: ids-only training groups need a corpus (set data.train_corpus or data.corpus)")
@@ -267,19 +322,30 @@ def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> 
 
         pos = texts(row["positive_document_ids"])
         neg = texts(row.get("negative_document_ids") or [])
+        pos_ids = tuple(str(d) for d in row["positive_document_ids"])
     else:
         raise StarbucksError(
             f"{where}: a training group needs 'positive_document_ids' (ids) or 'positive_passages' (Tevatron inline)"
         )
     if not pos:
         raise StarbucksError(f"{where}: training group for query {qid!r} has no positive passage")
-    return TrainGroup(qid, str(query), pos, neg)
+    return TrainGroup(qid, str(query), pos, neg, pos_ids)
 
 
 def load_train_groups(source: str, corpus_source: str | None = None, split: str = "train",
                       max_groups: int | None = None) -> list[TrainGroup]:
-    """Training groups from a local JSONL (ids-only or inline texts) or `hf:<dataset id>`."""
+    """Training groups from a local JSONL (ids-only or inline texts) or `hf:<dataset id>`; a query id with a
+    second group is refused (its positives and negatives belong in one)."""
     groups: list[TrainGroup] = []
+    first: dict[str, str] = {}
+
+    def add(group: TrainGroup, unit: str, number: int) -> None:
+        if group.query_id and group.query_id in first:
+            raise StarbucksError(f"{unit} {number}: query id {group.query_id!r} has a second training group (first at "
+                                 f"{first[group.query_id]}); merge its positives and negatives into one group, "
+                                 f"or give the query another id")
+        first[group.query_id] = f"{_word(unit)} {number}"
+        groups.append(group)
     if source.startswith(HF):
         try:
             import datasets
@@ -289,7 +355,7 @@ def load_train_groups(source: str, corpus_source: str | None = None, split: str 
         for i, row in enumerate(ds):
             if max_groups is not None and i >= max_groups:
                 break
-            groups.append(_group_from_row(row, None, f"{source} row {i}"))
+            add(_group_from_row(row, None, f"{source} row {i}"), f"{source} row", i)
         return groups
     path = Path(source)
     if not path.is_file():
@@ -298,12 +364,34 @@ def load_train_groups(source: str, corpus_source: str | None = None, split: str 
     for lineno, row in read_jsonl(path, "training groups"):
         if corpus is None and "positive_document_ids" in row and corpus_source:
             corpus = load_corpus(corpus_source)
-        groups.append(_group_from_row(row, corpus, f"{path} line {lineno}"))
+        add(_group_from_row(row, corpus, f"{path} line {lineno}"), f"{path} line", lineno)
         if max_groups is not None and len(groups) >= max_groups:
             break
     if not groups:
         raise StarbucksError(f"training groups {path} is empty")
     return groups
+
+
+HELDOUT = "heldout"  # the split name of held-back training queries (train.holdout_queries)
+
+
+def hold_out(groups: list[TrainGroup], count: int, source: str) -> tuple[list[TrainGroup], EvalSplit]:
+    """Hold `count` training queries back: the groups left to train on, and the held-back queries as
+    the `heldout` split (qrels: each one's positive passages, relevance 1). The same queries whatever
+    the run's seed or method (a fixed draw over the sorted query ids), so runs validate alike."""
+    qids = sorted({g.query_id for g in groups})
+    if count >= len(qids):
+        raise StarbucksError(f"train.holdout_queries = {count} leaves nothing to train on ({source} has "
+                             f"{len(qids)} queries); hold back fewer")
+    chosen = set(random.Random(HELDOUT).sample(qids, count))
+    kept = [g for g in groups if g.query_id in chosen]
+    missing = next((g for g in kept if not g.positive_ids), None)
+    if missing is not None:
+        raise StarbucksError(f"train.holdout_queries needs the positives' passage ids, but {source} gives none for "
+                             f"query {missing.query_id!r} (ids-only groups or Tevatron's docid); set it to 0")
+    split = EvalSplit(HELDOUT, {g.query_id: g.query for g in kept},
+                      {g.query_id: {d: 1 for d in g.positive_ids} for g in kept})
+    return [g for g in groups if g.query_id not in chosen], split
 
 
 def sample_negatives(group: TrainGroup, count: int, epoch: int, seed: int) -> list[str]:

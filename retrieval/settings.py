@@ -232,6 +232,7 @@ KEY_RULES: dict[str, Rule] = {
     "train.grad_cache_chunk": integer(1),
     "train.eval_steps": integer(1, allow_none=True),
     "train.eval_split": text(allow_none=False),
+    "train.holdout_queries": integer(0),
     "train.eval_queries": integer(1, allow_none=True),
     "train.eval_metric": text(allow_none=False),
     "train.eval_candidates": Rule(lambda v, k: v if v in ("auto", "corpus") else whole_number(v, k, 1)),

@@ -99,11 +99,11 @@ def test_train_groups_ids_only_and_inline(tmp_path, beir):
     write_jsonl(ids, [{"query_id": "q1", "query": "alpha?", "positive_document_ids": ["d1"],
                        "negative_document_ids": ["d2", "d3"]}])
     [g] = load_train_groups(str(ids), str(beir))
-    assert g == TrainGroup("q1", "alpha?", ["alpha passage"], ["Beta beta passage", "gamma passage"])
+    assert g == TrainGroup("q1", "alpha?", ["alpha passage"], ["Beta beta passage", "gamma passage"], ("d1",))
     inline = tmp_path / "inline.jsonl.gz"
     write_jsonl(inline, [{"query_id": "7", "query": "q", "positive_passages": [{"docid": "1", "title": "T", "text": "p"}],
                           "negative_passages": [{"docid": "2", "title": "", "text": "n"}]}], gz=True)
-    assert load_train_groups(str(inline)) == [TrainGroup("7", "q", ["T p"], ["n"])]
+    assert load_train_groups(str(inline)) == [TrainGroup("7", "q", ["T p"], ["n"], ("1",))]
     write_jsonl(ids, [{"query_id": "q1", "query": "a", "positive_document_ids": ["zz"]}])
     with pytest.raises(StarbucksError, match="train.jsonl line 1: document id 'zz' is not in the corpus"):
         load_train_groups(str(ids), str(beir))

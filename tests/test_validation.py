@@ -48,16 +48,19 @@ def run_config(tmp_path, model, data, name="run", **train_settings):
 
 
 def train_with_dev(config, data, *overrides):
-    return train(config, f"data.eval_splits.dev={data}", *overrides)
+    """Validation on the dev split, which the eval stage also reports: allowed only when said (the
+    machinery is the same for the held-back split, `test_heldout_training_queries_...`)."""
+    return train(config, f"data.eval_splits.dev={data}", "train.eval_split=dev", "train.eval_on_reported_split=true",
+                 *overrides)
 
 
 def eval_lines(run_dir: Path) -> list[dict]:
     return [r for r in log_lines(run_dir) if "eval/avg/RR@10" in r]
 
 
-def brute_force_rr10(model_dir: Path, data: Path) -> dict[str, float]:
+def brute_force_rr10(model_dir: Path, data: Path, min_gap: float = 1e-5) -> dict[str, float]:
     """RR@10 per size of a checkpoint: each text embedded alone, every passage scored, ranks by hand.
-    Every relevant passage's score is at least 1e-5 from any other (batching's float noise is ~1e-7:
+    Every relevant passage's score is at least `min_gap` from any other (batching's float noise is ~1e-7:
     it cannot reorder them)."""
     encoder, tokenizer, meta = load_encoder(str(model_dir))
     encoder.eval()
@@ -81,7 +84,7 @@ def brute_force_rr10(model_dir: Path, data: Path) -> dict[str, float]:
             ranking = [corpus[i]["_id"] for i in torch.argsort(scores, descending=True).tolist()]
             rank = ranking.index(relevant[q["_id"]]) + 1
             gaps = (scores - scores[int(relevant[q["_id"]][1:])]).abs()
-            assert sorted(gaps.tolist())[1] > 1e-5, (q["_id"], size)  # [0] is the passage itself
+            assert sorted(gaps.tolist())[1] > min_gap, (q["_id"], size)  # [0] is the passage itself
             reciprocal.append(1 / rank if rank <= 10 else 0.0)
         out[size.name] = sum(reciprocal) / len(reciprocal)
     return out
@@ -101,7 +104,8 @@ def test_validation_equals_a_brute_force_evaluation_of_each_checkpoint(tmp_path,
 
 def test_pooled_candidates(tmp_path, tiny_model, dev_collection):
     cfg = load_config(write_config(tmp_path, tiny_model, dev_collection),
-                      [f"data.eval_splits.dev={dev_collection}", "train.eval_candidates=10", "train.eval_queries=6"])
+                      [f"data.eval_splits.dev={dev_collection}", "train.eval_split=dev",
+                       "train.eval_on_reported_split=true", "train.eval_candidates=10", "train.eval_queries=6"])
     encoder, tokenizer, _ = load_encoder(str(tiny_model), "mean", False)  # CLS scores tie (see run_config)
     sizes = SizeList.from_config(TINY_SIZES)
     pooled = Validator(cfg, sizes, tokenizer, seed=1)
@@ -200,7 +204,11 @@ def test_tensorboard_event_file_holds_the_per_size_terms(tmp_path, tiny_model, d
 @pytest.mark.parametrize("overrides,message", [
     (["train.keep_best=avg"], "train.keep_best needs validation during training"),
     (["train.eval_steps=1", "train.keep_best=huge"], "train.keep_best = 'huge' is not avg or one of the sizes"),
-    (["train.eval_steps=1", "train.eval_split=nope"], "train.eval_split = 'nope' is not in data.eval_splits"),
+    (["train.eval_steps=1", "train.eval_split=nope"], "train.eval_split = 'nope' is neither heldout nor in data.eval"),
+    (["train.eval_steps=1", "train.eval_on_reported_split=false"],
+     "train.eval_split = 'dev' is a split the eval stage reports .* selects on the test data"),
+    (["train.eval_steps=1", "train.eval_split=heldout"], "needs training queries held back for it: set train.holdout"),
+    (["train.holdout_queries=20"], "leaves nothing to train on"),
     (["train.eval_steps=1", "train.eval_metric=RR@ten"], "unknown metric"),
     (["train.report_to=nosuch"], "'nosuch' is not one of none"),
     (["train.report_to=wandb"], "pip install wandb"),
@@ -210,3 +218,42 @@ def test_validation_and_tracker_misconfigurations(tmp_path, tiny_model, dev_coll
         pytest.skip("wandb is installed here")
     with pytest.raises(StarbucksError, match=message):
         train_with_dev(write_config(tmp_path, tiny_model, dev_collection), dev_collection, *overrides)
+
+
+def test_heldout_training_queries_are_not_trained_on_and_validate_like_brute_force(tmp_path, tiny_model, collection,
+                                                                                  monkeypatch):  # noqa: F811
+    import train.finetune as finetune
+
+    trained = []
+
+    class Recording(finetune.GroupDataset):
+        def __init__(self, groups, *args):
+            trained.extend(g.query_id for g in groups)
+            super().__init__(groups, *args)
+
+    monkeypatch.setattr(finetune, "GroupDataset", Recording)
+    config = run_config(tmp_path, tiny_model, collection, max_steps=2, eval_split="heldout", holdout_queries=6)
+    train(config)
+    everything = [json.loads(line) for line in (collection / "train.jsonl").open()]
+    heldout = [g for g in everything if g["query_id"] not in trained]
+    assert len(trained) == 14 and len(heldout) == 6  # 20 groups: 6 held back, never in a batch
+    # the held-back queries' split, written out for the brute-force evaluation: their positives in the training corpus
+    split = tmp_path / "heldout"
+    (split / "qrels").mkdir(parents=True)
+    (split / "corpus.jsonl").write_text((collection / "corpus.jsonl").read_text())
+    (split / "queries.jsonl").write_text("".join(json.dumps({"_id": g["query_id"], "text": g["query"]}) + "\n"
+                                                 for g in heldout))
+    (split / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
+        f"{g['query_id']}\t{g['positive_document_ids'][0]}\t1\n" for g in heldout))
+    lines = eval_lines(tmp_path / "run")
+    assert [r["step"] for r in lines] == [1, 2]
+    for record in lines:
+        expected = brute_force_rr10(tmp_path / "run" / "checkpoints" / f"checkpoint-{record['step']}" / "model", split,
+                                    min_gap=1e-6)  # 3-word queries: closer scores, still 10x the noise
+        for name, value in expected.items():
+            assert record[f"eval/{name}/RR@10"] == pytest.approx(value, abs=1e-9), (record["step"], name)
+    # the same queries are held back whatever the seed: runs of one comparison validate alike
+    trained.clear()
+    train(run_config(tmp_path, tiny_model, collection, name="seed7", max_steps=1, eval_split="heldout",
+                     holdout_queries=6), "seed=7")
+    assert sorted(q for q in (g["query_id"] for g in everything) if q not in trained) == sorted(g["query_id"] for g in heldout)

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from retrieval.config import experiment_paths, sizes_of
-from retrieval.data import TrainGroup, load_train_groups
+from retrieval.data import TrainGroup, hold_out, load_train_groups
 from retrieval.errors import StarbucksError
 from retrieval.settings import whole_number
 from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLoss
@@ -149,6 +149,9 @@ def run_training(cfg) -> TrainResult:
     with state.main_process_first():  # the main process downloads and caches hub data first
         groups = load_train_groups(cfg.data.train, cfg.data.train_corpus or cfg.data.corpus, cfg.data.train_split,
                                    cfg.data.max_train_groups)
+    heldout = None
+    if t.holdout_queries:
+        groups, heldout = hold_out(groups, int(t.holdout_queries), cfg.data.train)
     check_groups(groups, t.group_size, cfg.data.train)
 
     encoder, tokenizer, _ = load_encoder(m.name_or_path, m.pooling, m.normalize, m.attn_implementation)
@@ -162,7 +165,7 @@ def run_training(cfg) -> TrainResult:
             keep_best_key(settings.keep_best, plan.saved_sizes, settings.eval_metric)
         Validator.check_settings(cfg)  # on every rank
         if state.is_main_process:
-            validator = Validator(cfg, plan.saved_sizes, tokenizer, settings.seed)
+            validator = Validator(cfg, plan.saved_sizes, tokenizer, settings.seed, heldout)
     task = RetrievalTask(encoder, tokenizer, groups, plan, loss, cfg, validator)
     paths = experiment_paths(cfg)
     return fit(task, settings, paths.root, paths.model)

@@ -1,5 +1,10 @@
 """Validation during fine-tuning (`train.eval_steps`): every size's `train.eval_metric` on a dev split.
 
+The split is `heldout` (training queries held back, `train.holdout_queries`: never trained on; their
+candidates come from the training corpus) or, only when `train.eval_on_reported_split` says so, a
+split the eval stage reports (`data.eval_splits`): keeping the best checkpoint or stopping early
+there would select on the test data.
+
 Candidates per query are either the whole corpus (exact search over every passage: small
 collections) or a pooled set, the DPR-style validation: the query's judged passages, its BM25
 top hits (bm25s) and seeded random passages, `eval_candidates` in all. The pools are fixed when
@@ -16,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from retrieval.data import EvalSplit, load_corpus, load_split
+from retrieval.data import HELDOUT, EvalSplit, load_corpus, load_split
 from retrieval.errors import StarbucksError
 from retrieval.exact_search import torch_search
 from retrieval.metrics import evaluate, parse_measures
@@ -62,23 +67,34 @@ class Validator:
         it (only the main process builds the Validator: a rank-0-only error would leave the others waiting)."""
         t = cfg.train
         splits = cfg.data.eval_splits or {}
-        if t.eval_split not in splits:
-            raise StarbucksError(f"train.eval_split = {t.eval_split!r} is not in data.eval_splits "
-                                 f"({', '.join(splits) or 'none configured'}); add it or pick another")
+        if t.eval_split == HELDOUT:
+            if not t.holdout_queries:
+                raise StarbucksError(f"train.eval_split = {HELDOUT} needs training queries held back for it: set "
+                                     f"train.holdout_queries (e.g. 200)")
+        elif t.eval_split not in splits:
+            raise StarbucksError(f"train.eval_split = {t.eval_split!r} is neither {HELDOUT} nor in data.eval_splits "
+                                 f"({', '.join(splits) or 'none configured'}); pick one")
+        elif not t.eval_on_reported_split:
+            raise StarbucksError(
+                f"train.eval_split = {t.eval_split!r} is a split the eval stage reports (data.eval_splits): selecting "
+                f"checkpoints on it selects on the test data; validate on held-back training queries "
+                f"(train.holdout_queries=200 train.eval_split={HELDOUT}) or set train.eval_on_reported_split=true")
         level = int((cfg.eval.split_rel_level or {}).get(t.eval_split, cfg.eval.rel_level))
         parse_measures([str(t.eval_metric)], level)  # a bad name fails before training
         return str(t.eval_metric), level
 
-    def __init__(self, cfg, sizes: Sequence[Size], tokenizer, seed: int):
+    def __init__(self, cfg, sizes: Sequence[Size], tokenizer, seed: int, heldout: EvalSplit | None = None):
+        """`heldout`: the held-back training queries (`retrieval.data.hold_out`) when the split is theirs."""
         t, m = cfg.train, cfg.model
-        splits = cfg.data.eval_splits or {}
         self.metric, self.rel_level = self.check_settings(cfg)
         self.sizes = list(sizes)
         self.tokenizer, self.model_cfg = tokenizer, m
         self.batch_size = int(cfg.encode.batch_size)
         self.precision = str(t.precision)
-        split = load_split(t.eval_split, splits[t.eval_split])
-        corpus = load_corpus(cfg.data.corpus)
+        if t.eval_split == HELDOUT:  # their positives are passages of the training corpus
+            split, corpus = heldout, load_corpus(cfg.data.train_corpus or cfg.data.corpus)
+        else:
+            split, corpus = load_split(t.eval_split, cfg.data.eval_splits[t.eval_split]), load_corpus(cfg.data.corpus)
         qids = sorted(split.qrels)
         if t.eval_queries is not None and t.eval_queries < len(qids):
             qids = sorted(random.Random(f"{seed}:eval-queries").sample(qids, int(t.eval_queries)))
