@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from retrieval.config import DEFAULTS  # noqa: E402
 from retrieval.modeling import resolve_model_path  # noqa: E402
 from retrieval.sizes import SizeList  # noqa: E402
-from retrieval.st_loss import StarbucksLoss, as_sizes, at_size, save_for_starbucks  # noqa: E402
+from retrieval.st_loss import StarbucksSTLoss, as_sizes, at_size, save_for_starbucks  # noqa: E402
 
 DATA = ROOT / "examples" / "data"
 LOSSES = ("mnrl", "cached-mnrl", "cosent")
@@ -110,11 +110,11 @@ def main(argv=None) -> None:
     base = {"mnrl": lambda: losses.MultipleNegativesRankingLoss(model),
             "cached-mnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size),
             "cosent": lambda: losses.CoSENTLoss(model)}[args.loss]()
-    loss = StarbucksLoss(model, base, sizes=sizes, kl_weight=args.kl_weight, kl_temperature=args.kl_temperature,
+    loss = StarbucksSTLoss(model, base, sizes=sizes, kl_weight=args.kl_weight, kl_temperature=args.kl_temperature,
                          method=args.method)
     train, pairs = load_rows(args.train), load_rows(args.eval)
     print(f"{args.model}: {len(train)} training rows, {len(pairs)} scored pairs, sizes {args.sizes}, "
-          f"{args.loss} + StarbucksLoss ({args.method})")
+          f"{args.loss} + StarbucksSTLoss ({args.method})")
 
     before = spearman_per_size(model, pairs, sizes)
     cuda = torch.cuda.is_available()

@@ -1,12 +1,12 @@
-"""Starbucks training in a plain sentence-transformers script: `StarbucksLoss` wraps any ST loss.
+"""Starbucks training in a plain sentence-transformers script: `StarbucksSTLoss` wraps any ST loss.
 
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from retrieval.st_loss import StarbucksLoss, save_for_starbucks
+    from retrieval.st_loss import StarbucksSTLoss, save_for_starbucks
 
     model = SentenceTransformer("bert-base-uncased")
-    loss = StarbucksLoss(model, MultipleNegativesRankingLoss(model),
-                         sizes=[(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)])
+    loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model),
+                           sizes=[(2, 32), (4, 64), (6, 128), (8, 256), (10, 512), (12, 768)])
     SentenceTransformerTrainer(model=model, train_dataset=pairs, loss=loss).train()
     save_for_starbucks(model, "my-model", loss.sizes)  # loads in this toolkit at every size
 
@@ -14,10 +14,19 @@ One forward pass of the model's transformer per input column, with the hidden st
 layer; a size `(n, d)` is the model's own pooling (and normalisation) of layer `n`'s token states,
 cut to the first `d` dims. The base loss runs on every size's embeddings (`srl`: every size of
 the list, the mean of the terms; `2dmse`: per step `n ~ U(1, N-1)` and `d` drawn from the list's
-dims below `D`, the terms of `(n, d), (n, D), (N, d), (N, D)` summed), and each size adds
+dims below `D`, the terms of `(n, d), (n, D), (N, d), (N, D)` summed; the sampler is the
+trainer's, `retrieval.samplers.TwoDMSESizes` with `dims="list"`), and each size adds
 `kl_weight * KL(P_teacher || P_size)`: the row softmax at `kl_temperature` of the anchors' scores
 against all candidate columns (`model.similarity` times the base loss's `scale`), the teacher
-being the largest size, detached. That is `retrieval.losses.StarbucksLoss` on ST's batches.
+being the largest size, detached.
+
+How it differs from the toolkit's `retrieval.losses.StarbucksLoss` (the `python -m train` loss):
+that one scores the toolkit's (query, passage group) batches with `InfoNCE`; this one wraps any ST
+loss over ST's input columns. With MultipleNegativesRankingLoss and the same KL temperature the two
+compute the same value (`tests/test_st_loss.py`). The defaults differ as the authors' two code paths
+do: `kl_temperature=0.3` here, as their sentence-transformers loss (sts/starbucks_loss.py:27), and
+1.0 there, where the KL is on the retrieval scores already divided by `train.temperature`, as their
+retrieval trainer (retrieval/modeling.py:143).
 
 Base losses: any ST loss with `compute_loss_from_embeddings` (MultipleNegativesRankingLoss,
 CoSENTLoss, AnglELoss, TripletLoss, ...), and the gradient-caching ones
@@ -27,7 +36,6 @@ CoSENTLoss, AnglELoss, TripletLoss, ...), and the gradient-caching ones
 from __future__ import annotations
 
 import contextlib
-import random
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -39,6 +47,7 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json
 from retrieval.losses import kl_divergence
 from retrieval.modeling import META_FILE, META_VERSION, POOLINGS
+from retrieval.samplers import FixedSizes, TwoDMSESizes
 from retrieval.sizes import Size, SizeList, check_size, parse_size
 
 METHODS = ("srl", "2dmse")
@@ -140,7 +149,7 @@ def embed_sizes(model, features: dict, sizes: Sequence[Size]) -> dict[Size, Tens
         return forward.split(model(features)["sentence_embedding"])
 
 
-class StarbucksLoss(nn.Module):
+class StarbucksSTLoss(nn.Module):
     """A sentence-transformers loss modifier: `loss` at every Starbucks size plus KL alignment to the largest.
 
     `sizes`: `(layers, dim)` pairs (or `LxD` strings), small to large; `method`: `srl` (every size,
@@ -155,7 +164,7 @@ class StarbucksLoss(nn.Module):
         self.model = model
         self.loss = loss if loss is not None else MultipleNegativesRankingLoss(model)
         if sizes is None:
-            raise StarbucksError("StarbucksLoss needs sizes, e.g. sizes=[(2, 32), (4, 64), (6, 128)] (layers, dims)")
+            raise StarbucksError("StarbucksSTLoss needs sizes, e.g. sizes=[(2, 32), (4, 64), (6, 128)] (layers, dims)")
         self.sizes = as_sizes(sizes)
         if method not in METHODS:
             raise StarbucksError(f"method = {method!r} is not one of {', '.join(METHODS)}")
@@ -170,12 +179,8 @@ class StarbucksLoss(nn.Module):
         self.kl_weight = float(kl_weight)
         self.kl_temperature = float(kl_temperature)
         self.scale = float(getattr(self.loss, "scale", 1.0))
-        self.full = self.sizes.largest
-        self.dims = sorted({s.dim for s in self.sizes if s.dim < self.full.dim})
-        if method == "2dmse" and (self.full.layers < 2 or not self.dims):
-            raise StarbucksError(f"method 2dmse needs a largest size with >= 2 layers and a smaller dim in sizes; "
-                                 f"got {list(self.sizes)}")
-        self.rng = random.Random(seed)
+        self.sampler = TwoDMSESizes(self.sizes, seed, "list") if method == "2dmse" else FixedSizes(self.sizes)
+        self.steps = 0  # forward calls so far: 2DMSE's draw of the next one
         self.step_sizes: list[Size] = list(self.sizes)
         self.cached = bool(getattr(self.loss, "uses_gradient_cache", False))
         if self.cached:  # the cached loss embeds its mini-batches (again in backward) with all sizes at once
@@ -196,12 +201,9 @@ class StarbucksLoss(nn.Module):
     # ------------------------------------------------------------ which sizes
 
     def sample_sizes(self) -> list[Size]:
-        """The sizes of this step: all (srl), or 2DMSE's `(n, d), (n, D), (N, d), (N, D)`."""
-        if self.method == "srl":
-            return list(self.sizes)
-        n, d = self.rng.randint(1, self.full.layers - 1), self.rng.choice(self.dims)
-        grid = [(n, d), (n, self.full.dim), (self.full.layers, d), (self.full.layers, self.full.dim)]
-        return [parse_size(f"{layers}x{dim}", self.sizes) for layers, dim in grid]
+        """The sizes of the next step: all (srl), or 2DMSE's `(n, d), (n, D), (N, d), (N, D)`."""
+        self.steps += 1
+        return list(self.sampler.at(self.steps - 1))
 
     # ------------------------------------------------------------ terms from embeddings
 
@@ -336,3 +338,14 @@ def save_for_starbucks(model, directory: str | Path, sizes: Iterable, method: st
         "query_max_length": length, "passage_max_length": length, "query_prefix": "", "passage_prefix": "",
     })
     return directory
+
+
+def __getattr__(name: str):
+    """`StarbucksLoss`, this class's name before 0.2: still importable, with a warning."""
+    if name == "StarbucksLoss":
+        import warnings
+
+        warnings.warn("retrieval.st_loss.StarbucksLoss is now StarbucksSTLoss (retrieval.losses.StarbucksLoss is the "
+                      "toolkit trainer's loss); import StarbucksSTLoss", FutureWarning, stacklevel=2)
+        return StarbucksSTLoss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

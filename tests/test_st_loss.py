@@ -1,4 +1,4 @@
-"""`retrieval.st_loss.StarbucksLoss` for sentence-transformers: equal to the toolkit's own loss on the
+"""`retrieval.st_loss.StarbucksSTLoss` for sentence-transformers: equal to the toolkit's own loss on the
 same embeddings (and to hand-computed terms), a stop-gradient teacher, the cached losses, a short
 SentenceTransformerTrainer run, and a saved model that the toolkit encodes at every size."""
 
@@ -21,7 +21,7 @@ from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
     CachedMultipleNegativesRankingLoss, CoSENTLoss, MultipleNegativesRankingLoss)
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer  # noqa: E402
 
-from retrieval.st_loss import StarbucksLoss, at_size, embed_sizes, save_for_starbucks  # noqa: E402
+from retrieval.st_loss import StarbucksSTLoss, at_size, embed_sizes, save_for_starbucks  # noqa: E402
 
 SIZES = [(1, 8), (2, 16), (4, 32)]
 TRAIN = REPO / "examples" / "data" / "debian-pairs-train.jsonl.gz"
@@ -68,7 +68,7 @@ def plain_embeddings(model, features, size: Size, pooling="mean", normalize=True
 def test_equals_the_toolkit_loss_and_hand_computed_terms(backbone):
     model = st_model(backbone).eval()
     feats = columns(model, ANCHORS, POSITIVES, NEGATIVES)
-    loss = StarbucksLoss(model, MultipleNegativesRankingLoss(model, scale=20.0), sizes=SIZES, kl_temperature=0.3)
+    loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model, scale=20.0), sizes=SIZES, kl_temperature=0.3)
     value = loss(feats, None)
 
     sizes = [Size(f"s{i}", n, d) for i, (n, d) in enumerate(SIZES)]
@@ -98,7 +98,7 @@ def test_equals_the_toolkit_loss_and_hand_computed_terms(backbone):
 
 def test_the_kl_teacher_gets_no_gradient(backbone):
     model = st_model(backbone).eval()
-    loss = StarbucksLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES)
+    loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES)
     small, full = loss.sizes[0], loss.sizes[-1]
     torch.manual_seed(0)
     cols = {s: [torch.randn(5, s.dim, requires_grad=True) for _ in range(2)] for s in (small, full)}
@@ -111,7 +111,7 @@ def test_cached_loss_gives_the_same_loss_and_gradients(backbone):
     grads, values = [], []
     for base in (MultipleNegativesRankingLoss, lambda m: CachedMultipleNegativesRankingLoss(m, mini_batch_size=2)):
         model = st_model(backbone).eval()
-        loss = StarbucksLoss(model, base(model), sizes=SIZES)
+        loss = StarbucksSTLoss(model, base(model), sizes=SIZES)
         value = loss(columns(model, ANCHORS, POSITIVES, NEGATIVES), None)
         value.backward()
         values.append(value.detach())
@@ -125,7 +125,7 @@ def test_other_base_losses_and_2dmse(backbone):
     model = st_model(backbone).eval()
     feats = columns(model, ANCHORS, POSITIVES)
     labels = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2])
-    loss = StarbucksLoss(model, CoSENTLoss(model), sizes=SIZES, method="2dmse", seed=3)
+    loss = StarbucksSTLoss(model, CoSENTLoss(model), sizes=SIZES, method="2dmse", seed=3)
     value = loss(feats, labels)
     sizes = loss.step_sizes  # what this step sampled: (n, d), (n, D), (N, d), (N, D), summed
     assert len(sizes) == 4 and sizes[-1] == loss.sizes.largest and sizes[0].layers < 4 and sizes[0].dim < 32
@@ -136,12 +136,12 @@ def test_other_base_losses_and_2dmse(backbone):
 def test_bad_input_is_one_clear_error(backbone):
     model = st_model(backbone)
     with pytest.raises(StarbucksError, match="asks for 6 layers but .* has only 4"):
-        StarbucksLoss(model, sizes=[(6, 32)])
+        StarbucksSTLoss(model, sizes=[(6, 32)])
     with pytest.raises(StarbucksError, match="needs sizes"):
-        StarbucksLoss(model)
+        StarbucksSTLoss(model)
     dense = SentenceTransformer(modules=[Transformer(str(backbone)), Pooling(32), Dense(32, 16)], device="cpu")
     with pytest.raises(StarbucksError, match="Dense"):
-        StarbucksLoss(dense, sizes=SIZES)
+        StarbucksSTLoss(dense, sizes=SIZES)
 
 
 def test_a_short_trainer_run_lowers_the_loss_at_every_size(backbone, tmp_path):
@@ -152,7 +152,7 @@ def test_a_short_trainer_run_lowers_the_loss_at_every_size(backbone, tmp_path):
     data = Dataset.from_list([{"anchor": r["anchor"], "positive": r["positive"]} for r in rows])
     torch.manual_seed(0)
     model = st_model(backbone)
-    loss = StarbucksLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES)
+    loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES)
     probe = columns(model, data["anchor"][:16], data["positive"][:16])
 
     def per_size():
@@ -203,3 +203,19 @@ def test_the_example_script_trains_evaluates_and_saves(backbone, tmp_path, capsy
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 1x8 |") or line.startswith("| 4x32 |")]
     assert len(rows) == 2 and "encodes it at every size (8, 16, 32 dims)" in out
+
+
+def test_the_old_name_still_imports_with_a_warning():
+    import retrieval.st_loss as st_loss
+
+    with pytest.warns(FutureWarning, match="now StarbucksSTLoss"):
+        assert st_loss.StarbucksLoss is StarbucksSTLoss
+
+
+def test_2dmse_draws_with_the_trainers_sampler(backbone):
+    from retrieval.samplers import TwoDMSESizes
+
+    model = st_model(backbone).eval()
+    loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES, method="2dmse", seed=5)
+    sampler = TwoDMSESizes(loss.sizes, 5, "list")  # d from the list's dims below D, as ST's Matryoshka2dLoss
+    assert [loss.sample_sizes() for _ in range(20)] == [sampler.at(step) for step in range(20)]

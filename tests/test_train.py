@@ -18,7 +18,8 @@ from retrieval.sizes import Size, SizeList
 from train.__main__ import main
 from train.checkpoint import Checkpoints
 from train.finetune import run_training
-from train.methods import TwoDMSESizes, plan_method
+from retrieval.samplers import TwoDMSESizes
+from train.methods import plan_method
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MINI = REPO / "data" / "debian-pkgs-mini"
