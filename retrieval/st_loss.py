@@ -331,11 +331,16 @@ def save_for_starbucks(model, directory: str | Path, sizes: Iterable, method: st
     sizes.validate(int(config.num_hidden_layers), int(config.hidden_size))
     directory = Path(directory)
     inner.save(str(directory))
+    # each side as ST encodes it (encode_query / encode_document): its own max length where the
+    # Transformer has one (query_length / document_length), else max_seq_length; its prompt
     length = int(inner.max_seq_length)
+    prompts = getattr(inner, "prompts", None) or {}
     atomic_write_json(directory / META_FILE, {
         "format_version": META_VERSION, "pooling": pooling, "normalize": normalize, "sizes": sizes.to_config(),
         "method": method, "base_model": str(getattr(config, "_name_or_path", "")),
-        "query_max_length": length, "passage_max_length": length, "query_prefix": "", "passage_prefix": "",
+        "query_max_length": int(getattr(inner[0], "query_length", None) or length),
+        "passage_max_length": int(getattr(inner[0], "document_length", None) or length),
+        "query_prefix": str(prompts.get("query") or ""), "passage_prefix": str(prompts.get("document") or ""),
     })
     return directory
 

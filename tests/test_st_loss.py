@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, assert_all_near, tiny_bert
+from conftest import REPO, assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
 from retrieval.losses import InfoNCE, StarbucksLoss as ToolkitLoss
 from retrieval.modeling import resolve_model_path
@@ -219,3 +219,22 @@ def test_2dmse_draws_with_the_trainers_sampler(backbone):
     loss = StarbucksSTLoss(model, MultipleNegativesRankingLoss(model), sizes=SIZES, method="2dmse", seed=5)
     sampler = TwoDMSESizes(loss.sizes, 5, "list")  # d from the list's dims below D, as ST's Matryoshka2dLoss
     assert [loss.sample_sizes() for _ in range(20)] == [sampler.at(step) for step in range(20)]
+
+
+def test_saved_model_keeps_each_sides_length_and_prompt(backbone, tmp_path):
+    """A model whose Transformer cuts queries shorter than documents, with ST prompts: the toolkit's
+    query and passage vectors are ST's encode_query / encode_document vectors."""
+    from retrieval import StarbucksModel
+
+    model = st_model(backbone, "mean", True).eval()
+    model[0].query_length, model[0].document_length = 6, 20
+    model.prompts = {"query": "query: ", "document": "passage: "}
+    directory = save_for_starbucks(model, tmp_path / "sides", SIZES)
+    loaded = StarbucksModel.from_pretrained(directory, device="cpu")
+    assert (loaded.query_max_length, loaded.passage_max_length) == (6, 20)
+    long_queries = [" ".join([a] * 12) for a in ANCHORS]  # longer than 6 tokens
+    largest = loaded.sizes.largest
+    assert_near(loaded.encode_queries(long_queries, size=largest),
+                model.encode_query(long_queries, convert_to_numpy=True), rel=1e-5)
+    assert_near(loaded.encode_passages(POSITIVES, size=largest),
+                model.encode_document(POSITIVES, convert_to_numpy=True), rel=1e-5)
