@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from retrieval.errors import StarbucksError
-from retrieval.samplers import TWODMSE_DIMS, FixedSizes, TwoDMSESizes
+from retrieval.samplers import FixedSizes, TwoDMSESizes
 from retrieval.sizes import Size, SizeList, check_size
 
 METHODS = ("srl", "2dmse", "separate", "full")
