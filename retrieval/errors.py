@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -21,11 +22,40 @@ def _close_progress_bars() -> None:
         bar.close()
 
 
+_RESUME = "re-run the same command: finished work is kept and the run resumes where it stopped"
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device for {file}; free space (or choose another output_dir) and " + _RESUME,
+    errno.EDQUOT: "disk quota exceeded for {file}; free space (or choose another output_dir) and " + _RESUME,
+    errno.EROFS: "{file} is on a read-only file system; choose another output_dir (or paths.*) in a writable "
+                 "place and re-run",
+    errno.EACCES: "no permission to use {file}; fix its permissions or choose another output_dir (or paths.*), "
+                  "and re-run",
+    errno.EIO: "input/output error on {file}; the disk may be failing or full: check it and " + _RESUME,
+}
+_OS_ADVICE[errno.EPERM] = _OS_ADVICE[errno.EACCES]
+
+
+def os_error_line(err: OSError) -> str | None:
+    """One line for an OS error of a stage's own reads and writes (no space, read-only, permission, I/O):
+    the file and what to do; None for others (a missing file is the stage's own check)."""
+    advice = _OS_ADVICE.get(err.errno)
+    if advice is None:
+        return None
+    file = os.fsdecode(err.filename) if isinstance(err.filename, (str, bytes)) else "a file it writes"
+    return advice.format(file=file)
+
+
 def cli_entry(fn):
-    """Wrap a stage's `main(argv)` so a `StarbucksError` prints one line and exits with 2.
+    """Wrap a stage's `main(argv)` so a `StarbucksError`, or an OS error the user can fix (`os_error_line`:
+    a full disk, a read-only place, ...), prints one line and exits with 2.
 
     Set `STARBUCKS_DEBUG=1` to see the full traceback instead.
     """
+
+    def fail(line: str):
+        _close_progress_bars()
+        print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -34,9 +64,12 @@ def cli_entry(fn):
         except StarbucksError as err:
             if os.environ.get("STARBUCKS_DEBUG"):
                 raise
-            _close_progress_bars()
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            fail(str(err))
+        except OSError as err:
+            line = os_error_line(err)
+            if line is None or os.environ.get("STARBUCKS_DEBUG"):
+                raise
+            fail(line)
         except KeyboardInterrupt:
             print("interrupted: finished work is kept; re-run the same command to resume", file=sys.stderr)
             raise SystemExit(130) from None

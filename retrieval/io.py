@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -70,25 +72,54 @@ def _umask() -> int:
         return 0o022
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's tofile/save on a full disk: no errno
+
+
+def named_os_error(err: OSError, path: str | os.PathLike) -> OSError:
+    """`err` naming `path` where it names no file or a temporary one (`.tmp-*`), so that
+    `retrieval.errors.os_error_line` can say which file; a short write without errno is a full disk."""
+    code = err.errno
+    if code is None and _SHORT_WRITE.search(str(err)):
+        code = errno.ENOSPC
+    named = isinstance(err.filename, (str, bytes)) and not os.path.basename(os.fsdecode(err.filename)).startswith(".tmp-")
+    if code is None or (named and code == err.errno):
+        return err
+    return OSError(code, os.strerror(code), os.fsdecode(err.filename) if named else str(path))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OS error of the block as `named_os_error(err, path)`."""
+    try:
+        yield
+    except OSError as err:
+        named = named_os_error(err, path)
+        if named is err:
+            raise
+        raise named from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed onto `path`.
 
-    A job killed mid-write leaves only a `.tmp-*` file, never a file that looks complete.
+    A job killed mid-write leaves only a `.tmp-*` file, never a file that looks complete; a failed
+    write (a full disk, a read-only place) removes it and raises an OSError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        if tmp.exists():
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a plain file's mode
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            if tmp.exists():
+                os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result gets a plain file's mode
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from retrieval.errors import StarbucksError
+from retrieval.io import writing
 
 
 def _holder(path: Path) -> str:
@@ -63,8 +64,9 @@ def run_lock(directory: str | os.PathLike, what: str, name: str = ".lock", wait:
     fd = _acquire(path, time.monotonic() + wait)
     try:
         record = {"what": what, "pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        with writing(path):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
         yield path
     finally:
         path.unlink(missing_ok=True)

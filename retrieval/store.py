@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from retrieval.errors import StarbucksError
-from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
+from retrieval.io import atomic_path, atomic_write_json, atomic_write_text, writing
 from retrieval.names import parse_names
 from retrieval.settings import first_line
 from retrieval.sizes import Size
@@ -139,16 +139,17 @@ class EmbeddingStore:
     def start(self, identity: Mapping, info: Mapping | None = None) -> dict:
         """Create `meta.json` with `identity` (checked) and `info` (recorded), or check an existing one."""
         record = {"format_version": STORE_VERSION, "dtype": DTYPE, "complete": False, **(info or {}), **identity}
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-meta.", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            os.link(tmp, self.meta_path)  # create-if-absent, atomic: concurrent workers agree
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+        with writing(self.meta_path):
+            self.dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-meta.", dir=self.dir)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(record, indent=2, sort_keys=True) + "\n")
+                os.link(tmp, self.meta_path)  # create-if-absent, atomic: concurrent workers agree
+            except FileExistsError:
+                pass
+            finally:
+                os.unlink(tmp)
         meta = self.read_meta()
         for key, value in identity.items():
             if meta.get(key) != value:
