@@ -10,14 +10,18 @@ A checkpoint is assembled under `.tmp-checkpoint-<step>` and renamed when comple
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 from retrieval.errors import StarbucksError
+from retrieval.io import writing
 
 STATE_FILE = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -65,6 +69,36 @@ class Checkpoints:
 
     def remove_all(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+_TORCH_WRITE = ("inline_container", "PytorchStreamWriter")  # torch.save's failure names neither file nor cause
+_OS_CODE = re.compile(r"os error (\d+)")  # safetensors: "I/O error: No space left on device (os error 28)"
+NEARLY_FULL = 64 << 20  # bytes free below which a torch.save that failed met a full disk
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+@contextlib.contextmanager
+def saving(path: str | os.PathLike) -> Iterator[None]:
+    """Write a checkpoint or model at `path` in the block; a failed write is an OSError naming `path`, which a
+    stage's entry prints as one line (`retrieval.errors.cli_entry`): torch.save's RuntimeError is a full
+    disk when under `NEARLY_FULL` bytes are left (else an I/O error), safetensors' error carries its errno."""
+    path = Path(path)
+    with writing(path):
+        try:
+            yield
+        except Exception as err:
+            if type(err).__name__ == "SafetensorError" and _OS_CODE.search(str(err)):
+                code = int(_OS_CODE.search(str(err)).group(1))
+            elif isinstance(err, RuntimeError) and any(k in str(err) for k in _TORCH_WRITE):
+                code = errno.ENOSPC if _free_bytes(path) < NEARLY_FULL else errno.EIO
+            else:
+                raise
+            raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def read_state(checkpoint: Path) -> dict:

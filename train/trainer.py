@@ -40,7 +40,7 @@ from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.lock import run_lock
 from retrieval.modeling import read_meta
 from retrieval.losses import LossOutput
-from train.checkpoint import Checkpoints, read_state, replace_dir, staging_dir
+from train.checkpoint import Checkpoints, read_state, replace_dir, saving, staging_dir
 from retrieval.seeds import derive_seed
 from retrieval.settings import accelerate_precision, resolve_precision
 from train.data import EpochSampler
@@ -456,17 +456,18 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
 
     def save_checkpoint(step: int) -> Path:
         staging = checkpoints.staging(step)
-        accelerator.save_state(str(staging / "state"))
-        window = log.window(accelerator)
-        spent = cost.record(step, time.perf_counter() - started)
-        if main:
-            cost.save(staging, spent)
-            task.save_model(accelerator.unwrap_model(model), staging / "model", step)
-            atomic_write_json(staging / "trainer_state.json", {
-                "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
-                "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint, "log_window": window,
-                "best": vars(best) if settings.eval_steps else None,
-            })
+        with saving(staging):  # a full disk: one line, the checkpoints before stay
+            accelerator.save_state(str(staging / "state"))
+            window = log.window(accelerator)
+            spent = cost.record(step, time.perf_counter() - started)
+            if main:
+                cost.save(staging, spent)
+                task.save_model(accelerator.unwrap_model(model), staging / "model", step)
+                atomic_write_json(staging / "trainer_state.json", {
+                    "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
+                    "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint, "log_window": window,
+                    "best": vars(best) if settings.eval_steps else None,
+                })
         accelerator.wait_for_everyone()
         final = checkpoints.commit(staging, step) if main else checkpoints.root / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
@@ -517,7 +518,8 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
             new_best = best.update(done, metrics) and settings.keep_best
             if new_best and main:
                 staging = staging_dir(run_dir / BEST_DIR)
-                task.save_model(accelerator.unwrap_model(model), staging, done)
+                with saving(staging):
+                    task.save_model(accelerator.unwrap_model(model), staging, done)
                 replace_dir(staging, run_dir / BEST_DIR)
             patience = settings.early_stopping_patience
             best.stopped = bool(patience) and best.since >= patience
@@ -537,13 +539,14 @@ def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, m
 
     if main:
         staging = staging_dir(model_dir)
-        if settings.keep_best and (run_dir / BEST_DIR).is_dir():  # the best validated model (its starbucks.json names its step)
-            shutil.copytree(run_dir / BEST_DIR, staging, dirs_exist_ok=True)
-        else:
-            if settings.keep_best:
-                tqdm.write(f"train: no validated best model in {run_dir / BEST_DIR} (dropped on resume: it was saved "
-                           f"after the checkpoint resumed from); the model is the last step's")
-            task.save_model(accelerator.unwrap_model(model), staging, reached)
+        with saving(staging):
+            if settings.keep_best and (run_dir / BEST_DIR).is_dir():  # the best validated model (its starbucks.json names its step)
+                shutil.copytree(run_dir / BEST_DIR, staging, dirs_exist_ok=True)
+            else:
+                if settings.keep_best:
+                    tqdm.write(f"train: no validated best model in {run_dir / BEST_DIR} (dropped on resume: it was "
+                               f"saved after the checkpoint resumed from); the model is the last step's")
+                task.save_model(accelerator.unwrap_model(model), staging, reached)
         replace_dir(staging, model_dir)
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
