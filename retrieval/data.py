@@ -186,7 +186,7 @@ class _QrelsBuilder:
         if self.repeats:
             number, first = self.repeats[0]
             source, word = self.unit.rsplit(" ", 1)
-            log.warning("%s: %d judgments repeat an earlier one with the same grade (first: %s %d repeats %s %d); "
+            log.warning("%s: %d judgment(s) repeat an earlier one with the same grade (first: %s %d repeats %s %d); "
                         "each is kept once", source, len(self.repeats), word, number, word, first)
         return self.qrels
 

@@ -45,7 +45,8 @@ def write_run(path: str | os.PathLike, rankings: Iterable[tuple[str, Sequence[tu
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    """`{qid: {docid: score}}` from a TREC run file (`.gz` read transparently)."""
+    """`{qid: {docid: score}}` from a TREC run file (`.gz` read transparently); a passage ranked twice for
+    one query is refused."""
     path = Path(path)
     run: Run = {}
     for lineno, line in iter_lines(path, "run file"):
@@ -57,8 +58,12 @@ def read_run(path: str | os.PathLike) -> Run:
                 f"{path} line {lineno}: expected 6 fields 'qid Q0 docid rank score tag', got {len(parts)}"
             )
         qid, _, docid, _, score, _ = parts
+        ranked = run.setdefault(qid, {})
+        if docid in ranked:
+            raise StarbucksError(f"{path} line {lineno}: query {qid!r} ranks passage {docid!r} a second time; a run "
+                                 f"lists each passage once per query: remove the duplicate or re-run the search")
         try:
-            run.setdefault(qid, {})[docid] = float(score)
+            ranked[docid] = float(score)
         except ValueError:
             raise StarbucksError(f"{path} line {lineno}: score {score!r} is not a number") from None
     return run
