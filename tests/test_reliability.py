@@ -288,3 +288,317 @@ def test_query_embeddings_older_than_the_passages_name_the_fix(setup, tmp_path):
         store.load_queries("dev")
     stage("encode", config, *out)  # following the advice repairs it
     assert store.load_queries("dev")[2]["model_sha256"] == store.read_meta()["model_sha256"]
+
+
+# ---------------------------------------------------------------- faults of the machine (issue 29)
+
+
+def tree_bytes(directory, pattern="*"):
+    """`{relative path: bytes}` of the files under `directory` matching `pattern`."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob(pattern)) if p.is_file()}
+
+
+def no_temporary_files(directory) -> bool:
+    return not [p for p in directory.rglob(".tmp-*")]
+
+
+def full_disk_at(monkeypatch, kind: str, name: str):
+    """Make the write of the file called `name` fail as on a full disk: numpy's short write (no errno)
+    or a text write's OSError(ENOSPC) (no file name)."""
+    import errno
+    import pathlib
+
+    if kind == "numpy":
+        real = np.save
+
+        def save(f, array, *args, **kwargs):
+            if f"{name}." in getattr(f, "name", ""):
+                raise OSError(f"{array.nbytes} requested and 0 written")
+            return real(f, array, *args, **kwargs)
+
+        monkeypatch.setattr(np, "save", save)
+    else:
+        real_text = pathlib.Path.write_text
+
+        def write_text(self, *args, **kwargs):
+            if self.name.startswith(f".tmp-{name}."):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_text(self, *args, **kwargs)
+
+        monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+
+
+@pytest.mark.parametrize("kind, name", [("numpy", "shard-00001.npy"), ("text", "ids-00002.txt")])
+def test_a_full_disk_stops_encode_with_one_line_and_a_rerun_finishes_the_same_embeddings(setup, tmp_path, capsys,
+                                                                                        monkeypatch, kind, name):
+    root, col, config = setup
+    stage("encode", config, *run_dir(tmp_path, "whole"))
+    stage("search", config, *run_dir(tmp_path, "whole"))
+    whole = tmp_path / "whole"
+
+    out = run_dir(tmp_path)
+    embeddings = tmp_path / "exp" / "embeddings"
+    with monkeypatch.context() as patch:
+        full_disk_at(patch, kind, name)
+        line = fails(capsys, "encode", config, *out)
+    assert f"no space left on the device for {embeddings / '1x8' / name}; free space" in line
+    assert "re-run the same command: finished work is kept and the run resumes" in line
+    assert no_temporary_files(embeddings)
+    first = embeddings / "2x16" / "shard-00000.npy"
+    assert first.read_bytes() == (whole / "embeddings" / "2x16" / "shard-00000.npy").read_bytes()
+    finished = first.stat().st_mtime_ns
+
+    stage("encode", config, *out)  # space freed: the run resumes
+    assert first.stat().st_mtime_ns == finished  # what was finished is not encoded again
+    for pattern in ("*.npy", "*.txt"):
+        assert tree_bytes(embeddings, pattern) == tree_bytes(whole / "embeddings", pattern)
+    stage("search", config, *out)
+    assert tree_bytes(tmp_path / "exp" / "runs", "*.trec") == tree_bytes(whole / "runs", "*.trec")
+
+
+def read_only_at(monkeypatch, place, code):
+    """Make directories under `place` fail to be made as on a read-only file system (or without permission)."""
+    import pathlib
+
+    real = pathlib.Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(place)):
+            raise OSError(code, os.strerror(code), str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("name, key, words", [
+    ("encode", "output_dir", "is on a read-only file system; choose another output_dir (or paths.*) in a writable place"),
+    ("search", "paths.runs", "is on a read-only file system; choose another output_dir (or paths.*) in a writable place"),
+    ("eval", "paths.eval", "no permission to use"),
+    ("train", "output_dir", "is on a read-only file system"),
+])
+def test_a_read_only_output_place_is_one_line(setup, tmp_path, capsys, monkeypatch, name, key, words):
+    import errno
+
+    root, col, config = setup
+    out = run_dir(tmp_path)
+    if name in ("search", "eval"):
+        stage("encode", config, *out)
+        stage("search", config, *out)
+    place = tmp_path / "read-only"
+    read_only_at(monkeypatch, place, errno.EACCES if name == "eval" else errno.EROFS)
+    overrides = [f"data.train={col / 'train.jsonl'}", "train.batch_size=2", "train.group_size=2",
+                 "train.max_steps=1"] if name == "train" else []
+    line = fails(capsys, name, config, *out, *overrides, f"{key}={place / 'exp'}")
+    assert f"{place / 'exp'}" in line and words in line
+
+
+TRAIN = ["train.batch_size=2", "train.group_size=2", "train.max_steps=3", "train.save_steps=1",
+         "train.save_total_limit=0"]
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_training_resumes_to_the_same_model(setup, tmp_path, capsys,
+                                                                                      monkeypatch):
+    import torch
+
+    import train.checkpoint
+
+    root, col, config = setup
+    data = f"data.train={col / 'train.jsonl'}"
+    stage("train", config, data, *TRAIN, *run_dir(tmp_path, "whole"))
+
+    real = torch.save
+
+    def save(obj, f, *args, **kwargs):  # what torch 2.x says when the disk fills under torch.save
+        if "checkpoint-2" in str(f):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")
+        return real(obj, f, *args, **kwargs)
+
+    out = run_dir(tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", save)
+        patch.setattr(train.checkpoint, "_free_bytes", lambda path: 0)
+        line = fails(capsys, "train", config, data, *TRAIN, *out)
+    checkpoints = tmp_path / "exp" / "checkpoints"
+    assert f"no space left on the device for {checkpoints / '.tmp-checkpoint-2'}; free space" in line
+    assert (checkpoints / "checkpoint-1" / "trainer_state.json").is_file()  # the finished checkpoint stays
+    assert not (checkpoints / "checkpoint-2").exists()
+
+    stage("train", config, data, *TRAIN, *out)
+    assert "resumed at 1" in capsys.readouterr().out
+    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+
+
+def test_write_failures_of_torch_and_safetensors_name_the_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    from safetensors import SafetensorError
+
+    import train.checkpoint
+    from train.checkpoint import saving
+
+    with pytest.raises(OSError) as info, saving(tmp_path / "ckpt"):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "ckpt")
+    with pytest.raises(OSError) as info, saving(tmp_path / "ckpt"):  # space left: not a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file")
+    assert info.value.errno == errno.EIO
+    with pytest.raises(RuntimeError, match="a bug"), saving(tmp_path / "ckpt"):
+        raise RuntimeError("a bug")  # not a write failure: as it is
+    with pytest.raises(OSError) as info, saving(tmp_path / "ckpt"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # a write that names no file
+    assert info.value.filename == str(tmp_path / "ckpt")
+
+
+def test_a_damaged_model_file_is_named(setup, tmp_path, capsys):
+    root, col, config = setup
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    weights = model / "model.safetensors"
+    whole = weights.read_bytes()
+    for cut in (100, len(whole) // 2):
+        weights.write_bytes(whole[:cut])
+        line = fails(capsys, "encode", config, f"encode.model={model}", *run_dir(tmp_path))
+        assert f"{weights} is damaged (" in line and "re-download the model or train it again" in line
+    assert not any((tmp_path / "exp" / "embeddings").rglob("*.npy"))
+    line = fails(capsys, "train", config, f"model.name_or_path={model}", f"data.train={col / 'train.jsonl'}",
+                 "train.batch_size=2", "train.group_size=2", "train.max_steps=1", *run_dir(tmp_path))
+    assert f"{weights} is damaged (" in line
+
+
+# ---------------------------------------------------------------- inputs keyed by id (issue 29)
+
+
+def own_collection(col, tmp_path):
+    own = tmp_path / "col"
+    shutil.copytree(col, own)
+    return own
+
+
+def test_a_repeated_query_id_is_refused(setup, tmp_path, capsys):
+    root, col, config = setup
+    own = own_collection(col, tmp_path)
+    first = json.loads((own / "queries.jsonl").read_text().splitlines()[0])["_id"]
+    with open(own / "queries.jsonl", "a") as f:
+        f.write(json.dumps({"_id": first, "text": "another text under the same id"}) + "\n")
+    where = f"{own / 'queries.jsonl'} line {QUERIES + 1}: query id {first!r} appears a second time (first at line 1)"
+    out = run_dir(tmp_path)
+    stage("encode", config, *out)
+    stage("search", config, *out)
+    for name in ("encode", "search", "eval"):
+        assert where in fails(capsys, name, config, f"data.eval_splits.dev={own}", *out)
+
+    topics = tmp_path / "topics.tsv"
+    topics.write_text("q1\tfirst\nq2\tsecond\nq1\tthird\n")
+    from retrieval.data import read_queries_file
+    with pytest.raises(StarbucksError, match=r"topics.tsv line 3: query id 'q1' appears a second time \(first at line 1\)"):
+        read_queries_file(topics)
+
+
+def test_qrels_judging_a_pair_twice_are_refused_with_other_grades_and_kept_once_with_the_same(setup, tmp_path, capsys,
+                                                                                           caplog):
+    from retrieval.data import load_split
+
+    root, col, config = setup
+    own = own_collection(col, tmp_path)
+    qrels = own / "qrels" / "dev.tsv"
+    text = qrels.read_text()
+    qid, did, _ = text.splitlines()[1].split("\t")
+    qrels.write_text(text + f"{qid}\t{did}\t2\n")
+    line = fails(capsys, "encode", config, f"data.eval_splits.dev={own}", *run_dir(tmp_path))
+    assert f"{qrels} line {QUERIES + 2}: query {qid!r} judges passage {did!r} 2, but line 2 judged it 1" in line
+
+    qrels.write_text(text + f"{qid}\t{did}\t1\n" + text.splitlines(True)[3])
+    with caplog.at_level("WARNING", logger="retrieval.data"):
+        split = load_split("dev", str(own))
+    assert f"{qrels}: 2 judgment(s) repeat an earlier one with the same grade (first: line {QUERIES + 2} repeats line 2)" \
+        in caplog.text
+    assert split.qrels == load_split("dev", str(col)).qrels
+
+
+def test_a_second_training_group_for_a_query_id_is_refused(setup, tmp_path, capsys):
+    from retrieval.data import load_train_groups
+
+    root, col, config = setup
+    groups = tmp_path / "train.jsonl"
+    lines = (col / "train.jsonl").read_text().splitlines(True)
+    groups.write_text("".join(lines) + lines[0])
+    qid = json.loads(lines[0])["query_id"]
+    where = f"{groups} line {len(lines) + 1}: query id {qid!r} has a second training group (first at line 1)"
+    line = fails(capsys, "train", config, f"data.train={groups}", "train.batch_size=2", "train.group_size=2",
+                 "train.max_steps=1", *run_dir(tmp_path))
+    assert where in line
+    assert len(load_train_groups(str(col / "train.jsonl"), str(col))) == len(lines)
+
+
+def test_a_run_file_ranking_a_passage_twice_for_a_query_is_refused(tmp_path):
+    from retrieval.runfile import read_run
+
+    run = tmp_path / "1x8.trec"
+    run.write_text("q1 Q0 d1 1 2.0 t\nq1 Q0 d2 2 1.0 t\nq2 Q0 d1 1 1.0 t\nq1 Q0 d1 3 0.5 t\n")
+    with pytest.raises(StarbucksError, match=r"1x8.trec line 4: query 'q1' ranks passage 'd1' a second time"):
+        read_run(run)
+
+
+SIGTERM_AT = """
+import os, signal, sys
+import retrieval.io, retrieval.store
+from train.checkpoint import Checkpoints
+
+real_npy, real_commit = retrieval.store._write_npy, Checkpoints.commit
+
+
+def write_npy(path, array):  # SIGTERM half-way through writing shard 2
+    if path.name == "shard-00002.npy":
+        with retrieval.io.atomic_path(path) as tmp:
+            tmp.write_bytes(b"\\x93NUMPY" + bytes(40))
+            os.kill(os.getpid(), signal.SIGTERM)
+    real_npy(path, array)
+
+
+def commit(self, staging, step):  # SIGTERM right after checkpoint 2
+    final = real_commit(self, staging, step)
+    if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return final
+
+
+retrieval.store._write_npy, Checkpoints.commit = write_npy, commit
+__import__(sys.argv[1] + ".__main__", fromlist=["main"]).main(sys.argv[2:])
+"""
+
+
+def terminated(name: str, config, *overrides: str) -> None:
+    """Run a stage in a process that gets SIGTERM (default action: it ends at once, no clean-up runs)."""
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", SIGTERM_AT, name, "--config", str(config), *overrides], cwd=REPO,
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
+
+
+def test_sigterm_mid_encode_and_mid_training_loses_nothing_and_a_rerun_ends_the_same(setup, tmp_path, capsys):
+    root, col, config = setup
+    whole, out = run_dir(tmp_path, "whole"), run_dir(tmp_path)
+    train_args = [f"data.train={col / 'train.jsonl'}", *TRAIN]
+    stage("encode", config, *whole)
+    stage("train", config, *train_args, *whole)
+
+    terminated("encode", config, *out)
+    embeddings = tmp_path / "exp" / "embeddings"
+    assert not (embeddings / "1x8" / "shard-00002.npy").exists() and (embeddings / "1x8" / "shard-00001.npy").exists()
+    stage("encode", config, *out)
+    for pattern in ("*.npy", "*.txt"):
+        assert tree_bytes(embeddings, pattern) == tree_bytes(tmp_path / "whole" / "embeddings", pattern)
+
+    terminated("train", config, *train_args, *out)
+    assert (tmp_path / "exp" / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "exp" / "model").exists()
+    stage("train", config, *train_args, *out)
+    assert "resumed at 2" in capsys.readouterr().out
+    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == \
+        (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
