@@ -19,7 +19,7 @@ COMMANDS = {
     "eval": ("eval.__main__", "run files + qrels -> per-size metrics, tables, plots; compare experiments"),
     "suite": ("eval.suite", "many models on many collections (BEIR, python-docs) at every size; averages, t-tests"),
     "sizes": ("eval.sizes", "quality vs latency and memory per size of a run; the best size within a budget"),
-    "export": ("train.export", "a standalone sentence-transformers model per size; model card; upload to the hub"),
+    "export": ("train.export", "a sentence-transformers model or ONNX graph per size; model card; upload to the hub"),
     "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
 }
 

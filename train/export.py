@@ -1,12 +1,15 @@
-"""`python -m train.export MODEL --size S --out DIR [--all] [--push-to-hub USER/NAME] [--dry-run]`
+"""`python -m train.export MODEL --size S --out DIR [--onnx DIR] [--all] [--push-to-hub USER/NAME] [--dry-run]`
 
 Writes a standalone sentence-transformers model of one size: only the size's first `n` layers,
 an output that is exactly the size's embedding (the first `d` dims taken before any
-normalisation), its own `starbucks.json` (that one size) and model card. `--all`: one folder
-per size, `DIR/<size>`. `--push-to-hub`: upload the folder through `huggingface_hub` (the token
-from `HF_TOKEN` or `huggingface-cli login`; with `--all`, one repository per size, `NAME-<size>`);
-without `--size`/`--all` the checkpoint itself (every size) is uploaded. `--dry-run` prepares the
-folders and prints what would be uploaded.
+normalisation), its own `starbucks.json` (that one size) and model card. `--onnx DIR`: the size
+as an ONNX graph instead of (or beside) it: `DIR/model.onnx` (`input_ids`, `attention_mask` ->
+`embedding`, dynamic batch and sequence axes: the cut layers, the pooling, the first `d` dims,
+the normalisation), the tokenizer files and `starbucks_onnx.json` (size, pooling, normalisation,
+max lengths, prefixes). `--all`: one folder per size, `DIR/<size>`. `--push-to-hub`: upload the
+folder through `huggingface_hub` (the token from `HF_TOKEN` or `huggingface-cli login`; with
+`--all`, one repository per size, `NAME-<size>`); without `--size`/`--all` the checkpoint itself
+(every size) is uploaded. `--dry-run` prepares the folders and prints what would be uploaded.
 """
 
 from __future__ import annotations
@@ -14,16 +17,25 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from retrieval.card import read_results, write_card
 from retrieval.errors import StarbucksError, cli_entry
+from retrieval.io import atomic_write_json
 from retrieval.model import StarbucksModel
-from retrieval.modeling import META_FILE, read_meta
+from retrieval.modeling import META_FILE, StarbucksEncoder, read_meta, tokenize
 from retrieval.settings import first_line
 from retrieval.sizes import Size, SizeList
+
+__all__ = ["export", "export_size", "export_onnx", "push_to_hub", "ONNX_FILE", "ONNX_META"]
+ONNX_FILE = "model.onnx"
+ONNX_META = "starbucks_onnx.json"  # what a runtime needs besides the graph and the tokenizer
+ONNX_OPSET = 17  # LayerNormalization is one op from 17 on
 
 
 @dataclass
@@ -50,6 +62,58 @@ def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
     results = {split: r for split, r in results.items() if r["sizes"]}
     if results:
         write_card(out, read_meta(out), results)
+    return out
+
+
+class _OneSize(torch.nn.Module):
+    """The graph an ONNX export traces: `(input_ids, attention_mask)` -> one size's embedding, through
+    the encoder's own plain path (`hidden_states` of the cut model, `pool`: dims cut, normalised)."""
+
+    def __init__(self, encoder: StarbucksEncoder, size: Size):
+        super().__init__()
+        self.encoder, self.size = encoder, size
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        states = self.encoder.hidden_states(batch, [self.size.layers])[self.size.layers]
+        return self.encoder.pool(states, attention_mask, self.size.dim)
+
+
+def export_onnx(model: StarbucksModel, size: Size | str, out: str | Path) -> Path:
+    """Write `model` at `size` as an ONNX graph (`out/model.onnx`, fp32, ONNX opset 17) with the
+    tokenizer files and `starbucks_onnx.json` beside it. The graph takes right-padded `input_ids` and
+    `attention_mask` (int64, batch x sequence, any batch size and length up to the model's positions)
+    and returns the `embedding` (float32, batch x dim) that `encode_queries` / `encode_passages` give
+    for the same tokens; a runtime adds the side's prefix and cuts at its max length as they do."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter writes the graph through it)
+    except ImportError:
+        raise StarbucksError("ONNX export needs the onnx package: pip install 'starbucks-retrieval[onnx]'") from None
+    size = model.size(size)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / ONNX_META).is_file():
+        raise StarbucksError(f"{out} exists and is not an ONNX export; give an empty or new --onnx")
+    out.mkdir(parents=True, exist_ok=True)
+    encoder = copy.deepcopy(model.encoder).truncate_(size.layers).float().cpu().eval()
+    # a batch with padding, so that the graph applies the attention mask (a mask of ones may be skipped)
+    example = tokenize(model.tokenizer, ["a", "two words"], max(model.passage_max_length, 8))
+    axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes on shapes
+        torch.onnx.export(_OneSize(encoder, size), (example["input_ids"], example["attention_mask"]),
+                          str(out / ONNX_FILE), input_names=["input_ids", "attention_mask"],
+                          output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
+                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}})
+    model.tokenizer.save_pretrained(out)
+    atomic_write_json(out / ONNX_META, {
+        "format_version": 1, "file": ONNX_FILE, "size": size.to_dict(), "pooling": model.pooling,
+        "normalize": model.normalize, "similarity": model.similarity_fn_name,
+        "query_max_length": model.query_max_length, "passage_max_length": model.passage_max_length,
+        "query_prefix": model.query_prefix, "passage_prefix": model.passage_prefix,
+        "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence], 1 = token"},
+        "output": {"embedding": f"float32 [batch, {size.dim}]"}, "padding": "right", "opset": ONNX_OPSET,
+        "exported_from": model.source,
+    })
     return out
 
 
@@ -98,24 +162,35 @@ def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private
 
 def export(model_path: str, sizes: Sequence[str] | None = None, out: str | Path | None = None,
            push: str | None = None, dry_run: bool = False, private: bool = False,
-           device: str | None = None) -> ExportResult:
+           device: str | None = None, onnx: str | Path | None = None) -> ExportResult:
     """Export `sizes` (names or `LxD`; `["all"]`: every size of the checkpoint) of the checkpoint at
     `model_path` into `out` (one size: `out` itself; several: `out/<size>`), then push each folder
-    to the hub when `push` is given; without `sizes`, push the checkpoint as it is."""
+    to the hub when `push` is given; without `sizes`, push the checkpoint as it is. `onnx`: also (or
+    only, without `out`) an ONNX graph of each size there, laid out the same way (`export_onnx`)."""
     if not sizes:
         if not push:
-            raise StarbucksError("nothing to do: give --size S --out DIR, --all --out DIR, or --push-to-hub USER/NAME")
+            raise StarbucksError("nothing to do: give --size S --out DIR (or --onnx DIR), --all --out DIR, or "
+                                 "--push-to-hub USER/NAME")
         StarbucksModel.from_pretrained(model_path, "cpu")  # one clear line if it is not a model
         result = ExportResult([Path(model_path)])
         result.uploads[push] = push_to_hub(model_path, push, dry_run, private, own_folder=False)
         return result
-    if out is None:
-        raise StarbucksError("give --out DIR: where the exported model goes")
+    if out is None and onnx is None:
+        raise StarbucksError("give --out DIR (a sentence-transformers model) or --onnx DIR (an ONNX graph): "
+                             "where the exported model goes")
+    if push and out is None:
+        raise StarbucksError("--push-to-hub uploads the --out folders; give --out DIR too")
     model = StarbucksModel.from_pretrained(model_path, device or "cpu")
     wanted = list(model.sizes) if list(sizes) == ["all"] else [model.size(s) for s in sizes]
     one = len(wanted) == 1 and list(sizes) != ["all"]
     result = ExportResult([])
     for size in wanted:
+        if onnx is not None:
+            graph = export_onnx(model, size, Path(onnx) if one else Path(onnx) / size.name)
+            print(f"export: {size} -> {graph / ONNX_FILE}", file=sys.stderr)
+            result.folders.append(graph)
+        if out is None:
+            continue
         folder = export_size(model, size, Path(out) if one else Path(out) / size.name)
         print(f"export: {size} -> {folder}", file=sys.stderr)
         result.folders.append(folder)
@@ -133,13 +208,15 @@ def main(argv=None) -> None:
     which.add_argument("--size", help="the size to export: a name (grande) or LAYERSxDIM (8x256)")
     which.add_argument("--all", action="store_true", help="every size of the checkpoint, one folder each")
     parser.add_argument("--out", help="where the exported model goes (with --all: one sub-folder per size)")
+    parser.add_argument("--onnx", metavar="DIR", help="write the size as an ONNX graph (DIR/model.onnx, the tokenizer, "
+                                                      "starbucks_onnx.json; with --all: one sub-folder per size)")
     parser.add_argument("--push-to-hub", metavar="USER/NAME", help="upload to this hub model repository")
     parser.add_argument("--private", action="store_true", help="create the hub repository private")
     parser.add_argument("--dry-run", action="store_true", help="prepare the folders, list what would be uploaded")
     parser.add_argument("--device", default="cpu", help="where the model is loaded for the cut (default: cpu)")
     args = parser.parse_args(argv)
     sizes = ["all"] if args.all else [args.size] if args.size else None
-    export(args.model, sizes, args.out, args.push_to_hub, args.dry_run, args.private, args.device)
+    export(args.model, sizes, args.out, args.push_to_hub, args.dry_run, args.private, args.device, args.onnx)
 
 
 if __name__ == "__main__":
