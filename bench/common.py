@@ -1,5 +1,6 @@
 """What the benchmarks share: the machine line, JSON output, the markdown sections of
-docs/benchmarks.md, the workloads (debian-pkgs texts, the two backbones) and FLOP counts."""
+docs/benchmarks.md, the workloads (debian-pkgs texts, the two backbones), FLOP counts and MFU
+(against a GPU's datasheet peak, or this CPU's peak as bench/roofline.py measured it)."""
 
 from __future__ import annotations
 
@@ -23,18 +24,24 @@ if str(REPO) not in sys.path:
 
 from retrieval.settings import resolve_device as pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
 from retrieval.tables import markdown_table  # noqa: E402
+from train.flops import encoder_flops  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, for the MFU figures.
 # Matched in this order against torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3" is the SXM part).
 PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12, "A100": 312e12}
 PAPER_SIZES = "2x32,4x64,6x128,8x256,10x512,12x768"  # the paper's six sizes on BERT-base
+# This CPU's measured matmul peaks per thread count (bench/roofline.py writes it, peak_flops reads it).
+ROOFLINE = REPO / "bench" / "results" / "roofline-cpu.json"
+
+
+def cpu_model() -> str:
+    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor())
 
 
 def machine(device: torch.device) -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    what = f"{os.cpu_count()} cores ({cpu})"
+    what = f"{os.cpu_count()} cores ({cpu_model()})"
     if device.type == "cuda":
         what = f"{torch.cuda.get_device_name(device)}, {what}"
     return f"{what}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
@@ -90,23 +97,54 @@ def best_time(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return best_times(fn, device, repeats, warmup)[0]
 
 
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
+def peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """FLOP/s the MFU of a row that ran in `precision` (fp32, bf16, fp16, int8) on `device` counts
+    against. GPU: the datasheet's dense bf16/fp16 peak (`PEAK_FLOPS`). CPU: the peak bench/roofline.py
+    measured on this CPU at this run's thread count (`ROOFLINE`; fp16 rows count against bf16's); None
+    when it has not measured it (run `python bench/roofline.py` first, with the same OMP_NUM_THREADS)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_FLOPS.items():
+            if all(part in name for part in key.split()):
+                return value
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_FLOPS.items():
-        if all(part in name for part in key.split()):
-            return value
-    return None
+    if not ROOFLINE.is_file():
+        return None
+    record = json.loads(ROOFLINE.read_text())
+    if record.get("cpu") != cpu_model():
+        return None
+    peaks = record.get("threads", {}).get(str(torch.get_num_threads()), {}).get("peaks", {})
+    return peaks.get({"fp16": "bf16"}.get(precision, precision))
+
+
+def mfu(flops: float, seconds: float, device: torch.device, precision: str) -> float | None:
+    """Model FLOPs per second over the peak of `precision` on `device` (None: no peak known)."""
+    peak = peak_flops(device, precision)
+    return flops / seconds / peak if peak and seconds > 0 else None
+
+
+def mfu_cell(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def mfu_note(device: torch.device, precision: str, what: str = "model FLOPs of the real tokens") -> str:
+    """What a section's MFU column counts against, in words."""
+    peak = peak_flops(device, precision)
+    if device.type == "cuda":
+        return (f"MFU: {what} / time / the datasheet's dense bf16/fp16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak
+                else "MFU: - (no datasheet peak for this GPU in bench/common.py)")
+    threads = torch.get_num_threads()
+    if peak is None:
+        return (f"MFU: - (no {precision} peak measured for {threads} threads on this CPU: run "
+                f"`{'OMP_NUM_THREADS=1 ' if threads == 1 else ''}python bench/roofline.py` first)")
+    return (f"MFU: {what} / time / this CPU's measured {precision} matmul peak on {threads} threads "
+            f"({peak / 1e9:.0f} GFLOP/s, bench/roofline.py)")
 
 
 def bert_flops(config, layers: int, lengths: list[int], backward: bool = False) -> float:
-    """Model FLOPs of `layers` BERT layers over sequences of `lengths` real tokens (padding not counted):
-    2 x params x tokens for the matmuls plus 4 x seq x hidden per token for attention; x3 with backward."""
-    h, i = config.hidden_size, config.intermediate_size
-    per_token = 2 * (4 * h * h + 2 * h * i)  # QKV + output projections, two FFN matmuls
-    flops = sum(n * (per_token + 4 * n * h) for n in lengths) * layers
-    return 3 * flops if backward else flops
+    """Model FLOPs of `layers` encoder layers over sequences of `lengths` real tokens (padding not
+    counted; train/flops.py's count); x3 with backward."""
+    return (3 if backward else 1) * encoder_flops(lengths, layers, config)
 
 
 def debian_texts(kind: str, count: int, seed: int = 0) -> list[str]:

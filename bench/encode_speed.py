@@ -8,7 +8,9 @@ per size, batches in corpus order padded to the longest, multiple of 16).
 
 Texts: debian-pkgs passages (capped at 196 tokens). Prints one JSON line per figure and writes
 a table into docs/benchmarks.md (section `encode_<model>_<device>`): passages/s per size alone,
-all six in one pass vs the reference's six passes, and MFU at the largest size on a GPU.
+all six in one pass vs the reference's six passes, and ours' MFU (model FLOPs of the real tokens
+through the deepest layer a row runs, train/flops.py) against the GPU's datasheet peak or this CPU's
+measured peak (bench/roofline.py) of the precision ours ran in.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import reference
 from encode.pipeline import encode_texts, loader_workers
 from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder
+from retrieval.settings import resolve_precision
 
 
 def main(argv=None) -> None:
@@ -81,7 +84,7 @@ def main(argv=None) -> None:
         return len(texts) / t
 
     rows = []
-    peak = common.peak_flops(device)
+    ran_in = resolve_precision(ours.precision, device, "precision")  # what the MFU counts against
     plan = [(s.name, [s]) for s in sizes] + [("all six, one pass", list(sizes))]
     if args.only:
         plan = [(label, wanted) for label, wanted in plan if label.split()[0].rstrip(",") in args.only.split(",")]
@@ -89,21 +92,18 @@ def main(argv=None) -> None:
         rates = {name: ours_rate(wanted, packing) for name, packing in variants.items()}
         mine, ref = max(r[0] for r in rates.values()), reference_rate(wanted)
         deepest = max(s.layers for s in wanted)
-        mfu = None
-        if peak:
-            flops = common.bert_flops(backbone.config, deepest, lengths) / len(texts)
-            mfu = mine * flops / peak
+        mfu = common.mfu(common.bert_flops(backbone.config, deepest, lengths), len(texts) / mine, device, ran_in)
         gain = [rates["packed"][j] / rates["padded"][j] for j in (0, 1)] if len(rates) == 2 else None
         rows.append([label, "+".join(s.key for s in wanted) if len(wanted) < 3 else "all",
                      *[f"{r[0]:.1f}" for r in rates.values()],
                      *([f"{gain[0]:.2f}x ({gain[1]:.2f}x)"] if gain else []),
                      *(["-", "-"] if args.skip_reference else [f"{ref:.1f}", f"{mine / ref:.2f}x"]),
-                     "-" if mfu is None else f"{100 * mfu:.1f}%"])
+                     common.mfu_cell(mfu)])
         common.emit(mark, sizes=label, **{f"{name}_passages_per_s": round(r[0], 1) for name, r in rates.items()},
                     **({"packed_over_padded": round(gain[0], 3), "packed_over_padded_cpu_time": round(gain[1], 3)}
                        if gain else {}),
                     reference_passages_per_s=round(ref, 1), speedup=round(mine / ref, 2),
-                    mfu=None if mfu is None else round(mfu, 4))
+                    precision=ran_in, mfu=None if mfu is None else round(mfu, 4))
     md = "\n".join([
         f"## Encoding: {args.model} on {device.type} ({mark})",
         "",
@@ -120,7 +120,8 @@ def main(argv=None) -> None:
         "bench/reference.py (one full forward per size, corpus order, padded to the longest x16); ours tokenises in "
         f"{workers} DataLoader worker processes (encode.dataloader_workers)"
         + ("; packed: model.packing (retrieval/packing.py; on the CPU padded only inside attention), "
-           "packed/padded by wall time (by this process's CPU time)" if len(variants) == 2 else ""),
+           "packed/padded by wall time (by this process's CPU time)" if len(variants) == 2 else "")
+        + f"; {common.mfu_note(device, ran_in)} (ours' best variant)",
         "",
         common.table(["sizes", "layers x dim",
                       *(["ours padded passages/s", "ours packed passages/s", "packed/padded"] if len(variants) == 2

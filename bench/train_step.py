@@ -8,7 +8,9 @@ reference (bench/reference.py), on the same batches.
 
 Queries are debian-pkgs synopses (<= 32 tokens), passages debian-pkgs descriptions (<= 196).
 Reports queries/s, step time, peak GPU memory and MFU (model FLOPs of the real tokens: forward
-and backward of every layer once), one JSON line per figure, and a table in docs/benchmarks.md.
+and backward of every layer once and of each size's score matrix, train/flops.py's
+retrieval_step_flops; against the GPU's datasheet peak or this CPU's measured peak, bench/roofline.py,
+of the precision the step ran in), one JSON line per figure, and a table in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import common
 import reference
 from retrieval.losses import InfoNCE, StarbucksLoss
 from retrieval.modeling import StarbucksEncoder, tokenize
+from train.flops import retrieval_step_flops
 
 
 def main(argv=None) -> None:
@@ -64,9 +67,6 @@ def main(argv=None) -> None:
         batches.append((q, p))
     # tokenised ahead for both (the toolkit's trainer tokenises in its DataLoader): a step is GPU work
     ours_batches = [(tokenize(tokenizer, q, 32).to(device), tokenize(tokenizer, p, 196).to(device)) for q, p in batches]
-    # real tokens per batch (the steps cycle through them), for the MFU
-    real_tokens = [torch.cat([qb["attention_mask"].sum(1), pb["attention_mask"].sum(1)]).tolist()
-                   for qb, pb in ours_batches]
     ref_batches = [(reference.tokenize(tokenizer, q, 32, device), reference.tokenize(tokenizer, p, 196, device))
                    for q, p in batches]
     results = {}
@@ -117,9 +117,10 @@ def main(argv=None) -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-    flops = sum(common.bert_flops(backbone.config, backbone.config.num_hidden_layers, t, backward=True)
-                for t in real_tokens) / len(real_tokens)
-    peak_flops = common.peak_flops(device)
+    # model FLOPs of a step, the mean over the batches the steps cycle through (real tokens only)
+    flops = sum(retrieval_step_flops(backbone.config, qb["attention_mask"], pb["attention_mask"], list(sizes))
+                for qb, pb in ours_batches) / len(ours_batches)
+    precision = "bf16" if dtype is not None else "fp32"
     mark = f"train_{args.model}_{device.type}{args.tag}"
     rows = []
     for name, result in results.items():
@@ -129,12 +130,13 @@ def main(argv=None) -> None:
             common.emit(mark, impl=name, out_of_memory=True)
             continue
         seconds, mem, cpu_seconds = result
-        mfu = flops / seconds / peak_flops if peak_flops else None
+        mfu = common.mfu(flops, seconds, device, precision)
         qps = args.queries / seconds
         rows.append([label, f"{seconds * 1000:.0f}", f"{cpu_seconds * 1000:.0f}", f"{qps:.1f}",
-                     "-" if mem is None else f"{mem:.2f}", "-" if mfu is None else f"{100 * mfu:.1f}%"])
+                     "-" if mem is None else f"{mem:.2f}", common.mfu_cell(mfu)])
         common.emit(mark, impl=name, step_s=round(seconds, 4), cpu_s=round(cpu_seconds, 4), queries_per_s=round(qps, 2),
-                    peak_gib=None if mem is None else round(mem, 3), mfu=None if mfu is None else round(mfu, 4))
+                    peak_gib=None if mem is None else round(mem, 3), precision=precision,
+                    mfu=None if mfu is None else round(mfu, 4))
     ours = min((r for n, r in results.items() if n in packings and r is not None), key=lambda r: r[0], default=None)
     speedup = results["reference"][0] / ours[0] if ours and results.get("reference") else None
     common.emit(mark, ratio="ours/reference queries_per_s", value=speedup and round(speedup, 3))
@@ -157,7 +159,8 @@ def main(argv=None) -> None:
         f"{'bf16 autocast' if dtype else 'fp32'}, median of {args.steps} steps after {args.warmup} warm-up steps, "
         "wall and CPU time (the host's, all threads) "
         "(4 batches in turn, tokenised ahead); packed: model.packing (retrieval/packing.py), padded: one padded batch"
-        f"{'' if cuda else ' (on the CPU the packed path pads only inside attention)'}",
+        f"{'' if cuda else ' (on the CPU the packed path pads only inside attention)'}; "
+        f"{common.mfu_note(device, precision, 'model FLOPs of a step (real tokens, train/flops.py)')} (wall time)",
         "",
         common.table(["implementation", "step ms", "CPU ms", "queries/s", "peak GiB", "MFU"], rows),
         "",

@@ -32,7 +32,8 @@ from retrieval.io import atomic_write_json
 
 TRAINED = 3  # forward + backward (both operands' gradients) of a product whose inputs all need gradients
 CHECKPOINT_FILE = "cost.json"
-__all__ = ["estimate_training"]  # what the experiment's dry run may call
+# what the experiment's dry run and the benchmarks' MFU may call
+__all__ = ["estimate_training", "encoder_flops", "retrieval_step_flops"]
 
 
 def matmul(rows: int, inner: int, cols: int, factor: int = 1) -> int:
