@@ -137,6 +137,7 @@ def test_msmarco_config_end_to_end_offline_equals_pytrec_eval(standins, tmp_path
         f"data.corpus={CORPUS}", f"data.train=hf:{root / 'tevatron-aug'}",
         f"data.eval_splits.dev={DEV}", f"data.eval_splits.dl19={DL19}", "data.eval_splits.dl20=null",
         "train.batch_size=4", "train.max_steps=2", "train.save_steps=1", "train.dataloader_workers=0",
+        "train.holdout_queries=2", "train.eval_steps=2",  # the config's held-back validation, on Tevatron's docids
         "encode.batch_size=64", "encode.precision=fp32",
     ]
     config = REPO / "configs" / "msmarco-bert-base.yaml"
