@@ -281,11 +281,11 @@ GPU_MFU = 0.10  # what the training loop reaches there (docs/benchmarks.md: 8-12
 
 def describe(cfg: DictConfig, cfg_path: str | None = None, overrides: list[str] = (), estimate: bool = False) -> str:
     """The plan, one line per run (for --dry-run); with `estimate`, each training run's steps and model FLOPs
-    (`train.flops.estimate_training`, from the real data) and its time at `GPU_MFU` of an H100's peak."""
+    (`train.estimate.estimate_training`, from the real data) and its time at `GPU_MFU` of an H100's peak."""
     runs = plan_runs(cfg)
     costs: dict[str, dict] = {}
     if estimate:
-        from train.flops import estimate_training
+        from train.estimate import estimate_training
 
         for r in runs:
             if r.train and r.method != "srl-matched":  # smae-srl: as its backbone (its model is not trained yet)

@@ -97,7 +97,7 @@ def test_head_warmup_step_equals_torchs_flop_counter():
 def test_estimate_of_a_finetuning_run_is_close_to_what_it_records(tmp_path, tiny_model, collection):
     from retrieval.config import load_config
     from retrieval.cost import read_train_summary
-    from train.flops import estimate_training
+    from train.estimate import estimate_training
 
     config = write_config(tmp_path, tiny_model, collection, max_steps=4)
     estimate = estimate_training(load_config(config))

@@ -644,7 +644,7 @@ def test_train_data_text_is_the_training_passages_and_queries(tmp_path, tokenize
 
 def test_estimate_counts_the_head_warmup_only_for_a_headless_backbone(tmp_path, headless_base, tokenizer):
     """A backbone that ships an MLM head is not warmed up, so the estimate adds no warm-up FLOPs for it."""
-    from train.flops import estimate_training
+    from train.estimate import estimate_training
     from train.smae import ships_mlm_head
 
     with_head = tmp_path / "with-head"

@@ -45,7 +45,7 @@ from retrieval.seeds import derive_seed
 from retrieval.settings import accelerate_precision, resolve_precision
 from train.data import EpochSampler
 from train.gradcache import cached_backward
-from train.flops import RunCost
+from train.cost import RunCost
 
 # transformers schedulers that need nothing but warm-up and total steps.
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
