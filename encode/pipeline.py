@@ -3,8 +3,10 @@
 The corpus is streamed in blocks of `encode.shard_rows` passages; block `k` becomes shard `k`
 of every requested size. Inside a block passages are sorted by length and encoded in batches
 with dynamic padding, one forward pass to the deepest requested layer for all sizes, and put
-back in corpus order before the shard is written. Finished shards are skipped on restart.
-Workers (`--shard i/n`, torchrun ranks, or both) own the blocks `k` with `k % n == i`.
+back in corpus order before the shard is written. Finished shards are skipped on restart; a shard
+that lists other passages than its block is refused. Workers (`--shard i/n`, torchrun ranks, or
+both) own the blocks `k` with `k % n == i`. The loop is the library's (`retrieval.ranking`:
+`encode_passages`, `encode_queries`), which the suite runs too.
 """
 
 from __future__ import annotations
@@ -14,9 +16,8 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import corpus_size, iter_corpus, load_eval_splits
 from retrieval.errors import StarbucksError
 from retrieval.model import SETTINGS, StarbucksModel
+from retrieval.ranking import corpus_blocks, encode_passages, encode_queries, open_stores
 from retrieval.settings import local_rank, resolve_device, resolve_precision, whole_number
 from retrieval.sizes import Size
 from retrieval.lock import run_lock
-from retrieval.store import EmbeddingStore, IdsHasher, check_ids, texts_sha256
 
 _SLICE = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 
@@ -132,17 +133,6 @@ def encode_texts(model: StarbucksModel, texts: Sequence[str], sizes: Sequence[Si
     return model.embed_texts(texts, sizes, kind, batch_size, progress, workers, dtype=np.float16)
 
 
-def iter_blocks(pairs: Iterable[tuple[str, str]], rows: int) -> Iterator[tuple[int, list[str], list[str]]]:
-    """`(block, ids, texts)` for consecutive blocks of `rows` passages."""
-    it = iter(pairs)
-    for k in range(sys.maxsize):
-        block = list(islice(it, rows))
-        if not block:
-            return
-        ids, texts = zip(*block)
-        yield k, list(ids), list(texts)
-
-
 def _query_splits(cfg: DictConfig):
     names = cfg.encode.splits
     if not cfg.data.eval_splits:
@@ -183,67 +173,30 @@ def _encode_collection(cfg: DictConfig, work: Slice, progress: bool) -> EncodeSu
     for s in sizes:
         model.encoder.check(s)
     root = experiment_paths(cfg).embeddings
-    stores = {s: EmbeddingStore(root / s.name) for s in sizes}
-    for s, store in stores.items():
-        store.start({**model.identity(s, "passage"), "shard_rows": shard_rows},
-                    info={"model": model.source, "corpus": str(cfg.data.corpus)})
+    stores = open_stores(model, sizes, root, shard_rows, {"model": model.source, "corpus": str(cfg.data.corpus)})
     print(f"encode: model {model.source} ({model.encoder.pooling} pooling, normalize={model.encoder.normalize}); "
           f"sizes {', '.join(str(s) for s in sizes)}; worker {work}; device {device}", file=sys.stderr)
 
     if work.is_first:
-        _encode_queries(cfg, model, stores, progress)
+        for name, split in _query_splits(cfg).items():
+            encode_queries(model, stores, name, split.queries, int(enc.batch_size), progress)
 
     total = corpus_size(str(cfg.data.corpus))
     bar = tqdm(total=None if total is None else -(-total // work.count), unit="psg", desc=f"encode {work}",
                disable=not progress, dynamic_ncols=True)
-    hasher = IdsHasher()
-    encoded, started = 0, time.perf_counter()
-    for k, ids, texts in iter_blocks(iter_corpus(str(cfg.data.corpus)), shard_rows):
-        hasher.update(ids)
-        if not work.owns(k):
-            continue
-        check_ids(ids, f"corpus {cfg.data.corpus}")
-        digest = texts_sha256(texts)
-        problems = {s: stores[s].shard_problem(k, digest, ids) for s in sizes}
-        for s, problem in problems.items():
-            if problem == "of other passages":
-                raise StarbucksError(
-                    f"{stores[s].ids_path(k)} lists other passages than block {k} of the corpus; the corpus changed "
-                    f"since it was encoded: delete {stores[s].dir} and re-encode"
-                )
-        todo = [s for s in sizes if problems[s]]
-        for s in todo:
-            if problems[s] != "missing":
-                print(f"encode: {stores[s].shard_path(k)} is {problems[s]}; encoding it again", file=sys.stderr)
-        if not todo:
-            continue
-        vectors = encode_texts(model, texts, todo, "passage", int(enc.batch_size), bar, workers)
-        for s in todo:
-            stores[s].write_shard(k, ids, vectors[s], digest)
-        encoded += len(ids)
+    started = time.perf_counter()
+    done = encode_passages(model, stores, corpus_blocks(iter_corpus(str(cfg.data.corpus)), shard_rows),
+                           f"corpus {cfg.data.corpus}", int(enc.batch_size), owns=work.owns, progress=bar,
+                           workers=workers, note=_note)
     bar.close()
     seconds = time.perf_counter() - started
-
-    finished = [stores[s].finalize(hasher.count, hasher.hexdigest()) for s in sizes]
-    complete = all(m is not None for m in finished)
+    encoded, complete = done.encoded, done.complete
     rate = f" ({encoded / seconds:.1f} passages/s)" if encoded and seconds > 0 else ""
     state = "complete" if complete else "waiting for the other slices"
-    print(f"encode: worker {work} encoded {encoded} of {hasher.count} passages in {seconds:.1f}s{rate}; "
+    print(f"encode: worker {work} encoded {encoded} of {done.count} passages in {seconds:.1f}s{rate}; "
           f"embeddings {state} in {root}", file=sys.stderr)
-    return EncodeSummary(sizes, work, hasher.count, encoded, seconds, complete, [stores[s].dir for s in sizes])
+    return EncodeSummary(sizes, work, done.count, encoded, seconds, complete, [stores[s].dir for s in sizes])
 
 
-def _encode_queries(cfg: DictConfig, model: StarbucksModel, stores: Mapping[Size, EmbeddingStore],
-                    progress: bool) -> None:
-    """Encode each eval split's queries for the sizes whose query file is missing or stale."""
-    for name, split in _query_splits(cfg).items():
-        ids = list(split.queries)
-        todo = [s for s, st in stores.items() if not st.queries_up_to_date(name, ids, model.identity(s, "query"))]
-        if not todo or not ids:
-            continue
-        check_ids(ids, f"eval split {name!r}")
-        bar = tqdm(total=len(ids), unit="q", desc=f"queries {name}", disable=not progress, dynamic_ncols=True)
-        vectors = encode_texts(model, [split.queries[q] for q in ids], todo, "query", int(cfg.encode.batch_size), bar)
-        bar.close()
-        for s in todo:
-            stores[s].write_queries(name, ids, vectors[s], model.identity(s, "query"), info={"model": model.source})
+def _note(line: str) -> None:
+    print(f"encode: {line}", file=sys.stderr)

@@ -2,7 +2,9 @@
 
 Exact search (`search.index: Flat`, the default) reads the float16 shards one at a time and
 merges each shard's top-k into one running top-k, so memory holds one shard and `queries x 2k`
-results; nothing is written to `index/`: the shards are the index. Any other FAISS
+results; nothing is written to `index/`: the shards are the index. That search, the run files and
+their records (`retrieval.ranking`: `ExactRanking`, `run_record`, `write_ranked_run`) are the
+library's ranking loop, which the suite, mining and validation run too. Any other FAISS
 `index_factory` string is built once (trained on a sample), saved to `index/<size>.faiss` with a
 `.json` record of the embeddings it holds, and reused; with `search.shards_per_index: N` each
 group of N shards gets its own index (`index/<size>.part-00000.faiss`, ...) for corpora whose
@@ -31,7 +33,8 @@ from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
 from retrieval.settings import resolve_device, resolve_precision, whole_number
 from retrieval.data import check_coverage, load_eval_splits, qrels_coverage
-from retrieval.runfile import check_run_file, read_run_record, run_path, write_run, write_run_record
+from retrieval.ranking import ExactRanking, ranked, run_record, saved_run, write_ranked_run
+from retrieval.runfile import check_run_file, run_path
 from retrieval.store import PASSAGE_FIELDS, EmbeddingStore, select_stores
 from search.backends import EXACT, faiss_reason, make_index
 
@@ -220,16 +223,16 @@ def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSet
     meta = store.require_complete()
     if queries.ndim != 2 or queries.shape[1] != meta["dim"]:
         raise StarbucksError(f"queries have shape {queries.shape}, the passages in {store.dir} have {meta['dim']} dims")
-    top = TopK(len(queries), min(settings.depth, meta["count"]))
     if settings.exact:
         searcher = ExactSearcher(settings.backend, settings.device, settings.faiss_gpu, settings.torch_dtype,
                                  settings.batch_size, settings.topk_block)
-        for _, first_row, vectors in tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
-                                          desc=f"search {meta['size']}", disable=not progress):
-            top.add(*searcher.search(vectors, queries, top.k), offset=first_row)
-        return top.scores, top.rows
+        ranking = ExactRanking(queries, min(settings.depth, meta["count"]), searcher)
+        ranking.add_store(store, tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
+                                      desc=f"search {meta['size']}", disable=not progress))
+        return ranking.scores, ranking.rows
     if index_dir is None:
         raise ValueError("a non-flat index needs an index_dir to be saved in")
+    top = TopK(len(queries), min(settings.depth, meta["count"]))
     set_params(make_index(settings.index, meta["dim"]), settings.params)  # bad settings fail before any build
     parts = index_parts(meta, Path(index_dir), settings.shards_per_index)
     for part in tqdm(parts, unit="index", desc=f"search {meta['size']}", disable=not progress):
@@ -240,16 +243,6 @@ def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSet
         top.add(*faiss_search(index, queries, min(top.k, part.rows), settings.batch_size), offset=part.first_row)
         del index  # one part in memory at a time
     return top.scores, top.rows
-
-
-def _run_record(meta: dict, qmeta: dict, settings: SearchSettings) -> dict:
-    """What a run file was made from; a run whose record differs is searched again."""
-    return {
-        "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-        "passages": {k: meta.get(k) for k in PASSAGE_FIELDS},
-        "queries": {k: qmeta.get(k) for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
-        "index": settings.index, "params": settings.params, "depth": settings.depth,
-    }
 
 
 def _splits_of(store: EmbeddingStore, spec) -> list[str]:
@@ -290,10 +283,10 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
                     id_sets = {meta["ids_sha256"]: set(store.ids())}
                 coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_sets[meta["ids_sha256"]])
             out = run_path(paths.runs, split, meta["size"])
-            record = {**_run_record(meta, qmeta, settings), "embeddings": str(store.dir),
-                      "qrels_coverage": coverages[meta["ids_sha256"], split]}
-            saved = read_run_record(out) if out.is_file() else None
-            if saved is not None and {k: v for k, v in saved.items() if k != "file"} == record:
+            record = run_record(store, meta, qmeta, index=settings.index, params=settings.params,
+                                depth=settings.depth, qrels_coverage=coverages[meta["ids_sha256"], split])
+            saved = saved_run(out, record)
+            if saved is not None:
                 problem = check_run_file(out, saved)
                 if problem is None:
                     print(f"search: {out} is up to date", file=sys.stderr)
@@ -309,14 +302,10 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
         passage_ids = store.ids()
         start = 0
         for qids, _, out, record in pending:
-            rankings = (
-                (qid, [(passage_ids[r], s) for r, s in zip(rows[i], scores[i]) if r >= 0])
-                for qid, i in zip(qids, range(start, start + len(qids)))
-            )
-            write_run(out, rankings, f"{tag}-{meta['size']}")
-            write_run_record(out, record)
-            written.append(out)
-            start += len(qids)
+            end = start + len(qids)
+            rankings = ranked(qids, scores[start:end], rows[start:end], passage_ids)
+            written.append(write_ranked_run(out, rankings, f"{tag}-{meta['size']}", record))
+            start = end
         print(f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
               f"passages, depth {min(settings.depth, meta['count'])}, {settings.describe()}: {seconds:.2f}s",
               file=sys.stderr)

@@ -12,6 +12,7 @@ from encode import Slice, encode_collection, worker_slice
 from encode import pipeline as encode_pipeline
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
+from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path, tokenize
 from retrieval.sizes import Size
 from retrieval.store import EmbeddingStore
@@ -135,8 +136,8 @@ def test_an_interrupted_encode_resumes_without_redoing_finished_shards(workspace
 
     monkeypatch.setattr(EmbeddingStore, "write_shard", real_write)
     encoded = []
-    real_encode = encode_pipeline.encode_texts
-    monkeypatch.setattr(encode_pipeline, "encode_texts",
+    real_encode = StarbucksModel.embed_texts
+    monkeypatch.setattr(StarbucksModel, "embed_texts",
                         lambda model, texts, sizes, kind, *a, **k: encoded.append((kind, len(texts)))
                         or real_encode(model, texts, sizes, kind, *a, **k))
     summary = encode_collection(make_config(workspace, out), progress=False)
