@@ -3,11 +3,13 @@
     python -m eval.suite --models srl=runs/srl/model runs/full/model --collections data/python-docs \
         irds:beir/scifact/test [--suite configs/suites/offline.yaml] [--sizes ...] [--out runs/suite]
 
-For each model and collection the corpus is encoded once for all sizes (one pass to the deepest
-layer, `StarbucksModel`), each size is searched exactly (inner product over the stored vectors),
-and the runs are evaluated (`ir_measures`; nDCG@10 by default). Finished work is reused: the
-embedding stores, run files and evaluations under `<out>/<model>/<collection>/` are checked against
-what they were made from and only what is missing or stale is redone.
+For each model and collection the library's ranking loop (`retrieval.ranking`, the encode and search
+stages' own) encodes the corpus once for all sizes (one pass to the deepest layer, `StarbucksModel`)
+and searches each size exactly (inner product over the stored vectors); the runs are evaluated
+(`ir_measures`; nDCG@10 by default). Finished work is reused: the embedding stores, run files and
+evaluations under `<out>/<model>/<collection>/` are checked against what they were made from and only
+what is missing or stale is redone; a store whose shards list other passages than the corpus (it
+changed since) is refused, as the encode stage refuses it.
 
 A collection is a local BEIR directory (its `test` qrels, or `--split`), `irds:<id>` (e.g.
 `irds:beir/scifact/test`), or either as `name=SOURCE`. Every passage its qrels judge relevant
@@ -22,22 +24,19 @@ import argparse
 import statistics
 import sys
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Mapping, Sequence
-
-import numpy as np
 
 from retrieval.data import IRDS, EvalSplit, iter_corpus, load_split, qrels_coverage
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.evalfile import split_json, write_per_query
-from retrieval.exact_search import ExactSearcher, TopK
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.names import parse_names
-from retrieval.runfile import check_run_file, read_run, read_run_record, run_path, write_run, write_run_record
+from retrieval.ranking import corpus_blocks, default_searcher, encode_passages, encode_queries, open_stores, rank_store
+from retrieval.runfile import read_run
 from retrieval.sizes import Size
-from retrieval.store import EmbeddingStore, IdsHasher, check_ids, texts_sha256
+from retrieval.store import check_ids
 from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
 DEFAULT_MEASURES = ("nDCG@10",)
@@ -157,7 +156,6 @@ class LoadedCollection:
     spec: SuiteCollection
     split: EvalSplit
     count: int
-    ids_sha256: str
 
 
 def load_collection(spec: SuiteCollection) -> LoadedCollection:
@@ -165,11 +163,10 @@ def load_collection(spec: SuiteCollection) -> LoadedCollection:
     split = load_split(spec.split, spec.source)
     if not split.qrels:
         raise StarbucksError(f"collection {spec.name}: split {spec.split!r} of {spec.source} has no qrels")
-    ids, hasher = set(), IdsHasher()
-    for block in _blocks(iter_corpus(spec.source), SHARD_ROWS):
-        block_ids = [i for i, _ in block]
+    ids, count = set(), 0
+    for _, block_ids, _ in corpus_blocks(iter_corpus(spec.source), SHARD_ROWS):
         check_ids(block_ids, f"corpus {spec.source}")
-        hasher.update(block_ids)
+        count += len(block_ids)
         ids.update(block_ids)
     coverage = qrels_coverage(split.qrels, ids)
     if coverage["missing"]:
@@ -177,70 +174,7 @@ def load_collection(spec: SuiteCollection) -> LoadedCollection:
             f"collection {spec.name}: its {spec.split} qrels judge {coverage['missing']} of {coverage['relevant']} "
             f"relevant passages that are not in its corpus (first: {coverage['first_missing']!r}); the corpus and "
             f"qrels of {spec.source} do not belong together")
-    return LoadedCollection(spec, split, hasher.count, hasher.hexdigest())
-
-
-def _blocks(pairs, rows: int):
-    it = iter(pairs)
-    while block := list(islice(it, rows)):
-        yield block
-
-
-def encode_collection(model, col: LoadedCollection, sizes: Sequence[Size], root: Path, batch_size: int) -> dict:
-    """Each size's store of the corpus and the split's queries under `root`, encoding only what is missing."""
-    stores = {s: EmbeddingStore(root / s.name) for s in sizes}
-    for s, store in stores.items():
-        store.start({**model.identity(s, "passage"), "shard_rows": SHARD_ROWS},
-                    info={"model": model.source, "corpus": col.spec.source})
-    for k, block in enumerate(_blocks(iter_corpus(col.spec.source), SHARD_ROWS)):
-        ids, texts = [i for i, _ in block], [t for _, t in block]
-        digest = texts_sha256(texts)  # an edited passage re-encodes its shard
-        todo = [s for s in sizes if stores[s].shard_problem(k, digest, ids)]
-        if todo:
-            vectors = model.embed_texts(texts, todo, "passage", batch_size, dtype=np.float16)
-            for s in todo:
-                stores[s].write_shard(k, ids, vectors[s], digest)
-    for store in stores.values():
-        store.finalize(col.count, col.ids_sha256)
-    qids = list(col.split.queries)
-    stale = [s for s, st in stores.items() if not st.queries_up_to_date(col.spec.split, qids, model.identity(s, "query"))]
-    if stale:
-        vectors = model.embed_texts([col.split.queries[q] for q in qids], stale, "query", batch_size,
-                                    dtype=np.float16)
-        for s in stale:
-            stores[s].write_queries(col.spec.split, qids, vectors[s], model.identity(s, "query"),
-                                    info={"model": model.source})
-    return stores
-
-
-def search_store(store: EmbeddingStore, split: str, runs: Path, depth: int, searcher: ExactSearcher,
-                 ignore_identical_ids: bool = False) -> Path:
-    """The size's run file of the split (exact search over the store), unless an up-to-date one exists.
-    `ignore_identical_ids`: a passage whose id is the query's is left out of its ranking (BEIR's rule),
-    which still holds `depth` passages."""
-    meta = store.require_complete()
-    qids, queries, qmeta = store.load_queries(split)
-    out = run_path(runs, split, meta["size"])
-    record = {"embeddings": str(store.dir), "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-              "passages": {k: meta.get(k) for k in ("model_sha256", "ids_sha256", "texts_sha256", "count")},
-              "queries": {k: qmeta[k] for k in ("model_sha256", "ids_sha256", "max_length", "prefix")},
-              "index": "exact", "depth": depth, "ignore_identical_ids": ignore_identical_ids}
-    previous = read_run_record(out)
-    if out.is_file() and previous is not None and {k: previous.get(k) for k in record} == record \
-            and check_run_file(out, previous) is None:  # a run file cut or edited since is searched again
-        return out
-    top = TopK(len(queries), min(depth + ignore_identical_ids, meta["count"]))  # one more for the self-hit
-    for _, first_row, vectors in store.iter_shards():
-        top.add(*searcher.search(vectors, queries, top.k), offset=first_row)
-    ids = store.ids()
-
-    def ranking(i: int, qid: str) -> list[tuple[str, float]]:
-        hits = [(ids[r], float(s)) for r, s in zip(top.rows[i], top.scores[i]) if r >= 0]
-        return [h for h in hits if h[0] != qid][:depth] if ignore_identical_ids else hits
-
-    write_run(out, ((q, ranking(i, q)) for i, q in enumerate(qids)), f"suite-{meta['size']}")
-    write_run_record(out, record)
-    return out
+    return LoadedCollection(spec, split, count)
 
 
 def write_cell_eval(eval_dir: Path, title: str, col: LoadedCollection, cells: Sequence["Cell"]) -> None:
@@ -257,6 +191,10 @@ def write_cell_eval(eval_dir: Path, title: str, col: LoadedCollection, cells: Se
 
 
 # ---------------------------------------------------------------- the whole suite
+
+
+def _note(line: str) -> None:
+    print(f"suite: {line}", file=sys.stderr)
 
 
 @dataclass
@@ -282,7 +220,7 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
     out = Path(out)
     loaded = [load_collection(c) for c in collections]  # every collection checked before any encoding
     torch_device = resolve_device(device, "--device")
-    searcher = ExactSearcher("torch", str(torch_device)) if torch_device.type == "cuda" else ExactSearcher()
+    searcher = default_searcher(torch_device)
     cells: dict[str, dict[str, list[Cell]]] = {}
     for m in models:
         model = StarbucksModel.from_pretrained(m.path, torch_device, precision=precision, defaults=m.defaults)
@@ -291,11 +229,15 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
             root = out / m.name / col.spec.name
             print(f"suite: {m.name} on {col.spec.name} ({col.count} passages, {len(col.split.qrels)} queries)",
                   file=sys.stderr)
-            stores = encode_collection(model, col, chosen, root / "embeddings", batch_size)
+            stores = open_stores(model, chosen, root / "embeddings", SHARD_ROWS,
+                                 {"model": model.source, "corpus": col.spec.source})
+            encode_passages(model, stores, corpus_blocks(iter_corpus(col.spec.source), SHARD_ROWS),
+                            f"corpus {col.spec.source}", batch_size, note=_note)
+            encode_queries(model, stores, col.spec.split, col.split.queries, batch_size)
             done = cells.setdefault(m.name, {})[col.spec.name] = []
             for s in chosen:
-                path = search_store(stores[s], col.spec.split, root / "runs", depth, searcher,
-                                    col.spec.ignore_identical_ids)
+                path = rank_store(stores[s], col.spec.split, root / "runs", depth, searcher, "suite",
+                                  col.spec.ignore_identical_ids)
                 done.append(Cell(s, path, evaluate(read_run(path), col.split.qrels, measures)))
             write_cell_eval(root / "eval", f"{m.name} / {col.spec.name}", col, done)
         del model

@@ -15,6 +15,7 @@ from conftest import REPO, beir_slice, tiny_bert
 from eval.suite import main, parse_collection, parse_model
 from retrieval.data import iter_corpus, load_split
 from retrieval.runfile import read_run, read_run_record
+from retrieval.store import PASSAGE_FIELDS
 
 SIZES = ["1x8", "2x16", "4x32"]
 DEPTH = 20
@@ -83,6 +84,10 @@ def test_suite_equals_the_stages_and_pytrec_eval(setup):
                 mine = read_run(out / m / c / "runs" / "test" / f"{size}.trec")
                 theirs = read_run(stage / "runs" / "test" / f"{size}.trec")
                 assert {q: list(r) for q, r in mine.items()} == {q: list(r) for q, r in theirs.items()}
+                records = [read_run_record(d / "runs" / "test" / f"{size}.trec") for d in (out / m / c, stage)]
+                assert records[0]["passages"] == records[1]["passages"]  # every PASSAGE_FIELDS entry, one loop
+                assert set(records[0]["passages"]) == set(PASSAGE_FIELDS)
+                assert records[0]["queries"] == records[1]["queries"]
                 ndcg = pytrec(mine, qrels, "ndcg_cut_10")
                 rr = pytrec({q: dict(sorted(r.items(), key=lambda x: -x[1])[:10]) for q, r in mine.items()}, qrels,
                             "recip_rank")
@@ -162,6 +167,34 @@ def test_an_edited_passage_is_encoded_and_searched_again(setup, tmp_path):
     assert second["tables"]["a"]["nDCG@10"]["pkgs"]["1x8"] == pytest.approx(
         np.mean(list(pytrec(read_run(run_file), qrels, "ndcg_cut_10").values())), abs=1e-9)
     assert first["collections"] == second["collections"]
+
+
+def test_a_store_encoded_from_other_passages_is_refused_as_encode_refuses_it(setup, tmp_path, capsys):
+    """The suite runs the encode stage's loop (`retrieval.ranking.encode_passages`): a shard whose ids are not
+    its corpus block any more (a passage renamed since) is refused in one line, not silently re-encoded."""
+    import shutil
+
+    _, cols, models, *_ = setup
+    col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
+    args = ["--models", f"a={models['a']}", "--collections", f"pkgs={col}", "--sizes", "1x8", "--out",
+            str(tmp_path / "out"), "--device", "cpu", "--depth", str(DEPTH)]
+    main(args)
+    store = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8"
+    kept = {p.name: p.read_bytes() for p in store.iterdir()}
+    rows = [json.loads(line) for line in gzip.open(col / "corpus.jsonl.gz", "rt")]
+    judged = {d for judged in load_split("test", str(col)).qrels.values() for d in judged}
+    renamed = next(r for r in rows if r["_id"] not in judged)
+    renamed["_id"] = "renamed-passage"
+    with gzip.open(col / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and err[-1].startswith("error: ") and not any("Traceback" in line for line in err)
+    assert f"{store / 'ids-00000.txt'} lists other passages than block 0 of the corpus" in err[-1]
+    assert f"delete {store} and re-encode" in err[-1]
+    assert {p.name: p.read_bytes() for p in store.iterdir()} == kept  # nothing overwritten
 
 
 def test_qrels_naming_passages_missing_from_the_corpus_are_refused(setup, tmp_path, capsys):
