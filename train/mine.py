@@ -11,20 +11,20 @@ Its positives are dropped from the ranking, then the first `--skip-top` of what 
 false negatives), and the next `--negatives` become its hard negatives, top-ranked first. The
 groups are written in the toolkit's ids-only JSONL (`retrieval.data.load_train_groups`).
 
-Dense mining encodes the corpus in blocks of `--shard-rows` passages; each block's top-k for all
-queries is kept under `<out>.parts/`, so a killed run resumes at the first unfinished block.
+Dense mining runs the library's ranking loop (`retrieval.ranking`) over the corpus in blocks of
+`--shard-rows` passages, encoded in memory (float32, not the store's float16: mining ranks as the
+model scores); each block's top-k for all queries is kept under `<out>.parts/`, so a killed run
+resumes at the first unfinished block.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -37,9 +37,10 @@ from retrieval.cli import parse_stage_args, stage_parser
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.data import EvalSplit, iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
-from retrieval.exact_search import ExactSearcher, TopK
 from retrieval.io import atomic_path, atomic_write_gzip, atomic_write_json, atomic_write_text
+from retrieval.ranking import ExactRanking, corpus_blocks, default_searcher, ranked
 from retrieval.settings import whole_number
+from retrieval.store import ids_sha256, texts_sha256
 
 BM25_NAME = "bm25"
 
@@ -117,15 +118,12 @@ def bm25_rankings(ids: Sequence[str], texts: Sequence[str], queries: Mapping[str
             for q, text in tqdm(queries.items(), desc="BM25 ranking", unit="q", disable=not progress)}
 
 
-def _ids_digest(ids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()
-
-
 class MiningParts:
     """`<out>.parts/`: what a dense mining run has finished, one top-k file per corpus block.
 
     `meta.json` records what the parts were computed with (model weights, size, encoding settings,
-    queries, depth, block size); a rerun with other settings is refused rather than mixed."""
+    queries, depth, block size); a rerun with other settings is refused rather than mixed. Each part
+    records its block's passage ids by the embedding store's hash (`retrieval.store.ids_sha256`)."""
 
     def __init__(self, directory: Path, identity: dict):
         self.dir = directory
@@ -150,7 +148,7 @@ class MiningParts:
         if not path.is_file():
             return None
         with np.load(path) as part:
-            if str(part["ids_sha256"]) != _ids_digest(ids):
+            if str(part["ids_sha256"]) != ids_sha256(ids):
                 raise StarbucksError(f"{path} was mined from other passages than block {block} of the corpus "
                                      f"(the corpus changed); delete {self.dir} and mine again")
             return part["scores"], part["rows"]
@@ -158,12 +156,13 @@ class MiningParts:
     def save(self, block: int, ids: Sequence[str], scores: np.ndarray, rows: np.ndarray) -> None:
         with atomic_path(self.path(block)) as tmp:
             with open(tmp, "wb") as f:
-                np.savez(f, scores=scores, rows=rows, ids_sha256=np.array(_ids_digest(ids)))
+                np.savez(f, scores=scores, rows=rows, ids_sha256=np.array(ids_sha256(ids)))
 
 
 def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], parts_dir: Path) -> dict[str, list[str]]:
     """Query id -> the top `depth` passage ids by exact inner-product search at one size of a model
-    (`settings.retriever`), best first; the corpus is encoded and searched block by block."""
+    (`settings.retriever`), best first: the library's ranking loop (`retrieval.ranking`) over corpus blocks
+    encoded in memory, each block's top-k kept in `parts_dir` (`MiningParts`)."""
     from retrieval.model import StarbucksModel
 
     defaults = {**OmegaConf.to_container(cfg.model, resolve=True), "sizes": sizes_of(cfg)}
@@ -172,37 +171,29 @@ def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], part
     qids = list(queries)
     parts = MiningParts(parts_dir, {
         "passages": model.identity(size, "passage"), "queries": model.identity(size, "query"),
-        "query_ids_sha256": _ids_digest([f"{q}\t{queries[q]}" for q in qids]), "depth": settings.depth,
-        "shard_rows": settings.shard_rows, "corpus": str(cfg.data.corpus)})
+        "query_ids_sha256": ids_sha256(qids), "query_texts_sha256": texts_sha256(queries[q] for q in qids),
+        "depth": settings.depth, "shard_rows": settings.shard_rows, "corpus": str(cfg.data.corpus)})
     print(f"mine: {model.source} at size {size}; blocks of {settings.shard_rows} passages in {parts_dir}",
           file=sys.stderr)
     started = time.perf_counter()
     q = model.embed_texts([queries[i] for i in qids], [size], "query", settings.batch_size)[size]
-    cuda = model.device.type == "cuda"
-    searcher = ExactSearcher(backend="torch" if cuda else "faiss", device=str(model.device))
-    top = TopK(len(qids), settings.depth)
+    ranking = ExactRanking(q, settings.depth, default_searcher(model.device))
     corpus_ids: list[str] = []
-    passages = iter_corpus(str(cfg.data.corpus))
     bar = tqdm(unit="psg", desc=f"mine {size.name}", disable=not settings.progress, dynamic_ncols=True)
-    for block in range(sys.maxsize):
-        rows = list(islice(passages, settings.shard_rows))
-        if not rows:
-            break
-        ids, texts = [r[0] for r in rows], [r[1] for r in rows]
+    for block, ids, texts in corpus_blocks(iter_corpus(str(cfg.data.corpus)), settings.shard_rows):
         found = parts.load(block, ids)
         if found is None:
-            vectors = model.embed_texts(texts, [size], "passage", settings.batch_size, progress=bar)[size]
-            found = searcher.search(vectors, q, settings.depth)
+            found = ranking.search(model.embed_texts(texts, [size], "passage", settings.batch_size, progress=bar)[size])
             parts.save(block, ids, *found)
         else:
             bar.update(len(ids))
-        top.add(*found, offset=len(corpus_ids))
+        ranking.add(found, len(corpus_ids))
         corpus_ids.extend(ids)
     bar.close()
     seconds = time.perf_counter() - started
     print(f"mine: {len(qids)} queries ranked against {len(corpus_ids)} passages at {size} in {seconds:.1f}s "
           f"({len(corpus_ids) / seconds:.0f} passages/s, blocks already finished included)", file=sys.stderr)
-    return {qid: [corpus_ids[r] for r in top.rows[i] if r >= 0] for i, qid in enumerate(qids)}
+    return {qid: [d for d, _ in hits] for qid, hits in ranked(qids, ranking.scores, ranking.rows, corpus_ids)}
 
 
 # ---------------------------------------------------------------- output
@@ -233,7 +224,7 @@ def write_groups(path: Path, rows: Iterable[dict]) -> tuple[int, int]:
             empty += 1
     if not kept:
         raise StarbucksError(
-            f"no query got a hard negative (the rankings held nothing but positives); raise --depth or lower --skip-top"
+            "no query got a hard negative (the rankings held nothing but positives); raise --depth or lower --skip-top"
         )
     if path.suffix == ".gz":
         atomic_write_gzip(path, kept)
