@@ -5,12 +5,13 @@ candidates come from the training corpus) or, only when `train.eval_on_reported_
 split the eval stage reports (`data.eval_splits`): keeping the best checkpoint or stopping early
 there would select on the test data.
 
-Candidates per query are either the whole corpus (exact search over every passage: small
-collections) or a pooled set, the DPR-style validation: the query's judged passages, its BM25
-top hits (bm25s) and seeded random passages, `eval_candidates` in all. The pools are fixed when
-the run starts (a function of the seed and the data), so every validation of a run, and of its
-resume, ranks the same candidates. Embeddings come from `StarbucksModel` wrapping the training
-encoder (eval mode, one pass per batch for every size); metrics from `retrieval.metrics`.
+Candidates per query are either the whole corpus (exact search over every passage, the library's
+ranking loop `retrieval.ranking` on the vectors in memory: small collections) or a pooled set, the
+DPR-style validation: the query's judged passages, its BM25 top hits (bm25s) and seeded random
+passages, `eval_candidates` in all. The pools are fixed when the run starts (a function of the seed
+and the data), so every validation of a run, and of its resume, ranks the same candidates.
+Embeddings come from `StarbucksModel` wrapping the training encoder (eval mode, one pass per batch
+for every size); metrics from `retrieval.metrics`.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import random
 from typing import Sequence
 
 import numpy as np
-import torch
 
 from retrieval.data import HELDOUT, EvalSplit, load_corpus, load_split
 from retrieval.errors import StarbucksError
-from retrieval.exact_search import torch_search
+from retrieval.exact_search import ExactSearcher
 from retrieval.metrics import evaluate, parse_measures
 from retrieval.model import StarbucksModel
 from retrieval.modeling import StarbucksEncoder
+from retrieval.ranking import ExactRanking, ranked
 from retrieval.sizes import Size
 from train.mine import bm25_rankings
 
@@ -143,13 +144,12 @@ class Validator:
     def _rank(self, q: np.ndarray, p: np.ndarray) -> dict[str, dict[str, float]]:
         """`{qid: {docid: score}}` of each query's top `DEPTH` candidates (exact inner product)."""
         qids = list(self.split.queries)
-        run = {}
-        if self.pools is None:  # the search stage's exact top k (fp32 scores, ties by the lower row)
-            values, rows = torch_search(torch.from_numpy(p).float(), torch.from_numpy(q).float(), DEPTH, 256)
-            for qid, scores, hits in zip(qids, values.tolist(), rows.tolist()):
-                run[qid] = {self.passage_ids[r]: v for r, v in zip(hits, scores)}
-            return run
+        if self.pools is None:  # the library's exact top k (torch, fp32 scores, ties by the lower row)
+            ranking = ExactRanking(q, min(DEPTH, len(p)), ExactSearcher("torch", "cpu", batch_size=256))
+            ranking.add_vectors(p)
+            return {qid: dict(hits) for qid, hits in ranked(qids, ranking.scores, ranking.rows, self.passage_ids)}
         row_of = {d: i for i, d in enumerate(self.passage_ids)}
+        run = {}
         for i, (qid, pool) in enumerate(zip(qids, self.pools)):
             rows = [row_of[d] for d in pool]
             scores = p[rows] @ q[i]
