@@ -37,17 +37,19 @@ def python(*args: str) -> None:
 
 
 def models(root: Path) -> dict[str, Path]:
-    from transformers import AutoTokenizer
+    """Two tiny random BERTs with MiniLM's tokenizer saved as Starbucks checkpoints (through `StarbucksModel`
+    only, so the script runs on any version of the library's modules)."""
+    from retrieval import StarbucksModel
 
-    from retrieval.checkpoint import resolve_model_path, save_encoder
-    from retrieval.encoder import StarbucksEncoder
-
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    meta = {"sizes": SIZES, "query_max_length": 16, "passage_max_length": 48}
-    out = {"a": root / "a" / "model", "b": root / "b" / "model"}
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "mean"), out["a"], tok, meta)
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "cls", normalize=True), 
-        out["b"], tok, meta)
+    tokenizer = StarbucksModel.from_pretrained("sentence-transformers/all-MiniLM-L6-v2", "cpu", pooling="mean").tokenizer
+    out = {}
+    for name, seed, pooling, normalize in [("a", 0, "mean", False), ("b", 1, "cls", True)]:
+        plain = root / f"plain-{name}"
+        tiny_bert(layers=4, hidden=32, vocab=tokenizer.vocab_size, seed=seed).save_pretrained(plain)
+        tokenizer.save_pretrained(plain)
+        out[name] = root / name / "model"
+        StarbucksModel.from_pretrained(plain, "cpu", pooling=pooling, normalize=normalize, sizes=SIZES,
+                                       query_max_length=16, passage_max_length=48).save(out[name])
     return out
 
 
