@@ -162,7 +162,7 @@ def load_backbone(name: str):
     speed does not depend on the weights)."""
     from transformers import BertConfig, BertModel
 
-    from retrieval.modeling import load_backbone as load
+    from retrieval.checkpoint import load_backbone as load
 
     path = os.environ.get("BENCH_MINILM_DIR") or MINILM
     if os.path.isdir(path) and not any(Path(path).glob("*.safetensors")):

@@ -24,7 +24,7 @@ import common
 import reference
 from encode.pipeline import encode_texts, loader_workers
 from retrieval.model import StarbucksModel
-from retrieval.modeling import StarbucksEncoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.settings import resolve_precision
 
 

@@ -23,7 +23,7 @@ import torch
 
 import common
 from retrieval.losses import InfoNCE, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder, tokenize
+from retrieval.encoder import StarbucksEncoder, tokenize
 
 
 class SavedTensors:

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 import common
-from retrieval.modeling import StarbucksEncoder, tokenize
+from retrieval.encoder import StarbucksEncoder, tokenize
 
 
 def timed(fn, device, repeats=3):

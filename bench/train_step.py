@@ -23,7 +23,7 @@ import torch
 import common
 import reference
 from retrieval.losses import InfoNCE, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder, tokenize
+from retrieval.encoder import StarbucksEncoder, tokenize
 from train.flops import retrieval_step_flops
 
 

@@ -16,7 +16,7 @@ from typing import Sequence
 
 from omegaconf import DictConfig
 
-from retrieval.card import refresh_card
+from retrieval.checkpoint import refresh_card
 from retrieval.config import experiment_paths
 from retrieval.data import EvalSplit, check_coverage, load_eval_splits, qrels_coverage
 from retrieval.errors import StarbucksError
@@ -160,7 +160,9 @@ def evaluate_experiment(cfg: DictConfig) -> dict[str, list[SizeResult]]:
             plot_measures({str(cfg.name): [(r.size, r.evaluation.aggregate) for r in results]}, measures,
                           base.with_suffix(".png"), title)
     print(f"\neval: tables and plots in {paths.eval}", file=sys.stderr)
-    refresh_card(paths.model, paths.eval, list(out), paths.embeddings, cfg.data.eval_splits)  # per-size results
+    card = refresh_card(paths.model, paths.eval, list(out), paths.embeddings, cfg.data.eval_splits)  # per-size results
+    if card is not None:
+        print(f"eval: results added to the model card {card}", file=sys.stderr)
     return out
 
 

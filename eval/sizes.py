@@ -128,7 +128,7 @@ def queries_source(store: EmbeddingStore, split: str, given: str | None):
     """Where the split's query texts are: `--queries`, else the training config recorded with the model."""
     if given:
         return given
-    from retrieval.modeling import read_meta, resolve_model_path
+    from retrieval.checkpoint import read_meta, resolve_model_path
 
     meta = read_meta(resolve_model_path(store.read_meta()["model"])) or {}
     source = ((meta.get("config") or {}).get("data") or {}).get("eval_splits", {}).get(split)

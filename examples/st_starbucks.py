@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retrieval.config import DEFAULTS  # noqa: E402
-from retrieval.modeling import resolve_model_path  # noqa: E402
+from retrieval.checkpoint import resolve_model_path  # noqa: E402
 from retrieval.sizes import SizeList  # noqa: E402
 from retrieval.st_loss import StarbucksSTLoss, as_sizes, at_size, save_for_starbucks  # noqa: E402
 

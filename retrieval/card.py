@@ -12,14 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Mapping
 
 import yaml
 
 from retrieval.io import atomic_write_json, atomic_write_text
-from retrieval.sizes import Size, SizeList
+from retrieval.sizes import Size, SizeList, meta_sizes
 from retrieval.tables import markdown_table
 
 CARD_FILE = "README.md"
@@ -37,8 +36,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def _sizes(meta: Mapping, shape: tuple[int, int]) -> SizeList:
-    from retrieval.modeling import meta_sizes
-
     return meta_sizes(meta) or SizeList([Size("", *shape)])
 
 
@@ -80,15 +77,12 @@ def _default_id(directory: Path, meta: Mapping) -> str:
 
 
 def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
-                model_id: str | None = None, shape: tuple[int, int] | None = None) -> str:
-    """The card's text for the model in `directory` (its `starbucks.json` is `meta`); `model_id` is
-    the name the load examples use (default: the directory)."""
+                model_id: str | None = None, *, shape: tuple[int, int]) -> str:
+    """The card's text for the model in `directory` (its `starbucks.json` is `meta`, its
+    `(layers, hidden size)` is `shape`); `model_id` is the name the load examples use (default: the
+    directory)."""
     directory = Path(directory)
     results = results or {}
-    if shape is None:
-        from retrieval.modeling import model_shape  # (modeling calls this module when saving)
-
-        shape = model_shape(str(directory))
     sizes = _sizes(meta, shape)
     config = meta.get("config") or {}
     name = str(config.get("name") or directory.name)
@@ -156,7 +150,7 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
 
 
 def write_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
-               model_id: str | None = None, shape: tuple[int, int] | None = None) -> Path:
+               model_id: str | None = None, *, shape: tuple[int, int]) -> Path:
     """Write `README.md` (and the results it shows) into `directory`."""
     directory = Path(directory)
     results = dict(results or {})
@@ -165,52 +159,5 @@ def write_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | N
     elif (directory / RESULTS_FILE).exists():
         (directory / RESULTS_FILE).unlink()  # results of other weights than these
     path = directory / CARD_FILE
-    atomic_write_text(path, render_card(directory, meta, results, model_id, shape))
-    return path
-
-
-def _text(value) -> str | None:
-    return None if value is None else str(value)
-
-
-def describe_model(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
-    """What a saved model carries besides its weights: sentence-transformers module files and the card."""
-    from retrieval.st_format import write_st_modules
-
-    write_st_modules(directory, meta, shape)
-    write_card(directory, meta, shape=shape)
-
-
-def _encoded_by(embeddings: Path, model_dir: Path) -> bool:
-    """Whether every embedding store under `embeddings` was made from `model_dir` (vacuously true)."""
-    for meta_file in embeddings.glob("*/meta.json"):
-        source = json.loads(meta_file.read_text()).get("model")
-        if source and Path(source).resolve() != model_dir.resolve():
-            return False
-    return True
-
-
-def refresh_card(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, splits=None,
-                 embeddings: str | os.PathLike | None = None, collection: Mapping | None = None) -> Path | None:
-    """Put the per-size results `eval` wrote for `splits` (default: every `<split>.json` in `eval_dir`)
-    into the card of the model in `model_dir`. Nothing happens (None) when `model_dir` is not a
-    Starbucks checkpoint or when the embeddings under `embeddings` came from another model."""
-    from retrieval.modeling import read_meta
-
-    model_dir, eval_dir = Path(model_dir), Path(eval_dir)
-    meta = read_meta(model_dir) if model_dir.is_dir() else None
-    if meta is None or (embeddings is not None and not _encoded_by(Path(embeddings), model_dir)):
-        return None
-    results = read_results(model_dir)
-    files = [eval_dir / f"{s}.json" for s in splits] if splits is not None else sorted(eval_dir.glob("*.json"))
-    for f in files:
-        record = json.loads(f.read_text()) if f.is_file() else {}
-        if "sizes" not in record or "measures" not in record or "split" not in record:
-            continue  # a comparison or another file
-        results[record["split"]] = {
-            "queries": record.get("queries"), "rel_level": record.get("rel_level"),
-            "collection": _text((collection or {}).get(record["split"])), "measures": list(record["measures"]),
-            "sizes": [{k: s[k] for k in ("size", "layers", "dim", "metrics")} for s in record["sizes"]]}
-    path = write_card(model_dir, meta, results)
-    print(f"eval: results added to the model card {path}", file=sys.stderr)
+    atomic_write_text(path, render_card(directory, meta, results, model_id, shape=shape))
     return path

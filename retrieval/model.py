@@ -24,7 +24,9 @@ from tqdm import tqdm
 
 from retrieval.config import DEFAULTS
 from retrieval.errors import StarbucksError
-from retrieval.modeling import META_FILE, StarbucksEncoder, load_encoder, meta_sizes, read_meta, resolve_model_path, tokenize
+from retrieval.checkpoint import META_FILE, load_encoder, read_meta, resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder, tokenize
+from retrieval.sizes import meta_sizes
 from retrieval.settings import autocast_context, resolve_device, resolve_precision
 from retrieval.sizes import Size, SizeList
 from retrieval.store import embedding_identity, model_fingerprint
@@ -302,7 +304,7 @@ class StarbucksModel:
         record = {**kept, "sizes": self.sizes.to_config(), "query_max_length": self.query_max_length,
                   "passage_max_length": self.passage_max_length, "query_prefix": self.query_prefix,
                   "passage_prefix": self.passage_prefix, **(meta or {})}
-        self.encoder.save(directory, self.tokenizer, record)  # the encoder records pooling and normalize
+        save_encoder(self.encoder, directory, self.tokenizer, record)  # the encoder records pooling and normalize
 
     def __repr__(self) -> str:
         return (f"StarbucksModel({self.source!r}, {self.pooling} pooling, normalize={self.normalize}, "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from retrieval.errors import StarbucksError
 from retrieval.names import parse_names
@@ -156,3 +156,8 @@ def check_size(size: Size, num_layers: int, hidden: int, model_name: str = "the 
             f"size {size} asks for {size.dim} dims but {model_name} has only {hidden}; "
             f"use dim <= {hidden} or a wider model"
         )
+
+
+def meta_sizes(meta: Mapping) -> SizeList | None:
+    """The size list recorded in a checkpoint's `starbucks.json`, if any."""
+    return SizeList.from_config(meta["sizes"]) if meta.get("sizes") else None

@@ -27,7 +27,7 @@ import torch
 
 from retrieval.config import DEFAULTS
 from retrieval.io import atomic_path, atomic_write_json
-from retrieval.sizes import SizeList
+from retrieval.sizes import SizeList, meta_sizes
 
 POOLING_DIR, DENSE_DIR = "1_Pooling", "2_Dense"
 MODULE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
@@ -64,8 +64,6 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
     (layers, hidden) whose `starbucks.json` is `meta`, plus the max lengths (plain and document: the
     passage's; query: the query's), the query/passage prompts and the similarity function (`cosine`
     when normalised, else `dot`)."""
-    from retrieval.modeling import meta_sizes
-
     directory = Path(directory)
     num_layers, hidden = shape
     pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))

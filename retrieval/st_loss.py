@@ -46,7 +46,8 @@ from torch import Tensor, nn
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json
 from retrieval.losses import kl_divergence
-from retrieval.modeling import META_FILE, META_VERSION, POOLINGS
+from retrieval.checkpoint import META_FILE, META_VERSION
+from retrieval.encoder import POOLINGS
 from retrieval.samplers import FixedSizes, TwoDMSESizes
 from retrieval.sizes import Size, SizeList, check_size, parse_size
 

@@ -115,10 +115,11 @@ def save_tiny_backbone(path: Path, layers: int = 4, hidden: int = 32):
     """A tiny random BERT with MiniLM's tokenizer saved as a Starbucks model directory."""
     from transformers import AutoTokenizer
 
-    from retrieval.modeling import StarbucksEncoder, resolve_model_path
+    from retrieval.checkpoint import resolve_model_path, save_encoder
+    from retrieval.encoder import StarbucksEncoder
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    StarbucksEncoder(tiny_bert(layers=layers, hidden=hidden, vocab=tok.vocab_size), "cls").save(path, tok)
+    save_encoder(StarbucksEncoder(tiny_bert(layers=layers, hidden=hidden, vocab=tok.vocab_size), "cls"), path, tok)
     return path
 
 

@@ -132,6 +132,54 @@ def test_experiment_modules_import_no_cycle():
     assert not [m for m in graph if reaches(m, m)]
 
 
+PACKAGES = (LIBRARY, *STAGES, "experiment", "corpora", "starbucks_cli")
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Project module -> the project modules it imports (function-local imports included; `from a
+    import b` names the module `a.b` when that is a module, else `a`)."""
+    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in PACKAGES for p in modules(package)}
+
+    def owner(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {}
+    for mod, path in files.items():
+        targets = {owner(f"{m}.{n}" if n and f"{m}.{n}" in files else m) for m, n, _ in imports(path)}
+        graph[mod] = {t for t in targets if t and t != mod}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles: each set of modules that reach one another (more than one module)."""
+    reach = {m: set() for m in graph}
+    for m in graph:  # depth-first reachability from each module
+        stack = list(graph[m])
+        while stack:
+            n = stack.pop()
+            if n not in reach[m]:
+                reach[m].add(n)
+                stack.extend(graph.get(n, ()))
+    circles = {frozenset({m} | {n for n in reach[m] if m in reach[n]}) for m in graph if m in reach[m]}
+    return sorted(sorted(c) for c in circles)
+
+
+def test_cycles_finds_a_circle_and_nothing_else():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_itself_back():
+    """No import circle anywhere in the project, function-local imports included (a local import
+    hides a circle from the interpreter, not from the reader)."""
+    graph = module_graph()
+    assert "retrieval.checkpoint" in graph["retrieval.model"]  # the graph sees the imports
+    assert not cycles(graph), cycles(graph)
+
+
 def test_every_console_command_names_an_existing_module():
     from starbucks_cli import COMMANDS
 

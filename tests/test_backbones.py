@@ -12,7 +12,8 @@ import yaml
 
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path, tokenize
+from retrieval.checkpoint import load_encoder, resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.sizes import Size, SizeList
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -144,7 +145,7 @@ def test_a_cut_model_saves_reloads_and_gives_the_full_models_size(arch, tmp_path
     for size in SIZES:
         cut = copy.deepcopy(full).truncate_(size.layers)
         assert cut.num_layers == size.layers and full.num_layers == 4
-        cut.save(tmp_path / size.name, tokenizer, {"sizes": [size.to_dict()]})
+        save_encoder(cut, tmp_path / size.name, tokenizer, {"sizes": [size.to_dict()]})
         saved = json.loads((tmp_path / size.name / "config.json").read_text())
         assert saved.get("num_hidden_layers", saved.get("n_layers")) == size.layers
         if "layer_types" in saved:
@@ -188,7 +189,7 @@ def test_a_modernbert_size_exports_and_reloads(tmp_path, tokenizer):
     torch.manual_seed(0)
     sizes = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 3, "dim": 16},
              {"name": "full", "layers": 4, "dim": 32}]
-    StarbucksEncoder(AutoModel.from_config(config("modernbert")), "mean", True).save(
+    save_encoder(StarbucksEncoder(AutoModel.from_config(config("modernbert")), "mean", True), 
         tmp_path / "model", tokenizer, {"sizes": sizes, "query_max_length": 8, "passage_max_length": 32})
     model = StarbucksModel.from_pretrained(tmp_path / "model", "cpu")
     for name in ("small", "mid"):

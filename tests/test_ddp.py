@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from conftest import assert_all_near, ragged_ids, run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
-from retrieval.modeling import load_encoder, read_meta, resolve_model_path
+from retrieval.checkpoint import load_encoder, read_meta, resolve_model_path
 from retrieval.sizes import SizeList
 from test_train import MINILM, collection, write_config  # noqa: F401  (a fixture)
 

@@ -13,7 +13,8 @@ from encode import pipeline as encode_pipeline
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
 from retrieval.model import StarbucksModel
-from retrieval.modeling import StarbucksEncoder, load_encoder, resolve_model_path, tokenize
+from retrieval.checkpoint import load_encoder, resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.sizes import Size
 from retrieval.store import EmbeddingStore
 
@@ -29,7 +30,7 @@ def save_model(directory, seed=0, meta=True):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     model = tiny_bert(layers=4, hidden=32, vocab=tokenizer.vocab_size, seed=seed)
     if meta:
-        StarbucksEncoder(model, pooling="cls", normalize=False).save(
+        save_encoder(StarbucksEncoder(model, pooling="cls", normalize=False), 
             directory, tokenizer, {"sizes": SIZES, "query_max_length": 12, "passage_max_length": 24})
     else:
         model.save_pretrained(directory)

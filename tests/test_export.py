@@ -13,7 +13,8 @@ from retrieval import StarbucksModel
 from retrieval.card import RESULTS_FILE
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.checkpoint import resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.runfile import run_path, write_run, write_run_record
 from train.export import export, main as export_main, upload_files
 
@@ -33,7 +34,7 @@ def save_tiny(path, pooling, normalize):
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     config = {"name": "tiny-exp", "output_dir": "runs/tiny-exp", "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-5},
               "data": {"train": "data/x/train.jsonl"}}
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=7), pooling, normalize).save(
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=7), pooling, normalize), 
         path, tok, {"sizes": SIZES, "query_max_length": 8, "passage_max_length": 16, "method": "srl",
                     "base_model": "sentence-transformers/all-MiniLM-L6-v2", "step": 12, "config": config})
     return path
@@ -136,7 +137,7 @@ def test_eval_puts_its_numbers_into_the_card_and_an_export_keeps_its_sizes(tmp_p
 
 
 def test_the_card_is_left_alone_when_the_embeddings_came_from_another_model(tmp_path):
-    from retrieval.card import refresh_card
+    from retrieval.checkpoint import refresh_card
 
     model_dir = save_tiny(tmp_path / "model", "cls", False)
     (tmp_path / "eval").mkdir()

@@ -7,7 +7,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_bert
 from test_train import collection, tiny_model, train, write_config  # noqa: F401 (fixtures)
 from retrieval.losses import InfoNCE, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import Size, SizeList
 from train.flops import encoder_flops, head_warmup_flops, layer_flops, retrieval_step_flops, smae_step_flops
 

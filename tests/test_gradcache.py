@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import assert_all_near, ragged_ids, run_two_gloo_ranks, tiny_bert
 from retrieval.config import load_config
 from retrieval.losses import CrossDeviceGather, InfoNCE, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import SizeList
 from test_ddp import make_model_dir
 from test_train import collection, tiny_model, train, write_config  # noqa: F401  (fixtures)

@@ -103,12 +103,13 @@ def dense_model(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from conftest import tiny_bert
-    from retrieval.modeling import StarbucksEncoder, resolve_model_path
+    from retrieval.checkpoint import resolve_model_path, save_encoder
+    from retrieval.encoder import StarbucksEncoder
 
     d = tmp_path_factory.mktemp("dense-model")
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     meta = {"sizes": SIZES, "query_max_length": 16, "passage_max_length": 48}
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size), "mean").save(d, tok, meta)
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size), "mean"), d, tok, meta)
     return d
 
 

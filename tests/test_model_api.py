@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_bert
 from retrieval import StarbucksModel
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.checkpoint import resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import Size
 
 TEXTS = ["apt installs packages", "a", "the quick brown fox jumps over the lazy dog " * 3,
@@ -53,8 +54,8 @@ def reference(path, texts, layers, dim, pooling, normalize, max_length, prefix="
 def tiny(request, tmp_path_factory):
     pooling, normalize = request.param
     path = tmp_path_factory.mktemp(f"tiny-{pooling}") / "model"
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=minilm_tokenizer().vocab_size, seed=3), pooling,
-                     normalize).save(path, minilm_tokenizer(), {
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=minilm_tokenizer().vocab_size, seed=3), pooling,
+                     normalize), path, minilm_tokenizer(), {
                          "sizes": SIZES, "query_max_length": 6, "passage_max_length": 12,
                          "query_prefix": "query: ", "passage_prefix": "passage: "})
     return path, pooling, normalize
@@ -66,7 +67,7 @@ def minilm(tmp_path_factory):
     from transformers import AutoModel
 
     from retrieval.config import DEFAULTS
-    from retrieval.modeling import tokenize
+    from retrieval.encoder import tokenize
 
     tok = minilm_tokenizer()
     encoder = StarbucksEncoder(AutoModel.from_pretrained(resolve_model_path(MINILM)), "mean", normalize=True)
@@ -75,7 +76,7 @@ def minilm(tmp_path_factory):
     (-sum(v.sum() for v in vecs.values())).backward()
     optimizer.step()
     path = tmp_path_factory.mktemp("minilm") / "model"
-    encoder.eval().save(path, tok, {"sizes": DEFAULTS["sizes"], "query_max_length": 16, "passage_max_length": 32,
+    save_encoder(encoder.eval(), path, tok, {"sizes": DEFAULTS["sizes"], "query_max_length": 16, "passage_max_length": 32,
                                     "method": "srl", "base_model": MINILM})
     return path
 
@@ -219,7 +220,7 @@ def test_the_readme_example_runs_as_written_on_a_demo_model(tmp_path, monkeypatc
     block = re.search(r"this runs as written\):\n\n```python\n(.*?)```", (repo_root / "README.md").read_text(), re.S)
     code = block.group(1)
     assert len(code.strip().splitlines()) == 5
-    StarbucksEncoder(tiny_bert(layers=4, hidden=128, vocab=minilm_tokenizer().vocab_size), "mean", True).save(
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=128, vocab=minilm_tokenizer().vocab_size), "mean", True), 
         tmp_path / "runs" / "demo" / "model", minilm_tokenizer(), {"sizes": DEFAULTS["sizes"][:4]})
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()

@@ -10,7 +10,8 @@ import pytest
 from conftest import tiny_bert
 from retrieval import StarbucksModel
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.checkpoint import resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from train.export import ONNX_FILE, ONNX_META, export, main as export_main
 
 ort = pytest.importorskip("onnxruntime")
@@ -26,7 +27,7 @@ def save_tiny(path, pooling, normalize):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=3), pooling, normalize).save(
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=3), pooling, normalize), 
         path, tok, {"sizes": SIZES, "query_max_length": 8, "passage_max_length": 16, "query_prefix": "query: ",
                     "passage_prefix": "passage: "})
     return path

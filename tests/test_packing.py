@@ -7,7 +7,7 @@ from transformers import BertConfig, BertModel
 
 from conftest import assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.packing import PackedBatch, packed_attention, pick_kernel
 from retrieval.sizes import Size, SizeList
 from test_encode import make_config, stored, workspace  # noqa: F401 (workspace: a fixture)
@@ -205,7 +205,7 @@ def dropout_free_model(tmp_path_factory):
     """A tiny BERT without dropout (so packed and padded steps draw nothing random), MiniLM's tokenizer."""
     from transformers import AutoTokenizer
 
-    from retrieval.modeling import resolve_model_path
+    from retrieval.checkpoint import resolve_model_path
 
     d = tmp_path_factory.mktemp("tiny-bert-no-dropout")
     model = tiny_bert(layers=4, hidden=32, vocab=30522, seed=0)
@@ -218,7 +218,7 @@ def dropout_free_model(tmp_path_factory):
 @pytest.mark.parametrize("pooling,extra", [("cls", []), ("mean", []), ("mean", ["train.gradient_checkpointing=true"])])
 def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_model, collection, pooling,  # noqa: F811
                                                      extra, monkeypatch):
-    import retrieval.modeling as modeling
+    import retrieval.encoder as modeling
 
     packed_calls = []
     original = modeling.packed_hidden_states
@@ -235,7 +235,7 @@ def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_mode
 
 
 def test_encode_stage_with_packing_writes_the_same_embeddings(tmp_path, workspace, monkeypatch):  # noqa: F811
-    import retrieval.modeling as modeling
+    import retrieval.encoder as modeling
     from encode import encode_collection
 
     packed_calls = []

@@ -17,7 +17,8 @@ import torch
 
 from conftest import mini_slice, save_tiny_backbone
 from retrieval.data import iter_corpus
-from retrieval.modeling import load_encoder, tokenize
+from retrieval.checkpoint import load_encoder
+from retrieval.encoder import tokenize
 from retrieval.runfile import read_run
 from retrieval.sizes import SizeList
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from retrieval.errors import StarbucksError
-from retrieval.modeling import resolve_model_path
+from retrieval.checkpoint import resolve_model_path
 from retrieval.sizes import Size, SizeList
 from train.masking import IGNORE, SMAECollator, build_windows, iter_texts, pack_windows
 from train.smae import SMAE

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import REPO, assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
 from retrieval.losses import InfoNCE, StarbucksLoss as ToolkitLoss
-from retrieval.modeling import resolve_model_path
+from retrieval.checkpoint import resolve_model_path
 from retrieval.sizes import Size
 
 pytest.importorskip("sentence_transformers")

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import assert_near, tiny_bert
 from retrieval import StarbucksModel
-from retrieval.modeling import StarbucksEncoder, resolve_model_path
+from retrieval.checkpoint import resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from train.export import main as export_main
 
 st = pytest.importorskip("sentence_transformers")
@@ -51,7 +52,7 @@ def checkpoint(request, tmp_path_factory):
     pooling, normalize = request.param
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     path = tmp_path_factory.mktemp(f"sides-{pooling}") / "model"
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=11), pooling, normalize).save(
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=11), pooling, normalize), 
         path, tok, {"sizes": SIZES, "query_max_length": QUERY_MAX, "passage_max_length": PASSAGE_MAX, **PREFIXES})
     model = StarbucksModel.from_pretrained(path, "cpu")
     # the texts reach past each side's max length (prefix included), the short queries do not
@@ -119,10 +120,10 @@ def test_the_cards_sentence_transformers_example_runs_and_gives_the_toolkits_vec
     import re
 
     from retrieval.card import render_card
-    from retrieval.modeling import read_meta
+    from retrieval.checkpoint import model_shape, read_meta
 
     path, model = checkpoint
-    card = render_card(path, read_meta(path), model_id=str(path))
+    card = render_card(path, read_meta(path), model_id=str(path), shape=model_shape(str(path)))
     code = re.search(r"With sentence-transformers.*?```python\n(.*?)```", card, re.S).group(1)
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)

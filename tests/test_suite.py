@@ -25,7 +25,8 @@ DEPTH = 20
 def setup(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from retrieval.modeling import StarbucksEncoder, resolve_model_path
+    from retrieval.checkpoint import resolve_model_path, save_encoder
+    from retrieval.encoder import StarbucksEncoder
 
     root = tmp_path_factory.mktemp("suite")
     cols = {"pkgs": beir_slice(REPO / "data" / "debian-pkgs-mini", root / "pkgs", "dev", 8, 40),
@@ -33,8 +34,8 @@ def setup(tmp_path_factory):
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     models = {"a": root / "a" / "model", "b": root / "b" / "model"}
     lengths = {"query_max_length": 16, "passage_max_length": 48}
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "cls").save(models["a"], tok, lengths)
-    StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "mean", normalize=True).save(
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "cls"), models["a"], tok, lengths)
+    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "mean", normalize=True), 
         models["b"], tok, lengths)
     out = root / "out"
     args = ["--models", *(f"{n}={p}" for n, p in models.items()), "--collections", *(f"{n}={p}" for n, p in cols.items()),
@@ -252,7 +253,7 @@ def test_a_suite_cell_is_a_run_directory_for_the_size_chooser(setup):
 def test_a_plain_model_needs_its_pooling(setup, tmp_path, capsys):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from retrieval.modeling import resolve_model_path
+    from retrieval.checkpoint import resolve_model_path
 
     _, cols, _, _, _, _ = setup
     plain = tmp_path / "plain"  # long enough for the default passage length (196 tokens)

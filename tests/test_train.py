@@ -13,7 +13,8 @@ from conftest import REPO, assert_all_near, die_after_checkpoint, tiny_bert
 from retrieval.config import load_config
 from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, load_encoder, read_meta, resolve_model_path
+from retrieval.checkpoint import load_encoder, read_meta, resolve_model_path
+from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import Size, SizeList
 from train.__main__ import main
 from train.checkpoint import Checkpoints

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import die_after_checkpoint
 from retrieval.config import load_config
 from retrieval.errors import StarbucksError
-from retrieval.modeling import load_encoder, read_meta
+from retrieval.checkpoint import load_encoder, read_meta
 from retrieval.sizes import SizeList
 from test_train import TINY_SIZES, collection, log_lines, tiny_model, train, write_config  # noqa: F401  (fixtures)
 from train.validation import Validator

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from retrieval.data import TrainGroup, sample_negatives
-from retrieval.modeling import tokenize
+from retrieval.encoder import tokenize
 from retrieval.seeds import derive_seed
 
 

@@ -31,7 +31,7 @@ def estimate_training(cfg) -> dict:
     from transformers import AutoConfig, AutoTokenizer
 
     from retrieval.config import sizes_of
-    from retrieval.modeling import resolve_model_path
+    from retrieval.checkpoint import resolve_model_path
 
     t, m = cfg.train, cfg.model
     path = resolve_model_path(m.name_or_path)

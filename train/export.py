@@ -28,7 +28,8 @@ from retrieval.card import read_results, write_card
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_write_json
 from retrieval.model import StarbucksModel
-from retrieval.modeling import META_FILE, StarbucksEncoder, read_meta, tokenize
+from retrieval.checkpoint import META_FILE, model_shape, read_meta
+from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.settings import first_line
 from retrieval.sizes import Size, SizeList
 
@@ -61,7 +62,7 @@ def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
                for split, r in read_results(model.source).items()}
     results = {split: r for split, r in results.items() if r["sizes"]}
     if results:
-        write_card(out, read_meta(out), results)
+        write_card(out, read_meta(out), results, shape=model_shape(str(out)))
     return out
 
 
@@ -135,7 +136,7 @@ def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise StarbucksError(f"--push-to-hub {repo_id!r} is not a hub repository id such as user/name")
     if own_folder or not dry_run:  # a dry run changes nothing in the user's checkpoint
-        write_card(folder, meta, read_results(folder), model_id=repo_id)
+        write_card(folder, meta, read_results(folder), model_id=repo_id, shape=model_shape(str(folder)))
     files = upload_files(folder)
     total = sum((folder / f).stat().st_size for f in files)
     verb = "would upload" if dry_run else "uploading"

@@ -20,7 +20,8 @@ from retrieval.data import TrainGroup, hold_out, load_train_groups
 from retrieval.errors import StarbucksError
 from retrieval.settings import whole_number
 from retrieval.losses import CrossDeviceGather, InfoNCE, LossOutput, StarbucksLoss
-from retrieval.modeling import StarbucksEncoder, load_encoder, model_shape
+from retrieval.checkpoint import load_encoder, model_shape, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.packing import use_packing
 from retrieval.sizes import Size
 from train.data import GroupCollator, GroupDataset
@@ -90,7 +91,7 @@ class RetrievalTask:
                                     batch["passages"]["attention_mask"], self.plan.schedule.at(step), world)
 
     def save_model(self, model: StarbucksEncoder, directory: Path, step: int) -> None:
-        model.save(directory, self.tokenizer, {**self.meta, "step": step})
+        save_encoder(model, directory, self.tokenizer, {**self.meta, "step": step})
 
     def fingerprint(self) -> dict:
         return self._fingerprint

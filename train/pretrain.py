@@ -26,7 +26,7 @@ import torch
 from omegaconf import OmegaConf
 
 from retrieval.cli import parse_stage_args, stage_parser
-from retrieval.modeling import model_shape
+from retrieval.checkpoint import model_shape
 from retrieval.config import experiment_paths, sizes_of
 from retrieval.errors import cli_entry
 from safetensors.torch import save_file

@@ -41,7 +41,8 @@ from torch.nn import functional as F
 
 from retrieval.errors import StarbucksError
 from retrieval.losses import LossOutput
-from retrieval.modeling import StarbucksEncoder, load_backbone, read_meta
+from retrieval.checkpoint import load_backbone, read_meta, save_encoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import SizeList
 from train.masking import IGNORE
 
@@ -102,7 +103,7 @@ def ships_mlm_head(name_or_path: str) -> bool:
     A checkpoint whose weight names cannot be read counts as headless (the warm-up's cost included)."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
-    from retrieval.modeling import resolve_model_path
+    from retrieval.checkpoint import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     names = _weight_names(path)
@@ -234,7 +235,7 @@ class SMAE(nn.Module):
         """Write only the encoder: a plain HF backbone (no head, no decoder) plus `starbucks.json`."""
         record = {"method": "smae", "sizes": self.sizes.to_config()}
         record.update(meta or {})
-        self.encoder.save(directory, tokenizer=tokenizer, meta=record)
+        save_encoder(self.encoder, directory, tokenizer=tokenizer, meta=record)
 
 
 def check_pretrained_pooling(name_or_path: str, pooling: str, allowed: bool) -> None:

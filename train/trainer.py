@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.lock import run_lock
-from retrieval.modeling import read_meta
+from retrieval.checkpoint import read_meta
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, saving, staging_dir
 from retrieval.seeds import derive_seed

@@ -26,7 +26,7 @@ from retrieval.errors import StarbucksError
 from retrieval.exact_search import ExactSearcher
 from retrieval.metrics import evaluate, parse_measures
 from retrieval.model import StarbucksModel
-from retrieval.modeling import StarbucksEncoder
+from retrieval.encoder import StarbucksEncoder
 from retrieval.ranking import ExactRanking, ranked
 from retrieval.sizes import Size
 from train.mine import bm25_rankings

@@ -4,7 +4,8 @@ import torch.nn.functional as F
 
 from conftest import assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
-from retrieval.modeling import StarbucksEncoder, load_encoder, read_meta, resolve_model_path, tokenize
+from retrieval.checkpoint import load_encoder, read_meta, resolve_model_path, save_encoder
+from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.sizes import Size, SizeList
 
 SIZES = SizeList([Size("a", 1, 8), Size("b", 2, 16), Size("c", 3, 8), Size("d", 4, 32)])
@@ -105,7 +106,7 @@ def test_save_and_load_roundtrip(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(path)
     enc = StarbucksEncoder(tiny_bert(layers=3, vocab=tok.vocab_size), pooling="mean", normalize=True)
-    enc.save(tmp_path / "m", tok, {"sizes": [s.to_dict() for s in SIZES[:3]]})
+    save_encoder(enc, tmp_path / "m", tok, {"sizes": [s.to_dict() for s in SIZES[:3]]})
     assert read_meta(tmp_path / "m")["pooling"] == "mean"
     loaded, tok2, meta = load_encoder(str(tmp_path / "m"))
     assert (loaded.pooling, loaded.normalize, loaded.num_layers) == ("mean", True, 3)
@@ -138,7 +139,7 @@ def ragged_batch(rows=40, width=48, seed=0, vocab=1000):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 @pytest.mark.parametrize("buckets", [0, 2, 5])
 def test_length_buckets_give_the_same_embeddings_and_gradients(pooling, buckets, monkeypatch):
-    import retrieval.modeling as modeling
+    import retrieval.encoder as modeling
 
     monkeypatch.setattr(modeling, "BUCKET_TOKENS", 500)  # auto (0): 40 x 48 tokens -> 4 sub-batches
     b = ragged_batch()

