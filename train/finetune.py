@@ -36,6 +36,8 @@ class RetrievalTask:
     """Queries and passage groups -> sub-size embeddings of the sizes the step visits -> `StarbucksLoss`."""
 
     examples_name = "queries"
+    can_validate = True  # train.eval_steps (the validator is built on the main process only)
+    can_cache_gradients = True
 
     def __init__(self, encoder: StarbucksEncoder, tokenizer, groups: Sequence[TrainGroup], plan: MethodPlan,
                  loss: StarbucksLoss, cfg, validator: Validator | None = None):

@@ -49,6 +49,8 @@ class SMAETask:
 
     name = "smae"
     examples_name = "windows"
+    can_validate = False
+    can_cache_gradients = False
 
     def __init__(self, model: SMAE, tokenizer, dataset: WindowDataset, collate: SMAECollator, cfg,
                  head_from_checkpoint: bool, warmup: dict | None = None):
@@ -103,6 +105,8 @@ class HeadWarmupTask:
 
     name = "smae-head-warmup"
     examples_name = "windows"
+    can_validate = False
+    can_cache_gradients = False
 
     def __init__(self, smae: SMAE, dataset: WindowDataset, collate: SMAECollator, fingerprint: dict):
         self.model = HeadWarmup(smae)

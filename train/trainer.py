@@ -79,6 +79,8 @@ class TrainTask(Protocol):
     examples_name: str  # what `batch_examples` counts, e.g. "queries"
     model: nn.Module
     dataset: Dataset  # items keyed by `(index, epoch)`
+    can_validate: bool  # has `validate(model)` (train.eval_steps)
+    can_cache_gradients: bool  # has `embedding_inputs` and `embedding_loss` (train.grad_cache)
 
     def collate(self, items: list) -> dict: ...
 
@@ -247,7 +249,8 @@ def distributed_state():
 
 
 def mixed_precision(precision: str, cuda: bool) -> str:
-    """accelerate's `mixed_precision` for `train.precision` (auto: bf16 on GPU, fp32 on CPU)."""
+    """accelerate's `mixed_precision` for `train.precision` (auto: bf16 on a GPU that has it, else fp16;
+    on the CPU bf16 where the chip has native bf16, else fp32: `retrieval.settings.resolve_precision`)."""
     device = torch.device("cuda" if cuda else "cpu")
     return accelerate_precision(resolve_precision(precision, device, "train.precision", "bf16", cpu_fp16=False))
 
@@ -383,180 +386,234 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
 
 def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, model_dir: str | os.PathLike,
          accelerator: Accelerator | None) -> TrainResult:
-    run_dir, model_dir = Path(run_dir), Path(model_dir)
-    cuda = torch.cuda.is_available()
-    if accelerator is None:
-        from accelerate.utils import ProjectConfiguration
+    check_task(task, settings)
+    return TrainingRun(task, settings, Path(run_dir), Path(model_dir), accelerator).train()
 
-        project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
-        accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda),
-                                  log_with=trackers(settings.report_to) or None, project_config=project)
-    main = accelerator.is_main_process
-    checkpoints = Checkpoints(run_dir / "checkpoints", settings.save_total_limit)
-    fingerprint = task.fingerprint()
-    loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
-    fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
 
-    if settings.eval_steps and not hasattr(task, "validate"):
+def check_task(task: TrainTask, settings: TrainSettings) -> None:
+    """Settings the task cannot honour: one line."""
+    if settings.eval_steps and not task.can_validate:
         raise StarbucksError(f"train.eval_steps: {task.name} has no validation; remove train.eval_steps")
-    if settings.grad_cache and not hasattr(task, "embedding_inputs"):
+    if settings.grad_cache and not task.can_cache_gradients:
         raise StarbucksError(f"train.grad_cache applies to fine-tuning (srl, 2dmse, separate, full), not {task.name}; "
                              "remove it (use train.gradient_checkpointing or train.grad_accum to save memory)")
-    latest = resumable_checkpoint(checkpoints, fingerprint) if settings.resume else None
-    if main:
-        checkpoints.clear_staging()
-        for leftover in model_dir.parent.glob(f".tmp-{model_dir.name}.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        if not settings.resume:
-            checkpoints.remove_all()
-    accelerator.wait_for_everyone()
 
-    model = task.model
-    if settings.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    model.train()
-    model.to(accelerator.device)
-    optimizer = build_optimizer(model, settings, accelerator.device)
-    sampler = EpochSampler(len(task.dataset), settings.seed)
-    loader = DataLoader(task.dataset, batch_size=settings.batch_size, sampler=sampler, collate_fn=task.collate,
-                        drop_last=True, num_workers=settings.dataloader_workers)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
-    steps_per_epoch = len(loader) // settings.grad_accum
-    if steps_per_epoch == 0:
-        need = settings.batch_size * settings.grad_accum * accelerator.num_processes
-        raise StarbucksError(
-            f"{len(task.dataset)} training examples make no full step of {need} "
-            f"(batch_size x grad_accum x processes); lower train.batch_size or add data"
-        )
-    total = settings.max_steps or max(1, math.ceil(settings.epochs * steps_per_epoch))
-    from transformers import get_scheduler
+def build_accelerator(settings: TrainSettings, run_dir: Path) -> Accelerator:
+    """The run's `Accelerator`: device, mixed precision, trackers logging under `run_dir/logs`."""
+    from accelerate.utils import ProjectConfiguration
 
-    scheduler = get_scheduler(settings.scheduler, optimizer, num_warmup_steps=math.ceil(settings.warmup_ratio * total),
-                              num_training_steps=total)
-    accelerator.register_for_checkpointing(scheduler)
+    cuda = torch.cuda.is_available()
+    project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
+    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda),
+                       log_with=trackers(settings.report_to) or None, project_config=project)
 
-    start, state = 0, {}
-    if latest is not None:
-        accelerator.load_state(str(latest / "state"))
-        state = read_state(latest)
-        start = int(state["step"])
-        if main:
-            tqdm.write(f"resuming from {latest} (step {start} of {total})")
-    log = TrainLog(run_dir / LOG_FILE, start, main)
-    if "log_window" in state:
-        log.restore(state["log_window"])
-    best = BestRecord(**state["best"]) if state.get("best") else BestRecord(settings.best_key)
-    saved_best = read_meta(run_dir / BEST_DIR) if (run_dir / BEST_DIR).is_dir() else None
-    if main and saved_best is not None and saved_best.get("step") != best.step:
-        shutil.rmtree(run_dir / BEST_DIR)  # saved after the checkpoint resumed from: the record does not describe it
-    if accelerator.log_with:
-        accelerator.init_trackers(task.name, config=tracker_config(fingerprint))
-    cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
 
-    def save_checkpoint(step: int) -> Path:
-        staging = checkpoints.staging(step)
+class TrainingRun:
+    """One invocation of a run: set up (model, optimizer, data, schedule, the resumed state), then
+    `train()` steps, validates, logs and checkpoints, and writes the final model."""
+
+    def __init__(self, task: TrainTask, settings: TrainSettings, run_dir: Path, model_dir: Path,
+                 accelerator: Accelerator | None):
+        self.task, self.settings, self.run_dir, self.model_dir = task, settings, run_dir, model_dir
+        self.accelerator = accelerator = accelerator or build_accelerator(settings, run_dir)
+        self.main = accelerator.is_main_process
+        self.checkpoints = Checkpoints(run_dir / "checkpoints", settings.save_total_limit)
+        fingerprint = task.fingerprint()
+        loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
+        loop["precision"] = mixed_precision(settings.precision, torch.cuda.is_available())  # `auto` resolved
+        self.fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
+        self.latest = resumable_checkpoint(self.checkpoints, self.fingerprint) if settings.resume else None
+        self._clear_leftovers()
+        self._prepare()
+        self._resume()
+
+    def _clear_leftovers(self) -> None:
+        """Staging directories of a killed run (and every checkpoint when not resuming)."""
+        if self.main:
+            self.checkpoints.clear_staging()
+            for leftover in self.model_dir.parent.glob(f".tmp-{self.model_dir.name}.*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+            if not self.settings.resume:
+                self.checkpoints.remove_all()
+        self.accelerator.wait_for_everyone()
+
+    def _prepare(self) -> None:
+        """Model, optimizer, data loader and scheduler, prepared by accelerate; the step count."""
+        from transformers import get_scheduler
+
+        settings, accelerator, task = self.settings, self.accelerator, self.task
+        model = task.model
+        if settings.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        model.train()
+        model.to(accelerator.device)
+        optimizer = build_optimizer(model, settings, accelerator.device)
+        self.sampler = EpochSampler(len(task.dataset), settings.seed)
+        loader = DataLoader(task.dataset, batch_size=settings.batch_size, sampler=self.sampler,
+                            collate_fn=task.collate, drop_last=True, num_workers=settings.dataloader_workers)
+        self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
+        self.steps_per_epoch = len(self.loader) // settings.grad_accum
+        if self.steps_per_epoch == 0:
+            need = settings.batch_size * settings.grad_accum * accelerator.num_processes
+            raise StarbucksError(
+                f"{len(task.dataset)} training examples make no full step of {need} "
+                f"(batch_size x grad_accum x processes); lower train.batch_size or add data"
+            )
+        self.total = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
+        self.scheduler = get_scheduler(settings.scheduler, self.optimizer,
+                                       num_warmup_steps=math.ceil(settings.warmup_ratio * self.total),
+                                       num_training_steps=self.total)
+        accelerator.register_for_checkpointing(self.scheduler)
+
+    def _resume(self) -> None:
+        """The step to start at, the log window, the best-model record and the cost so far."""
+        accelerator, latest, run_dir = self.accelerator, self.latest, self.run_dir
+        self.start, state = 0, {}
+        if latest is not None:
+            accelerator.load_state(str(latest / "state"))
+            state = read_state(latest)
+            self.start = int(state["step"])
+            if self.main:
+                tqdm.write(f"resuming from {latest} (step {self.start} of {self.total})")
+        self.log = TrainLog(run_dir / LOG_FILE, self.start, self.main)
+        if "log_window" in state:
+            self.log.restore(state["log_window"])
+        self.best = BestRecord(**state["best"]) if state.get("best") else BestRecord(self.settings.best_key)
+        saved_best = read_meta(run_dir / BEST_DIR) if (run_dir / BEST_DIR).is_dir() else None
+        if self.main and saved_best is not None and saved_best.get("step") != self.best.step:
+            shutil.rmtree(run_dir / BEST_DIR)  # saved after the checkpoint resumed from: the record does not describe it
+        if accelerator.log_with:
+            accelerator.init_trackers(self.task.name, config=tracker_config(self.fingerprint))
+        self.cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
+
+    # ------------------------------------------------------------ during the loop
+
+    def save_checkpoint(self, step: int) -> Path:
+        accelerator, settings = self.accelerator, self.settings
+        staging = self.checkpoints.staging(step)
         with saving(staging):  # a full disk: one line, the checkpoints before stay
             accelerator.save_state(str(staging / "state"))
-            window = log.window(accelerator)
-            spent = cost.record(step, time.perf_counter() - started)
-            if main:
-                cost.save(staging, spent)
-                task.save_model(accelerator.unwrap_model(model), staging / "model", step)
+            window = self.log.window(accelerator)
+            spent = self.cost.record(step, time.perf_counter() - self.started)
+            if self.main:
+                self.cost.save(staging, spent)
+                self.task.save_model(accelerator.unwrap_model(self.model), staging / "model", step)
                 atomic_write_json(staging / "trainer_state.json", {
-                    "step": step, "epoch": step / steps_per_epoch, "total_steps": total,
-                    "steps_per_epoch": steps_per_epoch, "fingerprint": fingerprint, "log_window": window,
-                    "best": vars(best) if settings.eval_steps else None,
+                    "step": step, "epoch": step / self.steps_per_epoch, "total_steps": self.total,
+                    "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint, "log_window": window,
+                    "best": vars(self.best) if settings.eval_steps else None,
                 })
         accelerator.wait_for_everyone()
-        final = checkpoints.commit(staging, step) if main else checkpoints.root / f"checkpoint-{step}"
+        final = self.checkpoints.commit(staging, step) if self.main else self.checkpoints.root / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
         return final
 
-    bar = tqdm(total=total, initial=start, desc=f"train {task.name}", unit="step", disable=not main, dynamic_ncols=True)
-    started = time.perf_counter()
-    examples, first_loss, last_loss, batches = 0, None, None, None
-
-    def write_log(done: int, first: float | None) -> tuple[float, float]:
-        """Flush the open log window at step `done`; returns the (first, last) logged losses."""
-        elapsed = time.perf_counter() - started
-        record = log.flush(accelerator, {
-            "step": done, "epoch": round(done / steps_per_epoch, 4), "lr": scheduler.get_last_lr()[0],
-            f"{task.examples_name}_per_s": examples / elapsed, "elapsed_s": round(elapsed, 2),
+    def write_log(self, done: int) -> None:
+        """Flush the open log window at step `done`; keeps the first and last logged losses."""
+        elapsed = time.perf_counter() - self.started
+        record = self.log.flush(self.accelerator, {
+            "step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": self.scheduler.get_last_lr()[0],
+            f"{self.task.examples_name}_per_s": self.examples / elapsed, "elapsed_s": round(elapsed, 2),
         })
-        bar.set_postfix(_postfix(record, task.examples_name), refresh=False)
-        accelerator.log(record, step=done)
-        return (record["loss"] if first is None else first), record["loss"]
-    checkpoint = latest
-    reached = start
-    for step in range(start, start if best.stopped else total):  # a run that stopped early stays stopped
-        if batches is None or step % steps_per_epoch == 0:
-            epoch, offset = divmod(step, steps_per_epoch)
-            loader.set_epoch(epoch)  # accelerate passes it on to the sampler at each iteration
-            sampler.set_epoch(epoch)
-            skip = offset * settings.grad_accum
-            batches = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
-        step_terms, step_examples = accumulate_gradients(accelerator, task, model, batches, step, settings, cost)
-        examples += step_examples
-        new_best = False
-        if settings.max_grad_norm:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
-            step_terms["grad_norm"] = float(grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        log.add(step_terms)
-        done = reached = step + 1
-        bar.update(1)
-        logged = done % settings.logging_steps == 0 or done == total
-        if logged:
-            first_loss, last_loss = write_log(done, first_loss)
-        if settings.eval_steps and (done % settings.eval_steps == 0 or done == total):
-            metrics = validate(accelerator, task, model)
-            log.write({"step": done, **metrics})
-            accelerator.log(metrics, step=done)
-            new_best = best.update(done, metrics) and settings.keep_best
-            if new_best and main:
-                staging = staging_dir(run_dir / BEST_DIR)
-                with saving(staging):
-                    task.save_model(accelerator.unwrap_model(model), staging, done)
-                replace_dir(staging, run_dir / BEST_DIR)
-            patience = settings.early_stopping_patience
-            best.stopped = bool(patience) and best.since >= patience
-            if main:
-                tqdm.write(f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
-                           + (f"; no new best in {best.since} validations: stopping" if best.stopped else ""))
-        if best.stopped and not logged:  # the open log window of a run that stops early
-            first_loss, last_loss = write_log(done, first_loss)
-        # a new kept best is checkpointed at once, so that a resume finds the record that describes best-model/
-        if best.stopped or new_best or done % settings.save_steps == 0 or done == total:
-            checkpoint = save_checkpoint(done)
-        if best.stopped:
-            break
-    bar.close()
-    for tracker in accelerator.trackers:  # not end_training(): it would also end the caller's process group
-        tracker.finish()
+        self.bar.set_postfix(_postfix(record, self.task.examples_name), refresh=False)
+        self.accelerator.log(record, step=done)
+        self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
+        self.last_loss = record["loss"]
 
-    if main:
-        staging = staging_dir(model_dir)
-        with saving(staging):
-            if settings.keep_best and (run_dir / BEST_DIR).is_dir():  # the best validated model (its starbucks.json names its step)
-                shutil.copytree(run_dir / BEST_DIR, staging, dirs_exist_ok=True)
-            else:
-                if settings.keep_best:
-                    tqdm.write(f"train: no validated best model in {run_dir / BEST_DIR} (dropped on resume: it was "
-                               f"saved after the checkpoint resumed from); the model is the last step's")
-                task.save_model(accelerator.unwrap_model(model), staging, reached)
-        replace_dir(staging, model_dir)
-    accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    spent = cost.record(reached, seconds if start < reached else 0.0)
-    result = TrainResult(start, reached, seconds, examples, first_loss, last_loss, model_dir, checkpoint,
-                         best if settings.eval_steps else None)
-    if main:
-        cost.write_summary(run_dir, spent, task=task.name)
-        print(summary_line(task, result), flush=True)
-    return result
+    def validate(self, done: int) -> bool:
+        """Validate at step `done`, keep a new best model, decide on early stopping; whether there is a
+        new kept best."""
+        settings, best = self.settings, self.best
+        metrics = validate(self.accelerator, self.task, self.model)
+        self.log.write({"step": done, **metrics})
+        self.accelerator.log(metrics, step=done)
+        new_best = best.update(done, metrics) and bool(settings.keep_best)
+        if new_best and self.main:
+            staging = staging_dir(self.run_dir / BEST_DIR)
+            with saving(staging):
+                self.task.save_model(self.accelerator.unwrap_model(self.model), staging, done)
+            replace_dir(staging, self.run_dir / BEST_DIR)
+        patience = settings.early_stopping_patience
+        best.stopped = bool(patience) and best.since >= patience
+        if self.main:
+            tqdm.write(f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
+                       + (f"; no new best in {best.since} validations: stopping" if best.stopped else ""))
+        return new_best
+
+    def _batches(self, step: int, batches):
+        """The micro-batch iterator at `step`: a new epoch's, or the resumed position's."""
+        if batches is not None and step % self.steps_per_epoch:
+            return batches
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        self.loader.set_epoch(epoch)  # accelerate passes it on to the sampler at each iteration
+        self.sampler.set_epoch(epoch)
+        skip = offset * self.settings.grad_accum
+        return iter(self.accelerator.skip_first_batches(self.loader, skip) if skip else self.loader)
+
+    # ------------------------------------------------------------ the run
+
+    def train(self) -> TrainResult:
+        settings, accelerator, best, total = self.settings, self.accelerator, self.best, self.total
+        self.bar = tqdm(total=total, initial=self.start, desc=f"train {self.task.name}", unit="step",
+                        disable=not self.main, dynamic_ncols=True)
+        self.started = time.perf_counter()
+        self.examples, self.first_loss, self.last_loss = 0, None, None
+        checkpoint, reached, batches = self.latest, self.start, None
+        for step in range(self.start, self.start if best.stopped else total):  # a stopped run stays stopped
+            batches = self._batches(step, batches)
+            step_terms, step_examples = accumulate_gradients(accelerator, self.task, self.model, batches, step,
+                                                             settings, self.cost)
+            self.examples += step_examples
+            if settings.max_grad_norm:
+                grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
+                step_terms["grad_norm"] = float(grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.log.add(step_terms)
+            done = reached = step + 1
+            self.bar.update(1)
+            logged = done % settings.logging_steps == 0 or done == total
+            if logged:
+                self.write_log(done)
+            new_best = bool(settings.eval_steps) and (done % settings.eval_steps == 0 or done == total) \
+                and self.validate(done)
+            if best.stopped and not logged:  # the open log window of a run that stops early
+                self.write_log(done)
+            # a new kept best is checkpointed at once, so that a resume finds the record that describes best-model/
+            if best.stopped or new_best or done % settings.save_steps == 0 or done == total:
+                checkpoint = self.save_checkpoint(done)
+            if best.stopped:
+                break
+        self.bar.close()
+        for tracker in accelerator.trackers:  # not end_training(): it would also end the caller's process group
+            tracker.finish()
+        self.save_final_model(reached)
+        seconds = time.perf_counter() - self.started
+        spent = self.cost.record(reached, seconds if self.start < reached else 0.0)
+        result = TrainResult(self.start, reached, seconds, self.examples, self.first_loss, self.last_loss,
+                             self.model_dir, checkpoint, best if settings.eval_steps else None)
+        if self.main:
+            self.cost.write_summary(self.run_dir, spent, task=self.task.name)
+            print(summary_line(self.task, result), flush=True)
+        return result
+
+    def save_final_model(self, reached: int) -> None:
+        """The run's model: the kept best (`train.keep_best`) or the last step's."""
+        if self.main:
+            staging = staging_dir(self.model_dir)
+            best_dir = self.run_dir / BEST_DIR
+            with saving(staging):
+                if self.settings.keep_best and best_dir.is_dir():  # its starbucks.json names its step
+                    shutil.copytree(best_dir, staging, dirs_exist_ok=True)
+                else:
+                    if self.settings.keep_best:
+                        tqdm.write(f"train: no validated best model in {best_dir} (dropped on resume: it was "
+                                   f"saved after the checkpoint resumed from); the model is the last step's")
+                    self.task.save_model(self.accelerator.unwrap_model(self.model), staging, reached)
+            replace_dir(staging, self.model_dir)
+        self.accelerator.wait_for_everyone()
 
 
 def accumulate_gradients(accelerator: Accelerator, task: TrainTask, model: nn.Module, batches, step: int,
