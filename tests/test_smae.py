@@ -584,6 +584,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base, monkey
 
 
 def test_head_warmup_changes_only_the_head_and_reports_the_mlm_loss(tmp_path, headless_base, tokenizer):
+    from retrieval.config import load_config
     from train.pretrain import PROBE_WINDOWS, probe_loss, warm_up_head
     from train.trainer import TrainSettings
 
@@ -593,8 +594,9 @@ def test_head_warmup_changes_only_the_head_and_reports_the_mlm_loss(tmp_path, he
     collate = SMAECollator(tokenizer, 0.2, 0.4, "bert", seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = probe_loss(model, windows, collate, 8)
-    settings = TrainSettings(max_steps=8, batch_size=8, learning_rate=3e-3, warmup_ratio=0.0, save_steps=8,
-                             logging_steps=4)
+    settings = TrainSettings.from_config(load_config(None, [
+        "train.max_steps=8", "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_ratio=0.0",
+        "train.save_steps=8", "train.logging_steps=4"]))
     report = warm_up_head(model, windows, collate, settings, {"test": 1}, tmp_path / "warmup")
     after = model.state_dict()
     head = {f"head.{n}" for n, p in model.head.named_parameters() if any(p is q for q in model.head_parameters())}

@@ -97,32 +97,34 @@ class TrainTask(Protocol):
 
 @dataclass
 class TrainSettings:
-    """The loop's settings (the `train` section of the config, plus the seed)."""
+    """The loop's settings: the `train` section of a resolved config (`retrieval.config.load_config`
+    checks each key's type and range against the schema, `retrieval.settings.KEY_RULES`, and holds
+    its default, `retrieval.config.DEFAULTS`), plus the seed. No defaults here: one place states them."""
 
-    seed: int = 42
-    epochs: float = 1
-    max_steps: int | None = None
-    batch_size: int = 16
-    grad_accum: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    scheduler: str = "linear"
-    max_grad_norm: float = 1.0
-    precision: str = "auto"
-    gradient_checkpointing: bool = False
-    grad_cache: bool = False
-    grad_cache_chunk: int = 32
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    logging_steps: int = 10
-    dataloader_workers: int = 0
-    resume: bool = True
-    eval_steps: int | None = None
-    eval_metric: str = "RR@10"
-    keep_best: str | None = None
-    early_stopping_patience: int | None = None
-    report_to: str = "none"
+    seed: int
+    epochs: float
+    max_steps: int | None
+    batch_size: int
+    grad_accum: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    scheduler: str
+    max_grad_norm: float | None
+    precision: str
+    gradient_checkpointing: bool
+    grad_cache: bool
+    grad_cache_chunk: int
+    save_steps: int
+    save_total_limit: int | None
+    logging_steps: int
+    dataloader_workers: int
+    resume: bool
+    eval_steps: int | None
+    eval_metric: str
+    keep_best: str | None
+    early_stopping_patience: int | None
+    report_to: str
 
     @classmethod
     def from_config(cls, cfg) -> "TrainSettings":
@@ -133,23 +135,8 @@ class TrainSettings:
         return settings
 
     def check(self) -> None:
-        """One clear line for a setting that cannot work."""
-        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "save_steps": self.save_steps,
-                    "logging_steps": self.logging_steps, "grad_cache_chunk": self.grad_cache_chunk}
-        for key, value in positive.items():
-            if not isinstance(value, int) or value < 1:
-                raise StarbucksError(f"train.{key} = {value!r} must be a whole number >= 1")
-        if self.max_steps is None and not self.epochs > 0:
-            raise StarbucksError(f"train.epochs = {self.epochs} must be > 0 (or set train.max_steps)")
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
-            raise StarbucksError(f"train.max_steps = {self.max_steps!r} must be a whole number >= 1 or null")
-        limit = self.save_total_limit
-        if limit is not None and (not isinstance(limit, int) or limit < 0):
-            raise StarbucksError(f"train.save_total_limit = {limit!r} must be a whole number >= 0 (0: keep all)")
-        if not self.learning_rate > 0:
-            raise StarbucksError(f"train.learning_rate = {self.learning_rate} must be > 0")
-        if not 0 <= self.warmup_ratio < 1:
-            raise StarbucksError(f"train.warmup_ratio = {self.warmup_ratio} must be in [0, 1)")
+        """One clear line for what the schema cannot see: settings that need each other, a scheduler
+        transformers lacks, a precision this machine lacks, a tracker whose package is missing."""
         mixed_precision(self.precision, torch.cuda.is_available())
         if self.scheduler not in SCHEDULERS:
             raise StarbucksError(f"train.scheduler = {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
