@@ -18,7 +18,7 @@ SIZE_ARG := $(if $(SIZE),encode.sizes=$(SIZE))
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup setup-latest constraints test test-fast demo data train encode search eval suite sizes pretrain mine experiment clean-demo
+.PHONY: setup setup-latest constraints lint test test-fast demo data train encode search eval suite sizes pretrain mine experiment clean-demo
 
 # The versions the suite was tested with (constraints.txt); `make setup-latest` resolves the newest
 # releases instead (then `make test`, and `make constraints` to record them once green).
@@ -43,6 +43,11 @@ setup-latest:
 constraints: setup
 	{ sed -n '1,3p' constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^torch=='; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+
+# ruff's lint rules and its formatter, as configured in pyproject.toml; CI runs this before the tests.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 # The whole suite (about a minute on 2 CPU cores); CI runs this.
 test: setup
