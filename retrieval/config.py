@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "cross_device_negatives": True,  # under DDP: every device's passages are negatives for every query
         "size_weights": None,  # srl: one weight per size (None: all 1, i.e. the paper's mean)
         "twodmse_dims": "uniform",  # 2dmse: uniform (d ~ U(1, D-1), the paper) | list (d from the size list's dims)
-        "precision": "auto",  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+        "precision": "auto",  # auto (bf16 on GPU; on CPU bf16 where the chip has it, AVX512-BF16/AMX, else fp32) | bf16 | fp16 | fp32
         "gradient_checkpointing": False,
         "length_buckets": "auto",  # run a batch as N length-sorted sub-batches (auto: 1 per 131,072 padded tokens on GPU, 1 on CPU)
         "grad_cache": False,  # gradient caching: the whole batch's loss, activations of one chunk at a time (docs/training.md)
@@ -123,7 +123,7 @@ DEFAULTS: dict[str, Any] = {
         "shard_rows": 100000,
         "splits": "all",  # which eval splits' queries to encode (all | comma list)
         "device": "auto",  # auto | cpu | cuda | cuda:N
-        "precision": "auto",  # auto (fp16 autocast on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+        "precision": "auto",  # auto (fp16 autocast on GPU; on CPU bf16 where the chip has it, else fp32) | fp32 | fp16 | bf16
         "dataloader_workers": "auto",  # processes tokenising ahead (auto: up to 8 on GPU, 0 on CPU)
         "shard": None,  # "i/n": encode one slice of the corpus
     },

@@ -70,18 +70,40 @@ def resolve_device(spec, key: str = "device", env: Mapping[str, str] = os.enviro
     return device
 
 
+CPU_BF16_ENV = "STARBUCKS_CPU_BF16"  # 0: `auto` is fp32 on every CPU; 1: bf16 on every CPU; unset: by the chip
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16), by torch's own probe."""
+    caps = torch.cpu.get_capabilities()
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
+
+
+def cpu_bf16(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether `auto` means bf16 autocast on the CPU: where the chip has native bf16, unless
+    `STARBUCKS_CPU_BF16` says otherwise (`0`: fp32, as on a chip without it; `1`: bf16 even there)."""
+    forced = env.get(CPU_BF16_ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise StarbucksError(f"{CPU_BF16_ENV}={forced!r} must be 0 (fp32 on the CPU), 1 (bf16) or unset (by the chip)")
+    return cpu_has_native_bf16()
+
+
 def resolve_precision(value, device: torch.device, key: str, gpu_default: str = "fp16",
-                      cpu_fp16: bool = True) -> str:
-    """`fp32`, `fp16` or `bf16` for a precision key; `auto` is `gpu_default` on a GPU and fp32 elsewhere
-    (inference defaults to fp16, training to bf16 where the GPU has it). `cpu_fp16=False` refuses fp16
-    on the CPU (training: no loss scaling there)."""
+                      cpu_fp16: bool = True, cpu_auto_bf16: bool = True) -> str:
+    """`fp32`, `fp16` or `bf16` for a precision key. `auto` is `gpu_default` on a GPU (inference
+    defaults to fp16, training to bf16 where the GPU has it); on the CPU bf16 autocast where the chip
+    has native bf16 (`cpu_bf16`: AVX512-BF16 or AMX; `cpu_auto_bf16=False` for a key that has no
+    bf16, such as search's matmul), fp32 elsewhere. `cpu_fp16=False` refuses fp16 on the CPU
+    (training: no loss scaling there)."""
     value = _PRECISION_ALIASES.get(str(value), str(value))
     if value == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        if gpu_default == "bf16" and not torch.cuda.is_bf16_supported():
-            return "fp16"
-        return gpu_default
+        if device.type == "cuda":
+            if gpu_default == "bf16" and not torch.cuda.is_bf16_supported():
+                return "fp16"
+            return gpu_default
+        return "bf16" if device.type == "cpu" and cpu_auto_bf16 and cpu_bf16() else "fp32"
     if value not in PRECISIONS:
         raise StarbucksError(f"{key} = {value!r} is not one of auto, {', '.join(PRECISIONS)}")
     if value == "fp16" and device.type == "cpu" and not cpu_fp16:

@@ -92,7 +92,7 @@ class SearchSettings:
         if backend == "torch" and not exact:
             raise StarbucksError(f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; "
                                  f"set search.backend=faiss")
-        dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype")
+        dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype", cpu_auto_bf16=False)
         if dtype not in _DTYPES:
             raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
         depth = int(s.depth)
