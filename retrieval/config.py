@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = {
         "query_prefix": "",
         "passage_prefix": "",
         "attn_implementation": "sdpa",
-        "packing": "auto",  # auto | true | false: a batch's real tokens as one unpadded sequence (auto: on CUDA with a varlen kernel)
+        "packing": "auto",  # auto | true | false: a batch's real tokens as one unpadded sequence (auto: on the CPU, and on CUDA with a varlen kernel)
         "allow_pooling_change": False,  # fine-tune an SMAE checkpoint with another pooling than its bottleneck's
     },
     # Ordered small -> large; each entry {name, layers, dim} or "LxD".

@@ -106,10 +106,15 @@ def test_shards_equal_the_encoders_embeddings_of_the_same_texts(workspace, full)
 
 
 def test_one_size_exits_early_and_equals_the_all_sizes_pass(workspace, full, tmp_path, monkeypatch):
+    import retrieval.encoder
+
     depths = []
-    real = StarbucksEncoder.hidden_states
+    real, packed = StarbucksEncoder.hidden_states, retrieval.encoder.packed_hidden_states
     monkeypatch.setattr(StarbucksEncoder, "hidden_states",
                         lambda self, batch, layers: depths.append(max(layers)) or real(self, batch, layers))
+    monkeypatch.setattr(retrieval.encoder, "packed_hidden_states",  # packed batches (model.packing: auto on the CPU)
+                        lambda backbone, layers, batch, wanted, *a: depths.append(max(wanted)) or packed(
+                            backbone, layers, batch, wanted, *a))
     encode_collection(make_config(workspace, tmp_path / "one", "encode.sizes=b"), progress=False)
     assert set(depths) == {2}
     assert sorted(p.name for p in (tmp_path / "one" / "embeddings").iterdir()) == ["b"]

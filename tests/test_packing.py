@@ -141,13 +141,14 @@ def test_packed_gives_the_same_gradients(pooling, checkpointing):
     assert_all_near(grads[True], grads[False], rel=1e-5)
 
 
-def test_auto_packs_only_where_a_varlen_kernel_exists():
+def test_auto_packs_on_the_cpu_and_where_a_varlen_kernel_exists():
     from retrieval.packing import fast_kernel_available, use_packing
 
     enc = encoder("auto")
-    assert pick_kernel(torch.device("cpu"), 0.0) == "padded"
-    assert use_packing("auto", enc.backbone, torch.device("cpu")) is False
+    assert pick_kernel(torch.device("cpu"), 0.0) == "padded"  # the grid attention: packing pays off without a kernel
+    assert use_packing("auto", enc.backbone, torch.device("cpu")) is True
     assert use_packing(True, enc.backbone, torch.device("cpu")) is True
+    assert use_packing(False, enc.backbone, torch.device("cpu")) is False
     assert use_packing("auto", enc.backbone, torch.device("cuda")) is fast_kernel_available(torch.device("cuda"))
     for bad in ("sometimes", 1, None):
         with pytest.raises(StarbucksError, match="model.packing"):
