@@ -101,14 +101,18 @@ def model_source(cfg: DictConfig) -> str:
 def load_model(cfg: DictConfig, device: torch.device) -> StarbucksModel:
     """Load the encoder; pooling, normalisation, sizes and lengths come from its `starbucks.json`.
 
-    A plain HF model (zero-shot) takes them from the config's `model` section and `sizes`.
+    A plain HF model (zero-shot) takes them from the config's `model` section and `sizes`. The models of
+    hybrid sizes' `@label` parts (`encode.part_models`) are loaded beside it, each with its own settings.
     """
     m = cfg.model
     model = StarbucksModel.from_pretrained(
         model_source(cfg), device, attn_implementation=m.attn_implementation,
         precision=resolve_precision(cfg.encode.precision, device, "encode.precision"),
-        defaults={**{k: m[k] for k in SETTINGS}, "sizes": sizes_of(cfg)})
-    model.encoder.packing = m.packing
+        defaults={**{k: m[k] for k in SETTINGS}, "sizes": sizes_of(cfg)},
+        part_models={str(k): str(v) for k, v in (cfg.encode.part_models or {}).items()},
+        parallel_parts=cfg.encode.parallel_parts)
+    for one in (model, *model.part_models.values()):
+        one.encoder.packing = m.packing
     return model
 
 
@@ -169,9 +173,7 @@ def _encode_collection(cfg: DictConfig, work: Slice, progress: bool) -> EncodeSu
     device = resolve_device(enc.device, "encode.device")
     workers = loader_workers(enc.dataloader_workers, device)
     model = load_model(cfg, device)
-    sizes = list(model.sizes.select(enc.sizes))
-    for s in sizes:
-        model.encoder.check(s)
+    sizes = [model.size(s) for s in model.sizes.select(enc.sizes)]
     root = experiment_paths(cfg).embeddings
     stores = open_stores(model, sizes, root, shard_rows, {"model": model.source, "corpus": str(cfg.data.corpus)})
     print(f"encode: model {model.source} ({model.encoder.pooling} pooling, normalize={model.encoder.normalize}); "

@@ -25,7 +25,7 @@ from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.names import parse_names
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run, verified_run
-from retrieval.sizes import Size
+from retrieval.sizes import Size, hybrid_key
 from retrieval.store import EmbeddingStore
 from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
@@ -64,7 +64,7 @@ def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[t
             raise StarbucksError(f"no run files in {runs_dir / split}; run `python -m search` first")
         return found
     picked = []
-    for w in wanted:
+    for w in map(hybrid_key, wanted):
         match = [(s, p) for s, p in found if w in (s.name, s.key)]
         if match:
             picked.append(match[0])
@@ -197,7 +197,7 @@ def compare_experiments(cfg: DictConfig, dirs: Sequence[str | Path]) -> dict[str
     for split_name, split in splits.items():
         level = rel_level(cfg, split_name)
         results = {
-            n: {(r.size.layers, r.size.dim): r for r in evaluate_runs(
+            n: {r.size.ident: r for r in evaluate_runs(
                 select_runs(d / "runs", split_name, cfg.eval.sizes, strict=False), split, measures, level)}
             for n, d in zip(names, dirs)
         }

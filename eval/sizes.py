@@ -168,16 +168,23 @@ def store_bytes(store: EmbeddingStore, index_dir: Path, factory: str | None = No
 
 
 def _load_model(store: EmbeddingStore, qmeta: dict, device: str, precision: str):
-    """The `StarbucksModel` that made the store's embeddings (its settings from the store), refused if
-    its weights changed since."""
+    """The `StarbucksModel` that made the store's embeddings (its settings from the store; a hybrid's other
+    models from its `part_models`), refused if its weights changed since."""
     from retrieval import StarbucksModel
 
     meta = store.require_complete()
     model = StarbucksModel.from_pretrained(
         meta["model"], device, pooling=meta["pooling"], normalize=meta["normalize"],
         query_max_length=qmeta["max_length"], passage_max_length=meta["max_length"],
-        query_prefix=qmeta["prefix"], passage_prefix=meta["prefix"], precision=precision)
-    if model.fingerprint != meta["model_sha256"]:
+        query_prefix=qmeta["prefix"], passage_prefix=meta["prefix"], precision=precision,
+        part_models=meta.get("part_models"))
+    return check_model(model, store)
+
+
+def check_model(model, store: EmbeddingStore):
+    """`model`, if it (with a hybrid's other models) is what encoded the store; else one line."""
+    meta = store.require_complete()
+    if model.identity(store.size, "passage")["model_sha256"] != meta["model_sha256"]:
         raise StarbucksError(f"the model at {meta['model']} changed since it encoded {store.dir}; "
                              f"re-run encode, search and eval before choosing a size")
     return model
@@ -252,10 +259,11 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
     for name, store in stores.items():
         _, _, qmeta = store.load_queries(split)
         meta = store.read_meta()
-        settings = (meta["model_sha256"], meta["pooling"], meta["normalize"], meta["max_length"], meta["prefix"],
-                    qmeta["max_length"], qmeta["prefix"])
+        settings = (meta["model"], json.dumps(meta.get("part_models") or {}, sort_keys=True), meta["pooling"],
+                    meta["normalize"], meta["max_length"], meta["prefix"], qmeta["max_length"], qmeta["prefix"])
         if settings != loaded:  # one model in memory at a time, with the settings its store was encoded with
             model, loaded = _load_model(store, qmeta, device, precision), settings
+        check_model(model, store)
         record = read_run_record(run_path(run_dir / "runs", split, name))
         rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size, run_dir / "index",
                                                         record)

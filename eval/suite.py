@@ -35,7 +35,7 @@ from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.names import parse_names
 from retrieval.ranking import corpus_blocks, default_searcher, encode_passages, encode_queries, open_stores, rank_store
 from retrieval.runfile import read_run
-from retrieval.sizes import Size
+from retrieval.sizes import Size, recorded_size
 from retrieval.store import check_ids
 from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
@@ -288,7 +288,7 @@ def _fmt(value: float) -> str:
 
 def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> None:
     """`suite.{json,md,csv,png}` in `out`, and the tables on the terminal."""
-    sizes = {m: [Size(**s) for s in entries] for m, entries in report["sizes"].items()}
+    sizes = {m: [recorded_size(s["name"], s["layers"], s["dim"]) for s in entries] for m, entries in report["sizes"].items()}
     sections, csv_rows = [], []
     for m, per_model in report["tables"].items():
         for measure, table in per_model.items():

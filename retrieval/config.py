@@ -62,7 +62,7 @@ DEFAULTS: dict[str, Any] = {
         "eval_splits": {"dev": "data/debian-pkgs-mini", "test": "data/debian-pkgs-mini"},
     },
     "train": {
-        "method": "srl",  # srl | 2dmse | separate | full (fine-tuning); smae (pre-training, train.pretrain)
+        "method": "srl",  # srl | 2dmse | separate | full | srl-depth | srl-width (fine-tuning); smae (pre-training)
         "size": None,  # for method=separate: the one size to train
         "epochs": 1,
         "max_steps": None,  # stop after this many optimizer steps (None: epochs)
@@ -118,6 +118,8 @@ DEFAULTS: dict[str, Any] = {
     },
     "encode": {
         "model": None,  # model to encode with (None: paths.model if trained, else model.name_or_path)
+        "part_models": {},  # label -> model for hybrid sizes' parts from other models (`3x384+6x64@width`)
+        "parallel_parts": "auto",  # those parts at the same time as the model's own, a thread each (auto: on a GPU)
         "sizes": "all",  # all | comma list of names or LxD (search and eval follow unless set)
         "batch_size": 128,
         "shard_rows": 100000,
@@ -155,7 +157,8 @@ DEFAULTS: dict[str, Any] = {
     # `python -m experiment` / `make experiment`: the paper's comparison, one run per method under
     # <output_dir>/<run>, every run the four stages of this config with the method's overrides.
     "experiment": {
-        "methods": "all",  # all | comma list of: zeroshot, full, separate, 2dmse, srl, srl-matched, srl-nokl, smae-srl
+        "methods": "all",  # all | comma list of: zeroshot, full, separate, 2dmse, srl, srl-matched, srl-nokl, smae-srl,
+        #                    srl-depth, srl-width, hybrid
         "reference": "smae-srl",  # every other method is t-tested against this one
         "grid": True,  # also encode/search the whole (layer, dim) grid: layers 1..N x the size list's dims
         "grid_split": "dev",  # the split the grid heatmaps show
@@ -166,13 +169,14 @@ DEFAULTS: dict[str, Any] = {
         "grid_run_depth": 10,  # ... of the heatmaps' other grid cells (the heatmap metric needs 10)
         "seeds": None,  # srl, 2dmse and separate once per seed, the tables their mean and spread (None: [seed])
         "suite": None,  # a suite file (configs/suites/offline.yaml): every reported run on its collections (eval.suite)
+        "hybrids": None,  # the hybrid arm's sizes: parts of srl-depth's model, `@<run>` of another run's (None: derived)
     },
     # Stage outputs; empty means derived from output_dir (see experiment_paths).
     "paths": {"model": None, "embeddings": None, "index": None, "runs": None, "eval": None},
 }
 
 # Mappings whose keys are the user's (split names, FAISS parameters, ...).
-OPEN_KEYS = {"data.eval_splits", "search.params", "eval.split_rel_level"}
+OPEN_KEYS = {"data.eval_splits", "search.params", "eval.split_rel_level", "encode.part_models"}
 
 
 def _check_keys(user: Any, schema: Any, prefix: str, where: str) -> None:

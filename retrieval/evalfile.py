@@ -20,7 +20,7 @@ from typing import Sequence
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_gzip
 from retrieval.metrics import Evaluation
-from retrieval.sizes import Size
+from retrieval.sizes import Size, recorded_size
 
 PER_QUERY_VERSION = 1
 
@@ -80,11 +80,11 @@ def read_split(eval_dir: str | os.PathLike, split: str) -> list[SizeScores] | No
     if values.get("format_version") != PER_QUERY_VERSION:
         raise StarbucksError(f"{values_path} has format version {values.get('format_version')!r}, "
                              f"this code reads {PER_QUERY_VERSION}; {redo}")
-    per_size = {(v["layers"], v["dim"]): v["per_query"] for v in values["sizes"]}
+    per_size = {(v["size"], v["layers"], v["dim"]): v["per_query"] for v in values["sizes"]}
     out = []
     for entry in summary["sizes"]:
-        size = Size(entry["size"], entry["layers"], entry["dim"])
-        per_query = per_size.get((size.layers, size.dim))
+        size = recorded_size(entry["size"], entry["layers"], entry["dim"])
+        per_query = per_size.get((entry["size"], size.layers, size.dim))
         means = entry["metrics"]
         if per_query is None or set(per_query) != set(means) or not all(
                 math.isclose(sum(per_query[m].values()) / max(len(per_query[m]), 1), means[m], rel_tol=1e-9, abs_tol=1e-12)

@@ -9,11 +9,26 @@
 A checkpoint of this toolkit brings its pooling, normalisation, sizes, query/passage prefixes and
 max lengths (`starbucks.json`); a plain HF encoder needs `pooling=` (and `normalize=`) given. Only
 the layers the requested sizes need are run (early exit); several sizes come from one pass.
+
+A hybrid size (`3x384+6x64`, `retrieval.sizes`) is its parts' vectors end to end, each scaled by
+`sqrt(weight)`, so that `similarity` gives the weighted sum of the parts' scores; the parts of this
+model come from the same one pass, those of other models (`6x64@width`, `part_models=`) from their
+own pass, in a thread of their own, at the same time (`parallel_parts`: `auto` does so on a GPU, where each
+model gets a CUDA stream; on the CPU the parts run one after the other, which bench/hybrid_latency.py
+measured no slower on a busy 2-core machine):
+
+    model = StarbucksModel.from_pretrained("runs/depth/model", part_models={"width": "runs/width/model"})
+    q = model.encode_queries(["edit a pdf file"], size="3x384+6x64@width")
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import os
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -28,7 +43,7 @@ from retrieval.checkpoint import META_FILE, load_encoder, read_meta, resolve_mod
 from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.sizes import meta_sizes
 from retrieval.settings import autocast_context, resolve_device, resolve_precision
-from retrieval.sizes import Size, SizeList
+from retrieval.sizes import Size, SizeList, check_size
 from retrieval.store import embedding_identity, model_fingerprint
 
 KINDS = ("query", "passage")
@@ -95,7 +110,8 @@ class StarbucksModel:
 
     def __init__(self, encoder: StarbucksEncoder, tokenizer, sizes: SizeList | None = None, *,
                  query_max_length: int, passage_max_length: int, query_prefix: str = "", passage_prefix: str = "",
-                 source: str = "", meta: Mapping | None = None, precision: str = "auto"):
+                 source: str = "", meta: Mapping | None = None, precision: str = "auto",
+                 part_models: Mapping[str, "StarbucksModel"] | None = None, parallel_parts: bool | str = "auto"):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.sizes = sizes or SizeList([Size("", encoder.num_layers, encoder.hidden_size)])
@@ -105,6 +121,8 @@ class StarbucksModel:
         self.meta = dict(meta or {})
         self.precision = precision  # resolved per call, on the device the model is on then
         resolve_precision(precision, self.device, "precision")  # a bad value fails here, in one line
+        self.part_models = dict(part_models or {})  # label -> the model of a hybrid's `@label` parts
+        self.parallel_parts = parallel_parts  # other models' parts at the same time: True | False | auto (on a GPU)
 
     def _check_positions(self, width: int, kind: str | None) -> None:
         """One line (not an index error inside the model) when a batch is longer than the model's positions
@@ -128,7 +146,9 @@ class StarbucksModel:
                         query_max_length: int | None = None, passage_max_length: int | None = None,
                         query_prefix: str | None = None, passage_prefix: str | None = None,
                         precision: str = "auto", attn_implementation: str | None = "sdpa",
-                        defaults: Mapping | None = None) -> "StarbucksModel":
+                        defaults: Mapping | None = None,
+                        part_models: Mapping[str, "str | os.PathLike | StarbucksModel"] | None = None,
+                        parallel_parts: bool | str = "auto") -> "StarbucksModel":
         """Load a checkpoint of this toolkit, a hub id, or a plain HF encoder.
 
         Keyword settings given here win; then the checkpoint's `starbucks.json`; then `defaults`
@@ -136,7 +156,9 @@ class StarbucksModel:
         must be told its `pooling` (`"cls"` or `"mean"`). `sizes`: a SizeList or config entries
         (`[{name, layers, dim}, "8x256"]`); without any, the full size only. `device`: `auto` (None)
         picks a GPU when there is one; `precision`: `auto` (fp16 autocast on a GPU, fp32 on the CPU),
-        `fp32`, `fp16` or `bf16`.
+        `fp32`, `fp16` or `bf16`. `part_models`: label -> model (a path, hub id or `StarbucksModel`; a
+        path is loaded with its own `starbucks.json`, on the same device) for hybrid sizes' `@label` parts,
+        encoded at the same time as this model's when `parallel_parts` (`auto`: on a GPU).
         """
         source = str(name_or_path)
         meta = checkpoint_meta(source)
@@ -156,9 +178,13 @@ class StarbucksModel:
         encoder, tokenizer, _ = load_encoder(source, settings["pooling"], bool(settings["normalize"]),
                                              attn_implementation)
         encoder.eval().to(resolve_device(device, "device"))
+        others = {str(label): m if isinstance(m, StarbucksModel) else cls.from_pretrained(
+            m, encoder.backbone.device, precision=precision, attn_implementation=attn_implementation)
+            for label, m in (part_models or {}).items()}
         return cls(encoder, tokenizer, sizes, query_max_length=settings["query_max_length"],
                    passage_max_length=settings["passage_max_length"], query_prefix=settings["query_prefix"],
-                   passage_prefix=settings["passage_prefix"], source=source, meta=meta, precision=precision)
+                   passage_prefix=settings["passage_prefix"], source=source, meta=meta, precision=precision,
+                   part_models=others, parallel_parts=parallel_parts)
 
     # ------------------------------------------------------------ what it is
 
@@ -185,8 +211,26 @@ class StarbucksModel:
         return model_fingerprint(self.encoder)
 
     def size(self, spec: str | Size) -> Size:
-        """A size by name (`grande`), `LxD` (`8x256`) or `Size`, checked against the model's shape."""
-        return self.encoder.check(self.sizes.get(spec))
+        """A size by name (`grande`), `LxD` (`8x256`), hybrid spec (`3x384+6x64@width`) or `Size`,
+        checked against the model's shape (a hybrid's `@label` parts against that model's)."""
+        size = self.sizes.get(spec)
+        if not size.parts:
+            return self.encoder.check(size)
+        check_size(size, self.encoder.num_layers, self.encoder.hidden_size, self.encoder.name)
+        for p in size.parts:
+            if p.model:
+                self.part_model(p.model, size).size(p.size)
+        return size
+
+    def part_model(self, label: str, size: Size | None = None) -> "StarbucksModel":
+        """The model of a hybrid's `@label` parts; one line when none has that label."""
+        if label not in self.part_models:
+            have = ", ".join(sorted(self.part_models)) or "none"
+            raise StarbucksError(
+                f"{'size ' + size.key if size else 'a hybrid'} takes a part from model {label!r}, but no model has "
+                f"that label (labelled: {have}); name it: encode.part_models.{label}=PATH (part_models={{'{label}': "
+                f"PATH}} in Python)")
+        return self.part_models[label]
 
     def side(self, kind: str | None) -> tuple[int, str]:
         """`(max_length, prefix)` of queries, passages, or (None) plain texts: the passage length, no prefix."""
@@ -199,12 +243,26 @@ class StarbucksModel:
         return self.passage_max_length, self.passage_prefix
 
     def identity(self, size: Size, kind: str) -> dict:
-        """The identity record of `size`'s embeddings of `kind` (`query` or `passage`) in a store."""
+        """The identity record of `size`'s embeddings of `kind` (`query` or `passage`) in a store. A hybrid
+        with parts from other models records one `model_sha256` over this model's weights and each other
+        model's weights and settings (pooling, normalisation, max lengths and prefixes of both sides: the
+        queries and passages of a hybrid share it, as those of one model share its weights' hash)."""
         max_length, prefix = self.side(kind)
-        return embedding_identity(self.fingerprint, size, self.pooling, self.normalize, max_length, prefix)
+        fingerprint = self.fingerprint
+        if size.models:
+            others = [[label, m.fingerprint, m.pooling, m.normalize, *m.side("query"), *m.side("passage")]
+                      for label, m in ((label, self.part_model(label, size)) for label in size.models)]
+            fingerprint = hashlib.sha256(json.dumps([fingerprint, others]).encode()).hexdigest()
+        return embedding_identity(fingerprint, size, self.pooling, self.normalize, max_length, prefix)
+
+    def part_sources(self, size: Size) -> dict:
+        """Where a hybrid's parts from other models come from (`{label: source}`; empty for other sizes)."""
+        return {label: self.part_model(label, size).source for label in size.models}
 
     def to(self, device: str | torch.device) -> "StarbucksModel":
         self.encoder.to(resolve_device(device, "device"))
+        for other in self.part_models.values():
+            other.to(device)
         return self
 
     # ------------------------------------------------------------ encoding
@@ -250,10 +308,64 @@ class StarbucksModel:
         """`(len(texts), dim)` arrays of `dtype` per size, in the order of `texts`.
 
         Texts are encoded longest first (dynamic padding wastes little); one forward pass per batch
-        gives every size. `workers` processes tokenise ahead; on a GPU each batch's vectors come back
-        while the next batch runs, so the GPU waits neither for tokenising nor for copies."""
+        gives every size, hybrids' parts included. `workers` processes tokenise ahead; on a GPU each
+        batch's vectors come back while the next batch runs, so the GPU waits neither for tokenising
+        nor for copies. The parts of hybrids from other models are encoded at the same time, each
+        model in a thread of its own (on a GPU, on a CUDA stream of its own)."""
         if batch_size < 1:
             raise StarbucksError(f"batch_size = {batch_size!r} must be >= 1")
+        sizes = [self.size(s) for s in sizes]
+        if not any(s.parts for s in sizes):
+            return self._embed(texts, sizes, kind, batch_size, progress, workers, dtype)
+        wanted: dict[str, dict[Size, None]] = {"": {}}  # model label ("": this one) -> plain sizes, in order
+        for s in sizes:
+            for model, part in ([(p.model, p.size) for p in s.parts] if s.parts else [("", s)]):
+                wanted.setdefault(model, {})[part] = None
+        vectors = self._embed_models(texts, {m: list(w) for m, w in wanted.items()}, kind, batch_size, progress,
+                                     workers)
+        return {s: join_parts(s, vectors).astype(dtype, copy=False) if s.parts else
+                vectors[""][s].astype(dtype, copy=False) for s in sizes}
+
+    def _embed_models(self, texts: Sequence[str], wanted: Mapping[str, list[Size]], kind: str | None,
+                      batch_size: int, progress: tqdm | None, workers: int) -> dict[str, dict[Size, np.ndarray]]:
+        """float32 vectors of `wanted[label]` from each model (`""`: this one, here; the others, with
+        `parallel_parts`, at the same time, each in a thread of its own, else after it); label -> size -> array."""
+        others = {label: sizes for label, sizes in wanted.items() if label}
+        parallel = self.parallel
+
+        def encode_other(label: str) -> dict[Size, np.ndarray]:
+            model = self.part_models[label]
+            with model._own_stream() if parallel else nullcontext():
+                return model._embed(texts, others[label], kind, batch_size, None, 0, np.float32)
+
+        if not parallel:
+            mine = self._embed(texts, wanted[""], kind, batch_size, progress, workers, np.float32) if wanted[""] else {}
+            return {"": mine, **{label: encode_other(label) for label in others}}
+        with ThreadPoolExecutor(max_workers=max(1, len(others)), thread_name_prefix="part-model") as pool:
+            running = {label: pool.submit(encode_other, label) for label in others}
+            mine = self._embed(texts, wanted[""], kind, batch_size, progress, workers, np.float32) if wanted[""] else {}
+            return {"": mine, **{label: future.result() for label, future in running.items()}}
+
+    @property
+    def parallel(self) -> bool:
+        """Whether other models' parts are encoded at the same time as this model's (`parallel_parts`)."""
+        value = self.parallel_parts
+        if value == "auto":
+            return self.device.type == "cuda"
+        if not isinstance(value, bool):
+            raise StarbucksError(f"parallel_parts = {value!r} is not one of auto, true, false")
+        return value
+
+    def _own_stream(self):
+        """A CUDA stream of this model's own for the block (the kernels of two models' threads then overlap on
+        one GPU); nothing on the CPU."""
+        if self.device.type != "cuda":
+            return nullcontext()
+        return torch.cuda.stream(torch.cuda.Stream(self.device))
+
+    def _embed(self, texts: Sequence[str], sizes: Sequence[Size], kind: str | None, batch_size: int,
+               progress: tqdm | None, workers: int, dtype) -> dict[Size, np.ndarray]:
+        """`embed_texts` of plain sizes of this model."""
         sizes = [self.encoder.check(s) for s in sizes]
         max_length, prefix = self.side(kind)
         out = {s: np.empty((len(texts), s.dim), dtype=dtype) for s in sizes}
@@ -311,4 +423,15 @@ class StarbucksModel:
                 f"sizes={', '.join(str(s) for s in self.sizes)}, device={self.device})")
 
 
-__all__ = ["StarbucksModel", "checkpoint_meta"]
+def join_parts(size: Size, vectors: Mapping[str, Mapping[Size, np.ndarray]]) -> np.ndarray:
+    """A hybrid's vectors: its parts' (`vectors[model label][part size]`, float32) end to end, each scaled
+    by `sqrt(weight)`, so that the inner product of two is the weighted sum of the parts' inner products.
+    Each part is normalised (or not) as its model was trained; the whole is not normalised again."""
+    pieces = []
+    for p in size.parts:
+        v = np.asarray(vectors[p.model][p.size], dtype=np.float32)
+        pieces.append(v if p.weight == 1 else v * np.float32(math.sqrt(p.weight)))
+    return np.concatenate(pieces, axis=1)
+
+
+__all__ = ["StarbucksModel", "checkpoint_meta", "join_parts"]

@@ -54,10 +54,12 @@ def corpus_blocks(pairs: Iterable[tuple[str, str]], rows: int) -> Iterator[tuple
 def open_stores(model: StarbucksModel, sizes: Sequence[Size], root: Path, shard_rows: int,
                 info: Mapping) -> dict[Size, EmbeddingStore]:
     """Each size's store under `root`, started with the model's passage identity (a store made by another
-    model, with other settings or shards, is refused); `info` is recorded, not checked."""
+    model, with other settings or shards, is refused); `info` is recorded, not checked (and, for a hybrid
+    with parts from other models, `part_models`: where they came from)."""
     stores = {s: EmbeddingStore(Path(root) / s.name) for s in sizes}
     for s, store in stores.items():
-        store.start({**model.identity(s, "passage"), "shard_rows": shard_rows}, info=info)
+        extra = {"part_models": model.part_sources(s)} if s.models else {}
+        store.start({**model.identity(s, "passage"), "shard_rows": shard_rows}, info={**info, **extra})
     return stores
 
 

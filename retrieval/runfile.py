@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json, iter_lines
-from retrieval.sizes import Size, parse_size
+from retrieval.sizes import Size, parse_size, recorded_size
 
 RUN_SUFFIX = ".trec"
 
@@ -153,11 +153,11 @@ def find_runs(runs_dir: str | os.PathLike, split: str) -> list[tuple[Size, Path]
     for path in sorted([*folder.glob(f"*{RUN_SUFFIX}"), *folder.glob(f"*{RUN_SUFFIX}.gz")]):
         record = read_run_record(path)
         if record and {"size", "layers", "dim"} <= record.keys():
-            size = Size(record["size"], int(record["layers"]), int(record["dim"]))
+            size = recorded_size(record["size"], int(record["layers"]), int(record["dim"]))
         else:
             try:
                 size = parse_size(run_stem(path))
             except StarbucksError:
                 continue  # a run file of unknown size: not ours
         found.append((size, path))
-    return sorted(found, key=lambda t: (t[0].layers, t[0].dim, t[0].name))
+    return sorted(found, key=lambda t: (*t[0].ident, t[0].name))

@@ -205,7 +205,7 @@ def names() -> Rule:
     """A selection of names: `all`, a comma list, or a YAML list of names (kept as strings)."""
 
     def check(value, key):
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, Sequence) and not isinstance(value, str):  # a list, or a YAML list (ListConfig)
             bad = [v for v in value if not isinstance(v, str)]
             if bad:
                 raise StarbucksError(f"{key} holds {bad[0]!r}, not a name; quote it in YAML ('{bad[0]}')")
@@ -230,7 +230,7 @@ KEY_RULES: dict[str, Rule] = {
     "model.passage_max_length": integer(1),
     "data.max_train_groups": integer(1, allow_none=True),
     "data.train_corpus": text(),
-    "train.method": choice("srl", "2dmse", "separate", "full", "smae"),
+    "train.method": choice("srl", "2dmse", "separate", "full", "srl-depth", "srl-width", "smae"),
     "train.size": text(),
     "train.epochs": number(0, above=True),
     "train.max_steps": integer(1, allow_none=True),
@@ -276,6 +276,7 @@ KEY_RULES: dict[str, Rule] = {
     "encode.precision": choice("auto", "fp32", "fp16", "bf16"),
     "encode.dataloader_workers": integer(0, auto=True),
     "encode.shard": text(),
+    "encode.parallel_parts": Rule(lambda v, k: v if v == "auto" else boolean().check(v, k)),
     "search.depth": integer(1),
     "search.batch_size": integer(1),
     "search.backend": choice("auto", "faiss", "torch"),
@@ -293,6 +294,7 @@ KEY_RULES: dict[str, Rule] = {
     "experiment.methods": names(),
     "experiment.seeds": Rule(lambda v, k: v if v is None else [whole_number(x, f"{k}[{i}]", 0) for i, x in enumerate(
         v if isinstance(v, Sequence) and not isinstance(v, str) else [v])]),
+    "experiment.hybrids": names(),
     "experiment.grid_split": text(allow_none=False),
     "experiment.run_depth": integer(1),
     "experiment.grid_run_depth": integer(1),

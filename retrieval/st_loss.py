@@ -62,6 +62,9 @@ def as_sizes(specs: Iterable) -> SizeList:
             out.append(Size("", int(spec[0]), int(spec[1])))
         else:
             out.append(parse_size(spec))
+    hybrid = next((s for s in out if s.parts), None)
+    if hybrid is not None:
+        raise StarbucksError(f"{hybrid.key} is a hybrid size: a model is trained at plain sizes (LxD); give its parts")
     return SizeList(out)
 
 

@@ -30,7 +30,7 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text, writing
 from retrieval.names import parse_names
 from retrieval.settings import first_line
-from retrieval.sizes import Size
+from retrieval.sizes import Size, hybrid_key, recorded_size
 
 STORE_VERSION = 1
 META_FILE = "meta.json"
@@ -178,7 +178,7 @@ class EmbeddingStore:
     @property
     def size(self) -> Size:
         meta = self.require_complete()
-        return Size(meta["size"], meta["layers"], meta["dim"])
+        return recorded_size(meta["size"], meta["layers"], meta["dim"])
 
     # ------------------------------------------------------------ passage shards
 
@@ -355,18 +355,22 @@ def finished_stores(root: str | os.PathLike) -> list[EmbeddingStore]:
     for meta_path in Path(root).glob(f"*/{META_FILE}"):
         meta = EmbeddingStore(meta_path.parent).read_meta()
         if meta and meta.get("complete"):
-            found.append((meta["layers"], meta["dim"], EmbeddingStore(meta_path.parent)))
-    return [store for *_, store in sorted(found, key=lambda t: t[:2])]
+            found.append((meta["layers"], meta["dim"], meta["size"], EmbeddingStore(meta_path.parent)))
+    return [store for *_, store in sorted(found, key=lambda t: t[:3])]
 
 
 def select_stores(root: str | os.PathLike, spec: str | Sequence[str] | None) -> list[EmbeddingStore]:
-    """Finished stores named by `spec` (size names or `LxD`, comma list); `all`: every finished one."""
+    """Finished stores named by `spec` (size names, `LxD` or hybrid specs, comma list); `all`: every finished one."""
     done = finished_stores(root)
     names = {}
     for store in done:
         meta = store.read_meta()
-        names[meta["size"]] = names[f"{meta['layers']}x{meta['dim']}"] = store
+        if "+" not in meta["size"]:  # a hybrid's layers and dim are not its name
+            names[f"{meta['layers']}x{meta['dim']}"] = store
+        names[meta["size"]] = store
     wanted = parse_names(spec)
+    if wanted is not None:
+        wanted = [hybrid_key(w) for w in wanted]
     if wanted is None:
         if not done:
             raise StarbucksError(f"no finished embeddings under {root}; run `python -m encode` first")

@@ -50,16 +50,16 @@ def plot_measures(series: Mapping[str, Sequence[tuple[Size, Mapping[str, float]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sizes: dict[tuple[int, int], Size] = {}
+    sizes: dict[tuple, Size] = {}
     for points in series.values():
         for size, _ in points:
-            sizes.setdefault((size.layers, size.dim), size)
+            sizes.setdefault(size.ident, size)
     order = sorted(sizes)
     position = {key: i for i, key in enumerate(order)}
     fig, axes = plt.subplots(1, len(measures), figsize=(1.2 + 3.6 * len(measures), 3.6), squeeze=False)
     for ax, measure in zip(axes[0], measures):
         for label, points in series.items():
-            points = sorted((position[(s.layers, s.dim)], values[measure]) for s, values in points if measure in values)
+            points = sorted((position[s.ident], values[measure]) for s, values in points if measure in values)
             ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
         ax.set_xticks(range(len(order)), [size_label(sizes[k], "\n") for k in order], fontsize=8)
         ax.set_title(measure)

@@ -50,6 +50,9 @@ class ExportResult:
 def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
     """Write `model` cut to `size` (its layers; ST's output: its dims) as a checkpoint in `out`."""
     size = model.size(size)
+    if size.parts:
+        raise StarbucksError(f"{size.key} is a hybrid of {len(size.parts)} sizes, which one sentence-transformers model "
+                             f"cannot give; export each part (--size {size.parts[0].size.key}, ...)")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise StarbucksError(f"{out} exists and is not a model folder; give an empty or new --out")
@@ -58,7 +61,8 @@ def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
                          passage_max_length=model.passage_max_length, query_prefix=model.query_prefix,
                          passage_prefix=model.passage_prefix, source=model.source, meta=model.meta)
     cut.save(out, {"exported_from": model.source, "exported_size": size.to_dict()})
-    results = {split: {**r, "sizes": [s for s in r["sizes"] if (s["layers"], s["dim"]) == (size.layers, size.dim)]}
+    results = {split: {**r, "sizes": [s for s in r["sizes"] if (s["layers"], s["dim"]) == (size.layers, size.dim)
+                                      and "+" not in s["size"]]}  # a hybrid may share a size's layers and dim
                for split, r in read_results(model.source).items()}
     results = {split: r for split, r in results.items() if r["sizes"]}
     if results:

@@ -7,6 +7,10 @@
   (2DMSE). `(N, D)` is the largest size.
 - `separate`: one size `train.size`; the model is truncated to its `n` layers.
 - `full`: the last layer, full width only (a plain dense retriever).
+- `srl-depth` / `srl-width`: SRL over the 1D Starbucks sizes of the list (the paper's v3 variants,
+  read from its abstract: docs/training.md): `srl-depth` every layer count of the list at the full
+  width `(n, D)`, `srl-width` every dim of the list at the full depth `(N, d)`. The model records
+  those sizes (named as the list names them, else `LxD`).
 """
 
 from __future__ import annotations
@@ -15,9 +19,23 @@ from dataclasses import dataclass
 
 from retrieval.errors import StarbucksError
 from retrieval.samplers import FixedSizes, TwoDMSESizes
-from retrieval.sizes import Size, SizeList, check_size
+from retrieval.sizes import Size, SizeList, check_size, parse_size
 
-METHODS = ("srl", "2dmse", "separate", "full")
+METHODS = ("srl", "2dmse", "separate", "full", "srl-depth", "srl-width")
+SRL_METHODS = ("srl", "srl-depth", "srl-width")  # SRL's loss (mean, size_weights) over their own size lists
+
+
+def one_dimensional(sizes: SizeList, axis: str) -> SizeList:
+    """The 1D Starbucks sizes of a list: `depth`, each of its layer counts at the largest size's dim;
+    `width`, each of its dims at the largest size's layers. A configured size keeps its name."""
+    full = sizes.largest
+    if axis == "depth":
+        wanted = [(n, full.dim) for n in sorted({s.layers for s in sizes})]
+    else:
+        wanted = [(full.layers, d) for d in sorted({s.dim for s in sizes})]
+    return SizeList(parse_size(f"{n}x{d}", sizes) for n, d in wanted)
+
+
 @dataclass
 class MethodPlan:
     """What a method trains: sizes per step, how terms combine, the model's depth and recorded sizes."""
@@ -35,8 +53,9 @@ def plan_method(train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: 
     method = str(train_cfg.method)
     if method not in METHODS:
         raise StarbucksError(f"train.method = {method!r} is not one of {', '.join(METHODS)}")
-    if train_cfg.get("size_weights") is not None and method != "srl":
-        raise StarbucksError(f"train.size_weights applies to method srl only; remove it for method {method}")
+    if train_cfg.get("size_weights") is not None and method not in SRL_METHODS:
+        raise StarbucksError(f"train.size_weights applies to method srl (and srl-depth, srl-width) only; remove it "
+                             f"for method {method}")
     if method != "separate" and train_cfg.get("size") is not None:
         raise StarbucksError("train.size is for method separate; remove it or set train.method=separate")
     sizes.validate(num_layers, hidden, model_name)
@@ -44,6 +63,9 @@ def plan_method(train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: 
     deepest = sizes.largest.layers if sizes.largest.layers < num_layers else None
     if method == "srl":
         return MethodPlan(method, FixedSizes(sizes), "mean", sizes, truncate_to=deepest)
+    if method in ("srl-depth", "srl-width"):
+        visited = one_dimensional(sizes, method.split("-")[1])
+        return MethodPlan(method, FixedSizes(visited), "mean", visited, truncate_to=deepest)
     if method == "2dmse":
         schedule = TwoDMSESizes(sizes, seed, str(train_cfg.get("twodmse_dims", "uniform")))
         return MethodPlan(method, schedule, "sum", sizes, truncate_to=deepest)
