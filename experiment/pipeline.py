@@ -7,7 +7,13 @@ the paper's Table 2 ablation), `smae` pre-training followed by `smae-srl`, and `
 set from their recorded cost and the `srl` run's FLOPs per step; "one run or six for the same
 compute?"). `srl`, `2dmse` and `separate` run once per seed of `experiment.seeds` (the first seed's
 runs keep the plain names, the others end in `-seed<N>`; the first seed also seeds every other
-run), and the report averages over the seeds. Every run is the
+run), and the report averages over the seeds. The paper's v3 variants (read from its abstract:
+docs/training.md): `srl-depth` and `srl-width` (SRL over the layers at full width, over the dims
+at full depth), and `hybrid`, no training of its own: the hybrid sizes of `experiment.hybrids`
+(default: per size `(n, d)` of the list below the full size in both, `n x (D-d) + N x d@srl-width`,
+the bytes of one full-width vector), their unlabelled parts from srl-depth's model and `@<run>`
+parts from that run's, encoded in parallel. The runs a hybrid's parts come from also evaluate each
+part alone and at the hybrid's bytes (the report's equal-bytes comparison). Every run is the
 experiment's own config (same data, sizes and hyperparameters) plus a few method overrides, with
 its outputs under `<output_dir>/<run>`. `run_experiment` trains, encodes, searches and evaluates
 each run in order; every stage reuses what a previous invocation finished (training resumes from
@@ -27,19 +33,21 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from experiment.report import ReportedRun, write_report
+from experiment.report import HYBRID_BASE, ReportedRun, write_report
 from retrieval.config import experiment_paths, load_config, sizes_of
 from retrieval.cost import read_train_summary
 from retrieval.errors import StarbucksError
 from retrieval.names import parse_names
-from retrieval.sizes import Size, SizeList
+from retrieval.sizes import HYBRID_HELP, Size, SizeList, parse_size
 
-METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl")  # labels: report.LABELS
+METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl", "srl-depth",
+           "srl-width", "hybrid")  # labels: report.LABELS
 SEEDED = ("separate", "2dmse", "srl")  # the methods repeated per seed of experiment.seeds
+ONE_D = ("srl-depth", "srl-width")  # the 1D Starbucks methods (train.methods.one_dimensional)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,42 @@ def selected_methods(cfg: DictConfig) -> list[str]:
     return chosen
 
 
+def hybrid_sizes(cfg: DictConfig, sizes: SizeList) -> list[Size]:
+    """`experiment.hybrids`, or (null) one per size `(n, d)` of the list with `n < N` and `d < D`: srl-depth's
+    `(n, D-d)` joined with srl-width's `(N, d)` (`n x (D-d) + N x d@srl-width`), as many bytes as one
+    full-width vector."""
+    specs = parse_names(cfg.experiment.hybrids) if cfg.experiment.hybrids is not None else None
+    if specs is None:
+        full = sizes.largest
+        specs = [f"{s.layers}x{full.dim - s.dim}+{full.layers}x{s.dim}@srl-width" for s in sizes
+                 if s.layers < full.layers and s.dim < full.dim]
+        if not specs:
+            raise StarbucksError("experiment.hybrids: no size of the list is below the full size in both layers and "
+                                 "dims, so none can be derived; give experiment.hybrids (e.g. [3x64+6x32@srl-width])")
+    out = [parse_size(spec) for spec in specs]
+    flat = [s.key for s in out if not s.parts]
+    if flat:
+        raise StarbucksError(f"experiment.hybrids: {flat[0]} is not a hybrid; {HYBRID_HELP}")
+    return out
+
+
+def _hybrid_sources(hybrids: Sequence[Size], runs: Sequence["Run"]) -> dict[str, "Run"]:
+    """Each model label of the hybrids (`""`: unlabelled parts, srl-depth's) -> the run whose model it is;
+    one line when a label names no trained run planned before it."""
+    trained = {r.name: r for r in runs if r.train == "finetune"}
+    out = {}
+    for h in hybrids:
+        for p in h.parts:
+            name = p.model or HYBRID_BASE
+            if name not in trained:
+                raise StarbucksError(
+                    f"hybrid {h.key}: its part {p.key} comes from run {name!r}, which this experiment does not train "
+                    f"(trained: {', '.join(trained) or 'none'}); add its method to experiment.methods or change "
+                    f"experiment.hybrids (unlabelled parts come from {HYBRID_BASE})")
+            out[p.model] = trained[name]
+    return out
+
+
 def experiment_seeds(cfg: DictConfig) -> list[int]:
     """`experiment.seeds` (null: `[seed]`): one run of each SEEDED method per seed."""
     seeds = cfg.experiment.seeds
@@ -116,6 +160,24 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
         runs.append(Run(name, method, tuple(base + overrides), train, tuple(run_sizes), seed=seed, **kw))
 
     for method in selected_methods(cfg):
+        if method == "hybrid":  # no training: the hybrids of models trained above, encoded, searched, evaluated
+            hybrids = hybrid_sizes(cfg, sizes)
+            sources = _hybrid_sources(hybrids, runs)
+            models = [f"encode.model={root / sources[''].name / 'model'}"] if "" in sources else []
+            models += [f"encode.part_models.{label}={root / run.name / 'model'}"
+                       for label, run in sources.items() if label]
+            if "" not in sources:  # every part labelled: the first label's model encodes, the others join it
+                models = [f"encode.model={root / next(iter(sources.values())).name / 'model'}"] + models
+            add("hybrid", method, models, None, hybrids)
+            for i, run in enumerate(runs):  # the part models also evaluate each part, alone and at the hybrid's
+                # bytes, and SRL the hybrid's layers and bytes (the report's comparisons at equal bytes)
+                extra = [Size("", q.layers, q.dim) for h in hybrids for p in h.parts if sources[p.model] is run
+                         for q in (p.size, Size("", p.size.layers, h.dim)) if q.dim <= sizes.largest.dim]
+                extra += [Size("", h.layers, h.dim) for h in hybrids if run.method == "srl" and
+                          h.dim <= sizes.largest.dim]
+                if extra:
+                    runs[i] = dataclasses.replace(run, sizes=_with(list(run.sizes), extra))
+            continue
         for seed in seeds if method in SEEDED else seeds[:1]:
             if method == "zeroshot":
                 add("zeroshot", method, ["encode.model=${model.name_or_path}"], None, everything)  # the backbone
@@ -125,6 +187,12 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
                 add(method, method, ["train.method=srl"], "finetune", everything)
             elif method == "srl-nokl":
                 add(method, method, ["train.method=srl", "train.kl_weight=0"], "finetune", everything)
+            elif method in ONE_D:  # its model lists its 1D sizes only: every other size asked for by LxD
+                axis = method.split("-")[1]
+                trained = [parse_size(f"{s.layers}x{sizes.largest.dim}" if axis == "depth" else
+                                      f"{sizes.largest.layers}x{s.dim}") for s in sizes]
+                add(method, method, [f"train.method={method}"], "finetune",
+                    _with([Size("", s.layers, s.dim) for s in everything], trained))
             elif method == "separate":
                 for s in sizes:
                     row = grid_sizes(sizes, num_layers, s.layers) if grid else []
@@ -163,7 +231,11 @@ def matched_step_count(budget: float, per_step: float) -> int:
 
 def cost_dirs(runs: list[Run], run: Run, cfg_path: str | None, overrides: list[str]) -> tuple[Path, ...]:
     """Where a reported run's training cost is recorded: its own directory, and SMAE's for smae-srl
-    (every `train_summary.json` under them counts: the head warm-up's too)."""
+    (every `train_summary.json` under them counts: the head warm-up's too); the hybrid's: those of the runs
+    its parts come from."""
+    if run.method == "hybrid":
+        names = {p.model or HYBRID_BASE for h in run.sizes for p in h.parts}
+        return tuple(run_root(cfg_path, overrides, r) for r in runs if r.name in names)
     dirs = [run_root(cfg_path, overrides, run)]
     if run.method == "smae-srl":
         dirs += [run_root(cfg_path, overrides, r) for r in runs if r.method == "smae"]
@@ -183,7 +255,8 @@ def reported_runs(cfg_path: str | None, overrides: list[str], runs: list[Run]) -
     cfg = load_config(cfg_path, overrides)
     collections = suite_collections(cfg)
     return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval,
-                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections),
+                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections
+                              if r.method != "hybrid"),
                         seed=r.seed, cost_dirs=cost_dirs(runs, r, cfg_path, overrides))
             for r in runs if r.report]
 
@@ -203,13 +276,14 @@ def suite_collections(cfg: DictConfig) -> list:
 
 def run_out_of_domain(cfg: DictConfig, cfg_path: str | None, overrides: list[str], runs: list[Run]) -> None:
     """`eval.suite` over `experiment.suite`'s collections for every reported run's model: its trained model,
-    or (zero-shot) the backbone with the config's model settings and sizes; each at its own sizes."""
+    or (zero-shot) the backbone with the config's model settings and sizes; each at its own sizes. The
+    hybrid arm is not in it (the suite encodes one model's sizes)."""
     from eval.suite import DEFAULT_DEPTH, DEFAULT_MEASURES, SuiteModel, read_suite_file, run_suite
 
     suite = read_suite_file(cfg.experiment.suite)
     models = []
     for r in runs:
-        if not r.report:
+        if not r.report or r.method == "hybrid":
             continue
         run_cfg = run_config(cfg_path, overrides, r)
         if r.train is None:

@@ -7,6 +7,8 @@ beside it, `retrieval.evalfile`; nothing is evaluated again) and writes to `expe
 - `results.md`: Table 4's shape (rows size x method; RR@10, nDCG@10, R@100 on each split; `*`
   where a method differs from `experiment.reference` at p < eval.alpha, paired t-test), Table
   1's shape (each method's average over the sizes), Table 2's ablation (SRL with and without KL),
+  the hybrids (each against its parts alone, its parts' models and SRL at its bytes; the
+  complementarity of its parts, per query),
   with `experiment.suite` the out-of-domain table (sizes x methods, nDCG@10 averaged over the
   suite's collections, from the `eval.suite` cells' eval files),
   what the numbers say about the paper's claims (computed, not written by hand), the commands,
@@ -52,10 +54,13 @@ DISCUSSION_END = "<!-- end of discussion -->"
 LABELS = {
     "zeroshot": "zero-shot", "full": "full", "separate": "separate", "2dmse": "2DMSE", "srl": "SRL",
     "srl-matched": "SRL (separate's FLOPs)", "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
+    "srl-depth": "SRL depth-wise", "srl-width": "SRL width-wise", "hybrid": "hybrid",
 }
+HYBRID_BASE = "srl-depth"  # the run whose model a hybrid's unlabelled parts come from (`@<run>`: that run's)
+SIZED = tuple(m for m in LABELS if m != "hybrid")  # the methods of the size tables (the hybrid has its own)
 
-Key = tuple[int, int]
-# method -> split -> (layers, dim) -> (run name, result)
+Key = tuple  # Size.ident: (layers, dim), a hybrid's (layers, dim, spec)
+# method -> split -> Size.ident -> (run name, result)
 Results = dict[str, dict[str, dict[Key, tuple[str, SizeScores]]]]
 
 
@@ -133,13 +138,13 @@ def _collect_seed(runs: Sequence[ReportedRun], splits: Sequence[str], measures: 
     out: Results = {}
     trained_at: dict[str, Key] = {}  # separate run -> the size it was trained for (its first size)
     for run in runs:
-        wanted = {(s.layers, s.dim) for s in run.sizes}
+        wanted = {s.ident for s in run.sizes}
         if run.method == "separate":
-            trained_at[run.name] = (run.sizes[0].layers, run.sizes[0].dim)
+            trained_at[run.name] = run.sizes[0].ident
         for name in splits:
             cells = out.setdefault(run.method, {}).setdefault(name, {})
             for r in read_split(run.eval_dir, name) or []:
-                key = (r.size.layers, r.size.dim)
+                key = r.size.ident
                 if key not in wanted:
                     continue
                 missing = [m for m in measures if m not in r.evaluation.aggregate]
@@ -177,7 +182,7 @@ def summarise(cfg: DictConfig, results: Results, splits: Sequence[str]) -> dict:
     sizes = sizes_of(cfg)
     measures = list(cfg.eval.metrics)
     ref = str(cfg.experiment.reference)
-    methods = [m for m in LABELS if m in results]
+    methods = [m for m in SIZED if m in results]
     table, averages = [], {}
     for s in sizes:
         key = (s.layers, s.dim)
@@ -277,7 +282,7 @@ def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun], out_dir: Path | 
             values.setdefault((r.method, (entry["layers"], entry["dim"])), {})[name] = entry["metrics"][measure]
     if measure is None:
         return None
-    methods = [m for m in LABELS if any(r.method == m for r in runs)]
+    methods = [m for m in SIZED if any(r.method == m for r in runs)]
     rows, means = [], {m: [] for m in methods}
     for s in sizes_of(cfg):
         cells = []
@@ -353,15 +358,15 @@ CLAIMS = (
 )
 
 
-def verdict(c: dict, kind: str) -> str:
-    """Whether a claim holds on one split and measure, and how strongly, in words."""
+def verdict(c: dict, kind: str, unit: str = "sizes") -> str:
+    """Whether a claim holds on one split and measure, and how strongly, in words (`unit`: what was compared)."""
     n, ahead, sig_w, sig_l = c["sizes"], c["ahead"], c["significantly_ahead"], c["significantly_behind"]
     if kind == "close":
         if sig_l == 0:
-            word = "holds" + (" (and ahead at every size)" if ahead == n else "")
+            word = "holds" + (f" (and ahead at every {unit.rstrip('s')})" if ahead == n else "")
         else:
             word = "holds in part" if sig_l < n / 2 else "does not hold"
-        return (f"{word}: significantly behind at {sig_l} of {n} sizes, ahead at {ahead} ({sig_w} significantly); "
+        return (f"{word}: significantly behind at {sig_l} of {n} {unit}, ahead at {ahead} ({sig_w} significantly); "
                 f"mean difference {c['mean_difference']:+.4f}, largest deficit {min(c['worst_difference'], 0):+.4f}")
     if ahead == n and sig_l == 0:
         word = "holds strongly" if sig_w == n else "holds" if sig_w >= n / 2 else "holds weakly"
@@ -369,7 +374,7 @@ def verdict(c: dict, kind: str) -> str:
         word = "holds in part"
     else:
         word = "does not hold"
-    return (f"{word}: ahead at {ahead} of {n} sizes ({sig_w} significantly, {sig_l} significantly behind); "
+    return (f"{word}: ahead at {ahead} of {n} {unit} ({sig_w} significantly, {sig_l} significantly behind); "
             f"mean difference {c['mean_difference']:+.4f}")
 
 
@@ -390,6 +395,175 @@ def claims(cfg: DictConfig, results: Results, splits: Sequence[str]) -> list[str
         lines += [f"- {sp} {m}: {verdict(c, kind)}" for sp, m, c in found]
         lines.append("")
     return lines
+
+
+# ---------------------------------------------------------------- hybrids (the paper's v3, as this toolkit reads it)
+
+
+@dataclass(frozen=True)
+class HybridCells:
+    """Where a hybrid's comparisons are in `Results`: `(method, key)` of the hybrid, of each part alone (its
+    model at the part's size), of each part's model at the hybrid's layers-of-the-part and bytes (`equal`),
+    and of SRL at the hybrid's layers and bytes; `labels[i]`: the method of part `i`."""
+
+    size: Size
+    labels: tuple[str, ...]
+    hybrid: tuple[str, Key]
+    parts: tuple[tuple[str, Key], ...]
+    equal: tuple[tuple[str, Key], ...]
+    srl: tuple[str, Key]
+
+
+def hybrid_cells(runs: Sequence[ReportedRun]) -> list[HybridCells]:
+    """The hybrids the experiment evaluated, each with the cells it is compared with; a part's model is the
+    run it names (`@<run>`), else `HYBRID_BASE`."""
+    method_of = {r.name: r.method for r in runs}
+    out = []
+    for run in runs:
+        if run.method != "hybrid":
+            continue
+        for h in run.sizes:
+            labels = tuple(method_of.get(p.model or HYBRID_BASE, p.model or HYBRID_BASE) for p in h.parts)
+            out.append(HybridCells(
+                h, labels, ("hybrid", h.ident),
+                tuple((m, (p.size.layers, p.size.dim)) for m, p in zip(labels, h.parts)),
+                tuple((m, (p.size.layers, h.dim)) for m, p in zip(labels, h.parts)),
+                ("srl", (h.layers, h.dim))))
+    return out
+
+
+def _cell(results: Results, split: str, cell: tuple[str, Key]) -> SizeScores | None:
+    hit = results.get(cell[0], {}).get(split, {}).get(cell[1])
+    return None if hit is None else hit[1]
+
+
+def compare_cells(results: Results, pairs, split: str, measure: str, alpha: float) -> dict | None:
+    """`compare` over pairs of cells `(a, b)` (each `(method, key)`): how often `a` is ahead, significantly
+    ahead or behind (paired t-test), the mean and the worst difference; None when no pair has both."""
+    wins, sig_w, sig_l, gaps = 0, 0, 0, []
+    for a, b in pairs:
+        ra, rb = _cell(results, split, a), _cell(results, split, b)
+        if ra is None or rb is None:
+            continue
+        va, vb = ra.evaluation.aggregate[measure], rb.evaluation.aggregate[measure]
+        p = paired_ttest(ra.evaluation.per_query[measure], rb.evaluation.per_query[measure])
+        wins += va > vb
+        sig_w += va > vb and p < alpha
+        sig_l += va < vb and p < alpha
+        gaps.append(va - vb)
+    if not gaps:
+        return None
+    return {"sizes": len(gaps), "ahead": wins, "significantly_ahead": sig_w, "significantly_behind": sig_l,
+            "mean_difference": float(np.mean(gaps)), "worst_difference": float(min(gaps))}
+
+
+def complementarity(a: SizeScores, b: SizeScores, measure: str) -> dict:
+    """How two embeddings' per-query results complement each other on one measure: the queries each is
+    better at (`wins_a`, `wins_b`, `ties`); the Jaccard overlap of the queries each scores above 0 at
+    (a relevant passage in its top 10 for RR@10 / nDCG@10): low = each finds what the other misses; the
+    oracle gain, the mean per query of the better of the two over the better mean, and the paired t-test
+    of the per-query better-of-two against the better embedding alone."""
+    qa, qb = a.evaluation.per_query[measure], b.evaluation.per_query[measure]
+    queries = sorted(qa)
+    x, y = np.array([qa[q] for q in queries]), np.array([qb.get(q, 0.0) for q in queries])
+    solved_a, solved_b = set(np.flatnonzero(x > 0)), set(np.flatnonzero(y > 0))
+    union = solved_a | solved_b
+    best = np.maximum(x, y)
+    better = x if x.mean() >= y.mean() else y
+    return {"queries": len(queries), "wins_a": int((x > y).sum()), "wins_b": int((y > x).sum()),
+            "ties": int((x == y).sum()),
+            "jaccard": len(solved_a & solved_b) / len(union) if union else 1.0,
+            "oracle_gain": float(best.mean() - better.mean()),
+            "p": paired_ttest(dict(zip(queries, best)), dict(zip(queries, better)))}
+
+
+def complementary_verdict(found: Sequence[dict], alpha: float) -> str:
+    """Depth- and width-wise parts complement each other, over the hybrids of one split and measure: *holds*
+    when at every hybrid each part is better at some queries and the better-of-two per query beats the
+    better part significantly; *holds in part* when at some; else it *does not hold*."""
+    ok = sum(c["wins_a"] > 0 and c["wins_b"] > 0 and c["oracle_gain"] > 0 and c["p"] < alpha for c in found)
+    word = "holds" if ok == len(found) else "holds in part" if ok else "does not hold"
+    wins_a, wins_b, ties = (sum(c[k] for c in found) for k in ("wins_a", "wins_b", "ties"))
+    return (f"{word}: at {ok} of {len(found)} hybrids each part is better at some queries and the per-query "
+            f"better of the two beats the better part (p < {alpha}); queries won by the first part / the second / "
+            f"tied: {wins_a} / {wins_b} / {ties}; mean Jaccard overlap of the queries each scores above 0 at: "
+            f"{np.mean([c['jaccard'] for c in found]):.3f}; mean oracle gain "
+            f"{np.mean([c['oracle_gain'] for c in found]):+.4f}")
+
+
+def _cell_label(method: str, key: Key, note: str) -> str:
+    return f"{LABELS.get(method, method)} {key[0]}x{key[1]} ({note})"
+
+
+def hybrid_section(cfg: DictConfig, results: Results, splits: Sequence[str], hybrids: Sequence[HybridCells],
+                   cost: dict) -> tuple[str, dict] | None:
+    """The hybrids' table and claims (Markdown) and their numbers (for summary.json); None without hybrids."""
+    if not hybrids:
+        return None
+    measures, alpha = list(cfg.eval.metrics)[:2], float(cfg.eval.alpha)
+    headers = ["hybrid", "embedding", *[f"{sp} {m}" for sp in splits for m in measures]]
+    rows, record = [], {"hybrids": [], "claims": {}}
+    for h in hybrids:
+        lines = [(h.hybrid, f"hybrid {h.size.layers}x{h.size.dim}")]
+        lines += [(c, _cell_label(*c, "part")) for c in h.parts]
+        lines += [(c, _cell_label(*c, "equal bytes")) for c in dict.fromkeys(h.equal)]
+        lines += [(h.srl, _cell_label(*h.srl, "equal bytes and layers"))]
+        entry = {"hybrid": h.size.key, "layers": h.size.layers, "dim": h.size.dim, "cells": []}
+        for i, (cell, label) in enumerate(lines):
+            values = {}
+            row = [h.size.key if i == 0 else "", label]
+            for sp in splits:
+                base, r = _cell(results, sp, h.hybrid), _cell(results, sp, cell)
+                for m in measures:
+                    p = None if i == 0 or r is None or base is None else paired_ttest(
+                        base.evaluation.per_query[m], r.evaluation.per_query[m])
+                    v = None if r is None else r.evaluation.aggregate[m]
+                    row.append(_fmt(v, p, alpha))
+                    values.setdefault(sp, {})[m] = {"value": v, "p": p}
+            rows.append(row)
+            entry["cells"].append({"embedding": label, "method": cell[0], "key": list(cell[1]), "splits": values})
+        record["hybrids"].append(entry)
+    claims_md = []
+    plans = [("The hybrid beats both parts at equal bytes (each part's model at the hybrid's bytes)",
+              lambda h: [(h.hybrid, c) for c in dict.fromkeys(h.equal)], "ahead", "comparisons"),
+             ("Beside SRL: the hybrid beats SRL at its layers and bytes", lambda h: [(h.hybrid, h.srl)], "ahead",
+              "hybrids")]
+    for title, pairs, kind, unit in plans:
+        found = [(sp, m, compare_cells(results, [x for h in hybrids for x in pairs(h)], sp, m, alpha))
+                 for sp in splits for m in measures]
+        found = [(sp, m, c) for sp, m, c in found if c]
+        if found:
+            claims_md += [f"**{title}**:\n", *(f"- {sp} {m}: {verdict(c, kind, unit)}" for sp, m, c in found), ""]
+            record["claims"][title] = {f"{sp} {m}": c for sp, m, c in found}
+    title = "Depth- and width-wise are complementary (the hybrid's parts, per query)"
+    found = []
+    for sp in splits:
+        for m in measures:
+            per = []
+            for h in hybrids:
+                distinct = list(dict.fromkeys(h.parts))  # the first two parts from different models
+                a = distinct[0]
+                b = next((c for c in distinct[1:] if c[0] != a[0]), None)
+                ra, rb = _cell(results, sp, a), None if b is None else _cell(results, sp, b)
+                if ra is not None and rb is not None:
+                    per.append(complementarity(ra, rb, m))
+            if per:
+                found.append((sp, m, per))
+    if found:
+        claims_md += [f"**{title}**:\n", *(f"- {sp} {m}: {complementary_verdict(per, alpha)}" for sp, m, per in found),
+                      ""]
+        record["claims"][title] = {f"{sp} {m}": per for sp, m, per in found}
+    spent = cost.get("hybrid")
+    text = ("Each hybrid against its parts alone, each part's model at the hybrid's bytes (`equal bytes`: the "
+            "same bytes per passage spent on one model's embedding at the part's layers) and SRL at the hybrid's "
+            f"layers and bytes; `*`: differs from the hybrid at p < {alpha} (paired t-test). The parts of two "
+            "models are encoded at the same time (bench/hybrid_latency.py: the latency of a hybrid against its "
+            "slowest part). "
+            + (f"Its models cost {spent['flops'] / 1e15:.3g} PFLOP and {spent['seconds'] / 60:.1f} min to train "
+               f"together ({spent['runs']} runs). " if spent else "")
+            + "This reading of the paper's v3 abstract is the toolkit's (docs/training.md).\n\n"
+            + markdown_table(headers, rows) + "\n" + "\n".join(claims_md))
+    return text, record
 
 
 # ---------------------------------------------------------------- plots
@@ -470,7 +644,7 @@ def size_plots(cfg: DictConfig, results: Results, splits: Sequence[str], out_dir
     files = []
     for sp in splits:
         series = {}
-        for m in LABELS:
+        for m in SIZED:
             if m not in results:
                 continue
             pts = [(s, results[m][sp][(s.layers, s.dim)][1].evaluation.aggregate) for s in sizes
@@ -505,14 +679,16 @@ def copy_run(src: Path, dst: Path, depth: int) -> None:
 GRID_METHODS = ("srl", "2dmse", "separate")  # the heatmaps' methods
 
 
-def published_cells(cfg: DictConfig, results: Results):
+def published_cells(cfg: DictConfig, results: Results, hybrids: Sequence[HybridCells] = ()):
     """`(method, split, key, run name, result, depth)` of every run file the report shows: the configured
-    sizes of every method on every split, and the other grid cells of the heatmaps' methods on the grid split."""
+    sizes of every method on every split, every cell of the hybrids' table, and the other grid cells of the
+    heatmaps' methods on the grid split."""
     named = {(s.layers, s.dim) for s in sizes_of(cfg)}
+    shown = {c for h in hybrids for c in (h.hybrid, *h.parts, *h.equal, h.srl)}
     for method, per_split in results.items():
         for split, cells in per_split.items():
             for key, (run_name, r) in sorted(cells.items()):
-                if key in named:
+                if key in named or (method, key) in shown:
                     yield method, split, key, run_name, r, int(cfg.experiment.run_depth)
                 elif method in GRID_METHODS and split == str(cfg.experiment.grid_split):
                     yield method, split, key, run_name, r, int(cfg.experiment.grid_run_depth)
@@ -523,8 +699,9 @@ def publish_files(cfg: DictConfig, results: Results, out_dir: Path, runs: Sequen
     per-query values behind every number of the tables (`per_query.json.gz`)."""
     copied = 0
     per_query: dict = {}
-    named = {(s.layers, s.dim) for s in sizes_of(cfg)}
-    for method, split, key, run_name, r, depth in published_cells(cfg, results):
+    named = {(s.layers, s.dim) for s in sizes_of(cfg)} | {h.hybrid[1] for h in hybrid_cells(runs)}
+    named |= {c[1] for h in hybrid_cells(runs) for c in (*h.parts, *h.equal, h.srl)}
+    for method, split, key, run_name, r, depth in published_cells(cfg, results, hybrid_cells(runs)):
         dst = out_dir / run_name / "runs" / split / f"{run_stem(r.run)}.trec.gz"
         copy_run(r.run, dst, depth)
         record = {k: v for k, v in (read_run_record(r.run) or {}).items() if k != "file"}
@@ -605,6 +782,9 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     plots = size_plots(cfg, results, names, out_dir)
     maps = heatmaps(cfg, results, out_dir)
     copied = publish_files(cfg, results, out_dir, runs)
+    hybrid = hybrid_section(cfg, results, names, hybrid_cells(runs), summary["cost"])
+    if hybrid:
+        summary["hybrids"] = hybrid[1]
     atomic_write_json(out_dir / "summary.json", {**summary, "provenance": prov})
 
     md = report_dir / "results.md"
@@ -640,6 +820,8 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     ]
     if ablation:
         parts.append(f"## Table 2: SRL with and without the KL term\n\np: paired t-test between the two.\n\n{ablation}")
+    if hybrid:
+        parts.append("## Hybrids: depth- and width-wise embeddings joined\n\n" + hybrid[0])
     ood = out_of_domain(cfg, runs, out_dir)
     if ood:
         parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")

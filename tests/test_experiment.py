@@ -65,7 +65,7 @@ def test_plan_covers_every_method_with_identical_settings(finished):
     cfg = load_config(config)
     runs = {r.name: r for r in plan_runs(cfg)}
     assert list(runs) == ["zeroshot", "full", "separate-a", "separate-b", "separate-c", "2dmse", "srl", "srl-matched",
-                          "srl-nokl", "smae", "smae-srl"]
+                          "srl-nokl", "smae", "smae-srl", "srl-depth", "srl-width", "hybrid"]
     assert len(runs["srl"].sizes) == 4 * 3  # the whole grid: layers 1..4 x dims 8, 16, 32
     assert sorted((s.layers, s.dim) for s in runs["separate-b"].sizes) == [(2, 8), (2, 16), (2, 32)]
     assert "train.kl_weight=0" in runs["srl-nokl"].overrides
@@ -78,7 +78,8 @@ def test_report_numbers_equal_pytrec_eval_and_scipy_on_the_run_files(finished):
     root, _, qrels = finished
     summary = json.loads((root / "report" / "results" / "summary.json").read_text())
     rows = {(r["size"], r["method"]): r["splits"] for r in summary["table"]}
-    assert summary["methods"] == ["zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl"]
+    assert summary["methods"] == ["zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl",
+                                  "srl-depth", "srl-width"]  # the hybrid has a table of its own (test_experiment_hybrid)
     runs = root / "runs"
     for size, method, run_dir in [("c", "srl", "srl"), ("a", "separate", "separate-a"),
                                   ("b", "separate", "separate-b"), ("b", "2dmse", "2dmse")]:
@@ -146,7 +147,7 @@ def test_a_second_run_redoes_nothing(finished, capsys):
     watched += [*runs.glob("suite/*/docs/runs/test/*.trec")]  # the out-of-domain suite's runs too
     before = {p: p.stat().st_mtime_ns for p in watched}
     logs = {p: p.read_text() for p in runs.glob("*/train_log.jsonl")}
-    assert len(watched) > 100 and len(logs) == 10
+    assert len(watched) > 100 and len(logs) == 12
     main(["--config", str(config)])
     assert {p: p.stat().st_mtime_ns for p in watched} == before
     assert {p: p.read_text() for p in logs} == logs
@@ -164,7 +165,7 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
     header = next(line for line in section.splitlines() if line.startswith("| size |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
     assert columns == ["size", "zero-shot", "full", "separate", "2DMSE", "SRL", "SRL (separate's FLOPs)", "SRL w/o KL",
-                       "SMAE+SRL"]
+                       "SMAE+SRL", "SRL depth-wise", "SRL width-wise"]  # the hybrid is not in the suite
     qrels = load_split("test", str(root / "docs")).qrels
     runs = {"zero-shot": "zeroshot", "full": "full", "2DMSE": "2dmse", "SRL": "srl", "SRL w/o KL": "srl-nokl",
             "SMAE+SRL": "smae-srl", "SRL (separate's FLOPs)": "srl-matched"}
@@ -181,7 +182,12 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
     assert "![out-of-domain.png](results/out-of-domain.png)" in section
     assert (root / "report" / "results" / "out-of-domain.png").stat().st_size > 0
     assert average["size"] == "average over the sizes" and len(per_size) == 3
-    for label in columns[1:]:
+    depth = [r["SRL depth-wise"] for r in per_size]
+    assert depth[:2] == ["-", "-"]  # the depth-wise model is run at its own sizes (1x32, 2x32, c) only
+    path = root / "runs" / "suite" / "srl-depth" / "docs" / "runs" / "test" / "c.trec"
+    expected = np.mean(list(per_query(qrels, read_run(path), "ndcg_cut.10").values()))
+    assert float(depth[2]) == pytest.approx(expected, abs=5e-5)
+    for label in columns[1:-2]:
         assert float(average[label]) == pytest.approx(np.mean([float(r[label]) for r in per_size]), abs=1e-4), label
 
 
