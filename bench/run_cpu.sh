@@ -7,7 +7,8 @@
 # vs the reference, exact search (torch, FAISS) vs the reference, FAISS flat vs HNSW on the
 # embedded collection (embeddings of the CPU experiment, runs/experiment-debian-cpu), packed vs
 # padded training and encoding (issue 19), and each size of MiniLM encoded by ours, sentence-transformers
-# and ONNX Runtime (bench/peers_cpu.py; needs the onnx extra: pip install -e '.[onnx]').
+# and ONNX Runtime (bench/peers_cpu.py; needs the onnx extra: pip install -e '.[onnx]'), and a
+# two-model hybrid against its slowest part (bench/hybrid_latency.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,4 +25,5 @@ OMP_NUM_THREADS=1 $PY bench/train_step.py --model minilm --queries 8 --group 4 -
   --skip-reference --tag _packing
 OMP_NUM_THREADS=1 $PY bench/encode_speed.py --model minilm --passages 256 --batch-size 64 --repeats 1 --only trenta,all \
   --packing both --skip-reference --workers 0 --tag _packing
+$PY bench/hybrid_latency.py --queries 50 --passages 128 --repeats 3
 $PY bench/peers_cpu.py

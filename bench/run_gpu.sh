@@ -5,6 +5,7 @@
 #   run(command="bash bench/run_gpu.sh packing", carry=["bench/carry"])   # issue 19: packed, fp32 search
 #   run(command="bash bench/run_gpu.sh compile", carry=["bench/carry"])   # issue 19: compile, MiniLM
 #   run(command="bash bench/run_gpu.sh gradcache", carry=["bench/carry"])   # issue 17: BERT-base 128 x 8 cached
+#   run(command="bash bench/run_gpu.sh hybrid", carry=["bench/carry"])   # issue 28: a two-model hybrid vs its parts
 # Each set fits one device command (10 minutes).
 # Installs the carried wheels, then times the SRL training step, encoding and exact search against
 # the plain-transformers reference (issue 7's workloads), plus the variants tried (--no-write:
@@ -42,6 +43,9 @@ elif [ "$SET" = compile ]; then
   step 80 bench/train_step.py --model minilm --group 8 --steps 5 --no-cudnn-sdp --queries 128 --packing both --skip-reference --tag _packing
   step 80 bench/encode_speed.py --model minilm --passages 5000 --batch-size 512 --repeats 1 --only trenta,all \
     --packing both --skip-reference --tag _packing
+elif [ "$SET" = hybrid ]; then
+  # a two-model hybrid (MiniLM-shaped, fp16) against its slowest part: parts one after the other vs in parallel
+  step 300 bench/hybrid_latency.py --device cuda --queries 200 --passages 8192 --batch-size 512 --repeats 3
 elif [ "$SET" = gradcache ]; then
   # gradient caching: peak memory and step time of BERT-base 128 x 8 per chunk size next to the uncached step
   # (issue 17's goal: under 16 GiB at no more than 1.4x the time); each configuration in its own process
