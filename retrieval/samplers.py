@@ -10,6 +10,8 @@ from typing import Sequence
 from retrieval.errors import StarbucksError
 from retrieval.sizes import Size, SizeList, parse_size
 
+# train.method of fine-tuning (train.methods plans each; `smae` is pre-training's): listed once, here
+FINETUNE_METHODS = ("srl", "2dmse", "separate", "full", "srl-depth", "srl-width")
 TWODMSE_DIMS = ("uniform", "list")  # train.twodmse_dims
 
 

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from retrieval.errors import StarbucksError
+from retrieval.samplers import FINETUNE_METHODS
 
 # ---------------------------------------------------------------- small helpers
 
@@ -230,7 +231,7 @@ KEY_RULES: dict[str, Rule] = {
     "model.passage_max_length": integer(1),
     "data.max_train_groups": integer(1, allow_none=True),
     "data.train_corpus": text(),
-    "train.method": choice("srl", "2dmse", "separate", "full", "srl-depth", "srl-width", "smae"),
+    "train.method": choice(*FINETUNE_METHODS, "smae"),
     "train.size": text(),
     "train.epochs": number(0, above=True),
     "train.max_steps": integer(1, allow_none=True),

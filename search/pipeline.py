@@ -26,12 +26,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from retrieval.config import experiment_paths
+from retrieval.config import DEFAULTS, experiment_paths
 from retrieval.errors import StarbucksError
 from retrieval.exact_search import ExactSearcher, TopK, faiss_search, set_params, to_gpu
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
-from retrieval.settings import resolve_device, resolve_precision, whole_number
+from retrieval.settings import resolve_device, resolve_precision
 from retrieval.data import check_coverage, load_eval_splits, qrels_coverage
 from retrieval.ranking import ExactRanking, ranked, run_record, saved_run, write_ranked_run
 from retrieval.runfile import check_run_file, run_path
@@ -45,30 +45,31 @@ _DTYPES = {"fp16": "float16", "fp32": "float32"}
 
 
 def topk_block(value, device: str) -> int | None:
-    """`search.topk_block`: auto (32 on a GPU, where one wide `torch.topk` is the slow part of exact
-    search; a plain top-k on the CPU), a whole number >= 2, or null/0 (a plain `torch.topk`)."""
-    if value == 0:
-        return None
-    value = whole_number(value, "search.topk_block", 2, allow_none=True, auto=True)
+    """`search.topk_block` (checked by the schema) resolved: auto is 32 on a GPU, where one wide
+    `torch.topk` is the slow part of exact search, and a plain top-k (None) on the CPU; null/0: None."""
     if value == "auto":
         return 32 if device.startswith("cuda") else None
-    return value
+    return None if value is None else (int(value) or None)
+
+
+_SEARCH = DEFAULTS["search"]  # the config's defaults, stated once there
 
 
 @dataclass
 class SearchSettings:
-    """How to search: index type and parameters, depth, and the resolved device and backend."""
+    """How to search: index type and parameters, depth, and the resolved device and backend
+    (`from_config`); the defaults of a hand-made one are the config's."""
 
-    index: str = EXACT
+    index: str = _SEARCH["index"]
     params: dict = field(default_factory=dict)
-    depth: int = 100
-    batch_size: int = 1024
+    depth: int = _SEARCH["depth"]
+    batch_size: int = _SEARCH["batch_size"]
     backend: str = "faiss"  # faiss | torch
     device: str = "cpu"
     faiss_gpu: bool = False
     torch_dtype: str = "float32"
     topk_block: int | None = None
-    train_rows: int = 200000
+    train_rows: int = _SEARCH["train_rows"]
     shards_per_index: int | None = None
     rebuild: bool = False
     seed: int = 42
@@ -95,14 +96,11 @@ class SearchSettings:
         dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype", cpu_auto_bf16=False)
         if dtype not in _DTYPES:
             raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
-        depth = int(s.depth)
-        if depth < 1 or int(s.batch_size) < 1:
-            raise StarbucksError("search.depth and search.batch_size must be >= 1")
         per = s.shards_per_index
         return cls(
             index=str(s.index),
             params=dict(OmegaConf.to_container(s.params)) if s.params else {},
-            depth=depth,
+            depth=int(s.depth),
             batch_size=int(s.batch_size),
             backend=backend,
             device=device,

@@ -1,5 +1,6 @@
 import pytest
 
+from conftest import REPO
 from retrieval.config import experiment_paths, load_config, sizes_of
 from retrieval.errors import StarbucksError
 
@@ -60,3 +61,33 @@ def test_open_sections_accept_user_keys(tmp_path):
     cfg = load_config(tmp_path / "c.yaml", ["search.params.efSearch=128"])
     assert cfg.data.eval_splits.dl19.startswith("irds:") and cfg.search.params.efSearch == 128
     assert list(cfg.data.eval_splits) == ["dl19"]  # replaces the default splits, does not merge into them
+
+
+def test_the_settings_dataclasses_state_no_default_of_their_own():
+    """A key's default is stated once, in retrieval.config.DEFAULTS: TrainSettings has none, and a
+    hand-made SearchSettings takes the config's."""
+    import dataclasses
+
+    from retrieval.config import DEFAULTS
+    from search.pipeline import SearchSettings
+    from train.trainer import TrainSettings
+
+    fields = dataclasses.fields(TrainSettings)
+    assert {f.name for f in fields} - {"seed"} <= set(DEFAULTS["train"])
+    assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
+    made = SearchSettings()
+    for key in ("index", "depth", "batch_size", "train_rows"):
+        assert getattr(made, key) == DEFAULTS["search"][key], key
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_resolves_every_key(path):
+    """Each shipped config loads through the schema (every key known, typed and in range) and its
+    settings resolve as the stages resolve them."""
+    from retrieval.config import load_config
+    from train.trainer import TrainSettings
+
+    if path.parent.name == "suites":
+        pytest.skip("a suite file, not a config (tests/test_suite.py reads it)")
+    cfg = load_config(path)
+    TrainSettings.from_config(cfg)

@@ -239,6 +239,8 @@ def test_topk_block_setting():
     from search.pipeline import topk_block
 
     assert topk_block("auto", "cuda:0") == 32 and topk_block("auto", "cpu") is None
-    assert topk_block(None, "cuda") is None and topk_block(64, "cpu") == 64
-    with pytest.raises(StarbucksError, match="search.topk_block"):
-        topk_block(1, "cuda")
+    assert topk_block(None, "cuda") is None and topk_block(0, "cuda") is None and topk_block(64, "cpu") == 64
+    from retrieval.config import load_config
+
+    with pytest.raises(StarbucksError, match="search.topk_block"):  # the schema checks it, once
+        load_config(None, ["search.topk_block=1"])

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from retrieval.errors import StarbucksError
-from retrieval.samplers import FixedSizes, TwoDMSESizes
+from retrieval.samplers import FINETUNE_METHODS, FixedSizes, TwoDMSESizes
 from retrieval.sizes import Size, SizeList, check_size, parse_size
 
-METHODS = ("srl", "2dmse", "separate", "full", "srl-depth", "srl-width")
+METHODS = FINETUNE_METHODS  # train.method's fine-tuning values (the schema checks the key)
 SRL_METHODS = ("srl", "srl-depth", "srl-width")  # SRL's loss (mean, size_weights) over their own size lists
 
 
@@ -50,9 +50,7 @@ class MethodPlan:
 def plan_method(train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: int,
                 model_name: str = "the model") -> MethodPlan:
     """Validate the method's settings against the size list and the model; raise one clear line."""
-    method = str(train_cfg.method)
-    if method not in METHODS:
-        raise StarbucksError(f"train.method = {method!r} is not one of {', '.join(METHODS)}")
+    method = str(train_cfg.method)  # one of METHODS: the config's schema checked it
     if train_cfg.get("size_weights") is not None and method not in SRL_METHODS:
         raise StarbucksError(f"train.size_weights applies to method srl (and srl-depth, srl-width) only; remove it "
                              f"for method {method}")
