@@ -36,8 +36,10 @@ ROOFLINE = REPO / "bench" / "results" / "roofline-cpu.json"
 
 
 def cpu_model() -> str:
-    return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                platform.processor())
+    return next(
+        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+        platform.processor(),
+    )
 
 
 def machine(device: torch.device) -> str:
@@ -131,14 +133,21 @@ def mfu_note(device: torch.device, precision: str, what: str = "model FLOPs of t
     """What a section's MFU column counts against, in words."""
     peak = peak_flops(device, precision)
     if device.type == "cuda":
-        return (f"MFU: {what} / time / the datasheet's dense bf16/fp16 peak ({peak / 1e12:.0f} TFLOP/s)" if peak
-                else "MFU: - (no datasheet peak for this GPU in bench/common.py)")
+        return (
+            f"MFU: {what} / time / the datasheet's dense bf16/fp16 peak ({peak / 1e12:.0f} TFLOP/s)"
+            if peak
+            else "MFU: - (no datasheet peak for this GPU in bench/common.py)"
+        )
     threads = torch.get_num_threads()
     if peak is None:
-        return (f"MFU: - (no {precision} peak measured for {threads} threads on this CPU: run "
-                f"`{'OMP_NUM_THREADS=1 ' if threads == 1 else ''}python bench/roofline.py` first)")
-    return (f"MFU: {what} / time / this CPU's measured {precision} matmul peak on {threads} threads "
-            f"({peak / 1e9:.0f} GFLOP/s, bench/roofline.py)")
+        return (
+            f"MFU: - (no {precision} peak measured for {threads} threads on this CPU: run "
+            f"`{'OMP_NUM_THREADS=1 ' if threads == 1 else ''}python bench/roofline.py` first)"
+        )
+    return (
+        f"MFU: {what} / time / this CPU's measured {precision} matmul peak on {threads} threads "
+        f"({peak / 1e9:.0f} GFLOP/s, bench/roofline.py)"
+    )
 
 
 def bert_flops(config, layers: int, lengths: list[int], backward: bool = False) -> float:
@@ -170,8 +179,9 @@ def load_backbone(name: str):
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
         torch.manual_seed(0)
-        model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False,
-                                      attn_implementation="sdpa")
+        model = AutoModel.from_config(
+            AutoConfig.from_pretrained(path), add_pooling_layer=False, attn_implementation="sdpa"
+        )
         tokenizer = AutoTokenizer.from_pretrained(path)
     else:
         model, tokenizer = load(path, torch_dtype=torch.float32)
@@ -191,6 +201,8 @@ def sizes_for(name: str):
 
     default = sizes_of(load_config(REPO / "configs" / "default.yaml"))
     if name == "bert-base":
-        return SizeList(Size(s.name, int(key.split("x")[0]), int(key.split("x")[1]))
-                        for s, key in zip(default, PAPER_SIZES.split(",")))
+        return SizeList(
+            Size(s.name, int(key.split("x")[0]), int(key.split("x")[1]))
+            for s, key in zip(default, PAPER_SIZES.split(","))
+        )
     return default

@@ -74,15 +74,20 @@ def one(args) -> dict:
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
     q_texts = common.debian_texts("query", queries * 2, seed=1)
     p_texts = common.debian_texts("passage", queries * group * 2, seed=2)
-    batches = [{"queries": tokenize(tokenizer, q_texts[b * queries:(b + 1) * queries], 32).to(device),
-                "passages": tokenize(tokenizer, p_texts[b * queries * group:(b + 1) * queries * group], 196).to(device)}
-               for b in range(2)]
+    batches = [
+        {
+            "queries": tokenize(tokenizer, q_texts[b * queries : (b + 1) * queries], 32).to(device),
+            "passages": tokenize(tokenizer, p_texts[b * queries * group : (b + 1) * queries * group], 196).to(device),
+        }
+        for b in range(2)
+    ]
 
     def step(i):
         batch = {k: dict(v) for k, v in batches[i % 2].items()}
         if args.chunk:
-            cached_backward(accelerator, encoder, batch, sizes, lambda e: loss_fn(e["queries"], e["passages"], sizes),
-                            args.chunk)
+            cached_backward(
+                accelerator, encoder, batch, sizes, lambda e: loss_fn(e["queries"], e["passages"], sizes), args.chunk
+            )
         else:
             with accelerator.autocast():
                 out = loss_fn(encoder(batch["queries"], sizes), encoder(batch["passages"], sizes), sizes)
@@ -98,14 +103,19 @@ def one(args) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         times = [common.best_times(lambda i=i: step(i), device, repeats=1, warmup=0)[0] for i in range(args.steps)]
-    record = {"bench": f"grad_cache_{args.model}_{device.type}", "batch": args.batch, "chunk": args.chunk or None,
-              "step_s": round(sorted(times)[len(times) // 2], 3),
-              "saved_activations_gib": round(SavedTensors.peak / 2**30, 3)}
+    record = {
+        "bench": f"grad_cache_{args.model}_{device.type}",
+        "batch": args.batch,
+        "chunk": args.chunk or None,
+        "step_s": round(sorted(times)[len(times) // 2], 3),
+        "saved_activations_gib": round(SavedTensors.peak / 2**30, 3),
+    }
     if cuda:
         record["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     else:
         record["peak_rss_above_start_gib"] = round(
-            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30, 3)
+            (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before) / 2**30, 3
+        )
     return record
 
 
@@ -132,13 +142,35 @@ def main(argv=None) -> None:
         for chunk in (int(c) for c in args.chunks.split(",")):
             if f"{batch}/{chunk}" in skip:
                 continue
-            child = subprocess.run([sys.executable, __file__, "--batch", batch, "--chunk", str(chunk), "--model",
-                                    args.model, "--steps", str(args.steps), "--device", args.device],
-                                   capture_output=True, text=True)
+            child = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--batch",
+                    batch,
+                    "--chunk",
+                    str(chunk),
+                    "--model",
+                    args.model,
+                    "--steps",
+                    str(args.steps),
+                    "--device",
+                    args.device,
+                ],
+                capture_output=True,
+                text=True,
+            )
             lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
-            record = json.loads(lines[-1]) if child.returncode == 0 and lines else {
-                "bench": f"grad_cache_{args.model}_{device.type}", "batch": batch, "chunk": chunk or None,
-                "failed": (child.stderr.strip().splitlines() or ["?"])[-1]}
+            record = (
+                json.loads(lines[-1])
+                if child.returncode == 0 and lines
+                else {
+                    "bench": f"grad_cache_{args.model}_{device.type}",
+                    "batch": batch,
+                    "chunk": chunk or None,
+                    "failed": (child.stderr.strip().splitlines() or ["?"])[-1],
+                }
+            )
             print(json.dumps(record), flush=True)
             records.append(record)
 
@@ -151,26 +183,40 @@ def main(argv=None) -> None:
             continue
         memory = r["peak_gib"] if cuda else r["peak_rss_above_start_gib"]
         base = plain.get(r["batch"])
-        rows.append([r["batch"], r["chunk"] or "- (plain)", f"{memory:.2f}", f"{r['saved_activations_gib']:.3f}",
-                     f"{r['step_s']:.2f}", f"{r['step_s'] / base['step_s']:.2f}x" if base else "-"])
+        rows.append(
+            [
+                r["batch"],
+                r["chunk"] or "- (plain)",
+                f"{memory:.2f}",
+                f"{r['saved_activations_gib']:.3f}",
+                f"{r['step_s']:.2f}",
+                f"{r['step_s'] / base['step_s']:.2f}x" if base else "-",
+            ]
+        )
     mark = f"grad_cache_{args.model}_{device.type}"
     memory_name = "peak GiB" if cuda else "peak RSS GiB"
-    md = "\n".join([
-        f"## Gradient caching: {args.model} on {device.type} ({mark})",
-        "",
-        f"- command: `python bench/grad_cache.py --model {args.model} --batches {args.batches} --chunks {args.chunks} "
-        f"--steps {args.steps}{' --skip ' + args.skip if args.skip else ''}`",
-        f"- machine: {common.machine(device)}",
-        f"- date: {common.today()}",
-        f"- one SRL step (six sizes, KL on, AdamW), {'bf16 autocast' if cuda else 'fp32'}, CLS pooling, passages "
-        f"<= 196 tokens; median of {args.steps} steps after one warm-up; each row a fresh process. "
-        + ("peak GiB: torch.cuda.max_memory_allocated. " if cuda else
-           "peak RSS: the process's peak resident memory above its memory before the first step. ")
-        + "Saved activations: peak bytes of the tensors autograd keeps for backward.",
-        "",
-        common.table(["queries x passages", "chunk", memory_name, "saved activations GiB", "step s", "time vs plain"],
-                     rows),
-    ])
+    md = "\n".join(
+        [
+            f"## Gradient caching: {args.model} on {device.type} ({mark})",
+            "",
+            f"- command: `python bench/grad_cache.py --model {args.model} --batches {args.batches} --chunks {args.chunks} "
+            f"--steps {args.steps}{' --skip ' + args.skip if args.skip else ''}`",
+            f"- machine: {common.machine(device)}",
+            f"- date: {common.today()}",
+            f"- one SRL step (six sizes, KL on, AdamW), {'bf16 autocast' if cuda else 'fp32'}, CLS pooling, passages "
+            f"<= 196 tokens; median of {args.steps} steps after one warm-up; each row a fresh process. "
+            + (
+                "peak GiB: torch.cuda.max_memory_allocated. "
+                if cuda
+                else "peak RSS: the process's peak resident memory above its memory before the first step. "
+            )
+            + "Saved activations: peak bytes of the tensors autograd keeps for backward.",
+            "",
+            common.table(
+                ["queries x passages", "chunk", memory_name, "saved activations GiB", "step s", "time vs plain"], rows
+            ),
+        ]
+    )
     print(md)
     if not args.no_write:
         common.write_section(mark, md)

@@ -43,9 +43,15 @@ def main(argv=None) -> None:
     precision = "fp16" if device.type == "cuda" else "fp32"
 
     def model(weights) -> StarbucksModel:
-        return StarbucksModel(StarbucksEncoder(weights.to(device).eval(), "mean", normalize=True), tokenizer,
-                              common.sizes_for("minilm"), query_max_length=32, passage_max_length=196,
-                              source="minilm", precision=precision)
+        return StarbucksModel(
+            StarbucksEncoder(weights.to(device).eval(), "mean", normalize=True),
+            tokenizer,
+            common.sizes_for("minilm"),
+            query_max_length=32,
+            passage_max_length=196,
+            source="minilm",
+            precision=precision,
+        )
 
     width = model(copy.deepcopy(backbone))
     depth = model(backbone)
@@ -60,8 +66,9 @@ def main(argv=None) -> None:
 
     runs = {
         f"depth part {', '.join(s.key for s in own)}": lambda texts, kind, bs: depth.embed_texts(texts, own, kind, bs),
-        f"width part {', '.join(s.key for s in other)}": lambda texts, kind, bs: width.embed_texts(texts, other, kind,
-                                                                                                   bs),
+        f"width part {', '.join(s.key for s in other)}": lambda texts, kind, bs: width.embed_texts(
+            texts, other, kind, bs
+        ),
         "hybrid, parts one after the other": lambda texts, kind, bs: hybrid_of(False, texts, kind, bs),
         "hybrid, parts in parallel": lambda texts, kind, bs: hybrid_of(True, texts, kind, bs),
     }
@@ -80,7 +87,7 @@ def main(argv=None) -> None:
     for fn in runs.values():  # warm-up
         for text in queries[:5]:
             fn([text], "query", 1)
-        fn(passages[:args.batch_size], "passage", args.batch_size)
+        fn(passages[: args.batch_size], "passage", args.batch_size)
     query_times = {label: [] for label in runs}
     for text in queries:
         for label, fn in runs.items():
@@ -91,36 +98,45 @@ def main(argv=None) -> None:
             passage_times[label].append(timed(fn, passages, "passage", args.batch_size))
 
     mark = f"hybrid_latency_{device.type}{args.tag}"
-    measured = {label: (statistics.median(query_times[label]), len(passages) / min(passage_times[label]))
-                for label in runs}
+    measured = {
+        label: (statistics.median(query_times[label]), len(passages) / min(passage_times[label])) for label in runs
+    }
     slowest = max(measured[label][0] for label in list(runs)[:2])
     slowest_rate = min(measured[label][1] for label in list(runs)[:2])
     rows = []
     for label, (ms, rate) in measured.items():
         rows.append([label, f"{ms:.2f}", f"{ms / slowest:.2f}x", f"{rate:.1f}", f"{slowest_rate / rate:.2f}x"])
-        common.emit(mark, run=label, query_ms=round(ms, 3), query_ms_over_slowest_part=round(ms / slowest, 3),
-                    passages_per_s=round(rate, 1), time_over_slowest_part=round(slowest_rate / rate, 3))
-    md = "\n".join([
-        f"## Hybrid of two models vs its slowest part on {device.type} ({mark})",
-        "",
-        f"- command: `python bench/hybrid_latency.py --hybrid {args.hybrid} --queries {args.queries} "
-        f"--passages {args.passages} --batch-size {args.batch_size} --repeats {args.repeats}"
-        f"{' --tag ' + args.tag if args.tag else ''}`",
-        f"- machine: {common.machine(device)}",
-        f"- date: {common.today()}",
-        f"- two MiniLM-shaped models (mean pooling, cosine; {'fp16 autocast' if precision == 'fp16' else 'fp32'}): "
-        f"the hybrid {hybrid.key} ({hybrid.dim} dims) encodes its parts one after the other or at the same time "
-        "(`encode.parallel_parts`), the second model then in a thread of its own"
-        + (" on a CUDA stream of its own" if device.type == "cuda" else "")
-        + f"; query latency: median over {len(queries)} debian-pkgs queries, one at a time, tokenising included; "
-        f"passages: {len(passages)} debian-pkgs passages (<= 196 tokens) in batches of {args.batch_size}, best of "
-        f"{args.repeats}; the four take turns (query by query, repeat by repeat); `x slowest part`: against the "
-        "slower of the two parts alone",
-        "",
-        common.table(["encoding", "query ms", "x slowest part", "passages/s", "time x slowest part"], rows),
-        "",
-        verdict(measured, list(runs)),
-    ])
+        common.emit(
+            mark,
+            run=label,
+            query_ms=round(ms, 3),
+            query_ms_over_slowest_part=round(ms / slowest, 3),
+            passages_per_s=round(rate, 1),
+            time_over_slowest_part=round(slowest_rate / rate, 3),
+        )
+    md = "\n".join(
+        [
+            f"## Hybrid of two models vs its slowest part on {device.type} ({mark})",
+            "",
+            f"- command: `python bench/hybrid_latency.py --hybrid {args.hybrid} --queries {args.queries} "
+            f"--passages {args.passages} --batch-size {args.batch_size} --repeats {args.repeats}"
+            f"{' --tag ' + args.tag if args.tag else ''}`",
+            f"- machine: {common.machine(device)}",
+            f"- date: {common.today()}",
+            f"- two MiniLM-shaped models (mean pooling, cosine; {'fp16 autocast' if precision == 'fp16' else 'fp32'}): "
+            f"the hybrid {hybrid.key} ({hybrid.dim} dims) encodes its parts one after the other or at the same time "
+            "(`encode.parallel_parts`), the second model then in a thread of its own"
+            + (" on a CUDA stream of its own" if device.type == "cuda" else "")
+            + f"; query latency: median over {len(queries)} debian-pkgs queries, one at a time, tokenising included; "
+            f"passages: {len(passages)} debian-pkgs passages (<= 196 tokens) in batches of {args.batch_size}, best of "
+            f"{args.repeats}; the four take turns (query by query, repeat by repeat); `x slowest part`: against the "
+            "slower of the two parts alone",
+            "",
+            common.table(["encoding", "query ms", "x slowest part", "passages/s", "time x slowest part"], rows),
+            "",
+            verdict(measured, list(runs)),
+        ]
+    )
     print(md)
     if not args.no_write:
         common.write_section(mark, md)
@@ -131,12 +147,16 @@ def verdict(measured: dict, labels: list[str]) -> str:
     (q_one, r_one), (q_par, r_par) = measured[labels[2]], measured[labels[3]]
     slowest = max(measured[labels[0]][0], measured[labels[1]][0])
     if q_par < q_one:
-        return (f"In parallel a query took {q_par / slowest:.2f}x its slowest part's time, against {q_one / slowest:.2f}x "
-                f"one after the other: the overlap paid {q_one / q_par:.2f}x; passages {r_par / r_one:.2f}x as fast.")
-    return (f"In parallel a query took {q_par / slowest:.2f}x its slowest part's time, against {q_one / slowest:.2f}x "
-            f"one after the other (passages: {r_par / r_one:.2f}x as fast in parallel): the two models' threads "
-            "share the same cores, and a query gains nothing from running its parts together here "
-            "(`encode.parallel_parts: auto` runs them one after the other on the CPU).")
+        return (
+            f"In parallel a query took {q_par / slowest:.2f}x its slowest part's time, against {q_one / slowest:.2f}x "
+            f"one after the other: the overlap paid {q_one / q_par:.2f}x; passages {r_par / r_one:.2f}x as fast."
+        )
+    return (
+        f"In parallel a query took {q_par / slowest:.2f}x its slowest part's time, against {q_one / slowest:.2f}x "
+        f"one after the other (passages: {r_par / r_one:.2f}x as fast in parallel): the two models' threads "
+        "share the same cores, and a query gains nothing from running its parts together here "
+        "(`encode.parallel_parts: auto` runs them one after the other on the CPU)."
+    )
 
 
 if __name__ == "__main__":

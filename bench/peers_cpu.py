@@ -51,16 +51,23 @@ class OnnxEncoder:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(str(folder / self.meta["file"]), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            str(folder / self.meta["file"]), options, providers=["CPUExecutionProvider"]
+        )
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = np.empty((len(texts), self.meta["size"]["dim"]), dtype=np.float32)
         for start in range(0, len(order), batch_size):
-            rows = order[start:start + batch_size]
-            batch = self.tokenizer([self.meta["passage_prefix"] + texts[i] for i in rows], padding=True,
-                                   truncation=True, max_length=self.meta["passage_max_length"], return_tensors="np",
-                                   return_token_type_ids=False)
+            rows = order[start : start + batch_size]
+            batch = self.tokenizer(
+                [self.meta["passage_prefix"] + texts[i] for i in rows],
+                padding=True,
+                truncation=True,
+                max_length=self.meta["passage_max_length"],
+                return_tensors="np",
+                return_token_type_ids=False,
+            )
             out[rows] = self.session.run(["embedding"], {k: v.astype(np.int64) for k, v in batch.items()})[0]
         return out
 
@@ -90,12 +97,22 @@ def main(argv=None) -> None:
     wanted = [s for s in sizes if not args.only or s.name in args.only.split(",")]
     corpus = [text for _, text in iter_corpus(str(CORPUS))]
     texts = [corpus[i] for i in random.Random(0).sample(range(len(corpus)), min(args.passages, len(corpus)))]
-    ours = StarbucksModel.from_pretrained(common.MINILM, "cpu", pooling=cfg.model.pooling, normalize=cfg.model.normalize,
-                                          sizes=sizes, passage_max_length=args.max_length)
+    ours = StarbucksModel.from_pretrained(
+        common.MINILM,
+        "cpu",
+        pooling=cfg.model.pooling,
+        normalize=cfg.model.normalize,
+        sizes=sizes,
+        passage_max_length=args.max_length,
+    )
     precision = resolve_precision(ours.precision, cpu, "precision")
     packed = use_packing(ours.encoder.packing, ours.encoder.backbone, cpu)
-    lengths = [len(ids) for ids in ours.tokenizer([ours.passage_prefix + t for t in texts], truncation=True,
-                                                  max_length=args.max_length)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in ours.tokenizer(
+            [ours.passage_prefix + t for t in texts], truncation=True, max_length=args.max_length
+        )["input_ids"]
+    ]
     mark = "peers_cpu"
     rows = []
     with tempfile.TemporaryDirectory() as work:
@@ -111,45 +128,75 @@ def main(argv=None) -> None:
             flops = encoder_flops(lengths, size.layers, ours.encoder.config)
             result = {}
             for name, encode in peers.items():
-                encode(texts[:args.batch_size])  # warm-up: one batch
+                encode(texts[: args.batch_size])  # warm-up: one batch
                 vectors = {}
-                seconds = common.best_time(lambda encode=encode: vectors.__setitem__("v", encode(texts)), cpu,
-                                           args.repeats, warmup=0)
+                seconds = common.best_time(
+                    lambda encode=encode: vectors.__setitem__("v", encode(texts)), cpu, args.repeats, warmup=0
+                )
                 ran_in = precision if name == "ours" else "fp32"
                 mfu = common.mfu(flops, seconds, cpu, ran_in)
                 result[name] = (len(texts) / seconds, mfu, np.asarray(vectors["v"], dtype=np.float32))
                 diff = None if name == "ours" else max_difference(result[name][2], result["ours"][2])
-                common.emit(mark, size=size.name, key=size.key, impl=name, passages_per_s=round(len(texts) / seconds, 1),
-                            precision=ran_in, mfu=mfu and round(mfu, 4),
-                            **({} if diff is None else {"max_difference_vs_ours": float(f"{diff:.2g}")}))
+                common.emit(
+                    mark,
+                    size=size.name,
+                    key=size.key,
+                    impl=name,
+                    passages_per_s=round(len(texts) / seconds, 1),
+                    precision=ran_in,
+                    mfu=mfu and round(mfu, 4),
+                    **({} if diff is None else {"max_difference_vs_ours": float(f"{diff:.2g}")}),
+                )
             rate = {name: r[0] for name, r in result.items()}
             diffs = [max_difference(result[n][2], result["ours"][2]) for n in ("sentence-transformers", "onnxruntime")]
-            rows.append([size.name, size.key, *[f"{rate[n]:.1f}" for n in peers],
-                         f"{rate['ours'] / rate['sentence-transformers']:.2f}x",
-                         f"{rate['ours'] / rate['onnxruntime']:.2f}x",
-                         *[common.mfu_cell(result[n][1]) for n in peers], " / ".join(f"{d:.0e}" for d in diffs)])
-    md = "\n".join([
-        "## Peers on the CPU: MiniLM per size, ours vs sentence-transformers vs ONNX Runtime (peers_cpu)",
-        "",
-        f"- command: `python bench/peers_cpu.py --passages {args.passages} --batch-size {args.batch_size} "
-        f"--max-length {args.max_length} --repeats {args.repeats}{' --only ' + args.only if args.only else ''}`",
-        f"- machine: {common.machine(cpu)}; onnxruntime {__import__('onnxruntime').__version__}, "
-        f"sentence-transformers {__import__('sentence_transformers').__version__}",
-        f"- date: {common.today()}",
-        f"- {len(texts)} debian-pkgs-mini passages (<= {args.max_length} tokens, mean "
-        f"{sum(lengths) / len(lengths):.0f}), batches of {args.batch_size}, best of {args.repeats} after a warm-up "
-        f"batch, tokenising included; all-MiniLM-L6-v2, mean pooling, normalised. Ours: "
-        f"`StarbucksModel.encode_passages` with its defaults here ({precision}, "
-        f"{'packed' if packed else 'padded'} batches); sentence-transformers: `SentenceTransformer(export).encode_document`"
-        f" of the size's `train.export`, fp32; ONNX Runtime: the size's `train.export --onnx` graph, fp32, "
-        f"ORT_ENABLE_ALL, {threads} intra-op threads. diff: the largest difference from ours' vector, relative to "
-        f"its norm (sentence-transformers / ONNX Runtime). {common.mfu_note(cpu, 'fp32')}"
-        + (f" (ours against the {precision} peak)" if precision != "fp32" else ""),
-        "",
-        common.table(["size", "layers x dim", "ours passages/s", "sentence-transformers passages/s",
-                      "ONNX Runtime passages/s", "ours / ST", "ours / ORT", "MFU ours", "MFU ST", "MFU ORT", "diff"],
-                     rows),
-    ])
+            rows.append(
+                [
+                    size.name,
+                    size.key,
+                    *[f"{rate[n]:.1f}" for n in peers],
+                    f"{rate['ours'] / rate['sentence-transformers']:.2f}x",
+                    f"{rate['ours'] / rate['onnxruntime']:.2f}x",
+                    *[common.mfu_cell(result[n][1]) for n in peers],
+                    " / ".join(f"{d:.0e}" for d in diffs),
+                ]
+            )
+    md = "\n".join(
+        [
+            "## Peers on the CPU: MiniLM per size, ours vs sentence-transformers vs ONNX Runtime (peers_cpu)",
+            "",
+            f"- command: `python bench/peers_cpu.py --passages {args.passages} --batch-size {args.batch_size} "
+            f"--max-length {args.max_length} --repeats {args.repeats}{' --only ' + args.only if args.only else ''}`",
+            f"- machine: {common.machine(cpu)}; onnxruntime {__import__('onnxruntime').__version__}, "
+            f"sentence-transformers {__import__('sentence_transformers').__version__}",
+            f"- date: {common.today()}",
+            f"- {len(texts)} debian-pkgs-mini passages (<= {args.max_length} tokens, mean "
+            f"{sum(lengths) / len(lengths):.0f}), batches of {args.batch_size}, best of {args.repeats} after a warm-up "
+            f"batch, tokenising included; all-MiniLM-L6-v2, mean pooling, normalised. Ours: "
+            f"`StarbucksModel.encode_passages` with its defaults here ({precision}, "
+            f"{'packed' if packed else 'padded'} batches); sentence-transformers: `SentenceTransformer(export).encode_document`"
+            f" of the size's `train.export`, fp32; ONNX Runtime: the size's `train.export --onnx` graph, fp32, "
+            f"ORT_ENABLE_ALL, {threads} intra-op threads. diff: the largest difference from ours' vector, relative to "
+            f"its norm (sentence-transformers / ONNX Runtime). {common.mfu_note(cpu, 'fp32')}"
+            + (f" (ours against the {precision} peak)" if precision != "fp32" else ""),
+            "",
+            common.table(
+                [
+                    "size",
+                    "layers x dim",
+                    "ours passages/s",
+                    "sentence-transformers passages/s",
+                    "ONNX Runtime passages/s",
+                    "ours / ST",
+                    "ours / ORT",
+                    "MFU ours",
+                    "MFU ST",
+                    "MFU ORT",
+                    "diff",
+                ],
+                rows,
+            ),
+        ]
+    )
     print(md)
     if not args.no_write:
         common.write_section(mark, md)

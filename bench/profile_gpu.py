@@ -22,7 +22,7 @@ def timed(fn, device, repeats=3):
 
 
 def part_tok(tokenizer, texts, device):
-    batches = [texts[i:i + 512] for i in range(0, len(texts), 512)]
+    batches = [texts[i : i + 512] for i in range(0, len(texts), 512)]
     seq = timed(lambda: [tokenize(tokenizer, b, 196) for b in batches], device, 1)
     print(f"tok sequential batches of 512: {len(texts) / seq:.0f} passages/s")
     one = timed(lambda: tokenizer(texts, truncation=True, max_length=196), device, 1)
@@ -37,16 +37,18 @@ def part_tok(tokenizer, texts, device):
 
 def part_fwd(backbone, tokenizer, texts, device, sizes):
     order = sorted(texts, key=len, reverse=True)
-    batches = [tokenize(tokenizer, order[i:i + 512], 196).to(device) for i in range(0, len(order), 512)]
+    batches = [tokenize(tokenizer, order[i : i + 512], 196).to(device) for i in range(0, len(order), 512)]
     tokens = [common.bert_flops(backbone.config, 12, [int(x) for x in b["attention_mask"].sum(1)]) for b in batches]
     peak = common.peak_flops(device) or 989e12
     for label, model, cast in (("autocast fp16", backbone, True), ("fp16 weights", backbone.half(), False)):
         enc = StarbucksEncoder(model, "cls")
         for wanted in ([sizes[-1]], [sizes[0]]):
+
             def run():
                 with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=cast):
                     for b in batches:
                         enc.embed(b, wanted)
+
             t = timed(run, device)
             mfu = sum(tokens) * wanted[0].layers / 12 / t / peak
             print(f"fwd {label} {wanted[0].name}: {len(texts) / t:.0f} passages/s, MFU {100 * mfu:.1f}%")
@@ -86,6 +88,7 @@ def part_train(backbone, tokenizer, device, sizes):
     step(record=True)
     print("train split (s):", {k: round(v, 4) for k, v in marks.items()})
     from torch.profiler import ProfilerActivity, profile
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
@@ -105,10 +108,22 @@ def part_search(device):
     print("block identical:", same_results(ref, got), "value mismatches:", len(bad))
     if len(bad):
         i, j = bad[0].tolist()
-        print("row", i, "rank", j, "ref", ref.values[i, max(0, j - 3):j + 3].tolist(), "got",
-              got[0][i, max(0, j - 3):j + 3].tolist())
-        print("ref sorted?", bool((ref.values[:, 1:] <= ref.values[:, :-1]).all()),
-              "got sorted?", bool((got[0][:, 1:] <= got[0][:, :-1]).all()))
+        print(
+            "row",
+            i,
+            "rank",
+            j,
+            "ref",
+            ref.values[i, max(0, j - 3) : j + 3].tolist(),
+            "got",
+            got[0][i, max(0, j - 3) : j + 3].tolist(),
+        )
+        print(
+            "ref sorted?",
+            bool((ref.values[:, 1:] <= ref.values[:, :-1]).all()),
+            "got sorted?",
+            bool((got[0][:, 1:] <= got[0][:, :-1]).all()),
+        )
     stages = {
         "matmul": lambda: q @ v.T,
         "topk full": lambda: torch.topk(s, 1000, dim=1),
@@ -116,15 +131,17 @@ def part_search(device):
     }
     m = s.unflatten(1, (-1, 64)).amax(2)
     cand = s[:, :64000].contiguous()
-    stages.update({
-        "topk maxima 15625": lambda: torch.topk(m, 1000, dim=1),
-        "sort maxima 15625": lambda: torch.sort(m, dim=1, descending=True),
-        "topk cand 64000": lambda: torch.topk(cand, 1000, dim=1),
-        "sort cand 64000": lambda: torch.sort(cand, dim=1, descending=True),
-        "topk k=100 full": lambda: torch.topk(s, 100, dim=1),
-        "kthvalue maxima": lambda: torch.kthvalue(-m.float(), 1000, dim=1),
-        "block_topk 64": lambda: block_topk(s, 1000, 64),
-    })
+    stages.update(
+        {
+            "topk maxima 15625": lambda: torch.topk(m, 1000, dim=1),
+            "sort maxima 15625": lambda: torch.sort(m, dim=1, descending=True),
+            "topk cand 64000": lambda: torch.topk(cand, 1000, dim=1),
+            "sort cand 64000": lambda: torch.sort(cand, dim=1, descending=True),
+            "topk k=100 full": lambda: torch.topk(s, 100, dim=1),
+            "kthvalue maxima": lambda: torch.kthvalue(-m.float(), 1000, dim=1),
+            "block_topk 64": lambda: block_topk(s, 1000, 64),
+        }
+    )
     for name, fn in stages.items():
         t = timed(fn, device, 5)
         print(f"search stage {name}: {1000 * t:.3f} ms")

@@ -20,8 +20,10 @@ import torch.nn.functional as F
 def tokenize(tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> dict:
     batch = tokenizer(list(texts), truncation=True, max_length=max_length, padding="longest", return_tensors="pt")
     extra = -batch["input_ids"].shape[1] % 16  # the tokenizer refuses a multiple that does not divide max_length
-    return {k: F.pad(v, (0, extra), value=tokenizer.pad_token_id if k == "input_ids" else 0).to(device)
-            for k, v in batch.items()}
+    return {
+        k: F.pad(v, (0, extra), value=tokenizer.pad_token_id if k == "input_ids" else 0).to(device)
+        for k, v in batch.items()
+    }
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -31,14 +33,22 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 
 @torch.inference_mode()
-def encode(model, tokenizer, texts: Sequence[str], sizes: Sequence[tuple[int, int]], batch_size: int,
-           max_length: int, device: torch.device, dtype: torch.dtype | None) -> dict[tuple[int, int], torch.Tensor]:
+def encode(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    sizes: Sequence[tuple[int, int]],
+    batch_size: int,
+    max_length: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+) -> dict[tuple[int, int], torch.Tensor]:
     """CLS embeddings per `(layers, dim)`: a full forward pass over the texts for each size."""
     out = {}
     for layers, dim in sizes:
         parts = []
         for start in range(0, len(texts), batch_size):
-            batch = tokenize(tokenizer, texts[start:start + batch_size], max_length, device)
+            batch = tokenize(tokenizer, texts[start : start + batch_size], max_length, device)
             with autocast(device, dtype):
                 hidden = model(**batch, output_hidden_states=True).hidden_states
             parts.append(hidden[layers][:, 0, :dim].float())
@@ -62,8 +72,17 @@ def srl_loss(q_states, p_states, sizes: Sequence[tuple[int, int]], group: int, t
     return total / len(sizes)
 
 
-def train_step(model, optimizer, queries: dict, passages: dict, sizes, group: int, device: torch.device,
-               dtype: torch.dtype | None, temperature: float = 1.0) -> float:
+def train_step(
+    model,
+    optimizer,
+    queries: dict,
+    passages: dict,
+    sizes,
+    group: int,
+    device: torch.device,
+    dtype: torch.dtype | None,
+    temperature: float = 1.0,
+) -> float:
     with autocast(device, dtype):
         q = model(**queries, output_hidden_states=True).hidden_states
         p = model(**passages, output_hidden_states=True).hidden_states
@@ -80,7 +99,7 @@ def search(queries: torch.Tensor, vectors: torch.Tensor, k: int, batch_size: int
     """Top-`k` (scores, rows) per query: a matmul per query batch, then `torch.topk` over all scores."""
     values, rows = [], []
     for start in range(0, len(queries), batch_size):
-        top = torch.topk(queries[start:start + batch_size] @ vectors.T, k, dim=1)
+        top = torch.topk(queries[start : start + batch_size] @ vectors.T, k, dim=1)
         values.append(top.values)
         rows.append(top.indices)
     return torch.cat(values), torch.cat(rows)

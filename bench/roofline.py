@@ -47,7 +47,7 @@ def matmul_rate(n: int, precision: str, repeats: int) -> float | None:
         start = time.perf_counter()
         run()
         best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def cpu_flags() -> list[str]:
@@ -65,22 +65,33 @@ def section(record: dict) -> str:
     for threads, entry in sorted(record["threads"].items(), key=lambda kv: int(kv[0])):
         for precision, peak in entry["peaks"].items():
             sizes = entry["by_size"][precision]
-            rows.append([threads, precision, *[f"{sizes[n] / 1e9:.1f}" if sizes.get(n) else "-" for n in ns],
-                         f"**{peak / 1e9:.1f}**", entry["repeats"], entry["date"]])
-    return "\n".join([
-        "## Peak matmul rate of this CPU (roofline_cpu)",
-        "",
-        "- command: `python bench/roofline.py` (and `OMP_NUM_THREADS=1 python bench/roofline.py`, as run_cpu.sh)",
-        f"- machine: {record['cores']} cores ({record['cpu']}), torch {record['torch']}; "
-        f"flags: {', '.join(record['flags']) or 'none of ' + ', '.join(FLAGS)}",
-        "- square n x n x n matmuls (`a @ b`; int8: `torch._int_mm`, int8 x int8 -> int32), the best of a few "
-        "after one warm-up; 2 n^3 FLOPs (int8: integer ops) per product; the peak is the best "
-        "over the sizes. These peaks (`bench/results/roofline-cpu.json`) are the denominators of the CPU rows' MFU: "
-        "the rate of the precision the row ran in, on the thread count it ran on.",
-        "",
-        common.table(["threads", "precision", *[f"n={n} GFLOP/s" for n in ns], "peak GFLOP/s", "best of", "date"],
-                     rows),
-    ])
+            rows.append(
+                [
+                    threads,
+                    precision,
+                    *[f"{sizes[n] / 1e9:.1f}" if sizes.get(n) else "-" for n in ns],
+                    f"**{peak / 1e9:.1f}**",
+                    entry["repeats"],
+                    entry["date"],
+                ]
+            )
+    return "\n".join(
+        [
+            "## Peak matmul rate of this CPU (roofline_cpu)",
+            "",
+            "- command: `python bench/roofline.py` (and `OMP_NUM_THREADS=1 python bench/roofline.py`, as run_cpu.sh)",
+            f"- machine: {record['cores']} cores ({record['cpu']}), torch {record['torch']}; "
+            f"flags: {', '.join(record['flags']) or 'none of ' + ', '.join(FLAGS)}",
+            "- square n x n x n matmuls (`a @ b`; int8: `torch._int_mm`, int8 x int8 -> int32), the best of a few "
+            "after one warm-up; 2 n^3 FLOPs (int8: integer ops) per product; the peak is the best "
+            "over the sizes. These peaks (`bench/results/roofline-cpu.json`) are the denominators of the CPU rows' MFU: "
+            "the rate of the precision the row ran in, on the thread count it ran on.",
+            "",
+            common.table(
+                ["threads", "precision", *[f"n={n} GFLOP/s" for n in ns], "peak GFLOP/s", "best of", "date"], rows
+            ),
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -101,8 +112,13 @@ def main(argv=None) -> None:
         for n in sizes:
             rate = matmul_rate(n, precision, args.repeats)
             by_size[precision][str(n)] = rate
-            common.emit("roofline_cpu", threads=threads, precision=precision, n=n,
-                        gflops=None if rate is None else round(rate / 1e9, 2))
+            common.emit(
+                "roofline_cpu",
+                threads=threads,
+                precision=precision,
+                n=n,
+                gflops=None if rate is None else round(rate / 1e9, 2),
+            )
     peaks = {p: max(r for r in rates.values() if r) for p, rates in by_size.items() if any(rates.values())}
     for precision, peak in peaks.items():
         common.emit("roofline_cpu", threads=threads, precision=precision, peak_gflops=round(peak / 1e9, 2))
@@ -113,8 +129,13 @@ def main(argv=None) -> None:
         before = json.loads(path.read_text())
         if before.get("cpu") == cpu and before.get("torch") == torch.__version__:
             record["threads"] = before.get("threads", {})  # the other thread counts of this CPU stay
-    record["threads"][str(threads)] = {"peaks": peaks, "by_size": by_size, "sizes": [str(n) for n in sizes],
-                                       "repeats": args.repeats, "date": common.today()}
+    record["threads"][str(threads)] = {
+        "peaks": peaks,
+        "by_size": by_size,
+        "sizes": [str(n) for n in sizes],
+        "repeats": args.repeats,
+        "date": common.today(),
+    }
     md = section(record)
     print(md)
     if not args.no_write:

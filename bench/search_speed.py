@@ -57,8 +57,9 @@ def exact_section(args, device: torch.device) -> str:
         vectors = random_unit(args.vectors, d, 0, device, dtype)
         flops = 2 * args.queries * args.vectors * d  # the score matrix, what any exact search computes
         queries = random_unit(args.queries, d, 1, device, dtype)
-        ref_time = common.best_time(lambda: reference.search(queries, vectors, args.depth, args.batch_size), device,
-                                    args.repeats)
+        ref_time = common.best_time(
+            lambda: reference.search(queries, vectors, args.depth, args.batch_size), device, args.repeats
+        )
         # what ours must equal: an fp32 exact search of the same vectors (the reference's fp16 ranking is not)
         expected = reference.search(queries.float(), vectors.float(), args.depth, args.batch_size)
         timings = {}
@@ -72,14 +73,27 @@ def exact_section(args, device: torch.device) -> str:
             t = common.best_time(run, device, args.repeats)
             timings[variant] = (t, ok)
             mfu = common.mfu(flops, t, device, precision)
-            common.emit(mark, dim=d, impl=f"torch {variant}", queries_per_s=round(args.queries / t, 1), identical=ok,
-                        ms_per_batch=round(1000 * t / -(-args.queries // args.batch_size), 3),
-                        precision=precision, mfu=mfu and round(mfu, 4))
+            common.emit(
+                mark,
+                dim=d,
+                impl=f"torch {variant}",
+                queries_per_s=round(args.queries / t, 1),
+                identical=ok,
+                ms_per_batch=round(1000 * t / -(-args.queries // args.batch_size), 3),
+                precision=precision,
+                mfu=mfu and round(mfu, 4),
+            )
         best_variant, (best_t, best_ok) = min(timings.items(), key=lambda kv: kv[1][0])
         ours_mfu, ref_mfu = common.mfu(flops, best_t, device, precision), common.mfu(flops, ref_time, device, precision)
-        common.emit(mark, dim=d, impl="reference", queries_per_s=round(args.queries / ref_time, 1),
-                    ms_per_batch=round(1000 * ref_time / -(-args.queries // args.batch_size), 3),
-                    precision=precision, mfu=ref_mfu and round(ref_mfu, 4))
+        common.emit(
+            mark,
+            dim=d,
+            impl="reference",
+            queries_per_s=round(args.queries / ref_time, 1),
+            ms_per_batch=round(1000 * ref_time / -(-args.queries // args.batch_size), 3),
+            precision=precision,
+            mfu=ref_mfu and round(ref_mfu, 4),
+        )
         faiss_qps = faiss_mfu = None
         if args.faiss_vectors:
             n = min(args.faiss_vectors, args.vectors)
@@ -89,36 +103,74 @@ def exact_section(args, device: torch.device) -> str:
             ExactSearcher("faiss", batch_size=args.batch_size).search(x, q, args.depth)
             faiss_qps = len(q) / (time.perf_counter() - start)
             faiss_mfu = common.mfu(2 * len(q) * n * d, len(q) / faiss_qps, cpu, "fp32")
-            common.emit(mark, dim=d, impl=f"faiss cpu flat ({n} vectors)", queries_per_s=round(faiss_qps, 1),
-                        precision="fp32", mfu=faiss_mfu and round(faiss_mfu, 4))
-        rows.append([d, f"{args.queries / ref_time:.1f}", f"{args.queries / best_t:.1f}", best_variant,
-                     f"{ref_time / best_t:.2f}x", "yes" if best_ok else "NO",
-                     "-" if faiss_qps is None else f"{faiss_qps:.1f}",
-                     common.mfu_cell(ours_mfu), common.mfu_cell(ref_mfu), common.mfu_cell(faiss_mfu)])
-        del vectors, queries
-    return "\n".join([
-        f"## Exact search over {args.vectors:,} random vectors on {device.type} ({mark})",
-        "",
-        f"- command: `python bench/search_speed.py --vectors {args.vectors} --queries {args.queries} --dims {args.dims} "
-        f"--depth {args.depth} --batch-size {args.batch_size} --topk {args.topk} --faiss-vectors {args.faiss_vectors}`",
-        f"- machine: {common.machine(device)}",
-        f"- date: {common.today()}",
-        f"- {args.queries} queries in batches of {args.batch_size}, depth {args.depth}, "
-        f"{'fp16' if dtype == torch.float16 else 'fp32'}; reference: matmul + torch.topk over all scores; ours: "
-        "the torch backend with the fastest top-k variant of --topk (topk: one torch.topk; block:N: through the maxima of "
-        "blocks of N columns, search.topk_block); "
-        "ours re-scores its fp16 candidates in fp32 (exact search, retrieval/exact_search.py); "
-        "identical = equal to an fp32 exact search: scores at every rank within 1e-5 and equal ids except among "
-        "near-tied scores; FAISS: IndexFlatIP on the CPU; "
-        + common.mfu_note(device, precision, "the score matrix's FLOPs (2 x queries x vectors x dim)")
-        + ("" if device.type == "cpu" else "; FAISS's against the CPU's fp32 peak (bench/roofline.py)"),
-        "",
-        common.table(["dim", "reference q/s", "ours q/s", "top-k", "speedup", "identical", "FAISS CPU q/s", "MFU ours",
-                      "MFU reference", "MFU FAISS"], rows),
-        *(["", "On the CPU ours and the reference are nearly the same computation (an fp32 matmul, then one topk; ours "
-           "takes k + 16 to rank ties by row; the block-maxima top-k gains nothing here, so search.topk_block is off "
-           "on the CPU): their ratio is mostly run-to-run noise. The GPU path differs (fp16 pre-selection through block maxima, then fp32 re-scoring)."] if device.type == "cpu" else []),
-    ])
+            common.emit(
+                mark,
+                dim=d,
+                impl=f"faiss cpu flat ({n} vectors)",
+                queries_per_s=round(faiss_qps, 1),
+                precision="fp32",
+                mfu=faiss_mfu and round(faiss_mfu, 4),
+            )
+        rows.append(
+            [
+                d,
+                f"{args.queries / ref_time:.1f}",
+                f"{args.queries / best_t:.1f}",
+                best_variant,
+                f"{ref_time / best_t:.2f}x",
+                "yes" if best_ok else "NO",
+                "-" if faiss_qps is None else f"{faiss_qps:.1f}",
+                common.mfu_cell(ours_mfu),
+                common.mfu_cell(ref_mfu),
+                common.mfu_cell(faiss_mfu),
+            ]
+        )
+        vectors = queries = None  # freed before the next dim allocates its own
+    return "\n".join(
+        [
+            f"## Exact search over {args.vectors:,} random vectors on {device.type} ({mark})",
+            "",
+            f"- command: `python bench/search_speed.py --vectors {args.vectors} --queries {args.queries} --dims {args.dims} "
+            f"--depth {args.depth} --batch-size {args.batch_size} --topk {args.topk} --faiss-vectors {args.faiss_vectors}`",
+            f"- machine: {common.machine(device)}",
+            f"- date: {common.today()}",
+            f"- {args.queries} queries in batches of {args.batch_size}, depth {args.depth}, "
+            f"{'fp16' if dtype == torch.float16 else 'fp32'}; reference: matmul + torch.topk over all scores; ours: "
+            "the torch backend with the fastest top-k variant of --topk (topk: one torch.topk; block:N: through the maxima of "
+            "blocks of N columns, search.topk_block); "
+            "ours re-scores its fp16 candidates in fp32 (exact search, retrieval/exact_search.py); "
+            "identical = equal to an fp32 exact search: scores at every rank within 1e-5 and equal ids except among "
+            "near-tied scores; FAISS: IndexFlatIP on the CPU; "
+            + common.mfu_note(device, precision, "the score matrix's FLOPs (2 x queries x vectors x dim)")
+            + ("" if device.type == "cpu" else "; FAISS's against the CPU's fp32 peak (bench/roofline.py)"),
+            "",
+            common.table(
+                [
+                    "dim",
+                    "reference q/s",
+                    "ours q/s",
+                    "top-k",
+                    "speedup",
+                    "identical",
+                    "FAISS CPU q/s",
+                    "MFU ours",
+                    "MFU reference",
+                    "MFU FAISS",
+                ],
+                rows,
+            ),
+            *(
+                [
+                    "",
+                    "On the CPU ours and the reference are nearly the same computation (an fp32 matmul, then one topk; ours "
+                    "takes k + 16 to rank ties by row; the block-maxima top-k gains nothing here, so search.topk_block is off "
+                    "on the CPU): their ratio is mostly run-to-run noise. The GPU path differs (fp16 pre-selection through block maxima, then fp32 re-scoring).",
+                ]
+                if device.type == "cpu"
+                else []
+            ),
+        ]
+    )
 
 
 def hnsw_section(args) -> str | None:
@@ -141,8 +193,13 @@ def hnsw_section(args) -> str | None:
     flat_qps = len(queries) / flat_s
     flat_mfu = common.mfu(2 * len(queries) * len(vectors) * dim, flat_s, cpu, "fp32")
     rows = [["Flat", "-", f"{flat_qps:.0f}", "1.000", common.mfu_cell(flat_mfu)]]
-    common.emit("search_hnsw_cpu", index="Flat", queries_per_s=round(flat_qps, 1), recall_at_100=1.0,
-                mfu=flat_mfu and round(flat_mfu, 4))
+    common.emit(
+        "search_hnsw_cpu",
+        index="Flat",
+        queries_per_s=round(flat_qps, 1),
+        recall_at_100=1.0,
+        mfu=flat_mfu and round(flat_mfu, 4),
+    )
     hnsw = faiss.index_factory(vectors.shape[1], "HNSW32", faiss.METRIC_INNER_PRODUCT)  # as search.index=HNSW32
     start = time.perf_counter()
     hnsw.add(vectors)
@@ -157,21 +214,32 @@ def hnsw_section(args) -> str | None:
         mfu = common.mfu(2 * dim * faiss.cvar.hnsw_stats.ndis, seconds, cpu, "fp32")  # the distances it computed
         recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)])
         rows.append([f"HNSW32 efSearch={ef}", f"{build:.1f}", f"{qps:.0f}", f"{recall:.3f}", common.mfu_cell(mfu)])
-        common.emit("search_hnsw_cpu", index=f"HNSW32 efSearch={ef}", queries_per_s=round(qps, 1),
-                    recall_at_100=round(float(recall), 4), build_s=round(build, 2), mfu=mfu and round(mfu, 4))
-    return "\n".join([
-        "## FAISS flat vs HNSW on the embedded collection (search_hnsw_cpu)",
-        "",
-        f"- command: `python bench/search_speed.py --embeddings {args.embeddings} --split {args.split} ...`",
-        f"- machine: {common.machine(torch.device('cpu'))}",
-        f"- date: {common.today()}",
-        f"- {len(vectors):,} passages x {vectors.shape[1]} dims ({store.dir}), {len(queries)} {args.split} queries, "
-        "top 100; recall@100 against the flat index's top 100; "
-        + common.mfu_note(cpu, "fp32", "the FLOPs of the distances computed (Flat: every passage; HNSW: FAISS's "
-                                       "hnsw_stats.ndis) x 2 x dim"),
-        "",
-        common.table(["index", "build s", "queries/s", "recall@100", "MFU"], rows),
-    ])
+        common.emit(
+            "search_hnsw_cpu",
+            index=f"HNSW32 efSearch={ef}",
+            queries_per_s=round(qps, 1),
+            recall_at_100=round(float(recall), 4),
+            build_s=round(build, 2),
+            mfu=mfu and round(mfu, 4),
+        )
+    return "\n".join(
+        [
+            "## FAISS flat vs HNSW on the embedded collection (search_hnsw_cpu)",
+            "",
+            f"- command: `python bench/search_speed.py --embeddings {args.embeddings} --split {args.split} ...`",
+            f"- machine: {common.machine(torch.device('cpu'))}",
+            f"- date: {common.today()}",
+            f"- {len(vectors):,} passages x {vectors.shape[1]} dims ({store.dir}), {len(queries)} {args.split} queries, "
+            "top 100; recall@100 against the flat index's top 100; "
+            + common.mfu_note(
+                cpu,
+                "fp32",
+                "the FLOPs of the distances computed (Flat: every passage; HNSW: FAISS's hnsw_stats.ndis) x 2 x dim",
+            ),
+            "",
+            common.table(["index", "build s", "queries/s", "recall@100", "MFU"], rows),
+        ]
+    )
 
 
 def main(argv=None) -> None:
@@ -181,8 +249,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dims", default="32,128,384")
     parser.add_argument("--depth", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--topk", default="topk,block:16,block:32",
-                        help="top-k variants to time: topk (one torch.topk), block:N (block maxima, search.topk_block)")
+    parser.add_argument(
+        "--topk",
+        default="topk,block:16,block:32",
+        help="top-k variants to time: topk (one torch.topk), block:N (block maxima, search.topk_block)",
+    )
     parser.add_argument("--faiss-vectors", type=int, default=200_000, help="vectors for the FAISS CPU figure (0: skip)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="auto")

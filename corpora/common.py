@@ -104,9 +104,7 @@ def mine_negatives(
     groups = []
     for qid, text, pos in tqdm(queries, desc="mining BM25 negatives", disable=not progress):
         negs = [did for did, _ in bm25.search(text, num_negatives, exclude=pos)]
-        groups.append(
-            {"query_id": qid, "query": text, "positive_document_ids": [pos], "negative_document_ids": negs}
-        )
+        groups.append({"query_id": qid, "query": text, "positive_document_ids": [pos], "negative_document_ids": negs})
     return groups
 
 

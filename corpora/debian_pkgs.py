@@ -60,10 +60,7 @@ DEFAULT_SOURCE = "/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_main_i
 DEFAULT_OUT = "data/debian-pkgs"
 DEFAULT_MINI_OUT = "data/debian-pkgs-mini"
 APT_HELPER = "/usr/lib/apt/apt-helper"
-HOW_TO_GET = (
-    "create it with `apt-get update -o Acquire::Languages=en` (Debian bookworm, main) "
-    "or pass --source FILE"
-)
+HOW_TO_GET = "create it with `apt-get update -o Acquire::Languages=en` (Debian bookworm, main) or pass --source FILE"
 
 MIN_PASSAGE_WORDS = 15
 MIN_SYNOPSIS_WORDS = 3
@@ -290,7 +287,8 @@ def build_mini(
 
     groups_by_qid = {g["query_id"]: g for g in full.groups}
     train = [
-        q for q in full.splits["train"]
+        q
+        for q in full.splits["train"]
         if q in groups_by_qid and len(groups_by_qid[q]["negative_document_ids"]) >= min_negatives
     ]
 
@@ -478,8 +476,16 @@ def _command(args: argparse.Namespace) -> str:
     parts = ["python", "-m", "corpora.debian_pkgs", "--source", args.source, "--out", args.out]
     parts += ["--mini-out", args.mini_out]
     for opt in (
-        "dev_size", "test_size", "negatives", "stemmer", "mini_queries", "mini_neighbours",
-        "mini_groups", "mini_min_negatives", "mini_size", "seed",
+        "dev_size",
+        "test_size",
+        "negatives",
+        "stemmer",
+        "mini_queries",
+        "mini_neighbours",
+        "mini_groups",
+        "mini_min_negatives",
+        "mini_size",
+        "seed",
     ):
         parts += ["--" + opt.replace("_", "-"), str(getattr(args, opt))]
     return shlex.join(parts)
@@ -527,8 +533,15 @@ def build(args: argparse.Namespace) -> dict:
     mini_stats = None
     if args.mini_out:
         mini = build_mini(
-            full, bm25, args.mini_queries, args.mini_neighbours, args.mini_groups,
-            args.mini_min_negatives, args.mini_size, args.seed, progress,
+            full,
+            bm25,
+            args.mini_queries,
+            args.mini_neighbours,
+            args.mini_groups,
+            args.mini_min_negatives,
+            args.mini_size,
+            args.seed,
+            progress,
         )
         mout = Path(args.mini_out)
         mini.write(mout)
@@ -545,8 +558,13 @@ def build(args: argparse.Namespace) -> dict:
         }
         write_stats(mout, mini_stats)
         mini_recipe = MINI_DOC.format(
-            full=out.name, q=args.mini_queries, g=args.mini_groups, mn=args.mini_min_negatives,
-            nb=args.mini_neighbours, size=args.mini_size, seed=args.seed,
+            full=out.name,
+            q=args.mini_queries,
+            g=args.mini_groups,
+            mn=args.mini_min_negatives,
+            nb=args.mini_neighbours,
+            size=args.mini_size,
+            seed=args.seed,
         )
         write_readme(mout, "debian-pkgs-mini", mini_stats, source, sha, args.date, command, mini_recipe + "\n" + recipe)
         log(f"wrote {mout} ({time.time() - t0:.0f}s)")

@@ -165,7 +165,8 @@ def apply_rules(objects: Sequence[Documented]) -> tuple[Collection, dict[str, in
     kept = [o for o in objects if len(o.passage.split()) >= MIN_PASSAGE_WORDS]
     dropped["short_passage"] = len(objects) - len(kept)
     kept, dropped["duplicate_passage"] = collapse_near_duplicates(
-        kept, family=lambda o: o.passage.lower(), rank=lambda o: (len(o.name), o.name))
+        kept, family=lambda o: o.passage.lower(), rank=lambda o: (len(o.name), o.name)
+    )
     kept.sort(key=lambda o: o.name)
     queries = [o for o in kept if len(o.summary.split()) >= MIN_SUMMARY_WORDS]
     dropped["short_summary"] = len(kept) - len(queries)
@@ -207,7 +208,7 @@ RULES_DOC = f"""\
 Files: every `*.py` under the standard library directory outside `site-packages` and
 `dist-packages`, in sorted path order, parsed with `ast` (nothing is imported). A file is skipped
 when a part of its module path starts with `_` (private), is not an identifier (`config-3.x-...`)
-or is one of {', '.join(f'`{p}`' for p in SKIPPED_PACKAGES)}
+or is one of {", ".join(f"`{p}`" for p in SKIPPED_PACKAGES)}
 (test suites); files that do not parse (Python 2 samples) are skipped too.
 
 Objects: the public (no leading `_`) functions and classes at a module's top level and the public
@@ -231,11 +232,16 @@ passage. One split, `test`: the collection is for out-of-domain evaluation; neve
 
 def write_readme(out: Path, stats: dict, date: str, command: str) -> None:
     """Write the dataset README (the only file carrying the build date)."""
-    rows = [("source files parsed", stats["files_parsed"]), ("source files skipped", stats["files_skipped"]),
-            ("source files unparsable", stats["files_unparsable"]), ("documented objects", stats["documented"]),
-            ("passages", stats["passages"]), ("queries (test)", stats["queries"]["test"]),
-            ("distractor passages (no query)", stats["distractors"]),
-            *((f"dropped: {rule}", n) for rule, n in stats["dropped"].items())]
+    rows = [
+        ("source files parsed", stats["files_parsed"]),
+        ("source files skipped", stats["files_skipped"]),
+        ("source files unparsable", stats["files_unparsable"]),
+        ("documented objects", stats["documented"]),
+        ("passages", stats["passages"]),
+        ("queries (test)", stats["queries"]["test"]),
+        ("distractor passages (no query)", stats["distractors"]),
+        *((f"dropped: {rule}", n) for rule, n in stats["dropped"].items()),
+    ]
     text = f"""# python-docs
 
 Docstrings of the Python {stats["python_version"]} standard library as a retrieval collection: query = the
@@ -280,8 +286,10 @@ bm25s (English stopwords, stemmer: {stats["bm25"]["stemmer"]}), the queries sear
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     import datetime
 
-    p = argparse.ArgumentParser(prog="python -m corpora.python_docs",
-                                description="Build the python-docs collection from this interpreter's standard library.")
+    p = argparse.ArgumentParser(
+        prog="python -m corpora.python_docs",
+        description="Build the python-docs collection from this interpreter's standard library.",
+    )
     p.add_argument("--source", default=str(default_source()), help="standard library directory (default: this one)")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--stemmer", default="none", help="PyStemmer language for BM25 (default: none)")
@@ -316,8 +324,11 @@ def build(args: argparse.Namespace) -> dict:
         "documented": len(objects),
         "dropped": dropped,
         **collection_stats(collection),
-        "bm25": {"stemmer": args.stemmer, "depth": BM25_DEPTH,
-                 "scores": bm25_reference(out, splits=["test"], stemmer=args.stemmer, progress=not args.no_progress)},
+        "bm25": {
+            "stemmer": args.stemmer,
+            "depth": BM25_DEPTH,
+            "scores": bm25_reference(out, splits=["test"], stemmer=args.stemmer, progress=not args.no_progress),
+        },
     }
     for key in ("train_groups", "negatives_per_group"):  # no training data
         stats.pop(key)
@@ -326,8 +337,11 @@ def build(args: argparse.Namespace) -> dict:
     command = shlex.join(["python", "-m", "corpora.python_docs", *where, "--out", args.out, "--stemmer", args.stemmer])
     write_readme(out, stats, args.date, command)
     if not args.no_progress:
-        print(f"python-docs: {len(collection.queries)} queries, {len(collection.corpus)} passages from "
-              f"{stats['files_parsed']} files in {out} ({time.time() - started:.0f}s)", file=sys.stderr)
+        print(
+            f"python-docs: {len(collection.queries)} queries, {len(collection.corpus)} passages from "
+            f"{stats['files_parsed']} files in {out} ({time.time() - started:.0f}s)",
+            file=sys.stderr,
+        )
     return stats
 
 

@@ -106,11 +106,14 @@ def load_model(cfg: DictConfig, device: torch.device) -> StarbucksModel:
     """
     m = cfg.model
     model = StarbucksModel.from_pretrained(
-        model_source(cfg), device, attn_implementation=m.attn_implementation,
+        model_source(cfg),
+        device,
+        attn_implementation=m.attn_implementation,
         precision=resolve_precision(cfg.encode.precision, device, "encode.precision"),
         defaults={**{k: m[k] for k in SETTINGS}, "sizes": sizes_of(cfg)},
         part_models={str(k): str(v) for k, v in (cfg.encode.part_models or {}).items()},
-        parallel_parts=cfg.encode.parallel_parts)
+        parallel_parts=cfg.encode.parallel_parts,
+    )
     for one in (model, *model.part_models.values()):
         one.encoder.packing = m.packing
     return model
@@ -130,8 +133,15 @@ def loader_workers(value, device: torch.device) -> int:
     return value
 
 
-def encode_texts(model: StarbucksModel, texts: Sequence[str], sizes: Sequence[Size], kind: str, batch_size: int,
-                 progress: tqdm | None = None, workers: int = 0) -> dict[Size, np.ndarray]:
+def encode_texts(
+    model: StarbucksModel,
+    texts: Sequence[str],
+    sizes: Sequence[Size],
+    kind: str,
+    batch_size: int,
+    progress: tqdm | None = None,
+    workers: int = 0,
+) -> dict[Size, np.ndarray]:
     """`(len(texts), dim)` embeddings per size in the store's float16, in the order of `texts`
     (`StarbucksModel.embed_texts`: longest first, one pass for every size, `workers` tokenising ahead)."""
     return model.embed_texts(texts, sizes, kind, batch_size, progress, workers, dtype=np.float16)
@@ -162,7 +172,9 @@ def encode_collection(cfg: DictConfig, progress: bool = True) -> EncodeSummary:
 
     Two processes encoding the same slice into one embeddings directory at once: the second stops with one line."""
     work = worker_slice(cfg.encode.shard)
-    with run_lock(experiment_paths(cfg).embeddings, f"encode (slice {work})", f".lock-encode-{work.index}of{work.count}"):
+    with run_lock(
+        experiment_paths(cfg).embeddings, f"encode (slice {work})", f".lock-encode-{work.index}of{work.count}"
+    ):
         return _encode_collection(cfg, work, progress)
 
 
@@ -176,27 +188,46 @@ def _encode_collection(cfg: DictConfig, work: Slice, progress: bool) -> EncodeSu
     sizes = [model.size(s) for s in model.sizes.select(enc.sizes)]
     root = experiment_paths(cfg).embeddings
     stores = open_stores(model, sizes, root, shard_rows, {"model": model.source, "corpus": str(cfg.data.corpus)})
-    print(f"encode: model {model.source} ({model.encoder.pooling} pooling, normalize={model.encoder.normalize}); "
-          f"sizes {', '.join(str(s) for s in sizes)}; worker {work}; device {device}", file=sys.stderr)
+    print(
+        f"encode: model {model.source} ({model.encoder.pooling} pooling, normalize={model.encoder.normalize}); "
+        f"sizes {', '.join(str(s) for s in sizes)}; worker {work}; device {device}",
+        file=sys.stderr,
+    )
 
     if work.is_first:
         for name, split in _query_splits(cfg).items():
             encode_queries(model, stores, name, split.queries, int(enc.batch_size), progress)
 
     total = corpus_size(str(cfg.data.corpus))
-    bar = tqdm(total=None if total is None else -(-total // work.count), unit="psg", desc=f"encode {work}",
-               disable=not progress, dynamic_ncols=True)
+    bar = tqdm(
+        total=None if total is None else -(-total // work.count),
+        unit="psg",
+        desc=f"encode {work}",
+        disable=not progress,
+        dynamic_ncols=True,
+    )
     started = time.perf_counter()
-    done = encode_passages(model, stores, corpus_blocks(iter_corpus(str(cfg.data.corpus)), shard_rows),
-                           f"corpus {cfg.data.corpus}", int(enc.batch_size), owns=work.owns, progress=bar,
-                           workers=workers, note=_note)
+    done = encode_passages(
+        model,
+        stores,
+        corpus_blocks(iter_corpus(str(cfg.data.corpus)), shard_rows),
+        f"corpus {cfg.data.corpus}",
+        int(enc.batch_size),
+        owns=work.owns,
+        progress=bar,
+        workers=workers,
+        note=_note,
+    )
     bar.close()
     seconds = time.perf_counter() - started
     encoded, complete = done.encoded, done.complete
     rate = f" ({encoded / seconds:.1f} passages/s)" if encoded and seconds > 0 else ""
     state = "complete" if complete else "waiting for the other slices"
-    print(f"encode: worker {work} encoded {encoded} of {done.count} passages in {seconds:.1f}s{rate}; "
-          f"embeddings {state} in {root}", file=sys.stderr)
+    print(
+        f"encode: worker {work} encoded {encoded} of {done.count} passages in {seconds:.1f}s{rate}; "
+        f"embeddings {state} in {root}",
+        file=sys.stderr,
+    )
     return EncodeSummary(sizes, work, done.count, encoded, seconds, complete, [stores[s].dir for s in sizes])
 
 

@@ -102,14 +102,17 @@ def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[st
     run = read_run(path)
     covered = sum(1 for q in split.qrels if run.get(q))
     if covered < len(split.qrels):
-        print(f"eval: warning: {path} ranks passages for {covered} of the {len(split.qrels)} judged queries of split "
-              f"{split.name!r}; the others count as 0: re-run `python -m search` if that is not intended",
-              file=sys.stderr)
+        print(
+            f"eval: warning: {path} ranks passages for {covered} of the {len(split.qrels)} judged queries of split "
+            f"{split.name!r}; the others count as 0: re-run `python -m search` if that is not intended",
+            file=sys.stderr,
+        )
     return SizeResult(size, path, evaluate(run, split.qrels, measures, level), covered, coverage)
 
 
-def evaluate_runs(runs: Sequence[tuple[Size, Path]], split: EvalSplit, measures: Sequence[str],
-                  level: int) -> list[SizeResult]:
+def evaluate_runs(
+    runs: Sequence[tuple[Size, Path]], split: EvalSplit, measures: Sequence[str], level: int
+) -> list[SizeResult]:
     return [evaluate_run(size, path, split, measures, level) for size, path in runs]
 
 
@@ -143,22 +146,42 @@ def evaluate_experiment(cfg: DictConfig) -> dict[str, list[SizeResult]]:
         print(f"\n{title}\n{text_table(headers, rows)}")
         base = paths.eval / name
         atomic_write_text(base.with_suffix(".md"), f"# {title}\n\n{markdown_table(headers, rows)}")
-        write_csv(base.with_suffix(".csv"), ["size", "layers", "dim", *measures],
-                  [[r.size.name, r.size.layers, r.size.dim, *(r.evaluation.aggregate[m] for m in measures)]
-                   for r in results])
-        atomic_write_json(base.with_suffix(".json"), {
-            "experiment": str(cfg.name), "split": name, "rel_level": level, "queries": len(split.qrels),
-            "qrels_coverage": next((r.coverage for r in results if r.coverage is not None), None),
-            "measures": {m: str(x) for m, x in results[0].evaluation.measures.items()} if results else {},
-            "sizes": [{"size": r.size.name, "layers": r.size.layers, "dim": r.size.dim, "run": str(r.run),
-                       "run_queries": r.run_queries,
-                       "relevant_missing": None if r.coverage is None else r.coverage["missing"],
-                       "metrics": r.evaluation.aggregate} for r in results],
-        })
+        write_csv(
+            base.with_suffix(".csv"),
+            ["size", "layers", "dim", *measures],
+            [[r.size.name, r.size.layers, r.size.dim, *(r.evaluation.aggregate[m] for m in measures)] for r in results],
+        )
+        atomic_write_json(
+            base.with_suffix(".json"),
+            {
+                "experiment": str(cfg.name),
+                "split": name,
+                "rel_level": level,
+                "queries": len(split.qrels),
+                "qrels_coverage": next((r.coverage for r in results if r.coverage is not None), None),
+                "measures": {m: str(x) for m, x in results[0].evaluation.measures.items()} if results else {},
+                "sizes": [
+                    {
+                        "size": r.size.name,
+                        "layers": r.size.layers,
+                        "dim": r.size.dim,
+                        "run": str(r.run),
+                        "run_queries": r.run_queries,
+                        "relevant_missing": None if r.coverage is None else r.coverage["missing"],
+                        "metrics": r.evaluation.aggregate,
+                    }
+                    for r in results
+                ],
+            },
+        )
         write_per_query(paths.eval, name, [(r.size, r.evaluation) for r in results])
         if cfg.eval.plot and results:
-            plot_measures({str(cfg.name): [(r.size, r.evaluation.aggregate) for r in results]}, measures,
-                          base.with_suffix(".png"), title)
+            plot_measures(
+                {str(cfg.name): [(r.size, r.evaluation.aggregate) for r in results]},
+                measures,
+                base.with_suffix(".png"),
+                title,
+            )
     print(f"\neval: tables and plots in {paths.eval}", file=sys.stderr)
     card = refresh_card(paths.model, paths.eval, list(out), paths.embeddings, cfg.data.eval_splits)  # per-size results
     if card is not None:
@@ -197,8 +220,12 @@ def compare_experiments(cfg: DictConfig, dirs: Sequence[str | Path]) -> dict[str
     for split_name, split in splits.items():
         level = rel_level(cfg, split_name)
         results = {
-            n: {r.size.ident: r for r in evaluate_runs(
-                select_runs(d / "runs", split_name, cfg.eval.sizes, strict=False), split, measures, level)}
+            n: {
+                r.size.ident: r
+                for r in evaluate_runs(
+                    select_runs(d / "runs", split_name, cfg.eval.sizes, strict=False), split, measures, level
+                )
+            }
             for n, d in zip(names, dirs)
         }
         keys = sorted({k for per in results.values() for k in per})
@@ -223,15 +250,23 @@ def compare_experiments(cfg: DictConfig, dirs: Sequence[str | Path]) -> dict[str
                     csv_rows.append([size.name, size.layers, size.dim, n, m, value, "" if p is None else p])
             rows.append(row)
             record.append(entry)
-        title = (f"{split_name}: {len(split.qrels)} queries, relevant at level >= {level}; "
-                 f"* = p < {alpha} (paired t-test vs {baseline})")
+        title = (
+            f"{split_name}: {len(split.qrels)} queries, relevant at level >= {level}; "
+            f"* = p < {alpha} (paired t-test vs {baseline})"
+        )
         print(f"\n{title}\n{text_table(headers, rows)}")
         stem = out_dir / f"compare-{split_name}"
         atomic_write_text(stem.with_suffix(".md"), f"# {title}\n\n{markdown_table(headers, rows)}")
         write_csv(stem.with_suffix(".csv"), ["size", "layers", "dim", "experiment", "measure", "value", "p"], csv_rows)
-        report[split_name] = {"split": split_name, "rel_level": level, "queries": len(split.qrels),
-                              "baseline": baseline, "alpha": alpha, "experiments": dict(zip(names, map(str, dirs))),
-                              "sizes": record}
+        report[split_name] = {
+            "split": split_name,
+            "rel_level": level,
+            "queries": len(split.qrels),
+            "baseline": baseline,
+            "alpha": alpha,
+            "experiments": dict(zip(names, map(str, dirs))),
+            "sizes": record,
+        }
         atomic_write_json(stem.with_suffix(".json"), report[split_name])
         if cfg.eval.plot and keys:
             series = {n: [(r.size, r.evaluation.aggregate) for _, r in sorted(results[n].items())] for n in names}

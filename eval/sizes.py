@@ -74,11 +74,16 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return [i for i, p in enumerate(points) if not any(dominates(q, p) for q in points)]
 
 
-def best_within(costs: Sequence[SizeCost], max_latency_ms: float | None = None,
-                max_bytes: float | None = None) -> SizeCost:
+def best_within(
+    costs: Sequence[SizeCost], max_latency_ms: float | None = None, max_bytes: float | None = None
+) -> SizeCost:
     """The best quality among the sizes within the budgets (ties: the faster, then the smaller)."""
-    fits = [c for c in costs if (max_latency_ms is None or c.latency_ms <= max_latency_ms)
-            and (max_bytes is None or c.bytes_per_passage <= max_bytes)]
+    fits = [
+        c
+        for c in costs
+        if (max_latency_ms is None or c.latency_ms <= max_latency_ms)
+        and (max_bytes is None or c.bytes_per_passage <= max_bytes)
+    ]
     if not fits:
         cheapest = min(costs, key=lambda c: (c.latency_ms, c.bytes_per_passage))
         raise StarbucksError(
@@ -89,8 +94,9 @@ def best_within(costs: Sequence[SizeCost], max_latency_ms: float | None = None,
 
 
 def _budget(max_latency_ms, max_bytes) -> str:
-    parts = ([f"--max-latency-ms {max_latency_ms:g}"] if max_latency_ms is not None else []) + \
-            ([f"--max-bytes {max_bytes:g}"] if max_bytes is not None else [])
+    parts = ([f"--max-latency-ms {max_latency_ms:g}"] if max_latency_ms is not None else []) + (
+        [f"--max-bytes {max_bytes:g}"] if max_bytes is not None else []
+    )
     return " and ".join(parts)
 
 
@@ -108,8 +114,10 @@ def eval_file(run_dir: Path, split: str | None) -> Path:
     found = sorted(p for p in eval_dir.glob("*.json") if not p.name.startswith(EVAL_PREFIXES))
     if len(found) != 1:
         what = ", ".join(p.stem for p in found) if found else "none"
-        raise StarbucksError(f"{eval_dir} holds the eval of {'splits ' + what if found else 'no split'}; "
-                             f"{'name one with --split' if found else 'run `python -m eval` first'}")
+        raise StarbucksError(
+            f"{eval_dir} holds the eval of {'splits ' + what if found else 'no split'}; "
+            f"{'name one with --split' if found else 'run `python -m eval` first'}"
+        )
     return found[0]
 
 
@@ -133,8 +141,10 @@ def queries_source(store: EmbeddingStore, split: str, given: str | None):
     meta = read_meta(resolve_model_path(store.read_meta()["model"])) or {}
     source = ((meta.get("config") or {}).get("data") or {}).get("eval_splits", {}).get(split)
     if source is None:
-        raise StarbucksError(f"cannot tell where the queries of split {split!r} are (the model records no "
-                             f"data.eval_splits.{split}); give --queries DIR (a BEIR directory or irds:<id>)")
+        raise StarbucksError(
+            f"cannot tell where the queries of split {split!r} are (the model records no "
+            f"data.eval_splits.{split}); give --queries DIR (a BEIR directory or irds:<id>)"
+        )
     return source
 
 
@@ -150,8 +160,10 @@ def index_files(store: EmbeddingStore, index_dir: Path, factory: str | None = No
         record_path = path.with_suffix(".json")
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         if any(record.get(k) != meta.get(k) for k in ("size", "layers", "dim", *PASSAGE_FIELDS)):
-            raise StarbucksError(f"{path} was not built from the embeddings in {store.dir}; re-run search "
-                                 f"(make search) before choosing a size")
+            raise StarbucksError(
+                f"{path} was not built from the embeddings in {store.dir}; re-run search "
+                f"(make search) before choosing a size"
+            )
         if factory is not None and record["factory"] != factory:
             return []  # left by a search with another index: not what the run's quality came from
     return paths
@@ -174,10 +186,17 @@ def _load_model(store: EmbeddingStore, qmeta: dict, device: str, precision: str)
 
     meta = store.require_complete()
     model = StarbucksModel.from_pretrained(
-        meta["model"], device, pooling=meta["pooling"], normalize=meta["normalize"],
-        query_max_length=qmeta["max_length"], passage_max_length=meta["max_length"],
-        query_prefix=qmeta["prefix"], passage_prefix=meta["prefix"], precision=precision,
-        part_models=meta.get("part_models"))
+        meta["model"],
+        device,
+        pooling=meta["pooling"],
+        normalize=meta["normalize"],
+        query_max_length=qmeta["max_length"],
+        passage_max_length=meta["max_length"],
+        query_prefix=qmeta["prefix"],
+        passage_prefix=meta["prefix"],
+        precision=precision,
+        part_models=meta.get("part_models"),
+    )
     return check_model(model, store)
 
 
@@ -185,14 +204,22 @@ def check_model(model, store: EmbeddingStore):
     """`model`, if it (with a hybrid's other models) is what encoded the store; else one line."""
     meta = store.require_complete()
     if model.identity(store.size, "passage")["model_sha256"] != meta["model_sha256"]:
-        raise StarbucksError(f"the model at {meta['model']} changed since it encoded {store.dir}; "
-                             f"re-run encode, search and eval before choosing a size")
+        raise StarbucksError(
+            f"the model at {meta['model']} changed since it encoded {store.dir}; "
+            f"re-run encode, search and eval before choosing a size"
+        )
     return model
 
 
-def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries: Sequence[str],
-                 batch_size: int, index_dir: Path | None = None,
-                 run: dict | None = None) -> tuple[float, float, float, float]:
+def measure_size(
+    model,
+    store: EmbeddingStore,
+    passages: Sequence[str],
+    queries: Sequence[str],
+    batch_size: int,
+    index_dir: Path | None = None,
+    run: dict | None = None,
+) -> tuple[float, float, float, float]:
     """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`;
     search on the size's saved index when there is one (the index its bytes are counted from; every part
     of it in turn, as the search stage does, with the search `params` of the `run` record, e.g. nprobe),
@@ -230,10 +257,18 @@ def measure_size(model, store: EmbeddingStore, passages: Sequence[str], queries:
     return throughput, statistics.median(encode_ms), statistics.median(search_ms), statistics.median(total_ms)
 
 
-def measure_run(run_dir: str | Path, split: str | None = None, measure: str | None = None,
-                queries: str | None = None, corpus: str | None = None, passages: int = 256,
-                query_sample: int = 50, batch_size: int = 32, device: str = "auto",
-                precision: str = "auto") -> tuple[str, str, list[SizeCost]]:
+def measure_run(
+    run_dir: str | Path,
+    split: str | None = None,
+    measure: str | None = None,
+    queries: str | None = None,
+    corpus: str | None = None,
+    passages: int = 256,
+    query_sample: int = 50,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+) -> tuple[str, str, list[SizeCost]]:
     """`(split, measure, costs)` for every size of the run that was evaluated and has its embeddings."""
     run_dir = Path(run_dir)
     path = eval_file(run_dir, split)
@@ -242,8 +277,10 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
     stores = {s: EmbeddingStore(run_dir / "embeddings" / s) for s in quality}
     missing = [s for s, st in stores.items() if not (st.read_meta() or {}).get("complete")]
     if missing:
-        raise StarbucksError(f"{path} evaluates size {missing[0]} but {stores[missing[0]].dir} holds no finished "
-                             f"embeddings; re-run `python -m encode` for it")
+        raise StarbucksError(
+            f"{path} evaluates size {missing[0]} but {stores[missing[0]].dir} holds no finished "
+            f"embeddings; re-run `python -m encode` for it"
+        )
     if not stores:
         raise StarbucksError(f"{path} evaluates no size; run `python -m eval` first")
     first = next(iter(stores.values()))
@@ -259,16 +296,34 @@ def measure_run(run_dir: str | Path, split: str | None = None, measure: str | No
     for name, store in stores.items():
         _, _, qmeta = store.load_queries(split)
         meta = store.read_meta()
-        settings = (meta["model"], json.dumps(meta.get("part_models") or {}, sort_keys=True), meta["pooling"],
-                    meta["normalize"], meta["max_length"], meta["prefix"], qmeta["max_length"], qmeta["prefix"])
+        settings = (
+            meta["model"],
+            json.dumps(meta.get("part_models") or {}, sort_keys=True),
+            meta["pooling"],
+            meta["normalize"],
+            meta["max_length"],
+            meta["prefix"],
+            qmeta["max_length"],
+            qmeta["prefix"],
+        )
         if settings != loaded:  # one model in memory at a time, with the settings its store was encoded with
             model, loaded = _load_model(store, qmeta, device, precision), settings
         check_model(model, store)
         record = read_run_record(run_path(run_dir / "runs", split, name))
-        rate, enc_ms, search_ms, latency = measure_size(model, store, texts, query_texts, batch_size, run_dir / "index",
-                                                        record)
-        costs.append(SizeCost(store.size, quality[name], rate, enc_ms, search_ms, latency,
-                              store_bytes(store, run_dir / "index", (record or {}).get("index"))))
+        rate, enc_ms, search_ms, latency = measure_size(
+            model, store, texts, query_texts, batch_size, run_dir / "index", record
+        )
+        costs.append(
+            SizeCost(
+                store.size,
+                quality[name],
+                rate,
+                enc_ms,
+                search_ms,
+                latency,
+                store_bytes(store, run_dir / "index", (record or {}).get("index")),
+            )
+        )
         print(f"sizes: {name}: {rate:.1f} passages/s, {latency:.2f} ms per query", file=sys.stderr)
     return split, measure, costs
 
@@ -283,9 +338,19 @@ def table_rows(costs: Sequence[SizeCost]) -> list[list[str]]:
     """One row per size; `front` marks the Pareto front by latency (`L`) and by bytes (`B`)."""
     by_latency = set(pareto_front([(c.latency_ms, c.quality) for c in costs]))
     by_bytes = set(pareto_front([(c.bytes_per_passage, c.quality) for c in costs]))
-    return [[size_label(c.size), f"{c.quality:.4f}", f"{c.passages_per_second:.1f}", f"{c.encode_ms:.2f}",
-             f"{c.search_ms:.2f}", f"{c.latency_ms:.2f}", f"{c.bytes_per_passage:.0f}",
-             ("L" if i in by_latency else "") + ("B" if i in by_bytes else "")] for i, c in enumerate(costs)]
+    return [
+        [
+            size_label(c.size),
+            f"{c.quality:.4f}",
+            f"{c.passages_per_second:.1f}",
+            f"{c.encode_ms:.2f}",
+            f"{c.search_ms:.2f}",
+            f"{c.latency_ms:.2f}",
+            f"{c.bytes_per_passage:.0f}",
+            ("L" if i in by_latency else "") + ("B" if i in by_bytes else ""),
+        ]
+        for i, c in enumerate(costs)
+    ]
 
 
 def plot_fronts(costs: Sequence[SizeCost], measure: str, path: Path, title: str) -> None:
@@ -296,8 +361,10 @@ def plot_fronts(costs: Sequence[SizeCost], measure: str, path: Path, title: str)
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
-    for ax, (label, cost) in zip(axes, [("single-query latency (ms)", lambda c: c.latency_ms),
-                                        ("bytes per passage", lambda c: c.bytes_per_passage)]):
+    for ax, (label, cost) in zip(
+        axes,
+        [("single-query latency (ms)", lambda c: c.latency_ms), ("bytes per passage", lambda c: c.bytes_per_passage)],
+    ):
         points = [(cost(c), c.quality) for c in costs]
         front = sorted(pareto_front(points), key=lambda i: points[i])
         ax.scatter(*zip(*points), color="0.6", label="size")
@@ -321,15 +388,27 @@ def write_report(run_dir: Path, split: str, measure: str, costs: Sequence[SizeCo
     stem = run_dir / "eval" / f"sizes-{split}"
     title = f"{run_dir.name} / {split}: {measure} vs cost per size on {device}"
     rows = table_rows(costs)
-    atomic_write_text(stem.with_suffix(".md"), f"# {title}\n\n{markdown_table(HEADERS, rows)}\n"
-                      "front: on the Pareto front of quality vs latency (L) / vs bytes per passage (B)\n")
+    atomic_write_text(
+        stem.with_suffix(".md"),
+        f"# {title}\n\n{markdown_table(HEADERS, rows)}\n"
+        "front: on the Pareto front of quality vs latency (L) / vs bytes per passage (B)\n",
+    )
     records = [c.record() for c in costs]
     write_csv(stem.with_suffix(".csv"), list(records[0]), [list(r.values()) for r in records])
-    atomic_write_json(stem.with_suffix(".json"), {
-        "run": str(run_dir), "split": split, "measure": measure, "device": device, "sizes": records,
-        "front_latency": [costs[i].size.name for i in pareto_front([(c.latency_ms, c.quality) for c in costs])],
-        "front_bytes": [costs[i].size.name for i in pareto_front([(c.bytes_per_passage, c.quality) for c in costs])],
-    })
+    atomic_write_json(
+        stem.with_suffix(".json"),
+        {
+            "run": str(run_dir),
+            "split": split,
+            "measure": measure,
+            "device": device,
+            "sizes": records,
+            "front_latency": [costs[i].size.name for i in pareto_front([(c.latency_ms, c.quality) for c in costs])],
+            "front_bytes": [
+                costs[i].size.name for i in pareto_front([(c.bytes_per_passage, c.quality) for c in costs])
+            ],
+        },
+    )
     plot_fronts(costs, measure, stem.with_suffix(".png"), title)
     print(f"\n{title}\n{text_table(HEADERS, rows)}")
     return stem
@@ -347,13 +426,18 @@ def _positive(kind):
         if value <= 0:
             raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
         return value
+
     return parse
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.sizes", description=(
-        "Quality vs cost per size of one run (its eval, plus encode throughput, single-query latency and "
-        "bytes per passage measured here), the Pareto fronts, and the best size within a budget."))
+    p = argparse.ArgumentParser(
+        prog="python -m eval.sizes",
+        description=(
+            "Quality vs cost per size of one run (its eval, plus encode throughput, single-query latency and "
+            "bytes per passage measured here), the Pareto fronts, and the best size within a budget."
+        ),
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="an experiment directory (runs/<name>) after eval")
     p.add_argument("--split", help="the evaluated split (default: the only one in RUN_DIR/eval)")
     p.add_argument("--measure", help="quality measure from the eval (default: nDCG@10, else its first)")
@@ -373,8 +457,18 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> SizeCost | None:
     args = parser().parse_args(argv)
     run_dir = Path(args.run_dir)
-    split, measure, costs = measure_run(run_dir, args.split, args.measure, args.queries, args.corpus, args.passages,
-                                        args.query_sample, args.batch_size, args.device, args.precision)
+    split, measure, costs = measure_run(
+        run_dir,
+        args.split,
+        args.measure,
+        args.queries,
+        args.corpus,
+        args.passages,
+        args.query_sample,
+        args.batch_size,
+        args.device,
+        args.precision,
+    )
     from retrieval.settings import resolve_device
 
     stem = write_report(run_dir, split, measure, costs, str(resolve_device(args.device, "--device")))
@@ -382,8 +476,10 @@ def main(argv: Sequence[str] | None = None) -> SizeCost | None:
     if args.max_latency_ms is None and args.max_bytes is None:
         return None
     best = best_within(costs, args.max_latency_ms, args.max_bytes)
-    print(f"best within {_budget(args.max_latency_ms, args.max_bytes)}: {size_label(best.size)}: {measure} "
-          f"{best.quality:.4f}, {best.latency_ms:.2f} ms per query, {best.bytes_per_passage:.0f} bytes per passage")
+    print(
+        f"best within {_budget(args.max_latency_ms, args.max_bytes)}: {size_label(best.size)}: {measure} "
+        f"{best.quality:.4f}, {best.latency_ms:.2f} ms per query, {best.bytes_per_passage:.0f} bytes per passage"
+    )
     return best
 
 

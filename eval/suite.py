@@ -84,25 +84,30 @@ def parse_collection(spec, split: str = DEFAULT_SPLIT, ignore_identical_ids: boo
             raise StarbucksError(f"suite collection {dict(spec)} needs a 'source' (a BEIR directory or irds:<id>)")
         unknown = sorted(set(spec) - set(COLLECTION_KEYS))
         if unknown:
-            raise StarbucksError(f"suite collection {dict(spec)}: unknown key {unknown[0]!r}; a collection has "
-                                 f"{', '.join(COLLECTION_KEYS)}")
+            raise StarbucksError(
+                f"suite collection {dict(spec)}: unknown key {unknown[0]!r}; a collection has "
+                f"{', '.join(COLLECTION_KEYS)}"
+            )
         flag = spec.get("ignore_identical_ids", ignore_identical_ids)
         if not isinstance(flag, bool):
-            raise StarbucksError(f"suite collection {spec['source']}: ignore_identical_ids must be true or false, "
-                                 f"not {flag!r}")
+            raise StarbucksError(
+                f"suite collection {spec['source']}: ignore_identical_ids must be true or false, not {flag!r}"
+            )
         name, source, split = spec.get("name"), str(spec["source"]), str(spec.get("split", split))
         ignore_identical_ids = flag
     else:
         name, source = _named(spec)
     if source.startswith(IRDS):  # irds:beir/scifact/test -> scifact, split test
-        parts = source[len(IRDS):].split("/")
+        parts = source[len(IRDS) :].split("/")
         if parts[-1] in ("train", "dev", "test"):
             split = parts.pop()
         name = name or "-".join(parts[1:] if parts[0] == "beir" and len(parts) > 1 else parts)
     else:
         if not Path(source).is_dir():
-            raise StarbucksError(f"collection {source!r} is neither a BEIR directory nor irds:<id> "
-                                 f"(e.g. data/python-docs, irds:beir/scifact/test)")
+            raise StarbucksError(
+                f"collection {source!r} is neither a BEIR directory nor irds:<id> "
+                f"(e.g. data/python-docs, irds:beir/scifact/test)"
+            )
         name = name or Path(source).resolve().name
     return SuiteCollection(name, source, split, ignore_identical_ids)
 
@@ -135,8 +140,9 @@ def read_suite_file(path: str | Path) -> dict:
     data = OmegaConf.to_container(OmegaConf.load(p), resolve=True) or {}
     unknown = sorted(set(data) - {"collections", "models", "metrics", "sizes", "split", "depth"})
     if unknown:
-        raise StarbucksError(f"{p}: unknown key {unknown[0]!r}; a suite file has collections, models, metrics, "
-                             f"sizes, split, depth")
+        raise StarbucksError(
+            f"{p}: unknown key {unknown[0]!r}; a suite file has collections, models, metrics, sizes, split, depth"
+        )
     return data
 
 
@@ -173,7 +179,8 @@ def load_collection(spec: SuiteCollection) -> LoadedCollection:
         raise StarbucksError(
             f"collection {spec.name}: its {spec.split} qrels judge {coverage['missing']} of {coverage['relevant']} "
             f"relevant passages that are not in its corpus (first: {coverage['first_missing']!r}); the corpus and "
-            f"qrels of {spec.source} do not belong together")
+            f"qrels of {spec.source} do not belong together"
+        )
     return LoadedCollection(spec, split, count)
 
 
@@ -181,12 +188,26 @@ def write_cell_eval(eval_dir: Path, title: str, col: LoadedCollection, cells: Se
     """`<eval>/<split>.json` and the per-query values beside it, as the eval stage writes them
     (`retrieval.evalfile`): the experiment's report reads them, and a suite cell directory is a run
     directory for `eval.sizes`."""
-    atomic_write_json(split_json(eval_dir, col.spec.split), {
-        "experiment": title, "split": col.spec.split, "rel_level": 1, "queries": len(col.split.qrels),
-        "measures": {m: str(x) for m, x in cells[0].evaluation.measures.items()},
-        "sizes": [{"size": c.size.name, "layers": c.size.layers, "dim": c.size.dim, "run": str(c.run),
-                   "metrics": c.evaluation.aggregate} for c in cells],
-    })
+    atomic_write_json(
+        split_json(eval_dir, col.spec.split),
+        {
+            "experiment": title,
+            "split": col.spec.split,
+            "rel_level": 1,
+            "queries": len(col.split.qrels),
+            "measures": {m: str(x) for m, x in cells[0].evaluation.measures.items()},
+            "sizes": [
+                {
+                    "size": c.size.name,
+                    "layers": c.size.layers,
+                    "dim": c.size.dim,
+                    "run": str(c.run),
+                    "metrics": c.evaluation.aggregate,
+                }
+                for c in cells
+            ],
+        },
+    )
     write_per_query(eval_dir, col.spec.split, [(c.size, c.evaluation) for c in cells])
 
 
@@ -206,9 +227,17 @@ class Cell:
     evaluation: Evaluation
 
 
-def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollection], out: str | Path,
-              measures: Sequence[str] = DEFAULT_MEASURES, sizes=None, depth: int = DEFAULT_DEPTH,
-              batch_size: int = 64, device: str = "auto", precision: str = "auto") -> dict:
+def run_suite(
+    models: Sequence[SuiteModel],
+    collections: Sequence[SuiteCollection],
+    out: str | Path,
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    sizes=None,
+    depth: int = DEFAULT_DEPTH,
+    batch_size: int = 64,
+    device: str = "auto",
+    precision: str = "auto",
+) -> dict:
     """Encode, search and evaluate every model on every collection; write the tables; return the report."""
     from retrieval import StarbucksModel
     from retrieval.settings import resolve_device
@@ -227,17 +256,27 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
         chosen = [model.size(s) for s in (parse_names(sizes) or [s.name for s in model.sizes])]
         for col in loaded:
             root = out / m.name / col.spec.name
-            print(f"suite: {m.name} on {col.spec.name} ({col.count} passages, {len(col.split.qrels)} queries)",
-                  file=sys.stderr)
-            stores = open_stores(model, chosen, root / "embeddings", SHARD_ROWS,
-                                 {"model": model.source, "corpus": col.spec.source})
-            encode_passages(model, stores, corpus_blocks(iter_corpus(col.spec.source), SHARD_ROWS),
-                            f"corpus {col.spec.source}", batch_size, note=_note)
+            print(
+                f"suite: {m.name} on {col.spec.name} ({col.count} passages, {len(col.split.qrels)} queries)",
+                file=sys.stderr,
+            )
+            stores = open_stores(
+                model, chosen, root / "embeddings", SHARD_ROWS, {"model": model.source, "corpus": col.spec.source}
+            )
+            encode_passages(
+                model,
+                stores,
+                corpus_blocks(iter_corpus(col.spec.source), SHARD_ROWS),
+                f"corpus {col.spec.source}",
+                batch_size,
+                note=_note,
+            )
             encode_queries(model, stores, col.spec.split, col.split.queries, batch_size)
             done = cells.setdefault(m.name, {})[col.spec.name] = []
             for s in chosen:
-                path = rank_store(stores[s], col.spec.split, root / "runs", depth, searcher, "suite",
-                                  col.spec.ignore_identical_ids)
+                path = rank_store(
+                    stores[s], col.spec.split, root / "runs", depth, searcher, "suite", col.spec.ignore_identical_ids
+                )
                 done.append(Cell(s, path, evaluate(read_run(path), col.split.qrels, measures)))
             write_cell_eval(root / "eval", f"{m.name} / {col.spec.name}", col, done)
         del model
@@ -246,8 +285,12 @@ def run_suite(models: Sequence[SuiteModel], collections: Sequence[SuiteCollectio
     return report
 
 
-def build_report(models: Sequence[SuiteModel], collections: Sequence[LoadedCollection],
-                 cells: Mapping[str, Mapping[str, Sequence[Cell]]], measures: Sequence[str]) -> dict:
+def build_report(
+    models: Sequence[SuiteModel],
+    collections: Sequence[LoadedCollection],
+    cells: Mapping[str, Mapping[str, Sequence[Cell]]],
+    measures: Sequence[str],
+) -> dict:
     """Per model and measure: collection -> size -> value, and the average row; per measure, collection
     and size: each model's value and its paired t-test p-value against the first model."""
     baseline = models[0].name
@@ -255,8 +298,10 @@ def build_report(models: Sequence[SuiteModel], collections: Sequence[LoadedColle
     for m in models:
         per_model = tables.setdefault(m.name, {})
         for measure in measures:
-            table = {c.spec.name: {cell.size.name: cell.evaluation.aggregate[measure] for cell in cells[m.name][c.spec.name]}
-                     for c in collections}
+            table = {
+                c.spec.name: {cell.size.name: cell.evaluation.aggregate[measure] for cell in cells[m.name][c.spec.name]}
+                for c in collections
+            }
             names = [cell.size.name for cell in cells[m.name][collections[0].spec.name]]
             table["average"] = {s: statistics.fmean(table[c.spec.name][s] for c in collections) for s in names}
             per_model[measure] = table
@@ -268,17 +313,30 @@ def build_report(models: Sequence[SuiteModel], collections: Sequence[LoadedColle
             for m in models:
                 for cell in cells[m.name][c.spec.name]:
                     ref = base.get(cell.size.key)
-                    p = None if m.name == baseline or ref is None else paired_ttest(
-                        ref.evaluation.per_query[measure], cell.evaluation.per_query[measure])
+                    p = (
+                        None
+                        if m.name == baseline or ref is None
+                        else paired_ttest(ref.evaluation.per_query[measure], cell.evaluation.per_query[measure])
+                    )
                     rows.setdefault(cell.size.key, {})[m.name] = {"value": cell.evaluation.aggregate[measure], "p": p}
     return {
         "models": {m.name: m.path for m in models},
-        "collections": {c.spec.name: {"source": c.spec.source, "split": c.spec.split, "passages": c.count,
-                                      "queries": len(c.split.qrels),
-                                      "ignore_identical_ids": c.spec.ignore_identical_ids} for c in collections},
-        "measures": list(measures), "baseline": baseline, "alpha": ALPHA,
+        "collections": {
+            c.spec.name: {
+                "source": c.spec.source,
+                "split": c.spec.split,
+                "passages": c.count,
+                "queries": len(c.split.qrels),
+                "ignore_identical_ids": c.spec.ignore_identical_ids,
+            }
+            for c in collections
+        },
+        "measures": list(measures),
+        "baseline": baseline,
+        "alpha": ALPHA,
         "sizes": {m.name: [cell.size.to_dict() for cell in cells[m.name][collections[0].spec.name]] for m in models},
-        "tables": tables, "comparison": comparison,
+        "tables": tables,
+        "comparison": comparison,
     }
 
 
@@ -288,7 +346,9 @@ def _fmt(value: float) -> str:
 
 def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> None:
     """`suite.{json,md,csv,png}` in `out`, and the tables on the terminal."""
-    sizes = {m: [recorded_size(s["name"], s["layers"], s["dim"]) for s in entries] for m, entries in report["sizes"].items()}
+    sizes = {
+        m: [recorded_size(s["name"], s["layers"], s["dim"]) for s in entries] for m, entries in report["sizes"].items()
+    }
     sections, csv_rows = [], []
     for m, per_model in report["tables"].items():
         for measure, table in per_model.items():
@@ -305,26 +365,41 @@ def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> Non
                 row = [c, key]
                 for m in models:
                     entry = per_model.get(m)
-                    row.append("-" if entry is None else
-                               _fmt(entry["value"]) + ("*" if entry["p"] is not None and entry["p"] < alpha else ""))
+                    row.append(
+                        "-"
+                        if entry is None
+                        else _fmt(entry["value"]) + ("*" if entry["p"] is not None and entry["p"] < alpha else "")
+                    )
                     if entry is not None:
                         csv_rows.append([m, c, key, measure, entry["value"], "" if entry["p"] is None else entry["p"]])
                 rows.append(row)
         if len(models) > 1:
-            sections.append((f"models compared: {measure}; * = p < {alpha} (paired t-test vs {baseline})", headers, rows))
+            sections.append(
+                (f"models compared: {measure}; * = p < {alpha} (paired t-test vs {baseline})", headers, rows)
+            )
     for m, per_model in report["tables"].items():
         for measure, table in per_model.items():
             csv_rows += [[m, "average", s.key, measure, table["average"][s.name], ""] for s in sizes[m]]
     atomic_write_json(out / "suite.json", report)
     dropped = [c for c, entry in report["collections"].items() if entry.get("ignore_identical_ids")]
-    note = (f"Self-hits dropped (BEIR's identical-id rule: a passage whose id is the query's is not ranked) in: "
-            f"{', '.join(dropped)}.\n\n" if dropped else "")
-    atomic_write_text(out / "suite.md", "# Suite\n\n" + note + "".join(
-        f"## {title}\n\n{markdown_table(h, r)}\n" for title, h, r in sections))
+    note = (
+        f"Self-hits dropped (BEIR's identical-id rule: a passage whose id is the query's is not ranked) in: "
+        f"{', '.join(dropped)}.\n\n"
+        if dropped
+        else ""
+    )
+    atomic_write_text(
+        out / "suite.md",
+        "# Suite\n\n" + note + "".join(f"## {title}\n\n{markdown_table(h, r)}\n" for title, h, r in sections),
+    )
     write_csv(out / "suite.csv", ["model", "collection", "size", "measure", "value", "p"], csv_rows)
     first = measures[0]
-    plot_measures({m: [(s, {first: report["tables"][m][first]["average"][s.name]}) for s in sizes[m]] for m in models},
-                  [first], out / "suite.png", f"average {first} over {len(report['collections'])} collections")
+    plot_measures(
+        {m: [(s, {first: report["tables"][m][first]["average"][s.name]}) for s in sizes[m]] for m in models},
+        [first],
+        out / "suite.png",
+        f"average {first} over {len(report['collections'])} collections",
+    )
     for title, h, r in sections:
         print(f"\n{title}\n{text_table(h, r)}")
     print(f"\nsuite: tables and plot in {out}", file=sys.stderr)
@@ -334,23 +409,40 @@ def write_report(out: Path, report: dict, cells, measures: Sequence[str]) -> Non
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval.suite", description=(
-        "Evaluate models on many collections at every size: encode once per model and collection, exact "
-        "search, ir_measures; tables collections x sizes with an average row, paired t-tests between models."))
+    p = argparse.ArgumentParser(
+        prog="python -m eval.suite",
+        description=(
+            "Evaluate models on many collections at every size: encode once per model and collection, exact "
+            "search, ir_measures; tables collections x sizes with an average row, paired t-tests between models."
+        ),
+    )
     p.add_argument("--models", nargs="+", default=[], metavar="[NAME=]PATH", help="model directories or hub ids")
-    p.add_argument("--collections", nargs="+", default=[], metavar="[NAME=]SOURCE",
-                   help="BEIR directories or irds:<id> (added to the suite file's)")
+    p.add_argument(
+        "--collections",
+        nargs="+",
+        default=[],
+        metavar="[NAME=]SOURCE",
+        help="BEIR directories or irds:<id> (added to the suite file's)",
+    )
     p.add_argument("--suite", help="a suite YAML (configs/suites/beir.yaml, configs/suites/offline.yaml)")
     p.add_argument("--sizes", help="sizes to evaluate, names or LxD, comma-separated (default: each model's own)")
-    p.add_argument("--ignore-identical-ids", action="store_true",
-                   help="BEIR's identical-id rule for the --collections given here: leave a passage whose id is "
-                        "the query's out of its ranking (ArguAna, Quora; a suite file sets it per collection)")
-    p.add_argument("--split", help=f"qrels split of local collections (default: the suite file's, else {DEFAULT_SPLIT})")
+    p.add_argument(
+        "--ignore-identical-ids",
+        action="store_true",
+        help="BEIR's identical-id rule for the --collections given here: leave a passage whose id is "
+        "the query's out of its ranking (ArguAna, Quora; a suite file sets it per collection)",
+    )
+    p.add_argument(
+        "--split", help=f"qrels split of local collections (default: the suite file's, else {DEFAULT_SPLIT})"
+    )
     p.add_argument("--metrics", nargs="+", help=f"ir_measures names (default: {' '.join(DEFAULT_MEASURES)})")
     p.add_argument("--depth", type=int, help=f"passages ranked per query (default {DEFAULT_DEPTH})")
     p.add_argument("--out", default="runs/suite", help="output directory (default runs/suite)")
-    p.add_argument("--pooling", choices=("cls", "mean"),
-                   help="pooling of models without starbucks.json (plain HF encoders, zero-shot)")
+    p.add_argument(
+        "--pooling",
+        choices=("cls", "mean"),
+        help="pooling of models without starbucks.json (plain HF encoders, zero-shot)",
+    )
     p.add_argument("--normalize", action="store_true", help="L2-normalise such models' embeddings (cosine)")
     p.add_argument("--batch-size", type=int, default=64, help="encode batch size (default 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -363,8 +455,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser().parse_args(argv)
     suite = read_suite_file(args.suite) if args.suite else {}
     split = args.split or str(suite.get("split", DEFAULT_SPLIT))
-    collections = [*suite_collections(suite, split),
-                   *(parse_collection(c, split, args.ignore_identical_ids) for c in args.collections)]
+    collections = [
+        *suite_collections(suite, split),
+        *(parse_collection(c, split, args.ignore_identical_ids) for c in args.collections),
+    ]
     if args.normalize and not args.pooling:
         raise StarbucksError("--normalize applies to plain HF models, which need --pooling cls|mean too; add it")
     plain = {"pooling": args.pooling, "normalize": args.normalize} if args.pooling else None
@@ -372,12 +466,31 @@ def main(argv: Sequence[str] | None = None) -> dict:
     depth = args.depth if args.depth is not None else int(suite.get("depth", DEFAULT_DEPTH))
     if depth < 1 or args.batch_size < 1:
         raise StarbucksError("--depth and --batch-size must be >= 1")
-    return run_suite(models, collections, args.out, args.metrics or suite.get("metrics") or DEFAULT_MEASURES,
-                     args.sizes or suite.get("sizes"), depth, args.batch_size, args.device, args.precision)
+    return run_suite(
+        models,
+        collections,
+        args.out,
+        args.metrics or suite.get("metrics") or DEFAULT_MEASURES,
+        args.sizes or suite.get("sizes"),
+        depth,
+        args.batch_size,
+        args.device,
+        args.precision,
+    )
 
 
-__all__ = ["DEFAULT_DEPTH", "DEFAULT_MEASURES", "SuiteCollection", "SuiteModel", "main", "parse_collection",
-           "parse_model", "read_suite_file", "run_suite", "suite_collections"]
+__all__ = [
+    "DEFAULT_DEPTH",
+    "DEFAULT_MEASURES",
+    "SuiteCollection",
+    "SuiteModel",
+    "main",
+    "parse_collection",
+    "parse_model",
+    "read_suite_file",
+    "run_suite",
+    "suite_collections",
+]
 
 
 if __name__ == "__main__":

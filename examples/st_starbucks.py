@@ -53,8 +53,13 @@ def spearman_per_size(model, pairs, sizes) -> dict[str, float]:
 
     out = {}
     for size in sizes:
-        evaluator = EmbeddingSimilarityEvaluator(pairs["sentence1"], pairs["sentence2"], pairs["score"],
-                                                 main_similarity=SimilarityFunction.COSINE, name=size.key)
+        evaluator = EmbeddingSimilarityEvaluator(
+            pairs["sentence1"],
+            pairs["sentence2"],
+            pairs["score"],
+            main_similarity=SimilarityFunction.COSINE,
+            name=size.key,
+        )
         with at_size(model, size):
             out[size.key] = evaluator(model)[f"{size.key}_spearman_cosine"]
     return out
@@ -78,15 +83,28 @@ def build_model(name: str, pooling: str | None, max_seq_length: int):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="sentence-transformers/all-MiniLM-L6-v2")
-    parser.add_argument("--pooling", default=None, choices=["mean", "cls"],
-                        help="for a plain HF model (default: the model's own sentence-transformers modules)")
-    parser.add_argument("--train", default=str(DATA / "debian-pairs-train.jsonl.gz"),
-                        help="local JSONL[.gz] or hf:<id>[:<config>]:<split> (columns: anchor, positive[, negative] "
-                             "for mnrl; sentence1, sentence2, score for cosent)")
-    parser.add_argument("--eval", default=str(DATA / "debian-pairs-eval.jsonl.gz"),
-                        help="scored pairs (sentence1, sentence2, score), local or hf:...")
-    parser.add_argument("--sizes", default=",".join(f"{s['layers']}x{s['dim']}" for s in DEFAULTS["sizes"]),
-                        help="LAYERSxDIM list, small to large (default: MiniLM's six sizes)")
+    parser.add_argument(
+        "--pooling",
+        default=None,
+        choices=["mean", "cls"],
+        help="for a plain HF model (default: the model's own sentence-transformers modules)",
+    )
+    parser.add_argument(
+        "--train",
+        default=str(DATA / "debian-pairs-train.jsonl.gz"),
+        help="local JSONL[.gz] or hf:<id>[:<config>]:<split> (columns: anchor, positive[, negative] "
+        "for mnrl; sentence1, sentence2, score for cosent)",
+    )
+    parser.add_argument(
+        "--eval",
+        default=str(DATA / "debian-pairs-eval.jsonl.gz"),
+        help="scored pairs (sentence1, sentence2, score), local or hf:...",
+    )
+    parser.add_argument(
+        "--sizes",
+        default=",".join(f"{s['layers']}x{s['dim']}" for s in DEFAULTS["sizes"]),
+        help="LAYERSxDIM list, small to large (default: MiniLM's six sizes)",
+    )
     parser.add_argument("--loss", default="mnrl", choices=LOSSES)
     parser.add_argument("--mini-batch-size", type=int, default=32, help="cached-mnrl: GradCache mini-batch")
     parser.add_argument("--method", default="srl", choices=["srl", "2dmse"])
@@ -107,22 +125,36 @@ def main(argv=None) -> None:
 
     sizes: SizeList = as_sizes(args.sizes.split(","))
     model = build_model(args.model, args.pooling, args.max_seq_length)
-    base = {"mnrl": lambda: losses.MultipleNegativesRankingLoss(model),
-            "cached-mnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size),
-            "cosent": lambda: losses.CoSENTLoss(model)}[args.loss]()
-    loss = StarbucksSTLoss(model, base, sizes=sizes, kl_weight=args.kl_weight, kl_temperature=args.kl_temperature,
-                         method=args.method)
+    base = {
+        "mnrl": lambda: losses.MultipleNegativesRankingLoss(model),
+        "cached-mnrl": lambda: losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size),
+        "cosent": lambda: losses.CoSENTLoss(model),
+    }[args.loss]()
+    loss = StarbucksSTLoss(
+        model, base, sizes=sizes, kl_weight=args.kl_weight, kl_temperature=args.kl_temperature, method=args.method
+    )
     train, pairs = load_rows(args.train), load_rows(args.eval)
-    print(f"{args.model}: {len(train)} training rows, {len(pairs)} scored pairs, sizes {args.sizes}, "
-          f"{args.loss} + StarbucksSTLoss ({args.method})")
+    print(
+        f"{args.model}: {len(train)} training rows, {len(pairs)} scored pairs, sizes {args.sizes}, "
+        f"{args.loss} + StarbucksSTLoss ({args.method})"
+    )
 
     before = spearman_per_size(model, pairs, sizes)
     cuda = torch.cuda.is_available()
     training = SentenceTransformerTrainingArguments(
-        output_dir=str(Path(args.out) / "checkpoints"), num_train_epochs=args.epochs, max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, warmup_steps=0.1, seed=42,
-        bf16=cuda and torch.cuda.is_bf16_supported(), save_strategy="no", logging_steps=10, report_to="none",
-        batch_sampler=BatchSamplers.NO_DUPLICATES if args.loss != "cosent" else BatchSamplers.BATCH_SAMPLER)
+        output_dir=str(Path(args.out) / "checkpoints"),
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=0.1,
+        seed=42,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        save_strategy="no",
+        logging_steps=10,
+        report_to="none",
+        batch_sampler=BatchSamplers.NO_DUPLICATES if args.loss != "cosent" else BatchSamplers.BATCH_SAMPLER,
+    )
     SentenceTransformerTrainer(model=model, args=training, train_dataset=train, loss=loss).train()
     after = spearman_per_size(model, pairs, sizes)
 
@@ -134,8 +166,10 @@ def main(argv=None) -> None:
 
     loaded = StarbucksModel.from_pretrained(directory)
     dims = [loaded.encode(pairs["sentence1"][:1], size=size.key).shape[1] for size in sizes]
-    print(f"\nsaved {directory}; this toolkit encodes it at every size ({', '.join(map(str, dims))} dims): "
-          f"StarbucksModel.from_pretrained({str(directory)!r}).encode(texts, size='LxD')")
+    print(
+        f"\nsaved {directory}; this toolkit encodes it at every size ({', '.join(map(str, dims))} dims): "
+        f"StarbucksModel.from_pretrained({str(directory)!r}).encode(texts, size='LxD')"
+    )
 
 
 if __name__ == "__main__":

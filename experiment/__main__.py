@@ -17,8 +17,11 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--only", metavar="RUNS", help="comma list of runs to (re)do, e.g. srl,2dmse; no report")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and their overrides, run nothing")
-    parser.add_argument("--estimate", action="store_true",
-                        help="with --dry-run: each training run's steps, model FLOPs and time on an H100 (from the data)")
+    parser.add_argument(
+        "--estimate",
+        action="store_true",
+        help="with --dry-run: each training run's steps, model FLOPs and time on an H100 (from the data)",
+    )
     parser.add_argument("--report-only", action="store_true", help="only rewrite the report from finished runs")
     cfg, args = parse_stage_args(parser, argv)
     if args.dry_run:

@@ -44,8 +44,19 @@ from retrieval.errors import StarbucksError
 from retrieval.names import parse_names
 from retrieval.sizes import HYBRID_HELP, Size, SizeList, parse_size
 
-METHODS = ("zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl", "srl-depth",
-           "srl-width", "hybrid")  # labels: report.LABELS
+METHODS = (
+    "zeroshot",
+    "full",
+    "separate",
+    "2dmse",
+    "srl",
+    "srl-matched",
+    "srl-nokl",
+    "smae-srl",
+    "srl-depth",
+    "srl-width",
+    "hybrid",
+)  # labels: report.LABELS
 SEEDED = ("separate", "2dmse", "srl")  # the methods repeated per seed of experiment.seeds
 ONE_D = ("srl-depth", "srl-width")  # the 1D Starbucks methods (train.methods.one_dimensional)
 
@@ -88,8 +99,10 @@ def selected_methods(cfg: DictConfig) -> list[str]:
         raise StarbucksError(f"experiment.methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     chosen = [m for m in METHODS if m in wanted]
     if "srl-matched" in chosen and not {"srl", "separate"} <= set(chosen):
-        raise StarbucksError("experiment.methods: srl-matched needs srl and separate (its step count follows from "
-                             "the separate models' recorded FLOPs and SRL's FLOPs per step); add them")
+        raise StarbucksError(
+            "experiment.methods: srl-matched needs srl and separate (its step count follows from "
+            "the separate models' recorded FLOPs and SRL's FLOPs per step); add them"
+        )
     return chosen
 
 
@@ -100,11 +113,16 @@ def hybrid_sizes(cfg: DictConfig, sizes: SizeList) -> list[Size]:
     specs = parse_names(cfg.experiment.hybrids) if cfg.experiment.hybrids is not None else None
     if specs is None:
         full = sizes.largest
-        specs = [f"{s.layers}x{full.dim - s.dim}+{full.layers}x{s.dim}@srl-width" for s in sizes
-                 if s.layers < full.layers and s.dim < full.dim]
+        specs = [
+            f"{s.layers}x{full.dim - s.dim}+{full.layers}x{s.dim}@srl-width"
+            for s in sizes
+            if s.layers < full.layers and s.dim < full.dim
+        ]
         if not specs:
-            raise StarbucksError("experiment.hybrids: no size of the list is below the full size in both layers and "
-                                 "dims, so none can be derived; give experiment.hybrids (e.g. [3x64+6x32@srl-width])")
+            raise StarbucksError(
+                "experiment.hybrids: no size of the list is below the full size in both layers and "
+                "dims, so none can be derived; give experiment.hybrids (e.g. [3x64+6x32@srl-width])"
+            )
     out = [parse_size(spec) for spec in specs]
     flat = [s.key for s in out if not s.parts]
     if flat:
@@ -124,7 +142,8 @@ def _hybrid_sources(hybrids: Sequence[Size], runs: Sequence["Run"]) -> dict[str,
                 raise StarbucksError(
                     f"hybrid {h.key}: its part {p.key} comes from run {name!r}, which this experiment does not train "
                     f"(trained: {', '.join(trained) or 'none'}); add its method to experiment.methods or change "
-                    f"experiment.hybrids (unlabelled parts come from {HYBRID_BASE})")
+                    f"experiment.hybrids (unlabelled parts come from {HYBRID_BASE})"
+                )
             out[p.model] = trained[name]
     return out
 
@@ -135,9 +154,14 @@ def experiment_seeds(cfg: DictConfig) -> list[int]:
     if seeds is None:
         return [int(cfg.seed)]
     values = list(seeds) if isinstance(seeds, (list, ListConfig)) else [seeds]
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values) or len(set(values)) < len(values):
-        raise StarbucksError(f"experiment.seeds = {values} must be a list of distinct whole numbers "
-                             "(or null: the config's seed)")
+    if (
+        not values
+        or any(isinstance(v, bool) or not isinstance(v, int) for v in values)
+        or len(set(values)) < len(values)
+    ):
+        raise StarbucksError(
+            f"experiment.seeds = {values} must be a list of distinct whole numbers (or null: the config's seed)"
+        )
     return values
 
 
@@ -152,8 +176,9 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
     seeds = experiment_seeds(cfg)
     runs: list[Run] = []
 
-    def add(name: str, method: str, overrides: list[str], train: str | None, run_sizes, seed: int = seeds[0],
-            **kw) -> None:
+    def add(
+        name: str, method: str, overrides: list[str], train: str | None, run_sizes, seed: int = seeds[0], **kw
+    ) -> None:
         name = name if seed == seeds[0] else f"{name}-seed{seed}"
         base = [f"name={cfg.name}-{name}", f"output_dir={root / name}"]
         base += [f"seed={seed}"] if seed != int(cfg.seed) else []
@@ -164,17 +189,25 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
             hybrids = hybrid_sizes(cfg, sizes)
             sources = _hybrid_sources(hybrids, runs)
             models = [f"encode.model={root / sources[''].name / 'model'}"] if "" in sources else []
-            models += [f"encode.part_models.{label}={root / run.name / 'model'}"
-                       for label, run in sources.items() if label]
+            models += [
+                f"encode.part_models.{label}={root / run.name / 'model'}" for label, run in sources.items() if label
+            ]
             if "" not in sources:  # every part labelled: the first label's model encodes, the others join it
                 models = [f"encode.model={root / next(iter(sources.values())).name / 'model'}"] + models
             add("hybrid", method, models, None, hybrids)
             for i, run in enumerate(runs):  # the part models also evaluate each part, alone and at the hybrid's
                 # bytes, and SRL the hybrid's layers and bytes (the report's comparisons at equal bytes)
-                extra = [Size("", q.layers, q.dim) for h in hybrids for p in h.parts if sources[p.model] is run
-                         for q in (p.size, Size("", p.size.layers, h.dim)) if q.dim <= sizes.largest.dim]
-                extra += [Size("", h.layers, h.dim) for h in hybrids if run.method == "srl" and
-                          h.dim <= sizes.largest.dim]
+                extra = [
+                    Size("", q.layers, q.dim)
+                    for h in hybrids
+                    for p in h.parts
+                    if sources[p.model] is run
+                    for q in (p.size, Size("", p.size.layers, h.dim))
+                    if q.dim <= sizes.largest.dim
+                ]
+                extra += [
+                    Size("", h.layers, h.dim) for h in hybrids if run.method == "srl" and h.dim <= sizes.largest.dim
+                ]
                 if extra:
                     runs[i] = dataclasses.replace(run, sizes=_with(list(run.sizes), extra))
             continue
@@ -189,18 +222,39 @@ def plan_runs(cfg: DictConfig) -> list[Run]:
                 add(method, method, ["train.method=srl", "train.kl_weight=0"], "finetune", everything)
             elif method in ONE_D:  # its model lists its 1D sizes only: every other size asked for by LxD
                 axis = method.split("-")[1]
-                trained = [parse_size(f"{s.layers}x{sizes.largest.dim}" if axis == "depth" else
-                                      f"{sizes.largest.layers}x{s.dim}") for s in sizes]
-                add(method, method, [f"train.method={method}"], "finetune",
-                    _with([Size("", s.layers, s.dim) for s in everything], trained))
+                trained = [
+                    parse_size(
+                        f"{s.layers}x{sizes.largest.dim}" if axis == "depth" else f"{sizes.largest.layers}x{s.dim}"
+                    )
+                    for s in sizes
+                ]
+                add(
+                    method,
+                    method,
+                    [f"train.method={method}"],
+                    "finetune",
+                    _with([Size("", s.layers, s.dim) for s in everything], trained),
+                )
             elif method == "separate":
                 for s in sizes:
                     row = grid_sizes(sizes, num_layers, s.layers) if grid else []
-                    add(f"separate-{s.name}", method, ["train.method=separate", f"train.size={s.name}"], "finetune",
-                        _with([s], row), seed)
+                    add(
+                        f"separate-{s.name}",
+                        method,
+                        ["train.method=separate", f"train.size={s.name}"],
+                        "finetune",
+                        _with([s], row),
+                        seed,
+                    )
             elif method == "smae-srl":  # pre-training first (its bottleneck pooled as model.pooling): then SRL
-                add("smae", "smae", ["train.method=smae", "model.normalize=false", *cfg.experiment.smae], "pretrain",
-                    (), report=False)
+                add(
+                    "smae",
+                    "smae",
+                    ["train.method=smae", "model.normalize=false", *cfg.experiment.smae],
+                    "pretrain",
+                    (),
+                    report=False,
+                )
                 model = root / "smae" / "model"
                 add(method, method, ["train.method=srl", f"model.name_or_path={model}"], "finetune", everything)
     return runs
@@ -218,10 +272,13 @@ def matched_steps(cfg_path: str | None, overrides: list[str], runs: list[Run], r
     costs = {r.name: read_train_summary(run_root(cfg_path, overrides, r)) for r in [*separate, srl]}
     missing = [name for name, cost in costs.items() if cost is None]
     if missing:
-        raise StarbucksError(f"srl-matched needs the recorded cost of {missing[0]}, which has not finished training; "
-                             f"run `python -m experiment` without --only, or --only {missing[0]} first")
-    return matched_step_count(sum(costs[r.name]["flops"] for r in separate),
-                              costs[srl.name]["flops"] / costs[srl.name]["steps"])
+        raise StarbucksError(
+            f"srl-matched needs the recorded cost of {missing[0]}, which has not finished training; "
+            f"run `python -m experiment` without --only, or --only {missing[0]} first"
+        )
+    return matched_step_count(
+        sum(costs[r.name]["flops"] for r in separate), costs[srl.name]["flops"] / costs[srl.name]["steps"]
+    )
 
 
 def matched_step_count(budget: float, per_step: float) -> int:
@@ -254,11 +311,23 @@ def reported_runs(cfg_path: str | None, overrides: list[str], runs: list[Run]) -
     `experiment.suite`, those of its out-of-domain suite cells)."""
     cfg = load_config(cfg_path, overrides)
     collections = suite_collections(cfg)
-    return [ReportedRun(r.name, r.method, r.sizes, experiment_paths(run_config(cfg_path, overrides, r)).eval,
-                        tuple((c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval") for c in collections
-                              if r.method != "hybrid"),
-                        seed=r.seed, cost_dirs=cost_dirs(runs, r, cfg_path, overrides))
-            for r in runs if r.report]
+    return [
+        ReportedRun(
+            r.name,
+            r.method,
+            r.sizes,
+            experiment_paths(run_config(cfg_path, overrides, r)).eval,
+            tuple(
+                (c.name, c.split, suite_dir(cfg) / r.name / c.name / "eval")
+                for c in collections
+                if r.method != "hybrid"
+            ),
+            seed=r.seed,
+            cost_dirs=cost_dirs(runs, r, cfg_path, overrides),
+        )
+        for r in runs
+        if r.report
+    ]
 
 
 def suite_dir(cfg: DictConfig) -> Path:
@@ -292,9 +361,17 @@ def run_out_of_domain(cfg: DictConfig, cfg_path: str | None, overrides: list[str
         else:
             models.append(SuiteModel(r.name, str(experiment_paths(run_cfg).model)))
     print(f"\n== experiment {cfg.name}: out-of-domain suite {cfg.experiment.suite}", file=sys.stderr, flush=True)
-    run_suite(models, suite_collections(cfg), suite_dir(cfg), suite.get("metrics") or DEFAULT_MEASURES, None,
-              int(suite.get("depth", DEFAULT_DEPTH)), int(cfg.encode.batch_size), str(cfg.encode.device),
-              str(cfg.encode.precision))
+    run_suite(
+        models,
+        suite_collections(cfg),
+        suite_dir(cfg),
+        suite.get("metrics") or DEFAULT_MEASURES,
+        None,
+        int(suite.get("depth", DEFAULT_DEPTH)),
+        int(cfg.encode.batch_size),
+        str(cfg.encode.device),
+        str(cfg.encode.precision),
+    )
 
 
 def _stages(run: Run) -> list[tuple[str, Callable[[DictConfig], object]]]:
@@ -317,8 +394,9 @@ def _stages(run: Run) -> list[tuple[str, Callable[[DictConfig], object]]]:
     return stages
 
 
-def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | None = None,
-                   report_only: bool = False) -> list[Run]:
+def run_experiment(
+    cfg_path: str | None, overrides: list[str] = (), only: str | None = None, report_only: bool = False
+) -> list[Run]:
     """Run (or finish) every run of the experiment, then write the report; returns the runs.
     `only`: a comma list of runs to do (no report); `report_only`: skip the runs, rewrite the report."""
     overrides = list(overrides)
@@ -328,14 +406,16 @@ def run_experiment(cfg_path: str | None, overrides: list[str] = (), only: str | 
         wanted = parse_names(only) or []
         unknown = [w for w in wanted if w not in {r.name for r in runs}]
         if unknown:
-            raise StarbucksError(f"--only {unknown[0]!r} is not a run of this experiment; "
-                                 f"runs: {', '.join(r.name for r in runs)}")
+            raise StarbucksError(
+                f"--only {unknown[0]!r} is not a run of this experiment; runs: {', '.join(r.name for r in runs)}"
+            )
     for i, run in enumerate(runs, 1):
         if report_only or (only and run.name not in wanted):
             continue
         if run.method == "srl-matched":
-            run = dataclasses.replace(run, overrides=(*run.overrides,
-                                                      f"train.max_steps={matched_steps(cfg_path, overrides, runs, run)}"))
+            run = dataclasses.replace(
+                run, overrides=(*run.overrides, f"train.max_steps={matched_steps(cfg_path, overrides, runs, run)}")
+            )
         run_cfg = run_config(cfg_path, overrides, run)
         for stage, fn in _stages(run):
             started = time.perf_counter()
@@ -369,18 +449,26 @@ def describe(cfg: DictConfig, cfg_path: str | None = None, overrides: list[str] 
             if r.method == "srl-matched":
                 budget = sum(costs[s.name]["flops"] for s in runs if s.method == "separate" and s.seed == r.seed)
                 per_step = next(costs[s.name] for s in runs if s.method == "srl" and s.seed == r.seed)["flops_per_step"]
-                costs[r.name] = {"steps": matched_step_count(budget, per_step), "flops": budget,
-                                 "flops_per_step": per_step}
+                costs[r.name] = {
+                    "steps": matched_step_count(budget, per_step),
+                    "flops": budget,
+                    "flops_per_step": per_step,
+                }
     lines = []
     for r in runs:
         what = {"finetune": "train", "pretrain": "pre-train", None: "no training"}[r.train]
         sizes = f"{len(r.sizes)} sizes" if r.sizes else "-"
         cost = costs.get(r.name)
-        spent = (f"{cost['steps']:6d} steps {cost['flops'] / 1e15:8.2f} PFLOP ~{cost['flops'] / (GPU_PEAK_FLOPS * GPU_MFU):6.1f} s "
-                 if cost else "")
+        spent = (
+            f"{cost['steps']:6d} steps {cost['flops'] / 1e15:8.2f} PFLOP ~{cost['flops'] / (GPU_PEAK_FLOPS * GPU_MFU):6.1f} s "
+            if cost
+            else ""
+        )
         lines.append(f"{r.name:24s} {what:12s} {sizes:9s} {spent}{' '.join(r.overrides[2:])}")
     if costs:
         total = sum(c["flops"] for c in costs.values())
-        lines.append(f"training in all: {total / 1e15:.2f} PFLOP, ~{total / (GPU_PEAK_FLOPS * GPU_MFU) / 60:.1f} min "
-                     f"at {GPU_MFU:.0%} of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (an H100's bf16 peak)")
+        lines.append(
+            f"training in all: {total / 1e15:.2f} PFLOP, ~{total / (GPU_PEAK_FLOPS * GPU_MFU) / 60:.1f} min "
+            f"at {GPU_MFU:.0%} of {GPU_PEAK_FLOPS / 1e12:.0f} TFLOP/s (an H100's bf16 peak)"
+        )
     return "\n".join(lines)

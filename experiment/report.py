@@ -52,9 +52,17 @@ DISCUSSION_START = "<!-- discussion: hand-written, kept when the report is regen
 DISCUSSION_END = "<!-- end of discussion -->"
 # Report labels, in the paper's words (and the order of the tables).
 LABELS = {
-    "zeroshot": "zero-shot", "full": "full", "separate": "separate", "2dmse": "2DMSE", "srl": "SRL",
-    "srl-matched": "SRL (separate's FLOPs)", "srl-nokl": "SRL w/o KL", "smae-srl": "SMAE+SRL",
-    "srl-depth": "SRL depth-wise", "srl-width": "SRL width-wise", "hybrid": "hybrid",
+    "zeroshot": "zero-shot",
+    "full": "full",
+    "separate": "separate",
+    "2dmse": "2DMSE",
+    "srl": "SRL",
+    "srl-matched": "SRL (separate's FLOPs)",
+    "srl-nokl": "SRL w/o KL",
+    "smae-srl": "SMAE+SRL",
+    "srl-depth": "SRL depth-wise",
+    "srl-width": "SRL width-wise",
+    "hybrid": "hybrid",
 }
 HYBRID_BASE = "srl-depth"  # the run whose model a hybrid's unlabelled parts come from (`@<run>`: that run's)
 SIZED = tuple(m for m in LABELS if m != "hybrid")  # the methods of the size tables (the hybrid has its own)
@@ -90,8 +98,10 @@ def report_splits(cfg: DictConfig) -> list[str]:
     names = parse_names(cfg.eval.splits) or list(cfg.data.eval_splits)
     unknown = [n for n in names if n not in cfg.data.eval_splits]
     if unknown:
-        raise StarbucksError(f"unknown eval split {unknown[0]!r}; configured splits are "
-                             f"{sorted(cfg.data.eval_splits)} (data.eval_splits)")
+        raise StarbucksError(
+            f"unknown eval split {unknown[0]!r}; configured splits are "
+            f"{sorted(cfg.data.eval_splits)} (data.eval_splits)"
+        )
     return names
 
 
@@ -119,16 +129,19 @@ def merge_seeds(per_seed: Sequence[Results]) -> Results:
         for split in dict.fromkeys(sp for results in per_seed for sp in results.get(method, {})):
             cells = out.setdefault(method, {}).setdefault(split, {})
             for key in dict.fromkeys(k for results in per_seed for k in results.get(method, {}).get(split, {})):
-                hits = [results[method][split][key] for results in per_seed
-                        if key in results.get(method, {}).get(split, {})]
+                hits = [
+                    results[method][split][key] for results in per_seed if key in results.get(method, {}).get(split, {})
+                ]
                 cells[key] = hits[0] if len(hits) == 1 else (hits[0][0], _seed_mean([h for _, h in hits]))
     return out
 
 
 def _seed_mean(scores: Sequence[SizeScores]) -> SeedScores:
     first = scores[0].evaluation
-    per_query = {m: {q: float(np.mean([s.evaluation.per_query[m][q] for s in scores])) for q in values}
-                 for m, values in first.per_query.items()}
+    per_query = {
+        m: {q: float(np.mean([s.evaluation.per_query[m][q] for s in scores])) for q in values}
+        for m, values in first.per_query.items()
+    }
     per_seed = {m: [s.evaluation.aggregate[m] for s in scores] for m in first.aggregate}
     aggregate = {m: float(np.mean(v)) for m, v in per_seed.items()}
     return SeedScores(scores[0].size, scores[0].run, Evaluation(first.measures, per_query, aggregate), per_seed)
@@ -149,8 +162,10 @@ def _collect_seed(runs: Sequence[ReportedRun], splits: Sequence[str], measures: 
                     continue
                 missing = [m for m in measures if m not in r.evaluation.aggregate]
                 if missing:
-                    raise StarbucksError(f"{run.eval_dir}: split {name!r} has no {missing[0]} (eval.metrics changed?); "
-                                         f"re-run `python -m experiment` to evaluate it again")
+                    raise StarbucksError(
+                        f"{run.eval_dir}: split {name!r} has no {missing[0]} (eval.metrics changed?); "
+                        f"re-run `python -m experiment` to evaluate it again"
+                    )
                 held = cells.get(key)
                 if held is None or (trained_at.get(run.name) == key and trained_at.get(held[0]) != key):
                     cells[key] = (run.name, r)
@@ -192,8 +207,11 @@ def summarise(cfg: DictConfig, results: Results, splits: Sequence[str]) -> dict:
                 for measure in measures:
                     v = _value(results, m, split, key, measure)
                     p = _pvalue(results, ref, m, split, key, measure) if m != ref else None
-                    row["splits"].setdefault(split, {})[measure] = {"value": v, "p": p,
-                                                                    "sd": _spread(results, m, split, key, measure)}
+                    row["splits"].setdefault(split, {})[measure] = {
+                        "value": v,
+                        "p": p,
+                        "sd": _spread(results, m, split, key, measure),
+                    }
             table.append(row)
     spreads: dict = {}
     for m in methods:
@@ -202,12 +220,25 @@ def summarise(cfg: DictConfig, results: Results, splits: Sequence[str]) -> dict:
                 vals = [_value(results, m, split, (s.layers, s.dim), measure) for s in sizes]
                 if all(v is not None for v in vals):
                     averages.setdefault(m, {}).setdefault(split, {})[measure] = float(np.mean(vals))
-                seeds = [getattr(results[m][split][(s.layers, s.dim)][1], "per_seed", {}).get(measure)
-                         if (s.layers, s.dim) in results[m].get(split, {}) else None for s in sizes]
+                seeds = [
+                    getattr(results[m][split][(s.layers, s.dim)][1], "per_seed", {}).get(measure)
+                    if (s.layers, s.dim) in results[m].get(split, {})
+                    else None
+                    for s in sizes
+                ]
                 if all(seeds) and len({len(x) for x in seeds}) == 1:  # the sd over seeds of the size average
                     spreads.setdefault(m, {}).setdefault(split, {})[measure] = float(np.std(np.mean(seeds, 0), ddof=1))
-    return {"average_sd": spreads, "reference": ref, "alpha": float(cfg.eval.alpha), "measures": measures, "splits": list(splits),
-            "sizes": sizes.to_config(), "methods": methods, "table": table, "averages": averages}
+    return {
+        "average_sd": spreads,
+        "reference": ref,
+        "alpha": float(cfg.eval.alpha),
+        "measures": measures,
+        "splits": list(splits),
+        "sizes": sizes.to_config(),
+        "methods": methods,
+        "table": table,
+        "averages": averages,
+    }
 
 
 def _fmt(v: float | None, p: float | None = None, alpha: float = 0.05, sd: float | None = None) -> str:
@@ -222,8 +253,11 @@ def table4(summary: dict) -> str:
     rows, last = [], None
     for r in summary["table"]:
         label = f"{r['size']} ({r['layers']}x{r['dim']})"
-        cells = [_fmt(r["splits"][sp][m]["value"], r["splits"][sp][m]["p"], alpha, r["splits"][sp][m]["sd"])
-                 for sp in splits for m in measures]
+        cells = [
+            _fmt(r["splits"][sp][m]["value"], r["splits"][sp][m]["p"], alpha, r["splits"][sp][m]["sd"])
+            for sp in splits
+            for m in measures
+        ]
         rows.append([label if label != last else "", LABELS[r["method"]], *cells])
         last = label
     return markdown_table(headers, rows)
@@ -240,10 +274,21 @@ def averages_table(summary: dict) -> str:
             return ["-", "-"]
         return [f"{c['flops'] / 1e15:.3g}", f"{c['seconds'] / 60:.1f} min"]
 
-    rows = [[LABELS[m], *[_fmt(summary["averages"].get(m, {}).get(sp, {}).get(x),
-                               sd=summary["average_sd"].get(m, {}).get(sp, {}).get(x))
-                          for sp in splits for x in measures], *cost_cells(m)]
-            for m in summary["methods"]]
+    rows = [
+        [
+            LABELS[m],
+            *[
+                _fmt(
+                    summary["averages"].get(m, {}).get(sp, {}).get(x),
+                    sd=summary["average_sd"].get(m, {}).get(sp, {}).get(x),
+                )
+                for sp in splits
+                for x in measures
+            ],
+            *cost_cells(m),
+        ]
+        for m in summary["methods"]
+    ]
     return markdown_table(headers, rows)
 
 
@@ -257,8 +302,12 @@ def method_costs(runs: Sequence[ReportedRun]) -> dict[str, dict]:
             dirs = [d for r in runs if r.method == method and r.seed == seed for d in r.cost_dirs]
             per_seed.append(total_cost(dirs) if dirs else None)
         if per_seed and all(per_seed):
-            out[method] = {"seeds": len(per_seed), "runs": per_seed[0]["runs"], "device": per_seed[0]["device"],
-                           **{k: float(np.mean([c[k] for c in per_seed])) for k in ("steps", "seconds", "flops")}}
+            out[method] = {
+                "seeds": len(per_seed),
+                "runs": per_seed[0]["runs"],
+                "device": per_seed[0]["device"],
+                **{k: float(np.mean([c[k] for c in per_seed])) for k in ("steps", "seconds", "flops")},
+            }
     return out
 
 
@@ -292,16 +341,20 @@ def out_of_domain(cfg: DictConfig, runs: Sequence[ReportedRun], out_dir: Path | 
             means[m].append(cell)
             cells.append("-" if cell is None else _fmt(cell))
         rows.append([f"{s.name} ({s.key})", *cells])
-    rows.append(["average over the sizes", *("-" if None in means[m] else _fmt(float(np.mean(means[m])))
-                                             for m in methods)])
-    title = (f"Out-of-domain: {measure} averaged over {len(collections)} collection"
-             f"{'s' if len(collections) > 1 else ''} ({', '.join(collections)}; `eval.suite`, {cfg.experiment.suite})")
+    rows.append(
+        ["average over the sizes", *("-" if None in means[m] else _fmt(float(np.mean(means[m]))) for m in methods)]
+    )
+    title = (
+        f"Out-of-domain: {measure} averaged over {len(collections)} collection"
+        f"{'s' if len(collections) > 1 else ''} ({', '.join(collections)}; `eval.suite`, {cfg.experiment.suite})"
+    )
     table = markdown_table(["size", *(LABELS[m] for m in methods)], rows)
     series = {LABELS[m]: [(s, {measure: v}) for s, v in zip(sizes_of(cfg), means[m]) if v is not None] for m in methods}
     series = {label: points for label, points in series.items() if points}
     if out_dir is not None and series:
-        plot_measures(series, [measure], out_dir / "out-of-domain.png",
-                      f"{cfg.name}: out of domain ({', '.join(collections)})")
+        plot_measures(
+            series, [measure], out_dir / "out-of-domain.png", f"{cfg.name}: out of domain ({', '.join(collections)})"
+        )
         table += "\n![out-of-domain.png](results/out-of-domain.png)\n"
     return title, table
 
@@ -318,8 +371,11 @@ def ablation_table(cfg: DictConfig, results: Results, splits: Sequence[str]) -> 
         for sp in splits:
             for m in measures[:2]:
                 p = _pvalue(results, "srl", "srl-nokl", sp, key, m)
-                row += [_fmt(_value(results, "srl", sp, key, m)), _fmt(_value(results, "srl-nokl", sp, key, m)),
-                        "-" if p is None else f"{p:.3f}"]
+                row += [
+                    _fmt(_value(results, "srl", sp, key, m)),
+                    _fmt(_value(results, "srl-nokl", sp, key, m)),
+                    "-" if p is None else f"{p:.3f}",
+                ]
         rows.append(row)
     return markdown_table(headers, rows)
 
@@ -342,8 +398,14 @@ def compare(results: Results, a: str, b: str, split: str, measure: str, sizes, a
         gaps.append(va - vb)
     if not gaps:
         return None
-    return {"sizes": len(gaps), "ahead": wins, "significantly_ahead": sig_w, "significantly_behind": sig_l,
-            "mean_difference": float(np.mean(gaps)), "worst_difference": float(min(gaps))}
+    return {
+        "sizes": len(gaps),
+        "ahead": wins,
+        "significantly_ahead": sig_w,
+        "significantly_behind": sig_l,
+        "mean_difference": float(np.mean(gaps)),
+        "worst_difference": float(min(gaps)),
+    }
 
 
 # The paper's claims: (title, method, against, which sizes, how it is judged). "ahead": the method must be
@@ -353,8 +415,13 @@ CLAIMS = (
     ("SRL close to the separately trained models on the diagonal", "srl", "separate", "all", "close"),
     ("SMAE pre-training helps the small sizes (SMAE+SRL > SRL)", "smae-srl", "srl", "small", "ahead"),
     ("KL alignment helps (SRL > SRL w/o KL)", "srl", "srl-nokl", "all", "ahead"),
-    ("Not the paper's: one SRL run for the FLOPs of the six separate models, against them", "srl-matched",
-     "separate", "all", "close"),
+    (
+        "Not the paper's: one SRL run for the FLOPs of the six separate models, against them",
+        "srl-matched",
+        "separate",
+        "all",
+        "close",
+    ),
 )
 
 
@@ -366,16 +433,22 @@ def verdict(c: dict, kind: str, unit: str = "sizes") -> str:
             word = "holds" + (f" (and ahead at every {unit.rstrip('s')})" if ahead == n else "")
         else:
             word = "holds in part" if sig_l < n / 2 else "does not hold"
-        return (f"{word}: significantly behind at {sig_l} of {n} {unit}, ahead at {ahead} ({sig_w} significantly); "
-                f"mean difference {c['mean_difference']:+.4f}, largest deficit {min(c['worst_difference'], 0):+.4f}")
+        return (
+            f"{word}: significantly behind at {sig_l} of {n} {unit}, ahead at {ahead} ({sig_w} significantly); "
+            f"mean difference {c['mean_difference']:+.4f}, largest deficit {min(c['worst_difference'], 0):+.4f}"
+        )
     if ahead == n and sig_l == 0:
         word = "holds strongly" if sig_w == n else "holds" if sig_w >= n / 2 else "holds weakly"
-    elif ahead > n / 2 and (sig_l == 0 or sig_w > sig_l):  # mostly ahead, and more often significantly ahead than behind
+    elif ahead > n / 2 and (
+        sig_l == 0 or sig_w > sig_l
+    ):  # mostly ahead, and more often significantly ahead than behind
         word = "holds in part"
     else:
         word = "does not hold"
-    return (f"{word}: ahead at {ahead} of {n} {unit} ({sig_w} significantly, {sig_l} significantly behind); "
-            f"mean difference {c['mean_difference']:+.4f}")
+    return (
+        f"{word}: ahead at {ahead} of {n} {unit} ({sig_w} significantly, {sig_l} significantly behind); "
+        f"mean difference {c['mean_difference']:+.4f}"
+    )
 
 
 def claims(cfg: DictConfig, results: Results, splits: Sequence[str]) -> list[str]:
@@ -385,8 +458,11 @@ def claims(cfg: DictConfig, results: Results, splits: Sequence[str]) -> list[str
     alpha = float(cfg.eval.alpha)
     lines = []
     for title, a, b, which, kind in CLAIMS:
-        found = [(sp, m, compare(results, a, b, sp, m, small if which == "small" else sizes, alpha))
-                 for sp in splits for m in list(cfg.eval.metrics)[:2]]
+        found = [
+            (sp, m, compare(results, a, b, sp, m, small if which == "small" else sizes, alpha))
+            for sp in splits
+            for m in list(cfg.eval.metrics)[:2]
+        ]
         found = [(sp, m, c) for sp, m, c in found if c]
         if not found:
             continue
@@ -424,11 +500,16 @@ def hybrid_cells(runs: Sequence[ReportedRun]) -> list[HybridCells]:
             continue
         for h in run.sizes:
             labels = tuple(method_of.get(p.model or HYBRID_BASE, p.model or HYBRID_BASE) for p in h.parts)
-            out.append(HybridCells(
-                h, labels, ("hybrid", h.ident),
-                tuple((m, (p.size.layers, p.size.dim)) for m, p in zip(labels, h.parts)),
-                tuple((m, (p.size.layers, h.dim)) for m, p in zip(labels, h.parts)),
-                ("srl", (h.layers, h.dim))))
+            out.append(
+                HybridCells(
+                    h,
+                    labels,
+                    ("hybrid", h.ident),
+                    tuple((m, (p.size.layers, p.size.dim)) for m, p in zip(labels, h.parts)),
+                    tuple((m, (p.size.layers, h.dim)) for m, p in zip(labels, h.parts)),
+                    ("srl", (h.layers, h.dim)),
+                )
+            )
     return out
 
 
@@ -453,8 +534,14 @@ def compare_cells(results: Results, pairs, split: str, measure: str, alpha: floa
         gaps.append(va - vb)
     if not gaps:
         return None
-    return {"sizes": len(gaps), "ahead": wins, "significantly_ahead": sig_w, "significantly_behind": sig_l,
-            "mean_difference": float(np.mean(gaps)), "worst_difference": float(min(gaps))}
+    return {
+        "sizes": len(gaps),
+        "ahead": wins,
+        "significantly_ahead": sig_w,
+        "significantly_behind": sig_l,
+        "mean_difference": float(np.mean(gaps)),
+        "worst_difference": float(min(gaps)),
+    }
 
 
 def complementarity(a: SizeScores, b: SizeScores, measure: str) -> dict:
@@ -470,11 +557,15 @@ def complementarity(a: SizeScores, b: SizeScores, measure: str) -> dict:
     union = solved_a | solved_b
     best = np.maximum(x, y)
     better = x if x.mean() >= y.mean() else y
-    return {"queries": len(queries), "wins_a": int((x > y).sum()), "wins_b": int((y > x).sum()),
-            "ties": int((x == y).sum()),
-            "jaccard": len(solved_a & solved_b) / len(union) if union else 1.0,
-            "oracle_gain": float(best.mean() - better.mean()),
-            "p": paired_ttest(dict(zip(queries, best)), dict(zip(queries, better)))}
+    return {
+        "queries": len(queries),
+        "wins_a": int((x > y).sum()),
+        "wins_b": int((y > x).sum()),
+        "ties": int((x == y).sum()),
+        "jaccard": len(solved_a & solved_b) / len(union) if union else 1.0,
+        "oracle_gain": float(best.mean() - better.mean()),
+        "p": paired_ttest(dict(zip(queries, best)), dict(zip(queries, better))),
+    }
 
 
 def complementary_verdict(found: Sequence[dict], alpha: float) -> str:
@@ -484,19 +575,22 @@ def complementary_verdict(found: Sequence[dict], alpha: float) -> str:
     ok = sum(c["wins_a"] > 0 and c["wins_b"] > 0 and c["oracle_gain"] > 0 and c["p"] < alpha for c in found)
     word = "holds" if ok == len(found) else "holds in part" if ok else "does not hold"
     wins_a, wins_b, ties = (sum(c[k] for c in found) for k in ("wins_a", "wins_b", "ties"))
-    return (f"{word}: at {ok} of {len(found)} hybrids each part is better at some queries and the per-query "
-            f"better of the two beats the better part (p < {alpha}); queries won by the first part / the second / "
-            f"tied: {wins_a} / {wins_b} / {ties}; mean Jaccard overlap of the queries each scores above 0 at: "
-            f"{np.mean([c['jaccard'] for c in found]):.3f}; mean oracle gain "
-            f"{np.mean([c['oracle_gain'] for c in found]):+.4f}")
+    return (
+        f"{word}: at {ok} of {len(found)} hybrids each part is better at some queries and the per-query "
+        f"better of the two beats the better part (p < {alpha}); queries won by the first part / the second / "
+        f"tied: {wins_a} / {wins_b} / {ties}; mean Jaccard overlap of the queries each scores above 0 at: "
+        f"{np.mean([c['jaccard'] for c in found]):.3f}; mean oracle gain "
+        f"{np.mean([c['oracle_gain'] for c in found]):+.4f}"
+    )
 
 
 def _cell_label(method: str, key: Key, note: str) -> str:
     return f"{LABELS.get(method, method)} {key[0]}x{key[1]} ({note})"
 
 
-def hybrid_section(cfg: DictConfig, results: Results, splits: Sequence[str], hybrids: Sequence[HybridCells],
-                   cost: dict) -> tuple[str, dict] | None:
+def hybrid_section(
+    cfg: DictConfig, results: Results, splits: Sequence[str], hybrids: Sequence[HybridCells], cost: dict
+) -> tuple[str, dict] | None:
     """The hybrids' table and claims (Markdown) and their numbers (for summary.json); None without hybrids."""
     if not hybrids:
         return None
@@ -515,8 +609,11 @@ def hybrid_section(cfg: DictConfig, results: Results, splits: Sequence[str], hyb
             for sp in splits:
                 base, r = _cell(results, sp, h.hybrid), _cell(results, sp, cell)
                 for m in measures:
-                    p = None if i == 0 or r is None or base is None else paired_ttest(
-                        base.evaluation.per_query[m], r.evaluation.per_query[m])
+                    p = (
+                        None
+                        if i == 0 or r is None or base is None
+                        else paired_ttest(base.evaluation.per_query[m], r.evaluation.per_query[m])
+                    )
                     v = None if r is None else r.evaluation.aggregate[m]
                     row.append(_fmt(v, p, alpha))
                     values.setdefault(sp, {})[m] = {"value": v, "p": p}
@@ -524,13 +621,21 @@ def hybrid_section(cfg: DictConfig, results: Results, splits: Sequence[str], hyb
             entry["cells"].append({"embedding": label, "method": cell[0], "key": list(cell[1]), "splits": values})
         record["hybrids"].append(entry)
     claims_md = []
-    plans = [("The hybrid beats both parts at equal bytes (each part's model at the hybrid's bytes)",
-              lambda h: [(h.hybrid, c) for c in dict.fromkeys(h.equal)], "ahead", "comparisons"),
-             ("Beside SRL: the hybrid beats SRL at its layers and bytes", lambda h: [(h.hybrid, h.srl)], "ahead",
-              "hybrids")]
+    plans = [
+        (
+            "The hybrid beats both parts at equal bytes (each part's model at the hybrid's bytes)",
+            lambda h: [(h.hybrid, c) for c in dict.fromkeys(h.equal)],
+            "ahead",
+            "comparisons",
+        ),
+        ("Beside SRL: the hybrid beats SRL at its layers and bytes", lambda h: [(h.hybrid, h.srl)], "ahead", "hybrids"),
+    ]
     for title, pairs, kind, unit in plans:
-        found = [(sp, m, compare_cells(results, [x for h in hybrids for x in pairs(h)], sp, m, alpha))
-                 for sp in splits for m in measures]
+        found = [
+            (sp, m, compare_cells(results, [x for h in hybrids for x in pairs(h)], sp, m, alpha))
+            for sp in splits
+            for m in measures
+        ]
         found = [(sp, m, c) for sp, m, c in found if c]
         if found:
             claims_md += [f"**{title}**:\n", *(f"- {sp} {m}: {verdict(c, kind, unit)}" for sp, m, c in found), ""]
@@ -550,27 +655,39 @@ def hybrid_section(cfg: DictConfig, results: Results, splits: Sequence[str], hyb
             if per:
                 found.append((sp, m, per))
     if found:
-        claims_md += [f"**{title}**:\n", *(f"- {sp} {m}: {complementary_verdict(per, alpha)}" for sp, m, per in found),
-                      ""]
+        claims_md += [
+            f"**{title}**:\n",
+            *(f"- {sp} {m}: {complementary_verdict(per, alpha)}" for sp, m, per in found),
+            "",
+        ]
         record["claims"][title] = {f"{sp} {m}": per for sp, m, per in found}
     spent = cost.get("hybrid")
-    text = ("Each hybrid against its parts alone, each part's model at the hybrid's bytes (`equal bytes`: the "
-            "same bytes per passage spent on one model's embedding at the part's layers) and SRL at the hybrid's "
-            f"layers and bytes; `*`: differs from the hybrid at p < {alpha} (paired t-test). The parts of two "
-            "models are encoded at the same time (bench/hybrid_latency.py: the latency of a hybrid against its "
-            "slowest part). "
-            + (f"Its models cost {spent['flops'] / 1e15:.3g} PFLOP and {spent['seconds'] / 60:.1f} min to train "
-               f"together ({spent['runs']} runs). " if spent else "")
-            + "This reading of the paper's v3 abstract is the toolkit's (docs/training.md).\n\n"
-            + markdown_table(headers, rows) + "\n" + "\n".join(claims_md))
+    text = (
+        "Each hybrid against its parts alone, each part's model at the hybrid's bytes (`equal bytes`: the "
+        "same bytes per passage spent on one model's embedding at the part's layers) and SRL at the hybrid's "
+        f"layers and bytes; `*`: differs from the hybrid at p < {alpha} (paired t-test). The parts of two "
+        "models are encoded at the same time (bench/hybrid_latency.py: the latency of a hybrid against its "
+        "slowest part). "
+        + (
+            f"Its models cost {spent['flops'] / 1e15:.3g} PFLOP and {spent['seconds'] / 60:.1f} min to train "
+            f"together ({spent['runs']} runs). "
+            if spent
+            else ""
+        )
+        + "This reading of the paper's v3 abstract is the toolkit's (docs/training.md).\n\n"
+        + markdown_table(headers, rows)
+        + "\n"
+        + "\n".join(claims_md)
+    )
     return text, record
 
 
 # ---------------------------------------------------------------- plots
 
 
-def _heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: str, path: Path,
-             diverging: bool, marks: set[Key]) -> None:
+def _heatmap(
+    grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: str, path: Path, diverging: bool, marks: set[Key]
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -587,8 +704,15 @@ def _heatmap(grid: np.ndarray, rows: Sequence[int], cols: Sequence[int], title: 
         for j, d in enumerate(cols):
             if np.isfinite(grid[i, j]):
                 weight = "bold" if (n, d) in marks else "normal"
-                ax.text(j, i, f"{grid[i, j]:+.3f}" if diverging else f"{grid[i, j]:.3f}", ha="center", va="center",
-                        fontsize=7, fontweight=weight)
+                ax.text(
+                    j,
+                    i,
+                    f"{grid[i, j]:+.3f}" if diverging else f"{grid[i, j]:.3f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    fontweight=weight,
+                )
     ax.set_xticks(range(len(cols)), [str(d) for d in cols])
     ax.set_yticks(range(len(rows)), [str(n) for n in rows])
     ax.set_xlabel("embedding dims")
@@ -623,8 +747,11 @@ def heatmaps(cfg: DictConfig, results: Results, out_dir: Path) -> list[tuple[str
         return made
     srl = grid_values(results, "srl", split, measure, rows, cols)
     plans = [("srl", None, f"SRL {measure} on {split}", False)]
-    plans += [(f"srl-minus-{other}", other, f"SRL - {LABELS[other]} {measure} on {split}", True)
-              for other in ("2dmse", "separate") if other in results]
+    plans += [
+        (f"srl-minus-{other}", other, f"SRL - {LABELS[other]} {measure} on {split}", True)
+        for other in ("2dmse", "separate")
+        if other in results
+    ]
     for stem, other, title, diverging in plans:
         grid = srl if other is None else srl - grid_values(results, other, split, measure, rows, cols)
         if not np.isfinite(grid).any():
@@ -632,9 +759,10 @@ def heatmaps(cfg: DictConfig, results: Results, out_dir: Path) -> list[tuple[str
         path = out_dir / f"grid-{stem}.png"
         _heatmap(grid, rows, cols, title + " (bold: the configured sizes)", path, diverging, marks)
         fmt = "{:+.3f}" if diverging else "{:.3f}"
-        table = markdown_table(["layers \\ dims", *map(str, cols)],
-                               [[str(n), *[fmt.format(v) if np.isfinite(v) else "-" for v in grid[i]]]
-                                for i, n in enumerate(rows)][::-1])
+        table = markdown_table(
+            ["layers \\ dims", *map(str, cols)],
+            [[str(n), *[fmt.format(v) if np.isfinite(v) else "-" for v in grid[i]]] for i, n in enumerate(rows)][::-1],
+        )
         made.append((title, path.name, table))
     return made
 
@@ -647,8 +775,11 @@ def size_plots(cfg: DictConfig, results: Results, splits: Sequence[str], out_dir
         for m in SIZED:
             if m not in results:
                 continue
-            pts = [(s, results[m][sp][(s.layers, s.dim)][1].evaluation.aggregate) for s in sizes
-                   if (s.layers, s.dim) in results[m].get(sp, {})]
+            pts = [
+                (s, results[m][sp][(s.layers, s.dim)][1].evaluation.aggregate)
+                for s in sizes
+                if (s.layers, s.dim) in results[m].get(sp, {})
+            ]
             if pts:
                 series[LABELS[m]] = pts
         if series:
@@ -736,8 +867,9 @@ def provenance(cfg_path: str | None, overrides: Sequence[str], report_dir: Path)
         "commit": commit + (" (with uncommitted changes)" if dirty and dirty != "unknown" else ""),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores"
-                   + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
-        "python": sys.version.split()[0], "torch": torch.__version__,
+        + (f", {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ", no GPU"),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
     }
 
 
@@ -745,7 +877,7 @@ def _discussion(path: Path) -> str:
     if path.is_file():
         text = path.read_text()
         if DISCUSSION_START in text and DISCUSSION_END in text:
-            return text[text.index(DISCUSSION_START): text.index(DISCUSSION_END) + len(DISCUSSION_END)]
+            return text[text.index(DISCUSSION_START) : text.index(DISCUSSION_END) + len(DISCUSSION_END)]
     return f"{DISCUSSION_START}\n_(not written yet)_\n{DISCUSSION_END}"
 
 
@@ -754,9 +886,11 @@ def seeds_sentence(cfg: DictConfig, runs: Sequence[ReportedRun]) -> str:
     if len(seeds) == 1:
         return f"Seed {seeds[0]}."
     repeated = sorted({LABELS[r.method] for r in runs if r.seed != seeds[0]})
-    return (f"{', '.join(repeated)} ran with seeds {', '.join(map(str, seeds))}: their cells are the mean over the "
-            f"seeds ± the standard deviation of the seeds' means, and their t-tests use the per-query values "
-            f"averaged over the seeds; the other methods ran with seed {seeds[0]}.")
+    return (
+        f"{', '.join(repeated)} ran with seeds {', '.join(map(str, seeds))}: their cells are the mean over the "
+        f"seeds ± the standard deviation of the seeds' means, and their t-tests use the per-query values "
+        f"averaged over the seeds; the other methods ran with seed {seeds[0]}."
+    )
 
 
 def cost_ratio(cost: dict) -> str:
@@ -764,8 +898,10 @@ def cost_ratio(cost: dict) -> str:
     matched, separate, srl = cost["srl-matched"], cost.get("separate"), cost.get("srl")
     text = f"{matched['steps']:.0f} steps"
     if separate and srl:
-        text += (f": the FLOPs of the separate models together ({separate['flops'] / 1e15:.3g} PFLOP) over SRL's "
-                 f"{srl['flops'] / srl['steps'] / 1e12:.3g} TFLOP per step")
+        text += (
+            f": the FLOPs of the separate models together ({separate['flops'] / 1e15:.3g} PFLOP) over SRL's "
+            f"{srl['flops'] / srl['steps'] / 1e12:.3g} TFLOP per step"
+        )
     return text + "."
 
 
@@ -795,19 +931,25 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
         f"# Results: {cfg.name}\n",
         "Generated by `python -m experiment` (experiment/report.py); the tables, plots and claims below are "
         "recomputed from eval's files (per-size means, per-query values) on every run.\n",
-        "| | |\n|---|---|\n" + "".join(f"| {k} | {'`' + v + '`' if k in ('command', 'commit') else v} |\n"
-                                      for k, v in prov.items()),
+        "| | |\n|---|---|\n"
+        + "".join(f"| {k} | {'`' + v + '`' if k in ('command', 'commit') else v} |\n" for k, v in prov.items()),
         f"Collection: corpus `{cfg.data.corpus}`; {queries}; training groups `{cfg.data.train}`. "
         f"Backbone `{cfg.model.name_or_path}` ({cfg.model.pooling} pooling, normalize={cfg.model.normalize}). "
         f"Every fine-tuned run: {budget} of "
         f"{cfg.train.batch_size} queries x {cfg.train.group_size} passages, lr {cfg.train.learning_rate}, "
         f"temperature {cfg.train.temperature}, passages <= {cfg.model.passage_max_length} tokens. "
         f"{seeds_sentence(cfg, runs)} 2DMSE samples its layer and dim per step as "
-        + ("the paper does (`n ~ U(1, N-1)`, `d ~ U(1, D-1)`, `train.twodmse_dims: uniform`)."
-           if cfg.train.twodmse_dims == "uniform" else
-           "sentence-transformers' Matryoshka2dLoss does (`d` from the size list, `train.twodmse_dims: list`).")
-        + (f" SRL (separate's FLOPs) is SRL trained for {cost_ratio(summary['cost'])}" if "srl-matched" in
-           summary["cost"] else "") + "\n",
+        + (
+            "the paper does (`n ~ U(1, N-1)`, `d ~ U(1, D-1)`, `train.twodmse_dims: uniform`)."
+            if cfg.train.twodmse_dims == "uniform"
+            else "sentence-transformers' Matryoshka2dLoss does (`d` from the size list, `train.twodmse_dims: list`)."
+        )
+        + (
+            f" SRL (separate's FLOPs) is SRL trained for {cost_ratio(summary['cost'])}"
+            if "srl-matched" in summary["cost"]
+            else ""
+        )
+        + "\n",
         f"## Table 4: every size and method\n\n`*`: differs from {LABELS.get(summary['reference'], summary['reference'])} "
         f"at p < {summary['alpha']} (two-sided paired t-test over the queries).\n\n{table4(summary)}",
         f"## Table 1: averages over the {len(sizes_of(cfg))} sizes, and what training cost\n\n"
@@ -825,22 +967,25 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
     ood = out_of_domain(cfg, runs, out_dir)
     if ood:
         parts.append(f"## {ood[0]}\n\nThe models trained above, never trained on these collections.\n\n{ood[1]}")
-    parts.append("## The paper's claims, checked\n\nPer split and measure: ahead = better mean at a size; "
-                 f"significantly = paired t-test p < {cfg.eval.alpha}; the cost of each method is in Table 1. "
-                 "A claim that one method is better *holds strongly* / *holds* / *holds weakly* when it is ahead at "
-                 "every size and significantly behind at none, significantly ahead at all / at least half / fewer "
-                 "of them; *holds in part* when it is ahead at most sizes and either never significantly behind or "
-                 "more often significantly ahead than behind; else it *does not hold*. A claim that one is close to "
-                 "another *holds* when it is significantly behind at no size, *in part* at fewer than half.\n\n"
-                 + "\n".join(claims(cfg, results, names)) + "\n")
+    parts.append(
+        "## The paper's claims, checked\n\nPer split and measure: ahead = better mean at a size; "
+        f"significantly = paired t-test p < {cfg.eval.alpha}; the cost of each method is in Table 1. "
+        "A claim that one method is better *holds strongly* / *holds* / *holds weakly* when it is ahead at "
+        "every size and significantly behind at none, significantly ahead at all / at least half / fewer "
+        "of them; *holds in part* when it is ahead at most sizes and either never significantly behind or "
+        "more often significantly ahead than behind; else it *does not hold*. A claim that one is close to "
+        "another *holds* when it is significantly behind at no size, *in part* at fewer than half.\n\n"
+        + "\n".join(claims(cfg, results, names))
+        + "\n"
+    )
     parts.append("## Metric vs size\n\n" + "\n".join(f"![{p}](results/{p})" for p in plots) + "\n")
     if maps:
         parts.append(
             f"## The (layer, dim) grid ({cfg.experiment.grid_split}, {cfg.experiment.heatmap_metric})\n\n"
             "Every layer x every dim of the size list. A `separate` model is trained at one size and has only its "
             "layers: its row of the grid is that model cut to each dim (the diagonal cell is the size it was "
-            "trained for).\n\n"
-            + "\n".join(f"### {t}\n\n![{f}](results/{f})\n\n{tab}" for t, f, tab in maps))
+            "trained for).\n\n" + "\n".join(f"### {t}\n\n![{f}](results/{f})\n\n{tab}" for t, f, tab in maps)
+        )
     depth, grid_depth = int(cfg.experiment.run_depth), int(cfg.experiment.grid_run_depth)
     deep = [m for m in cfg.eval.metrics if re.search(r"@(\d+)$", m) and int(m.rsplit("@", 1)[1]) > depth]
     parts.append(
@@ -850,9 +995,14 @@ def write_report(cfg: DictConfig, runs: Sequence[ReportedRun], cfg_path: str | N
         f"{grid_depth}) with each run's eval JSON in `results/<run>/eval/`. Re-derive a run's numbers with\n\n"
         f"    python -m eval --config {cfg_path or 'CONFIG'} paths.runs={out_dir}/srl/runs "
         f"paths.eval=/tmp/srl-eval eval.sizes=all\n\n"
-        + (f"{', '.join(deep)} need{'s' if len(deep) == 1 else ''} deeper runs than published (the full runs stay "
-           f"under `{cfg.output_dir}/<run>/runs/`, {cfg.search.depth} deep; re-running the experiment remakes them); "
-           f"their per-query values are in `per_query.json.gz`.\n" if deep else ""))
+        + (
+            f"{', '.join(deep)} need{'s' if len(deep) == 1 else ''} deeper runs than published (the full runs stay "
+            f"under `{cfg.output_dir}/<run>/runs/`, {cfg.search.depth} deep; re-running the experiment remakes them); "
+            f"their per-query values are in `per_query.json.gz`.\n"
+            if deep
+            else ""
+        )
+    )
     parts.append("## Discussion\n\n" + _discussion(md) + "\n")
     atomic_write_text(md, "\n".join(parts))
     print(f"experiment: report in {md}", file=sys.stderr)

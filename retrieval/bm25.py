@@ -46,9 +46,7 @@ class BM25:
         """Tokenise texts the way the index was built."""
         import bm25s
 
-        return bm25s.tokenize(
-            list(texts), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False
-        )
+        return bm25s.tokenize(list(texts), stopwords="en", stemmer=self._stemmer, return_ids=False, show_progress=False)
 
     def search(self, text: str, k: int, exclude: str | Collection[str] | None = None) -> list[tuple[str, float]]:
         """Top-`k` (doc id, score) with score > 0, best first; the id(s) in `exclude` are left out."""

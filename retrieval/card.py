@@ -30,8 +30,15 @@ CITATION = """@article{zhuang2024starbucks,
   journal = {arXiv preprint arXiv:2410.13230},
   year    = {2024}
 }"""
-TAGS = ["sentence-transformers", "sentence-similarity", "feature-extraction", "dense-retrieval", "starbucks",
-        "matryoshka", "2d-matryoshka"]
+TAGS = [
+    "sentence-transformers",
+    "sentence-similarity",
+    "feature-extraction",
+    "dense-retrieval",
+    "starbucks",
+    "matryoshka",
+    "2d-matryoshka",
+]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -57,11 +64,23 @@ def _front_matter(name: str, meta: Mapping, results: Mapping) -> str:
         front["base_model"] = base
     entries = []
     for split, r in results.items():
-        metrics = [{"type": _metric_type(m), "name": f"{m} {s['size']} ({s['layers']}x{s['dim']})",
-                    "value": round(float(s["metrics"][m]), 4)}
-                   for s in r["sizes"] for m in r["measures"] if m in s["metrics"]]
-        entries.append({"task": {"type": "retrieval", "name": "Retrieval"},
-                        "dataset": {"name": split, "type": str(r.get("collection") or split)}, "metrics": metrics})
+        metrics = [
+            {
+                "type": _metric_type(m),
+                "name": f"{m} {s['size']} ({s['layers']}x{s['dim']})",
+                "value": round(float(s["metrics"][m]), 4),
+            }
+            for s in r["sizes"]
+            for m in r["measures"]
+            if m in s["metrics"]
+        ]
+        entries.append(
+            {
+                "task": {"type": "retrieval", "name": "Retrieval"},
+                "dataset": {"name": split, "type": str(r.get("collection") or split)},
+                "metrics": metrics,
+            }
+        )
     if entries:
         front["model-index"] = [{"name": name, "results": entries}]
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
@@ -76,8 +95,14 @@ def _default_id(directory: Path, meta: Mapping) -> str:
     return str((config.get("paths") or {}).get("model") or Path(config["output_dir"]) / "model")
 
 
-def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
-                model_id: str | None = None, *, shape: tuple[int, int]) -> str:
+def render_card(
+    directory: str | os.PathLike,
+    meta: Mapping,
+    results: Mapping | None = None,
+    model_id: str | None = None,
+    *,
+    shape: tuple[int, int],
+) -> str:
     """The card's text for the model in `directory` (its `starbucks.json` is `meta`, its
     `(layers, hidden size)` is `shape`); `model_id` is the name the load examples use (default: the
     directory)."""
@@ -98,59 +123,92 @@ def render_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | 
         f"dimensions give an embedding for every size below, so one model serves from the smallest to "
         f"the largest size. {pooling.upper() if pooling == 'cls' else 'Mean'} pooling, "
         f"{'L2-normalised (cosine similarity)' if normalize else 'dot product'}; "
-        f"{shape[0]} layers, {shape[1]} dims.\n")
+        f"{shape[0]} layers, {shape[1]} dims.\n"
+    )
     parts.append("## Sizes\n")
-    parts.append(markdown_table(["size", "layers", "dims", "bytes per passage (fp16)", "bytes per passage (fp32)"],
-                        [[s.name, s.layers, s.dim, 2 * s.dim, 4 * s.dim] for s in sizes]) + "\n")
+    parts.append(
+        markdown_table(
+            ["size", "layers", "dims", "bytes per passage (fp16)", "bytes per passage (fp32)"],
+            [[s.name, s.layers, s.dim, 2 * s.dim, 4 * s.dim] for s in sizes],
+        )
+        + "\n"
+    )
     if results:
         parts.append("## Results\n")
         for split, r in results.items():
             measures = list(r["measures"])
-            parts.append(f"`{split}`: {r.get('queries', '?')} queries, relevant at level >= "
-                         f"{r.get('rel_level', '?')} (`python -m eval`).\n")
-            parts.append(markdown_table(["size", *measures], [[f"{s['size']} ({s['layers']}x{s['dim']})",
-                                                       *(f"{s['metrics'][m]:.4f}" for m in measures)]
-                                                      for s in r["sizes"]]) + "\n")
+            parts.append(
+                f"`{split}`: {r.get('queries', '?')} queries, relevant at level >= "
+                f"{r.get('rel_level', '?')} (`python -m eval`).\n"
+            )
+            parts.append(
+                markdown_table(
+                    ["size", *measures],
+                    [
+                        [f"{s['size']} ({s['layers']}x{s['dim']})", *(f"{s['metrics'][m]:.4f}" for m in measures)]
+                        for s in r["sizes"]
+                    ],
+                )
+                + "\n"
+            )
     parts.append("## Usage\n")
     parts.append(
         "With the `starbucks-retrieval` toolkit, at any size (several from one pass):\n\n"
         "```python\nfrom retrieval import StarbucksModel\n\n"
         f"model = StarbucksModel.from_pretrained({model_id!r})\n"
-        f"q = model.encode_queries([\"how do I edit a PDF\"], size={middle.name!r})  # {middle.key}\n"
-        f"p = model.encode_passages([\"A PDF editor.\", \"An IRC client.\"], size={middle.name!r})\n"
+        f'q = model.encode_queries(["how do I edit a PDF"], size={middle.name!r})  # {middle.key}\n'
+        f'p = model.encode_passages(["A PDF editor.", "An IRC client."], size={middle.name!r})\n'
         "print(model.similarity(q, p))\n"
-        f"both = model.encode_passages([\"A PDF editor.\"], sizes={sizes.names[:2]!r})  # name -> array\n```\n")
+        f'both = model.encode_passages(["A PDF editor."], sizes={sizes.names[:2]!r})  # name -> array\n```\n'
+    )
     parts.append(
         f"With sentence-transformers (the {largest} embedding; `encode_query` / `encode_document` add each "
         "side's prefix and max length, as above):\n\n"
         "```python\nfrom sentence_transformers import SentenceTransformer\n\n"
         f"model = SentenceTransformer({model_id!r})\n"
-        "q = model.encode_query([\"how do I edit a PDF\"])\n"
-        "p = model.encode_document([\"A PDF editor.\", \"An IRC client.\"])\n"
-        "print(model.similarity(q, p))\n```\n")
+        'q = model.encode_query(["how do I edit a PDF"])\n'
+        'p = model.encode_document(["A PDF editor.", "An IRC client."])\n'
+        "print(model.similarity(q, p))\n```\n"
+    )
     if not exported:
         parts.append(
             "A standalone sentence-transformers model of one size (its layers only, the first `d` dims "
             "taken before any normalisation):\n\n"
-            f"```bash\npython -m train.export {model_id} --size {sizes[0].name} --out {name}-{sizes[0].name}\n```\n")
+            f"```bash\npython -m train.export {model_id} --size {sizes[0].name} --out {name}-{sizes[0].name}\n```\n"
+        )
     parts.append("## Training\n")
-    facts = [("method", meta.get("method")), ("base model", meta.get("base_model")), ("steps", meta.get("step")),
-             ("training data", (config.get("data") or {}).get("train")),
-             ("exported from", meta.get("exported_from"))]
+    facts = [
+        ("method", meta.get("method")),
+        ("base model", meta.get("base_model")),
+        ("steps", meta.get("step")),
+        ("training data", (config.get("data") or {}).get("train")),
+        ("exported from", meta.get("exported_from")),
+    ]
     train = config.get("train") or {}
-    facts += [(k.replace("_", " "), train.get(k)) for k in ("epochs", "batch_size", "group_size", "learning_rate",
-                                                           "temperature", "kl_weight")]
+    facts += [
+        (k.replace("_", " "), train.get(k))
+        for k in ("epochs", "batch_size", "group_size", "learning_rate", "temperature", "kl_weight")
+    ]
     lines = [f"- {k}: `{v}`" for k, v in facts if v not in (None, "")]
     parts.append("\n".join(lines or ["- not recorded"]) + "\n")
     if config:
-        parts.append("<details><summary>The training config</summary>\n\n```yaml\n"
-                     + yaml.safe_dump(config, sort_keys=False, allow_unicode=True) + "```\n</details>\n")
+        parts.append(
+            "<details><summary>The training config</summary>\n\n```yaml\n"
+            + yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
+            + "```\n</details>\n"
+        )
     parts.append(f"## Citation\n\n```bibtex\n{CITATION}\n```\n")
     return "\n".join(parts)
 
 
-def write_card(directory: str | os.PathLike, meta: Mapping, results: Mapping | None = None,
-               model_id: str | None = None, *, shape: tuple[int, int]) -> Path:
+def write_card(
+    directory: str | os.PathLike,
+    meta: Mapping,
+    results: Mapping | None = None,
+    model_id: str | None = None,
+    *,
+    shape: tuple[int, int],
+) -> Path:
     """Write `README.md` (and the results it shows) into `directory`."""
     directory = Path(directory)
     results = dict(results or {})

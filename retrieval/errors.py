@@ -27,9 +27,9 @@ _OS_ADVICE = {
     errno.ENOSPC: "no space left on the device for {file}; free space (or choose another output_dir) and " + _RESUME,
     errno.EDQUOT: "disk quota exceeded for {file}; free space (or choose another output_dir) and " + _RESUME,
     errno.EROFS: "{file} is on a read-only file system; choose another output_dir (or paths.*) in a writable "
-                 "place and re-run",
+    "place and re-run",
     errno.EACCES: "no permission to use {file}; fix its permissions or choose another output_dir (or paths.*), "
-                  "and re-run",
+    "and re-run",
     errno.EIO: "input/output error on {file}; the disk may be failing or full: check it and " + _RESUME,
 }
 _OS_ADVICE[errno.EPERM] = _OS_ADVICE[errno.EACCES]

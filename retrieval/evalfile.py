@@ -36,9 +36,14 @@ def per_query_path(eval_dir: str | os.PathLike, split: str) -> Path:
 def write_per_query(eval_dir: str | os.PathLike, split: str, results: Sequence[tuple[Size, Evaluation]]) -> Path:
     """Write the split's per-query values (same bytes for the same values)."""
     path = per_query_path(eval_dir, split)
-    record = {"format_version": PER_QUERY_VERSION, "split": split,
-              "sizes": [{"size": size.name, "layers": size.layers, "dim": size.dim, "per_query": ev.per_query}
-                        for size, ev in results]}
+    record = {
+        "format_version": PER_QUERY_VERSION,
+        "split": split,
+        "sizes": [
+            {"size": size.name, "layers": size.layers, "dim": size.dim, "per_query": ev.per_query}
+            for size, ev in results
+        ],
+    }
     atomic_write_gzip(path, [json.dumps(record, sort_keys=True)])
     return path
 
@@ -60,7 +65,9 @@ def read_summary(eval_dir: str | os.PathLike, split: str) -> dict | None:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise StarbucksError(f"cannot read {path} ({err}); re-run `python -m eval` for {Path(eval_dir).parent}") from None
+        raise StarbucksError(
+            f"cannot read {path} ({err}); re-run `python -m eval` for {Path(eval_dir).parent}"
+        ) from None
 
 
 def read_split(eval_dir: str | os.PathLike, split: str) -> list[SizeScores] | None:
@@ -78,18 +85,28 @@ def read_split(eval_dir: str | os.PathLike, split: str) -> list[SizeScores] | No
     except (OSError, ValueError, EOFError) as err:
         raise StarbucksError(f"cannot read {values_path} ({err}); {redo}") from None
     if values.get("format_version") != PER_QUERY_VERSION:
-        raise StarbucksError(f"{values_path} has format version {values.get('format_version')!r}, "
-                             f"this code reads {PER_QUERY_VERSION}; {redo}")
+        raise StarbucksError(
+            f"{values_path} has format version {values.get('format_version')!r}, "
+            f"this code reads {PER_QUERY_VERSION}; {redo}"
+        )
     per_size = {(v["size"], v["layers"], v["dim"]): v["per_query"] for v in values["sizes"]}
     out = []
     for entry in summary["sizes"]:
         size = recorded_size(entry["size"], entry["layers"], entry["dim"])
         per_query = per_size.get((entry["size"], size.layers, size.dim))
         means = entry["metrics"]
-        if per_query is None or set(per_query) != set(means) or not all(
-                math.isclose(sum(per_query[m].values()) / max(len(per_query[m]), 1), means[m], rel_tol=1e-9, abs_tol=1e-12)
-                for m in means):
-            raise StarbucksError(f"{values_path} does not hold the per-query values of size {size.key} behind "
-                                 f"{summary_path}; {redo}")
+        if (
+            per_query is None
+            or set(per_query) != set(means)
+            or not all(
+                math.isclose(
+                    sum(per_query[m].values()) / max(len(per_query[m]), 1), means[m], rel_tol=1e-9, abs_tol=1e-12
+                )
+                for m in means
+            )
+        ):
+            raise StarbucksError(
+                f"{values_path} does not hold the per-query values of size {size.key} behind {summary_path}; {redo}"
+            )
         out.append(SizeScores(size, Path(entry["run"]), Evaluation(dict(summary["measures"]), per_query, means)))
     return out

@@ -97,8 +97,8 @@ def faiss_search(index, queries: np.ndarray, k: int, batch_size: int) -> tuple[n
     scores = np.empty((len(queries), k), dtype=np.float32)
     rows = np.empty((len(queries), k), dtype=np.int64)
     for start in range(0, len(queries), batch_size):
-        q = np.ascontiguousarray(queries[start:start + batch_size], dtype=np.float32)
-        scores[start:start + len(q)], rows[start:start + len(q)] = index.search(q, k)
+        q = np.ascontiguousarray(queries[start : start + batch_size], dtype=np.float32)
+        scores[start : start + len(q)], rows[start : start + len(q)] = index.search(q, k)
     return scores, rows
 
 
@@ -144,7 +144,7 @@ class ExactSearcher:
 
 
 # Unit roundoff of the pre-selection's matmul (fp32: exact up to the order of its sums, unless TF32 is on).
-_ROUNDOFF = {torch_dtype: u for torch_dtype, u in (("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8), ("float32", 0.0))}
+_ROUNDOFF = {torch_dtype: u for torch_dtype, u in (("float16", 2.0**-11), ("bfloat16", 2.0**-8), ("float32", 0.0))}
 # gathered candidate vector entries per re-scoring chunk: 64 MiB in fp32 on the CPU; 256 MiB of 16-bit rows
 # on a GPU (1,024 queries x 2,000 candidates x 768 dims in 12 chunks, not 100: each costs kernel launches)
 _RESCORE_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
@@ -154,7 +154,7 @@ def _roundoff(vectors) -> float:
     import torch
 
     if vectors.dtype == torch.float32 and vectors.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        return 2.0 ** -11  # TF32 keeps 10 mantissa bits
+        return 2.0**-11  # TF32 keeps 10 mantissa bits
     return _ROUNDOFF[str(vectors.dtype).removeprefix("torch.")]
 
 
@@ -181,14 +181,14 @@ class _Rescorer:
         rows = max(1, budget // (cols * d))
         out = torch.empty(n_queries, m, dtype=torch.float32, device=candidates.device)
         for r in range(0, n_queries, rows):
-            q = self.queries[rows_of_queries[r:r + rows]]
+            q = self.queries[rows_of_queries[r : r + rows]]
             for c in range(0, m, cols):
-                gathered = self.vectors[candidates[r:r + rows, c:c + cols]]  # (rows, cols, d)
+                gathered = self.vectors[candidates[r : r + rows, c : c + cols]]  # (rows, cols, d)
                 if self.fused:
                     dots = torch.bmm(gathered, q.to(gathered.dtype).unsqueeze(2), out_dtype=torch.float32)[..., 0]
                 else:
                     dots = (gathered.float() * q[:, None, :]).sum(-1)
-                out[r:r + rows, c:c + cols] = dots
+                out[r : r + rows, c : c + cols] = dots
         return out
 
 
@@ -202,8 +202,9 @@ def rank_exactly(scores, rows, k: int):
     return scores.gather(1, order), rows.gather(1, order)
 
 
-def torch_search(vectors, queries, k: int, batch_size: int, topk_block: int | None = None,
-                 exact_vectors=None, exact_queries=None):
+def torch_search(
+    vectors, queries, k: int, batch_size: int, topk_block: int | None = None, exact_vectors=None, exact_queries=None
+):
     """Exact top-`k` `(scores, rows)` of device tensors, as an fp32 exact search gives them: fp32 scores,
     ties by the lower row. A matmul per query batch in the tensors' dtype (fp16 on a GPU: the fast
     part) pre-selects the best `m` rows through the maxima of blocks of `topk_block` columns
@@ -225,7 +226,7 @@ def torch_search(vectors, queries, k: int, batch_size: int, topk_block: int | No
     u = _roundoff(vectors)
     with torch.inference_mode():
         rescore = _Rescorer(exact_vectors, exact_queries) if u else None
-        error = (5 * u + d * 2.0 ** -24) * torch.linalg.vector_norm(exact_vectors.float(), dim=1).max() if u else 0.0
+        error = (5 * u + d * 2.0**-24) * torch.linalg.vector_norm(exact_vectors.float(), dim=1).max() if u else 0.0
         margin = max(k, 256) if u else 16
         values, rows = [], []
         for start in range(0, len(queries), batch_size):

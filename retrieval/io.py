@@ -36,7 +36,7 @@ def iter_lines(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
     line naming the file, the line and the byte offset."""
     p = require_file(path, what)
     offset = 0
-    with (gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb")) as f:
+    with gzip.open(p, "rb") if p.suffix == ".gz" else open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 yield lineno, raw.decode("utf-8")
@@ -81,7 +81,9 @@ def named_os_error(err: OSError, path: str | os.PathLike) -> OSError:
     code = err.errno
     if code is None and _SHORT_WRITE.search(str(err)):
         code = errno.ENOSPC
-    named = isinstance(err.filename, (str, bytes)) and not os.path.basename(os.fsdecode(err.filename)).startswith(".tmp-")
+    named = isinstance(err.filename, (str, bytes)) and not os.path.basename(os.fsdecode(err.filename)).startswith(
+        ".tmp-"
+    )
     if code is None or (named and code == err.errno):
         return err
     return OSError(code, os.strerror(code), os.fsdecode(err.filename) if named else str(path))

@@ -74,9 +74,16 @@ class StarbucksLoss(nn.Module):
     `size_weights` (default 1). The teacher's own KL term is zero and is not computed.
     """
 
-    def __init__(self, base: InfoNCE, sizes: Sequence[Size], kl_weight: float = 1.0, kl_temperature: float = 1.0,
-                 size_weights: Sequence[float] | None = None, reduction: str = "mean",
-                 gather: "CrossDeviceGather | None" = None):
+    def __init__(
+        self,
+        base: InfoNCE,
+        sizes: Sequence[Size],
+        kl_weight: float = 1.0,
+        kl_temperature: float = 1.0,
+        size_weights: Sequence[float] | None = None,
+        reduction: str = "mean",
+        gather: "CrossDeviceGather | None" = None,
+    ):
         super().__init__()
         self.base = base
         self.sizes = list(sizes)
@@ -98,8 +105,9 @@ class StarbucksLoss(nn.Module):
         self.reduction = reduction
         self.gather = gather
 
-    def forward(self, q: Mapping[Size, Tensor], p: Mapping[Size, Tensor],
-                sizes: Sequence[Size] | None = None) -> LossOutput:
+    def forward(
+        self, q: Mapping[Size, Tensor], p: Mapping[Size, Tensor], sizes: Sequence[Size] | None = None
+    ) -> LossOutput:
         sizes = self.sizes if sizes is None else list(sizes)
         teacher = max(sizes, key=lambda s: (s.layers, s.dim))
         if self.gather is not None:

@@ -51,8 +51,12 @@ class Evaluation:
         return len(next(iter(self.per_query.values()), {}))
 
 
-def evaluate(run: Mapping[str, Mapping[str, float]], qrels: Mapping[str, Mapping[str, int]],
-             measures: Sequence[str] = DEFAULT_MEASURES, rel_level: int = 1) -> Evaluation:
+def evaluate(
+    run: Mapping[str, Mapping[str, float]],
+    qrels: Mapping[str, Mapping[str, int]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    rel_level: int = 1,
+) -> Evaluation:
     """Evaluate a run `{qid: {docid: score}}` against qrels `{qid: {docid: relevance}}`."""
     if not qrels:
         raise StarbucksError("cannot evaluate against empty qrels; check the split's qrels file")

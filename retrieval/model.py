@@ -55,8 +55,9 @@ class _TokenizedBatches(torch.utils.data.Dataset):
     """Item `n`: the rows and tokenised texts of the `n`-th batch of `order` (for a DataLoader, whose
     worker processes then tokenise while the GPU encodes; it holds the tokenizer, not the model)."""
 
-    def __init__(self, tokenizer, texts: Sequence[str], order: list[int], batch_size: int, max_length: int,
-                 prefix: str):
+    def __init__(
+        self, tokenizer, texts: Sequence[str], order: list[int], batch_size: int, max_length: int, prefix: str
+    ):
         self.tokenizer, self.texts, self.order, self.batch_size = tokenizer, texts, order, batch_size
         self.max_length, self.prefix = max_length, prefix
 
@@ -64,7 +65,7 @@ class _TokenizedBatches(torch.utils.data.Dataset):
         return -(-len(self.order) // self.batch_size)
 
     def __getitem__(self, n: int):
-        rows = self.order[n * self.batch_size:(n + 1) * self.batch_size]
+        rows = self.order[n * self.batch_size : (n + 1) * self.batch_size]
         batch = tokenize(self.tokenizer, [self.texts[i] for i in rows], self.max_length, self.prefix)
         return rows, dict(batch)
 
@@ -94,24 +95,40 @@ def checkpoint_meta(name_or_path: str) -> dict:
         if not (Path(path) / "config.json").is_file():
             raise StarbucksError(
                 f"{name_or_path} is not a model directory (no config.json); give a model saved by this toolkit "
-                f"(runs/<name>/model), an HF model directory or a hub id")
+                f"(runs/<name>/model), an HF model directory or a hub id"
+            )
         return read_meta(path) or {}
     if os.path.exists(path):
-        raise StarbucksError(f"{name_or_path} is a file, not a model directory; give the directory that holds "
-                             f"config.json and starbucks.json")
+        raise StarbucksError(
+            f"{name_or_path} is a file, not a model directory; give the directory that holds "
+            f"config.json and starbucks.json"
+        )
     if path.startswith((".", "/", "~")) or path.count("/") > 1:
-        raise StarbucksError(f"{name_or_path} does not exist; give a model directory (runs/<name>/model) or a hub "
-                             f"id such as user/name")
+        raise StarbucksError(
+            f"{name_or_path} does not exist; give a model directory (runs/<name>/model) or a hub id such as user/name"
+        )
     return _hub_meta(path) or {}
 
 
 class StarbucksModel:
     """An encoder, its tokenizer and how it was trained: embeddings of any size, one pass for many."""
 
-    def __init__(self, encoder: StarbucksEncoder, tokenizer, sizes: SizeList | None = None, *,
-                 query_max_length: int, passage_max_length: int, query_prefix: str = "", passage_prefix: str = "",
-                 source: str = "", meta: Mapping | None = None, precision: str = "auto",
-                 part_models: Mapping[str, "StarbucksModel"] | None = None, parallel_parts: bool | str = "auto"):
+    def __init__(
+        self,
+        encoder: StarbucksEncoder,
+        tokenizer,
+        sizes: SizeList | None = None,
+        *,
+        query_max_length: int,
+        passage_max_length: int,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+        source: str = "",
+        meta: Mapping | None = None,
+        precision: str = "auto",
+        part_models: Mapping[str, "StarbucksModel"] | None = None,
+        parallel_parts: bool | str = "auto",
+    ):
         self.encoder = encoder
         self.tokenizer = tokenizer
         self.sizes = sizes or SizeList([Size("", encoder.num_layers, encoder.hidden_size)])
@@ -131,7 +148,10 @@ class StarbucksModel:
         limit = getattr(config, "max_position_embeddings", None)
         if not limit:
             return
-        if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert") and config.pad_token_id is not None:
+        if (
+            getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert")
+            and config.pad_token_id is not None
+        ):
             limit -= config.pad_token_id + 1
         if width > limit:
             side = "query" if kind == "query" else "passage"
@@ -141,14 +161,24 @@ class StarbucksModel:
             )
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike, device: str | torch.device | None = None, *,
-                        pooling: str | None = None, normalize: bool | None = None, sizes=None,
-                        query_max_length: int | None = None, passage_max_length: int | None = None,
-                        query_prefix: str | None = None, passage_prefix: str | None = None,
-                        precision: str = "auto", attn_implementation: str | None = "sdpa",
-                        defaults: Mapping | None = None,
-                        part_models: Mapping[str, "str | os.PathLike | StarbucksModel"] | None = None,
-                        parallel_parts: bool | str = "auto") -> "StarbucksModel":
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike,
+        device: str | torch.device | None = None,
+        *,
+        pooling: str | None = None,
+        normalize: bool | None = None,
+        sizes=None,
+        query_max_length: int | None = None,
+        passage_max_length: int | None = None,
+        query_prefix: str | None = None,
+        passage_prefix: str | None = None,
+        precision: str = "auto",
+        attn_implementation: str | None = "sdpa",
+        defaults: Mapping | None = None,
+        part_models: Mapping[str, "str | os.PathLike | StarbucksModel"] | None = None,
+        parallel_parts: bool | str = "auto",
+    ) -> "StarbucksModel":
         """Load a checkpoint of this toolkit, a hub id, or a plain HF encoder.
 
         Keyword settings given here win; then the checkpoint's `starbucks.json`; then `defaults`
@@ -162,29 +192,51 @@ class StarbucksModel:
         """
         source = str(name_or_path)
         meta = checkpoint_meta(source)
-        given = {"pooling": pooling, "normalize": normalize, "query_max_length": query_max_length,
-                 "passage_max_length": passage_max_length, "query_prefix": query_prefix,
-                 "passage_prefix": passage_prefix}
+        given = {
+            "pooling": pooling,
+            "normalize": normalize,
+            "query_max_length": query_max_length,
+            "passage_max_length": passage_max_length,
+            "query_prefix": query_prefix,
+            "passage_prefix": passage_prefix,
+        }
         fallback = {**DEFAULTS["model"], "normalize": False, "pooling": None, **(defaults or {})}
         settings = {k: given[k] if given[k] is not None else meta.get(k, fallback.get(k)) for k in SETTINGS}
         if settings["pooling"] is None:
             raise StarbucksError(
                 f"{source} has no starbucks.json, so its pooling is unknown: give pooling='cls' or 'mean' (and "
                 f"normalize=True for cosine similarity), e.g. StarbucksModel.from_pretrained({source!r}, "
-                f"pooling='cls', normalize=False)")
+                f"pooling='cls', normalize=False)"
+            )
         sizes = sizes if sizes is not None else meta_sizes(meta) or (defaults or {}).get("sizes")
         if sizes is not None and not isinstance(sizes, SizeList):
             sizes = SizeList.from_config(sizes)
-        encoder, tokenizer, _ = load_encoder(source, settings["pooling"], bool(settings["normalize"]),
-                                             attn_implementation)
+        encoder, tokenizer, _ = load_encoder(
+            source, settings["pooling"], bool(settings["normalize"]), attn_implementation
+        )
         encoder.eval().to(resolve_device(device, "device"))
-        others = {str(label): m if isinstance(m, StarbucksModel) else cls.from_pretrained(
-            m, encoder.backbone.device, precision=precision, attn_implementation=attn_implementation)
-            for label, m in (part_models or {}).items()}
-        return cls(encoder, tokenizer, sizes, query_max_length=settings["query_max_length"],
-                   passage_max_length=settings["passage_max_length"], query_prefix=settings["query_prefix"],
-                   passage_prefix=settings["passage_prefix"], source=source, meta=meta, precision=precision,
-                   part_models=others, parallel_parts=parallel_parts)
+        others = {
+            str(label): m
+            if isinstance(m, StarbucksModel)
+            else cls.from_pretrained(
+                m, encoder.backbone.device, precision=precision, attn_implementation=attn_implementation
+            )
+            for label, m in (part_models or {}).items()
+        }
+        return cls(
+            encoder,
+            tokenizer,
+            sizes,
+            query_max_length=settings["query_max_length"],
+            passage_max_length=settings["passage_max_length"],
+            query_prefix=settings["query_prefix"],
+            passage_prefix=settings["passage_prefix"],
+            source=source,
+            meta=meta,
+            precision=precision,
+            part_models=others,
+            parallel_parts=parallel_parts,
+        )
 
     # ------------------------------------------------------------ what it is
 
@@ -229,7 +281,8 @@ class StarbucksModel:
             raise StarbucksError(
                 f"{'size ' + size.key if size else 'a hybrid'} takes a part from model {label!r}, but no model has "
                 f"that label (labelled: {have}); name it: encode.part_models.{label}=PATH (part_models={{'{label}': "
-                f"PATH}} in Python)")
+                f"PATH}} in Python)"
+            )
         return self.part_models[label]
 
     def side(self, kind: str | None) -> tuple[int, str]:
@@ -250,8 +303,10 @@ class StarbucksModel:
         max_length, prefix = self.side(kind)
         fingerprint = self.fingerprint
         if size.models:
-            others = [[label, m.fingerprint, m.pooling, m.normalize, *m.side("query"), *m.side("passage")]
-                      for label, m in ((label, self.part_model(label, size)) for label in size.models)]
+            others = [
+                [label, m.fingerprint, m.pooling, m.normalize, *m.side("query"), *m.side("passage")]
+                for label, m in ((label, self.part_model(label, size)) for label in size.models)
+            ]
             fingerprint = hashlib.sha256(json.dumps([fingerprint, others]).encode()).hexdigest()
         return embedding_identity(fingerprint, size, self.pooling, self.normalize, max_length, prefix)
 
@@ -267,9 +322,16 @@ class StarbucksModel:
 
     # ------------------------------------------------------------ encoding
 
-    def encode(self, texts: str | Sequence[str], size: str | Size | None = None, *,
-               sizes: Sequence[str | Size] | None = None, batch_size: int = 32, progress: bool = False,
-               kind: str | None = None):
+    def encode(
+        self,
+        texts: str | Sequence[str],
+        size: str | Size | None = None,
+        *,
+        sizes: Sequence[str | Size] | None = None,
+        batch_size: int = 32,
+        progress: bool = False,
+        kind: str | None = None,
+    ):
         """Embeddings of `texts` (float32, `(len(texts), dim)`; one text: `(dim,)`) at `size` (default:
         the largest), or with `sizes=[...]` a dict size name -> array, all from one pass. `kind`:
         `query` / `passage` adds that side's prefix and max length (see `encode_queries`)."""
@@ -303,8 +365,16 @@ class StarbucksModel:
             raise StarbucksError(f"queries have {q.shape[-1]} dims and passages {p.shape[-1]}: encode both at one size")
         return np.atleast_2d(q) @ np.atleast_2d(p).T
 
-    def embed_texts(self, texts: Sequence[str], sizes: Sequence[Size], kind: str | None, batch_size: int = 32,
-                    progress: tqdm | None = None, workers: int = 0, dtype=np.float32) -> dict[Size, np.ndarray]:
+    def embed_texts(
+        self,
+        texts: Sequence[str],
+        sizes: Sequence[Size],
+        kind: str | None,
+        batch_size: int = 32,
+        progress: tqdm | None = None,
+        workers: int = 0,
+        dtype=np.float32,
+    ) -> dict[Size, np.ndarray]:
         """`(len(texts), dim)` arrays of `dtype` per size, in the order of `texts`.
 
         Texts are encoded longest first (dynamic padding wastes little); one forward pass per batch
@@ -319,15 +389,25 @@ class StarbucksModel:
             return self._embed(texts, sizes, kind, batch_size, progress, workers, dtype)
         wanted: dict[str, dict[Size, None]] = {"": {}}  # model label ("": this one) -> plain sizes, in order
         for s in sizes:
-            for model, part in ([(p.model, p.size) for p in s.parts] if s.parts else [("", s)]):
+            for model, part in [(p.model, p.size) for p in s.parts] if s.parts else [("", s)]:
                 wanted.setdefault(model, {})[part] = None
-        vectors = self._embed_models(texts, {m: list(w) for m, w in wanted.items()}, kind, batch_size, progress,
-                                     workers)
-        return {s: join_parts(s, vectors).astype(dtype, copy=False) if s.parts else
-                vectors[""][s].astype(dtype, copy=False) for s in sizes}
+        vectors = self._embed_models(
+            texts, {m: list(w) for m, w in wanted.items()}, kind, batch_size, progress, workers
+        )
+        return {
+            s: join_parts(s, vectors).astype(dtype, copy=False) if s.parts else vectors[""][s].astype(dtype, copy=False)
+            for s in sizes
+        }
 
-    def _embed_models(self, texts: Sequence[str], wanted: Mapping[str, list[Size]], kind: str | None,
-                      batch_size: int, progress: tqdm | None, workers: int) -> dict[str, dict[Size, np.ndarray]]:
+    def _embed_models(
+        self,
+        texts: Sequence[str],
+        wanted: Mapping[str, list[Size]],
+        kind: str | None,
+        batch_size: int,
+        progress: tqdm | None,
+        workers: int,
+    ) -> dict[str, dict[Size, np.ndarray]]:
         """float32 vectors of `wanted[label]` from each model (`""`: this one, here; the others, with
         `parallel_parts`, at the same time, each in a thread of its own, else after it); label -> size -> array."""
         others = {label: sizes for label, sizes in wanted.items() if label}
@@ -363,8 +443,16 @@ class StarbucksModel:
             return nullcontext()
         return torch.cuda.stream(torch.cuda.Stream(self.device))
 
-    def _embed(self, texts: Sequence[str], sizes: Sequence[Size], kind: str | None, batch_size: int,
-               progress: tqdm | None, workers: int, dtype) -> dict[Size, np.ndarray]:
+    def _embed(
+        self,
+        texts: Sequence[str],
+        sizes: Sequence[Size],
+        kind: str | None,
+        batch_size: int,
+        progress: tqdm | None,
+        workers: int,
+        dtype,
+    ) -> dict[Size, np.ndarray]:
         """`embed_texts` of plain sizes of this model."""
         sizes = [self.encoder.check(s) for s in sizes]
         max_length, prefix = self.side(kind)
@@ -374,9 +462,14 @@ class StarbucksModel:
         cuda = device.type == "cuda"
         batches = _TokenizedBatches(self.tokenizer, texts, order, batch_size, max_length, prefix)
         workers = min(workers, len(batches) - 1) if len(batches) > 1 else 0
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers, pin_memory=cuda,
-                                             worker_init_fn=_quiet_tokenizers if workers else None,
-                                             prefetch_factor=4 if workers else None)
+        loader = torch.utils.data.DataLoader(
+            batches,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=cuda,
+            worker_init_fn=_quiet_tokenizers if workers else None,
+            prefetch_factor=4 if workers else None,
+        )
         tensor_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
 
         def collect(rows, vectors, done) -> None:
@@ -413,14 +506,22 @@ class StarbucksModel:
         """Write a checkpoint of this toolkit (HF model, `starbucks.json`, sentence-transformers files,
         model card) with this model's settings; `meta` adds or replaces entries of `starbucks.json`."""
         kept = {k: v for k, v in self.meta.items() if k not in ("format_version", "pooling", "normalize")}
-        record = {**kept, "sizes": self.sizes.to_config(), "query_max_length": self.query_max_length,
-                  "passage_max_length": self.passage_max_length, "query_prefix": self.query_prefix,
-                  "passage_prefix": self.passage_prefix, **(meta or {})}
+        record = {
+            **kept,
+            "sizes": self.sizes.to_config(),
+            "query_max_length": self.query_max_length,
+            "passage_max_length": self.passage_max_length,
+            "query_prefix": self.query_prefix,
+            "passage_prefix": self.passage_prefix,
+            **(meta or {}),
+        }
         save_encoder(self.encoder, directory, self.tokenizer, record)  # the encoder records pooling and normalize
 
     def __repr__(self) -> str:
-        return (f"StarbucksModel({self.source!r}, {self.pooling} pooling, normalize={self.normalize}, "
-                f"sizes={', '.join(str(s) for s in self.sizes)}, device={self.device})")
+        return (
+            f"StarbucksModel({self.source!r}, {self.pooling} pooling, normalize={self.normalize}, "
+            f"sizes={', '.join(str(s) for s in self.sizes)}, device={self.device})"
+        )
 
 
 def join_parts(size: Size, vectors: Mapping[str, Mapping[Size, np.ndarray]]) -> np.ndarray:

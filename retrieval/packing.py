@@ -97,10 +97,10 @@ class PackedBatch:
     def pool(self, states: torch.Tensor, pooling: str) -> torch.Tensor:
         """`(B, H')` from packed states `(T, H')`: each text's first token (cls) or the mean of its tokens."""
         if pooling == "cls":
-            return states[self.cu_seqlens[:self.texts].long()]
-        lengths = self.lengths[:self.texts]
+            return states[self.cu_seqlens[: self.texts].long()]
+        lengths = self.lengths[: self.texts]
         text_of_token = torch.arange(self.texts, device=states.device).repeat_interleave(lengths)
-        sums = states.new_zeros(self.texts, states.shape[1]).index_add_(0, text_of_token, states[:self.tokens])
+        sums = states.new_zeros(self.texts, states.shape[1]).index_add_(0, text_of_token, states[: self.tokens])
         return sums / lengths.unsqueeze(1).to(states.dtype)
 
 
@@ -149,8 +149,9 @@ def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: flo
         full = x.new_zeros(grid, *x.shape[1:]).index_copy(0, packed.flat_index, x)
         return full.view(packed.segments, packed.max_length, *x.shape[1:]).transpose(1, 2)  # (B', heads, L, d)
 
-    out = nn.functional.scaled_dot_product_attention(to_grid(q), to_grid(k), to_grid(v), attn_mask=packed.grid_mask,
-                                                     dropout_p=dropout, scale=scaling)
+    out = nn.functional.scaled_dot_product_attention(
+        to_grid(q), to_grid(k), to_grid(v), attn_mask=packed.grid_mask, dropout_p=dropout, scale=scaling
+    )
     return out.transpose(1, 2).reshape(grid, *q.shape[1:])[packed.flat_index]
 
 
@@ -164,13 +165,23 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
     if kernel == "flash_attn":
         from flash_attn import flash_attn_varlen_func
 
-        out = flash_attn_varlen_func(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length,
-                                     packed.max_length, dropout_p=dropout, softmax_scale=scaling)
+        out = flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            packed.cu_seqlens,
+            packed.cu_seqlens,
+            packed.max_length,
+            packed.max_length,
+            dropout_p=dropout,
+            softmax_scale=scaling,
+        )
     elif kernel == "varlen":
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length, packed.max_length,
-                          scale=scaling)
+        out = varlen_attn(
+            q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length, packed.max_length, scale=scaling
+        )
     else:
         out = _padded_attention(q, k, v, packed, scaling, dropout)
     return out.unsqueeze(0), None
@@ -213,8 +224,11 @@ def use_packing(setting, backbone: nn.Module, device: torch.device) -> bool:
         kind = str(getattr(backbone.config, "model_type", type(backbone).__name__))
         if setting is True and kind not in _warned:
             _warned.add(kind)
-            warnings.warn(f"model.packing = true: the packed path supports {', '.join(PACKABLE)} backbones, "
-                          f"not {kind}; running padded batches", stacklevel=3)
+            warnings.warn(
+                f"model.packing = true: the packed path supports {', '.join(PACKABLE)} backbones, "
+                f"not {kind}; running padded batches",
+                stacklevel=3,
+            )
         return False
     return setting is True or auto_packs(device)
 
@@ -243,10 +257,13 @@ def packed_hidden_states(backbone: nn.Module, layers: nn.ModuleList, batch, want
     `buckets`: the token count rounded up to a few shapes (for compiled layers, `PackedBatch.from_padded`)."""
     _register()
     packed = PackedBatch.from_padded(batch, buckets)
-    hidden = backbone.embeddings(input_ids=packed.input_ids[None], token_type_ids=packed.token_type_ids[None],
-                                 position_ids=packed.position_ids[None])
+    hidden = backbone.embeddings(
+        input_ids=packed.input_ids[None],
+        token_type_ids=packed.token_type_ids[None],
+        position_ids=packed.position_ids[None],
+    )
     states = {}
-    for n, layer in enumerate(layers[:wanted[-1]], start=1):
+    for n, layer in enumerate(layers[: wanted[-1]], start=1):
         hidden = _run_layer(layer, hidden, packed, backbone.config)
         if n in wanted:
             states[n] = hidden[0]

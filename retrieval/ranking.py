@@ -51,8 +51,9 @@ def corpus_blocks(pairs: Iterable[tuple[str, str]], rows: int) -> Iterator[tuple
         yield k, [i for i, _ in block], [t for _, t in block]
 
 
-def open_stores(model: StarbucksModel, sizes: Sequence[Size], root: Path, shard_rows: int,
-                info: Mapping) -> dict[Size, EmbeddingStore]:
+def open_stores(
+    model: StarbucksModel, sizes: Sequence[Size], root: Path, shard_rows: int, info: Mapping
+) -> dict[Size, EmbeddingStore]:
     """Each size's store under `root`, started with the model's passage identity (a store made by another
     model, with other settings or shards, is refused); `info` is recorded, not checked (and, for a hybrid
     with parts from other models, `part_models`: where they came from)."""
@@ -72,10 +73,18 @@ class PassagesEncoded:
     complete: bool  # every store has all its shards (other workers' included) and is finalised
 
 
-def encode_passages(model: StarbucksModel, stores: Mapping[Size, EmbeddingStore],
-                    blocks: Iterable[tuple[int, list[str], list[str]]], where: str, batch_size: int, *,
-                    owns: Callable[[int], bool] = lambda block: True, progress=None, workers: int = 0,
-                    note: Callable[[str], None] = log.info) -> PassagesEncoded:
+def encode_passages(
+    model: StarbucksModel,
+    stores: Mapping[Size, EmbeddingStore],
+    blocks: Iterable[tuple[int, list[str], list[str]]],
+    where: str,
+    batch_size: int,
+    *,
+    owns: Callable[[int], bool] = lambda block: True,
+    progress=None,
+    workers: int = 0,
+    note: Callable[[str], None] = log.info,
+) -> PassagesEncoded:
     """Encode the blocks this worker `owns` into their shard of every store (one pass for all sizes, float16),
     leaving shards that are up to date; then finalise the stores if every shard is there.
 
@@ -93,7 +102,8 @@ def encode_passages(model: StarbucksModel, stores: Mapping[Size, EmbeddingStore]
             if problem == "of other passages":
                 raise StarbucksError(
                     f"{stores[s].ids_path(k)} lists other passages than block {k} of the corpus; the corpus changed "
-                    f"since it was encoded: delete {stores[s].dir} and re-encode")
+                    f"since it was encoded: delete {stores[s].dir} and re-encode"
+                )
         todo = [s for s, problem in problems.items() if problem]
         for s in todo:
             if problems[s] != "missing":
@@ -108,8 +118,14 @@ def encode_passages(model: StarbucksModel, stores: Mapping[Size, EmbeddingStore]
     return PassagesEncoded(hasher.count, encoded, all(meta is not None for meta in finished))
 
 
-def encode_queries(model: StarbucksModel, stores: Mapping[Size, EmbeddingStore], split: str,
-                   queries: Mapping[str, str], batch_size: int, progress: bool = False) -> list[Size]:
+def encode_queries(
+    model: StarbucksModel,
+    stores: Mapping[Size, EmbeddingStore],
+    split: str,
+    queries: Mapping[str, str],
+    batch_size: int,
+    progress: bool = False,
+) -> list[Size]:
     """A split's query vectors in every store whose stored ones are missing or stale (other ids, or another
     model or settings); returns the sizes encoded."""
     ids = list(queries)
@@ -167,8 +183,14 @@ class ExactRanking:
         return self.top.rows
 
 
-def ranked(qids: Sequence[str], scores: np.ndarray, rows: np.ndarray, ids: Sequence[str], depth: int | None = None,
-           ignore_identical_ids: bool = False) -> Iterator[tuple[str, list[tuple[str, float]]]]:
+def ranked(
+    qids: Sequence[str],
+    scores: np.ndarray,
+    rows: np.ndarray,
+    ids: Sequence[str],
+    depth: int | None = None,
+    ignore_identical_ids: bool = False,
+) -> Iterator[tuple[str, list[tuple[str, float]]]]:
     """`(qid, [(passage id, score), ...])` of each query, best first, from top-k `scores` and `rows` (rows < 0:
     no result). `ignore_identical_ids` (BEIR's rule): a passage whose id is the query's is left out, and the
     ranking cut to `depth` (search one deeper to keep `depth`)."""
@@ -183,9 +205,15 @@ def ranked(qids: Sequence[str], scores: np.ndarray, rows: np.ndarray, ids: Seque
 def run_record(store: EmbeddingStore, meta: Mapping, qmeta: Mapping, **how) -> dict:
     """What a run of a store's queries was made from (the store, its passages' `PASSAGE_FIELDS`, the queries'
     `QUERY_FIELDS`) and `how` it was searched; a run whose record differs is ranked again."""
-    return {"embeddings": str(store.dir), "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
-            "passages": {k: meta.get(k) for k in PASSAGE_FIELDS},
-            "queries": {k: qmeta.get(k) for k in QUERY_FIELDS}, **how}
+    return {
+        "embeddings": str(store.dir),
+        "size": meta["size"],
+        "layers": meta["layers"],
+        "dim": meta["dim"],
+        "passages": {k: meta.get(k) for k in PASSAGE_FIELDS},
+        "queries": {k: qmeta.get(k) for k in QUERY_FIELDS},
+        **how,
+    }
 
 
 def saved_run(out: Path, record: Mapping) -> dict | None:
@@ -195,16 +223,24 @@ def saved_run(out: Path, record: Mapping) -> dict | None:
     return saved if saved is not None and {k: v for k, v in saved.items() if k != "file"} == record else None
 
 
-def write_ranked_run(out: Path, rankings: Iterable[tuple[str, Sequence[tuple[str, float]]]], tag: str,
-                     record: Mapping) -> Path:
+def write_ranked_run(
+    out: Path, rankings: Iterable[tuple[str, Sequence[tuple[str, float]]]], tag: str, record: Mapping
+) -> Path:
     """The run file, then its record (which ends with the file's checksum)."""
     write_run(out, rankings, tag)
     write_run_record(out, dict(record))
     return out
 
 
-def rank_store(store: EmbeddingStore, split: str, runs: Path, depth: int, searcher: ExactSearcher, tag: str,
-               ignore_identical_ids: bool = False) -> Path:
+def rank_store(
+    store: EmbeddingStore,
+    split: str,
+    runs: Path,
+    depth: int,
+    searcher: ExactSearcher,
+    tag: str,
+    ignore_identical_ids: bool = False,
+) -> Path:
     """The size's run file of the split's stored queries (`<runs>/<split>/<size>.trec`, exact search over the
     store's shards, tagged `<tag>-<size>`), unless an up-to-date one exists."""
     meta = store.require_complete()

@@ -60,8 +60,10 @@ def read_run(path: str | os.PathLike) -> Run:
         qid, _, docid, _, score, _ = parts
         ranked = run.setdefault(qid, {})
         if docid in ranked:
-            raise StarbucksError(f"{path} line {lineno}: query {qid!r} ranks passage {docid!r} a second time; a run "
-                                 f"lists each passage once per query: remove the duplicate or re-run the search")
+            raise StarbucksError(
+                f"{path} line {lineno}: query {qid!r} ranks passage {docid!r} a second time; a run "
+                f"lists each passage once per query: remove the duplicate or re-run the search"
+            )
         try:
             ranked[docid] = float(score)
         except ValueError:
@@ -130,8 +132,10 @@ def check_run_file(path: str | os.PathLike, record: dict | None = None) -> str |
         return None
     now = run_file_summary(path)  # only to say what differs
     if now["queries"] != saved["queries"] or now["lines"] != saved["lines"]:
-        return (f"it holds {now['queries']} queries / {now['lines']} lines, but {saved['queries']} / {saved['lines']} "
-                f"were written")
+        return (
+            f"it holds {now['queries']} queries / {now['lines']} lines, but {saved['queries']} / {saved['lines']} "
+            f"were written"
+        )
     return "its checksum differs from the one written"
 
 
@@ -140,8 +144,10 @@ def verified_run(path: str | os.PathLike) -> dict | None:
     record = read_run_record(path)
     problem = check_run_file(path, record)
     if problem:
-        raise StarbucksError(f"run file {path} is not the file search wrote: {problem}; it was cut or edited: "
-                             f"delete it and re-run `python -m search`")
+        raise StarbucksError(
+            f"run file {path} is not the file search wrote: {problem}; it was cut or edited: "
+            f"delete it and re-run `python -m search`"
+        )
     return record
 
 

@@ -91,8 +91,9 @@ def cpu_bf16(env: Mapping[str, str] = os.environ) -> bool:
     return cpu_has_native_bf16()
 
 
-def resolve_precision(value, device: torch.device, key: str, gpu_default: str = "fp16",
-                      cpu_fp16: bool = True, cpu_auto_bf16: bool = True) -> str:
+def resolve_precision(
+    value, device: torch.device, key: str, gpu_default: str = "fp16", cpu_fp16: bool = True, cpu_auto_bf16: bool = True
+) -> str:
     """`fp32`, `fp16` or `bf16` for a precision key. `auto` is `gpu_default` on a GPU (inference
     defaults to fp16, training to bf16 where the GPU has it); on the CPU bf16 autocast where the chip
     has native bf16 (`cpu_bf16`: AVX512-BF16 or AMX; `cpu_auto_bf16=False` for a key that has no
@@ -136,8 +137,14 @@ class Rule:
     literal: bool = False
 
 
-def number(minimum: float | None = None, maximum: float | None = None, *, above: bool = False,
-           below: bool = False, allow_none: bool = False) -> Rule:
+def number(
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: bool = False,
+    below: bool = False,
+    allow_none: bool = False,
+) -> Rule:
     """A real number (whole numbers and numeric strings accepted) within the bounds."""
 
     def check(value, key):
@@ -293,8 +300,16 @@ KEY_RULES: dict[str, Rule] = {
     "eval.splits": names(),
     "eval.alpha": number(0, 1, above=True, below=True),
     "experiment.methods": names(),
-    "experiment.seeds": Rule(lambda v, k: v if v is None else [whole_number(x, f"{k}[{i}]", 0) for i, x in enumerate(
-        v if isinstance(v, Sequence) and not isinstance(v, str) else [v])]),
+    "experiment.seeds": Rule(
+        lambda v, k: (
+            v
+            if v is None
+            else [
+                whole_number(x, f"{k}[{i}]", 0)
+                for i, x in enumerate(v if isinstance(v, Sequence) and not isinstance(v, str) else [v])
+            ]
+        )
+    ),
     "experiment.hybrids": names(),
     "experiment.grid_split": text(allow_none=False),
     "experiment.run_depth": integer(1),
@@ -311,7 +326,7 @@ def _inferred(default) -> Rule | None:
     if isinstance(default, bool):
         return boolean()
     if isinstance(default, int):
-        return integer(-(2 ** 63))
+        return integer(-(2**63))
     if isinstance(default, float):
         return number()
     return None

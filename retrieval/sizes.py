@@ -60,8 +60,10 @@ class Size:
     def __post_init__(self):
         if self.layers < 1 or self.dim < 1:
             raise StarbucksError(f"size {self.layers}x{self.dim} is invalid: layers and dim must be >= 1")
-        if self.parts and (self.layers, self.dim) != (max(p.size.layers for p in self.parts),
-                                                     sum(p.size.dim for p in self.parts)):
+        if self.parts and (self.layers, self.dim) != (
+            max(p.size.layers for p in self.parts),
+            sum(p.size.dim for p in self.parts),
+        ):
             raise ValueError("a hybrid's layers are its deepest part's and its dim the sum of its parts' dims")
         if not self.name:
             object.__setattr__(self, "name", self.key)
@@ -166,8 +168,10 @@ class SizeList(Sequence[Size]):
         twice), naming the first pair out of order; a hybrid is no size of such a list."""
         for s in self._sizes:
             if s.parts:
-                raise StarbucksError(f"{what} holds the hybrid {s.key}: a size list (what a model is trained and "
-                                     f"described at) holds plain sizes; ask for hybrids in encode.sizes")
+                raise StarbucksError(
+                    f"{what} holds the hybrid {s.key}: a size list (what a model is trained and "
+                    f"described at) holds plain sizes; ask for hybrids in encode.sizes"
+                )
         for a, b in zip(self._sizes, self._sizes[1:]):
             if b.layers < a.layers or b.dim < a.dim or (a.layers, a.dim) == (b.layers, b.dim):
                 raise StarbucksError(
@@ -217,8 +221,10 @@ def _parse_part(text: str, known: list[Size], spec: str) -> Part:
         raise StarbucksError(f"hybrid size {spec!r}: part {text.strip()!r} is not [WEIGHT*]SIZE[@MODEL]; {HYBRID_HELP}")
     weight, name, model = m.group(1), m.group(2), m.group(3) or ""
     if model and not _LXD.match(name):
-        raise StarbucksError(f"hybrid size {spec!r}: part {text.strip()!r} comes from model {model!r}, so give its "
-                             f"size as LxD (a size name belongs to this model's list)")
+        raise StarbucksError(
+            f"hybrid size {spec!r}: part {text.strip()!r} comes from model {model!r}, so give its "
+            f"size as LxD (a size name belongs to this model's list)"
+        )
     size = parse_size(name, () if model else known)
     if size.parts:
         raise StarbucksError(f"hybrid size {spec!r}: part {name!r} is itself a hybrid; list its parts instead")
@@ -238,8 +244,10 @@ def hybrid_size(parts: Sequence[Part]) -> Size:
     seen = set()
     for p in parts:
         if (p.size.key, p.model) in seen:
-            raise StarbucksError(f"hybrid size {'+'.join(q.key for q in parts)}: part {p.size.key}"
-                                 f"{'@' + p.model if p.model else ''} is given twice; weight it instead (2*{p.size.key})")
+            raise StarbucksError(
+                f"hybrid size {'+'.join(q.key for q in parts)}: part {p.size.key}"
+                f"{'@' + p.model if p.model else ''} is given twice; weight it instead (2*{p.size.key})"
+            )
         seen.add((p.size.key, p.model))
     return Size("", max(p.size.layers for p in parts), sum(p.size.dim for p in parts), parts)
 
@@ -263,8 +271,10 @@ def recorded_size(name: str, layers: int, dim: int) -> Size:
         return Size(str(name), int(layers), int(dim))
     size = parse_size(str(name))
     if (size.layers, size.dim) != (int(layers), int(dim)):
-        raise StarbucksError(f"hybrid size {name} is recorded with {layers}x{dim}, its parts give "
-                             f"{size.layers}x{size.dim}; the file was edited: re-create it")
+        raise StarbucksError(
+            f"hybrid size {name} is recorded with {layers}x{dim}, its parts give "
+            f"{size.layers}x{size.dim}; the file was edited: re-create it"
+        )
     return size
 
 

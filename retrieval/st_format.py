@@ -30,8 +30,12 @@ from retrieval.io import atomic_path, atomic_write_json
 from retrieval.sizes import SizeList, meta_sizes
 
 POOLING_DIR, DENSE_DIR = "1_Pooling", "2_Dense"
-MODULE_FILES = ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
-                f"{POOLING_DIR}/config.json")
+MODULE_FILES = (
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    f"{POOLING_DIR}/config.json",
+)
 
 
 def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
@@ -69,33 +73,62 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
     pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))
     dim = st_output_dim(num_layers, hidden, meta_sizes(meta))
     modules = [("", "Transformer"), (POOLING_DIR, "Pooling")]
-    atomic_write_json(directory / POOLING_DIR / "config.json", {
-        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
-        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False})
+    atomic_write_json(
+        directory / POOLING_DIR / "config.json",
+        {
+            "word_embedding_dimension": hidden,
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        },
+    )
     dense = directory / DENSE_DIR
     if dim < hidden:
         from safetensors.torch import save_file
 
         modules.append((DENSE_DIR, "Dense"))
-        atomic_write_json(dense / "config.json", {"in_features": hidden, "out_features": dim, "bias": False,
-                                                  "activation_function": "torch.nn.modules.linear.Identity"})
+        atomic_write_json(
+            dense / "config.json",
+            {
+                "in_features": hidden,
+                "out_features": dim,
+                "bias": False,
+                "activation_function": "torch.nn.modules.linear.Identity",
+            },
+        )
         with atomic_path(dense / "model.safetensors") as tmp:
             save_file({"linear.weight": torch.eye(hidden)[:dim].contiguous()}, str(tmp))
     elif dense.is_dir():
         shutil.rmtree(dense)  # a stale slice from an earlier save into this directory
     if normalize:
         modules.append((f"{len(modules)}_Normalize", "Normalize"))
-    atomic_write_json(directory / "modules.json", [
-        {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
-        for i, (path, kind) in enumerate(modules)])
+    atomic_write_json(
+        directory / "modules.json",
+        [
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(modules)
+        ],
+    )
     query_length, passage_length = st_lengths(meta)
     # plain encode() (no task): the passage length; encode_query / encode_document: each side's own
-    settings = {"max_seq_length": passage_length, "query_length": query_length, "document_length": passage_length,
-                "do_lower_case": False}
+    settings = {
+        "max_seq_length": passage_length,
+        "query_length": query_length,
+        "document_length": passage_length,
+        "do_lower_case": False,
+    }
     if _builds_a_pooler(directory):  # the toolkit saves no pooler: do not build a random one
         settings["model_args"] = {"add_pooling_layer": False}
     atomic_write_json(directory / "sentence_bert_config.json", settings)
-    atomic_write_json(directory / "config_sentence_transformers.json", {
-        "prompts": {"query": str(meta.get("query_prefix") or ""), "document": str(meta.get("passage_prefix") or "")},
-        "default_prompt_name": None, "similarity_fn_name": "cosine" if normalize else "dot"})
+    atomic_write_json(
+        directory / "config_sentence_transformers.json",
+        {
+            "prompts": {
+                "query": str(meta.get("query_prefix") or ""),
+                "document": str(meta.get("passage_prefix") or ""),
+            },
+            "default_prompt_name": None,
+            "similarity_fn_name": "cosine" if normalize else "dot",
+        },
+    )

@@ -92,10 +92,13 @@ def _check_modules(model) -> bool:
         names = ", ".join(type(m).__name__ for m in modules)
         raise StarbucksError(
             f"StarbucksLoss needs Transformer + Pooling (+ Normalize), got {names}: a size is the first d dims "
-            f"of the pooled layer-n states, which a module after the pooling (Dense, ...) would mix")
+            f"of the pooled layer-n states, which a module after the pooling (Dense, ...) would mix"
+        )
     if not isinstance(rest[0].pooling_mode, str):
-        raise StarbucksError(f"StarbucksLoss needs one pooling mode, got {rest[0].pooling_mode}: the first d dims "
-                             f"of concatenated poolings are not a sub-embedding")
+        raise StarbucksError(
+            f"StarbucksLoss needs one pooling mode, got {rest[0].pooling_mode}: the first d dims "
+            f"of concatenated poolings are not a sub-embedding"
+        )
     return len(rest) > 1
 
 
@@ -123,7 +126,7 @@ class SizesForward:
             sub = {**out, "token_embeddings": layers[size.layers]}
             for module in after:
                 sub = module(sub)
-            vec = sub["sentence_embedding"][:, :size.dim]
+            vec = sub["sentence_embedding"][:, : size.dim]
             parts.append(F.normalize(vec, dim=-1) if self.normalize else vec)
         return {**out, "sentence_embedding": torch.cat(parts, dim=-1)}
 
@@ -160,8 +163,16 @@ class StarbucksSTLoss(nn.Module):
     mean of the terms) or `2dmse` (four sizes per step, summed). `kl_weight=0` leaves out the KL.
     """
 
-    def __init__(self, model, loss: nn.Module | None = None, sizes: Iterable | None = None,
-                 kl_weight: float = 1.0, kl_temperature: float = 0.3, method: str = "srl", seed: int = 0):
+    def __init__(
+        self,
+        model,
+        loss: nn.Module | None = None,
+        sizes: Iterable | None = None,
+        kl_weight: float = 1.0,
+        kl_temperature: float = 0.3,
+        method: str = "srl",
+        seed: int = 0,
+    ):
         super().__init__()
         from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
@@ -200,7 +211,8 @@ class StarbucksSTLoss(nn.Module):
         elif not hasattr(self.loss, "compute_loss_from_embeddings"):
             raise StarbucksError(
                 f"{type(self.loss).__name__} has no compute_loss_from_embeddings, so it cannot score given "
-                f"embeddings; use a loss that has it (MultipleNegativesRankingLoss, CoSENTLoss, ...) or a Cached... loss")
+                f"embeddings; use a loss that has it (MultipleNegativesRankingLoss, CoSENTLoss, ...) or a Cached... loss"
+            )
 
     # ------------------------------------------------------------ which sizes
 
@@ -214,7 +226,7 @@ class StarbucksSTLoss(nn.Module):
     def _labels_for(self, labels, size: Size):
         """Per-column target embeddings (distillation losses) are cut to the size's dims."""
         if isinstance(labels, Tensor) and labels.ndim in (2, 3) and labels.size(-1) == self.hidden:
-            return labels[..., :size.dim]
+            return labels[..., : size.dim]
         return labels
 
     def kl_term(self, columns: dict[Size, list[Tensor]], size: Size, teacher: Size) -> Tensor:
@@ -272,8 +284,10 @@ class StarbucksSTLoss(nn.Module):
         # each size's slice of the cached embeddings, as leaves: the base loss back-propagates into
         # them chunk by chunk; their gradients then flow into `reps` with the size's weight
         pieces = {s: [[r[:, a:b] for r in column] for column in reps] for s, (a, b) in bounds.items()}
-        leaves = {s: [[p.detach().requires_grad_(with_backward) for p in column] for column in cols]
-                  for s, cols in pieces.items()}
+        leaves = {
+            s: [[p.detach().requires_grad_(with_backward) for p in column] for column in cols]
+            for s, cols in pieces.items()
+        }
         weight = 1.0 / len(sizes) if self.method == "srl" else 1.0
         columns = {s: [torch.cat(column) for column in cols] for s, cols in leaves.items()}
         total = 0.0
@@ -295,8 +309,13 @@ class StarbucksSTLoss(nn.Module):
         return total
 
     def get_config_dict(self) -> dict:
-        return {"loss": type(self.loss).__name__, "sizes": [s.key for s in self.sizes], "method": self.method,
-                "kl_weight": self.kl_weight, "kl_temperature": self.kl_temperature}
+        return {
+            "loss": type(self.loss).__name__,
+            "sizes": [s.key for s in self.sizes],
+            "method": self.method,
+            "kl_weight": self.kl_weight,
+            "kl_temperature": self.kl_temperature,
+        }
 
     @property
     def citation(self) -> str:
@@ -339,13 +358,21 @@ def save_for_starbucks(model, directory: str | Path, sizes: Iterable, method: st
     # Transformer has one (query_length / document_length), else max_seq_length; its prompt
     length = int(inner.max_seq_length)
     prompts = getattr(inner, "prompts", None) or {}
-    atomic_write_json(directory / META_FILE, {
-        "format_version": META_VERSION, "pooling": pooling, "normalize": normalize, "sizes": sizes.to_config(),
-        "method": method, "base_model": str(getattr(config, "_name_or_path", "")),
-        "query_max_length": int(getattr(inner[0], "query_length", None) or length),
-        "passage_max_length": int(getattr(inner[0], "document_length", None) or length),
-        "query_prefix": str(prompts.get("query") or ""), "passage_prefix": str(prompts.get("document") or ""),
-    })
+    atomic_write_json(
+        directory / META_FILE,
+        {
+            "format_version": META_VERSION,
+            "pooling": pooling,
+            "normalize": normalize,
+            "sizes": sizes.to_config(),
+            "method": method,
+            "base_model": str(getattr(config, "_name_or_path", "")),
+            "query_max_length": int(getattr(inner[0], "query_length", None) or length),
+            "passage_max_length": int(getattr(inner[0], "document_length", None) or length),
+            "query_prefix": str(prompts.get("query") or ""),
+            "passage_prefix": str(prompts.get("document") or ""),
+        },
+    )
     return directory
 
 
@@ -354,7 +381,11 @@ def __getattr__(name: str):
     if name == "StarbucksLoss":
         import warnings
 
-        warnings.warn("retrieval.st_loss.StarbucksLoss is now StarbucksSTLoss (retrieval.losses.StarbucksLoss is the "
-                      "toolkit trainer's loss); import StarbucksSTLoss", FutureWarning, stacklevel=2)
+        warnings.warn(
+            "retrieval.st_loss.StarbucksLoss is now StarbucksSTLoss (retrieval.losses.StarbucksLoss is the "
+            "toolkit trainer's loss); import StarbucksSTLoss",
+            FutureWarning,
+            stacklevel=2,
+        )
         return StarbucksSTLoss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

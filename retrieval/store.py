@@ -43,11 +43,20 @@ COMPATIBLE_FIELDS = ("model_sha256", "layers", "dim", "pooling", "normalize")
 PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "texts_sha256", "count")
 
 
-def embedding_identity(model_sha256: str, size: Size, pooling: str, normalize: bool, max_length: int,
-                       prefix: str) -> dict:
+def embedding_identity(
+    model_sha256: str, size: Size, pooling: str, normalize: bool, max_length: int, prefix: str
+) -> dict:
     """What embeddings of one size record about how they were made; a resumed encode must match it all."""
-    return {"model_sha256": model_sha256, "size": size.name, "layers": size.layers, "dim": size.dim,
-            "pooling": pooling, "normalize": bool(normalize), "max_length": int(max_length), "prefix": prefix}
+    return {
+        "model_sha256": model_sha256,
+        "size": size.name,
+        "layers": size.layers,
+        "dim": size.dim,
+        "pooling": pooling,
+        "normalize": bool(normalize),
+        "max_length": int(max_length),
+        "prefix": prefix,
+    }
 
 
 class IdsHasher:
@@ -134,7 +143,9 @@ class EmbeddingStore:
         try:
             return json.loads(self.meta_path.read_text())
         except json.JSONDecodeError as err:
-            raise StarbucksError(f"{self.meta_path} is not valid JSON ({err.msg}); delete {self.dir} and re-encode") from None
+            raise StarbucksError(
+                f"{self.meta_path} is not valid JSON ({err.msg}); delete {self.dir} and re-encode"
+            ) from None
 
     def start(self, identity: Mapping, info: Mapping | None = None) -> dict:
         """Create `meta.json` with `identity` (checked) and `info` (recorded), or check an existing one."""
@@ -252,7 +263,9 @@ class EmbeddingStore:
         for k in range(meta["shards"]):
             vectors = self.load_shard(k)
             if vectors.ndim != 2 or vectors.shape[1] != meta["dim"]:
-                raise StarbucksError(f"{self.shard_path(k)} has shape {vectors.shape}, expected (rows, {meta['dim']}); re-encode")
+                raise StarbucksError(
+                    f"{self.shard_path(k)} has shape {vectors.shape}, expected (rows, {meta['dim']}); re-encode"
+                )
             yield k, row, vectors
             row += len(vectors)
 
@@ -300,14 +313,22 @@ class EmbeddingStore:
     def queries_path(self, split: str) -> Path:
         return self.dir / f"queries-{split}.npy"
 
-    def write_queries(self, split: str, ids: Sequence[str], vectors: np.ndarray, identity: Mapping,
-                      info: Mapping | None = None) -> None:
+    def write_queries(
+        self, split: str, ids: Sequence[str], vectors: np.ndarray, identity: Mapping, info: Mapping | None = None
+    ) -> None:
         """Query vectors of one split, with their ids and a meta file (written last)."""
         base = self.queries_path(split)
         atomic_write_text(base.with_suffix(".ids.txt"), "".join(i + "\n" for i in ids))
         _write_npy(base, np.ascontiguousarray(vectors, dtype=DTYPE))
-        meta = {"format_version": STORE_VERSION, "dtype": DTYPE, "split": split, "count": len(ids),
-                "ids_sha256": ids_sha256(ids), **(info or {}), **identity}
+        meta = {
+            "format_version": STORE_VERSION,
+            "dtype": DTYPE,
+            "split": split,
+            "count": len(ids),
+            "ids_sha256": ids_sha256(ids),
+            **(info or {}),
+            **identity,
+        }
         atomic_write_json(base.with_suffix(".json"), meta)
 
     def has_queries(self, split: str) -> bool:
@@ -315,7 +336,7 @@ class EmbeddingStore:
 
     def query_splits(self) -> list[str]:
         """The splits whose query embeddings are stored."""
-        return sorted(p.name[len("queries-"):-len(".json")] for p in self.dir.glob("queries-*.json"))
+        return sorted(p.name[len("queries-") : -len(".json")] for p in self.dir.glob("queries-*.json"))
 
     def queries_up_to_date(self, split: str, ids: Sequence[str], identity: Mapping) -> bool:
         """Whether the split's stored queries are these ids, encoded with this identity."""
@@ -334,10 +355,13 @@ class EmbeddingStore:
         if field:
             passages = self.require_complete()
             older_queries = base.with_suffix(".json").stat().st_mtime <= self.meta_path.stat().st_mtime
-            fix = ("the queries are older: re-run `python -m encode` with the config that encoded the passages (it "
-                   "re-encodes stale queries)" if older_queries else
-                   f"the passages are older: delete {self.dir} and re-run `python -m encode` with the config that "
-                   f"encoded the queries")
+            fix = (
+                "the queries are older: re-run `python -m encode` with the config that encoded the passages (it "
+                "re-encodes stale queries)"
+                if older_queries
+                else f"the passages are older: delete {self.dir} and re-run `python -m encode` with the config that "
+                f"encoded the queries"
+            )
             raise StarbucksError(
                 f"{base.name} does not match the passages in {self.dir}: {field} is {meta.get(field)!r} for the queries "
                 f"but {passages.get(field)!r} for the passages; {fix}"
@@ -345,7 +369,9 @@ class EmbeddingStore:
         ids = _read_lines(base.with_suffix(".ids.txt"))
         vectors = np.load(base)
         if len(ids) != len(vectors) or ids_sha256(ids) != meta["ids_sha256"]:
-            raise StarbucksError(f"{base} and its ids do not belong together; delete them and re-run `python -m encode`")
+            raise StarbucksError(
+                f"{base} and its ids do not belong together; delete them and re-run `python -m encode`"
+            )
         return ids, vectors, meta
 
 

@@ -42,8 +42,12 @@ def write_csv(path: str | os.PathLike, headers: Row, rows: Sequence[Row]) -> Non
     atomic_write_text(path, buf.getvalue())
 
 
-def plot_measures(series: Mapping[str, Sequence[tuple[Size, Mapping[str, float]]]], measures: Sequence[str],
-                  path: str | os.PathLike, title: str) -> None:
+def plot_measures(
+    series: Mapping[str, Sequence[tuple[Size, Mapping[str, float]]]],
+    measures: Sequence[str],
+    path: str | os.PathLike,
+    title: str,
+) -> None:
     """One panel per measure, the sizes in order on the x axis, one line per experiment."""
     import matplotlib
 

@@ -29,5 +29,3 @@ def make_index(spec: str, dim: int) -> faiss.Index:
             f"search.index = {spec!r} is not a usable FAISS index_factory string for {dim}-dim vectors: "
             f"{faiss_reason(err)}"
         ) from None
-
-

@@ -91,8 +91,9 @@ class SearchSettings:
         if backend not in ("faiss", "torch"):
             raise StarbucksError(f"search.backend = {backend!r} is not one of auto, faiss, torch")
         if backend == "torch" and not exact:
-            raise StarbucksError(f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; "
-                                 f"set search.backend=faiss")
+            raise StarbucksError(
+                f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; set search.backend=faiss"
+            )
         dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype", cpu_auto_bf16=False)
         if dtype not in _DTYPES:
             raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
@@ -151,10 +152,13 @@ def _index_record(meta: dict, part: IndexPart, settings: SearchSettings) -> dict
     return {
         "format_version": INDEX_VERSION,
         "factory": settings.index,
-        "size": meta["size"], "layers": meta["layers"], "dim": meta["dim"],
+        "size": meta["size"],
+        "layers": meta["layers"],
+        "dim": meta["dim"],
         **{k: meta.get(k) for k in PASSAGE_FIELDS},
         "shards": [part.first_shard, part.end_shard],
-        "train_rows": settings.train_rows, "seed": settings.seed,
+        "train_rows": settings.train_rows,
+        "seed": settings.seed,
     }
 
 
@@ -211,8 +215,13 @@ def load_or_build_index(store: EmbeddingStore, part: IndexPart, settings: Search
 # ---------------------------------------------------------------- search
 
 
-def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSettings,
-                 index_dir: str | Path | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def search_store(
+    store: EmbeddingStore,
+    queries: np.ndarray,
+    settings: SearchSettings,
+    index_dir: str | Path | None = None,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-`depth` `(scores, rows)` of each query over a finished store; rows index `store.ids()`.
 
     Exact search goes shard by shard; other indexes part by part (built and saved under
@@ -222,11 +231,25 @@ def search_store(store: EmbeddingStore, queries: np.ndarray, settings: SearchSet
     if queries.ndim != 2 or queries.shape[1] != meta["dim"]:
         raise StarbucksError(f"queries have shape {queries.shape}, the passages in {store.dir} have {meta['dim']} dims")
     if settings.exact:
-        searcher = ExactSearcher(settings.backend, settings.device, settings.faiss_gpu, settings.torch_dtype,
-                                 settings.batch_size, settings.topk_block)
+        searcher = ExactSearcher(
+            settings.backend,
+            settings.device,
+            settings.faiss_gpu,
+            settings.torch_dtype,
+            settings.batch_size,
+            settings.topk_block,
+        )
         ranking = ExactRanking(queries, min(settings.depth, meta["count"]), searcher)
-        ranking.add_store(store, tqdm(store.iter_shards(), total=meta["shards"], unit="shard",
-                                      desc=f"search {meta['size']}", disable=not progress))
+        ranking.add_store(
+            store,
+            tqdm(
+                store.iter_shards(),
+                total=meta["shards"],
+                unit="shard",
+                desc=f"search {meta['size']}",
+                disable=not progress,
+            ),
+        )
         return ranking.scores, ranking.rows
     if index_dir is None:
         raise ValueError("a non-flat index needs an index_dir to be saved in")
@@ -281,8 +304,15 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
                     id_sets = {meta["ids_sha256"]: set(store.ids())}
                 coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_sets[meta["ids_sha256"]])
             out = run_path(paths.runs, split, meta["size"])
-            record = run_record(store, meta, qmeta, index=settings.index, params=settings.params,
-                                depth=settings.depth, qrels_coverage=coverages[meta["ids_sha256"], split])
+            record = run_record(
+                store,
+                meta,
+                qmeta,
+                index=settings.index,
+                params=settings.params,
+                depth=settings.depth,
+                qrels_coverage=coverages[meta["ids_sha256"], split],
+            )
             saved = saved_run(out, record)
             if saved is not None:
                 problem = check_run_file(out, saved)
@@ -304,7 +334,9 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
             rankings = ranked(qids, scores[start:end], rows[start:end], passage_ids)
             written.append(write_ranked_run(out, rankings, f"{tag}-{meta['size']}", record))
             start = end
-        print(f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
-              f"passages, depth {min(settings.depth, meta['count'])}, {settings.describe()}: {seconds:.2f}s",
-              file=sys.stderr)
+        print(
+            f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
+            f"passages, depth {min(settings.depth, meta['count'])}, {settings.describe()}: {seconds:.2f}s",
+            file=sys.stderr,
+        )
     return written

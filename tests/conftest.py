@@ -98,18 +98,23 @@ def mini_slice(col: Path, queries: int = 20, passages: int = 300):
     qids = sorted(dev.qrels)[:queries]
     wanted = {next(iter(dev.qrels[q])) for q in qids}
     corpus = [(d, t) for d, t in iter_corpus(str(mini)) if d in wanted]
-    corpus += list(itertools.islice(((d, t) for d, t in iter_corpus(str(mini)) if d not in wanted),
-                                    passages - len(corpus)))
+    corpus += list(
+        itertools.islice(((d, t) for d, t in iter_corpus(str(mini)) if d not in wanted), passages - len(corpus))
+    )
     (col / "qrels").mkdir(parents=True)
     with gzip.open(col / "corpus.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
     (col / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": dev.queries[q]}) + "\n" for q in qids))
     (col / "qrels" / "dev.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{next(iter(dev.qrels[q]))}\t1\n" for q in qids))
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{next(iter(dev.qrels[q]))}\t1\n" for q in qids)
+    )
     ids = {d for d, _ in corpus}
     groups = [json.loads(line) for line in gzip.open(mini / "train.jsonl.gz", "rt")]
-    groups = [dict(g, negative_document_ids=[n for n in g["negative_document_ids"] if n in ids])
-              for g in groups if g["positive_document_ids"][0] in ids]
+    groups = [
+        dict(g, negative_document_ids=[n for n in g["negative_document_ids"] if n in ids])
+        for g in groups
+        if g["positive_document_ids"][0] in ids
+    ]
     with open(col / "train.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for g in groups if g["negative_document_ids"])
     return col, qids, dev
@@ -133,7 +138,7 @@ def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int,
     from retrieval.data import iter_corpus, load_split
 
     judged = load_split(split, str(source))
-    qids = sorted(judged.qrels)[skip:skip + queries]
+    qids = sorted(judged.qrels)[skip : skip + queries]
     wanted = {d for q in qids for d in judged.qrels[q]}
     corpus = [(d, t) for d, t in iter_corpus(str(source)) if d in wanted]
     for d, t in iter_corpus(str(source)):
@@ -145,8 +150,9 @@ def beir_slice(source: Path, out: Path, split: str, queries: int, passages: int,
     with gzip.open(out / "corpus.jsonl.gz", "wt") as f:
         f.writelines(json.dumps({"_id": d, "text": t}) + "\n" for d, t in sorted(corpus))
     (out / "queries.jsonl").write_text("".join(json.dumps({"_id": q, "text": judged.queries[q]}) + "\n" for q in qids))
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items()))
+    (out / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"{q}\t{d}\t{r}\n" for q in qids for d, r in judged.qrels[q].items())
+    )
     return out
 
 
@@ -158,7 +164,11 @@ def run_two_gloo_ranks(script, *args: str):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]), "OMP_NUM_THREADS": "1"}
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert launched.returncode == 0, launched.stdout[-3000:] + launched.stderr[-3000:]
     return launched
@@ -186,5 +196,5 @@ def ragged_ids(n: int, length: int, generator, low: int = 5, high: int = 1000) -
     ids = torch.randint(low, high, (n, length), generator=generator)
     mask = torch.ones_like(ids)
     for i in range(n):
-        mask[i, torch.randint(3, length + 1, (1,), generator=generator).item():] = 0
+        mask[i, torch.randint(3, length + 1, (1,), generator=generator).item() :] = 0
     return {"input_ids": ids * mask, "attention_mask": mask}

@@ -74,30 +74,49 @@ def test_the_rules_see_imports_of_every_form(tmp_path, monkeypatch):
     """The parser itself: plain, from, nested and relative imports are all found."""
     pkg = tmp_path / "pkg"
     pkg.mkdir()
-    (pkg / "mod.py").write_text("import os.path\nfrom train import finetune\n"
-                                "def f():\n    from eval.pipeline import evaluate_experiment\n"
-                                "from . import sibling\nfrom .sub import thing\n")
+    (pkg / "mod.py").write_text(
+        "import os.path\nfrom train import finetune\n"
+        "def f():\n    from eval.pipeline import evaluate_experiment\n"
+        "from . import sibling\nfrom .sub import thing\n"
+    )
     monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
-    assert imports(pkg / "mod.py") == [("os.path", None, 1), ("train", "finetune", 2), ("pkg", "sibling", 5),
-                                       ("pkg.sub", "thing", 6), ("eval.pipeline", "evaluate_experiment", 4)]
+    assert imports(pkg / "mod.py") == [
+        ("os.path", None, 1),
+        ("train", "finetune", 2),
+        ("pkg", "sibling", 5),
+        ("pkg.sub", "thing", 6),
+        ("eval.pipeline", "evaluate_experiment", 4),
+    ]
 
 
 def test_the_library_imports_no_stage():
-    bad = [f"{where(p, line)} imports {mod}" for p in modules(LIBRARY) for mod, _, line in imports(p)
-           if top(mod) in OUTSIDE_THE_LIBRARY]
+    bad = [
+        f"{where(p, line)} imports {mod}"
+        for p in modules(LIBRARY)
+        for mod, _, line in imports(p)
+        if top(mod) in OUTSIDE_THE_LIBRARY
+    ]
     assert not bad, bad
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_no_stage_imports_another(stage):
-    bad = [f"{where(p, line)} imports {mod}" for p in modules(stage) for mod, _, line in imports(p)
-           if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != stage]
+    bad = [
+        f"{where(p, line)} imports {mod}"
+        for p in modules(stage)
+        for mod, _, line in imports(p)
+        if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != stage
+    ]
     assert not bad, bad
 
 
 def test_collection_builders_import_the_library_only():
-    bad = [f"{where(p, line)} imports {mod}" for p in modules("corpora") for mod, _, line in imports(p)
-           if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != "corpora"]
+    bad = [
+        f"{where(p, line)} imports {mod}"
+        for p in modules("corpora")
+        for mod, _, line in imports(p)
+        if top(mod) in OUTSIDE_THE_LIBRARY and top(mod) != "corpora"
+    ]
     assert not bad, bad
 
 
@@ -115,15 +134,20 @@ def test_orchestrators_call_only_public_stage_functions(orchestrator):
 
 def test_the_report_imports_no_stage():
     """The report reads what eval wrote; it neither evaluates nor drives the stages."""
-    bad = [f"{where(REPO / 'experiment' / 'report.py', line)} imports {mod}"
-           for mod, _, line in imports(REPO / "experiment" / "report.py") if top(mod) in (*STAGES, "experiment")]
+    bad = [
+        f"{where(REPO / 'experiment' / 'report.py', line)} imports {mod}"
+        for mod, _, line in imports(REPO / "experiment" / "report.py")
+        if top(mod) in (*STAGES, "experiment")
+    ]
     assert not bad, bad
 
 
 def test_experiment_modules_import_no_cycle():
     """pipeline -> report, never back (the report is files in, report out)."""
-    graph = {p.stem: {mod.split(".")[1] for mod, _, _ in imports(p) if top(mod) == "experiment" and "." in mod}
-             for p in modules("experiment")}
+    graph = {
+        p.stem: {mod.split(".")[1] for mod, _, _ in imports(p) if top(mod) == "experiment" and "." in mod}
+        for p in modules("experiment")
+    }
     assert "pipeline" in graph["__main__"] and "report" in graph["pipeline"]
 
     def reaches(a: str, b: str, seen: frozenset = frozenset()) -> bool:
@@ -138,8 +162,11 @@ PACKAGES = (LIBRARY, *STAGES, "experiment", "corpora", "starbucks_cli")
 def module_graph() -> dict[str, set[str]]:
     """Project module -> the project modules it imports (function-local imports included; `from a
     import b` names the module `a.b` when that is a module, else `a`)."""
-    files = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-             for package in PACKAGES for p in modules(package)}
+    files = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in PACKAGES
+        for p in modules(package)
+    }
 
     def owner(name: str) -> str | None:
         while name and name not in files:
@@ -184,8 +211,11 @@ def test_every_console_command_names_an_existing_module():
     from starbucks_cli import COMMANDS
 
     assert {"train", "encode", "search", "eval", "experiment"} <= set(COMMANDS)
-    (table,) = [n.value for n in ast.parse((REPO / "starbucks_cli" / "__init__.py").read_text()).body
-                if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "COMMANDS"]
+    (table,) = [
+        n.value
+        for n in ast.parse((REPO / "starbucks_cli" / "__init__.py").read_text()).body
+        if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "COMMANDS"
+    ]
     assert len(table.keys) == len(COMMANDS), "a command is listed twice in COMMANDS"
     for name, (module, summary) in COMMANDS.items():
         path = REPO / (module.replace(".", "/") + ".py")

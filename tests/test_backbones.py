@@ -19,8 +19,15 @@ from retrieval.sizes import Size, SizeList
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 VOCAB = 30522  # MiniLM's (BERT's) tokenizer; pad 0, CLS 101, SEP 102
 SIZES = SizeList([Size("a", 1, 8), Size("b", 2, 16), Size("c", 3, 24), Size("d", 4, 32)])
-SHAPE = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64,
-             max_position_embeddings=128, pad_token_id=0)
+SHAPE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    pad_token_id=0,
+)
 ARCHS = ["bert", "roberta", "xlm-roberta", "distilbert", "electra", "mpnet", "modernbert"]
 MLM_HEAD_SUPPORTED = {"bert", "roberta", "xlm-roberta", "mpnet"}
 TEXTS = ["a daemon for zeroconf networking", "library", "the fast multithreaded preprocessor of a gtk runtime"]
@@ -36,15 +43,34 @@ def config(arch: str, layers: int = 4):
 
     shape = {**SHAPE, "num_hidden_layers": layers}
     if arch == "distilbert":  # its own names for the same shape
-        return T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=layers, n_heads=4, hidden_dim=64,
-                                  max_position_embeddings=128, pad_token_id=0)
+        return T.DistilBertConfig(
+            vocab_size=VOCAB,
+            dim=32,
+            n_layers=layers,
+            n_heads=4,
+            hidden_dim=64,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
     if arch == "electra":  # embeddings narrower than the layers (ELECTRA's projection)
         return T.ElectraConfig(**shape, embedding_size=16)
     if arch == "modernbert":  # alternating global / sliding-window layers, rotary positions, a final norm
-        return T.ModernBertConfig(**shape, global_attn_every_n_layers=2, local_attention=4, bos_token_id=101,
-                                  eos_token_id=102, cls_token_id=101, sep_token_id=102)
-    classes = {"bert": T.BertConfig, "roberta": T.RobertaConfig, "xlm-roberta": T.XLMRobertaConfig,
-               "mpnet": T.MPNetConfig, "xlm-roberta-xl": T.XLMRobertaXLConfig}
+        return T.ModernBertConfig(
+            **shape,
+            global_attn_every_n_layers=2,
+            local_attention=4,
+            bos_token_id=101,
+            eos_token_id=102,
+            cls_token_id=101,
+            sep_token_id=102,
+        )
+    classes = {
+        "bert": T.BertConfig,
+        "roberta": T.RobertaConfig,
+        "xlm-roberta": T.XLMRobertaConfig,
+        "mpnet": T.MPNetConfig,
+        "xlm-roberta-xl": T.XLMRobertaXLConfig,
+    }
     return classes[arch](**shape)
 
 
@@ -85,8 +111,9 @@ def reference(arch, directory, batch, size, pooling):
     `num_hidden_layers = n` (its own config, the full model's weights), by hand."""
     from transformers import AutoModel
 
-    model, info = AutoModel.from_pretrained(directory, config=config(arch, size.layers), attn_implementation="eager",
-                                            output_loading_info=True)
+    model, info = AutoModel.from_pretrained(
+        directory, config=config(arch, size.layers), attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"]  # the first n layers' weights, and everything else
     with torch.no_grad():
         return by_hand(model.eval()(**batch).last_hidden_state, batch, size, pooling)
@@ -187,10 +214,17 @@ def test_a_modernbert_size_exports_and_reloads(tmp_path, tokenizer):
     from train.export import export_size
 
     torch.manual_seed(0)
-    sizes = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 3, "dim": 16},
-             {"name": "full", "layers": 4, "dim": 32}]
-    save_encoder(StarbucksEncoder(AutoModel.from_config(config("modernbert")), "mean", True), 
-        tmp_path / "model", tokenizer, {"sizes": sizes, "query_max_length": 8, "passage_max_length": 32})
+    sizes = [
+        {"name": "small", "layers": 1, "dim": 8},
+        {"name": "mid", "layers": 3, "dim": 16},
+        {"name": "full", "layers": 4, "dim": 32},
+    ]
+    save_encoder(
+        StarbucksEncoder(AutoModel.from_config(config("modernbert")), "mean", True),
+        tmp_path / "model",
+        tokenizer,
+        {"sizes": sizes, "query_max_length": 8, "passage_max_length": 32},
+    )
     model = StarbucksModel.from_pretrained(tmp_path / "model", "cpu")
     for name in ("small", "mid"):
         folder = export_size(model, name, tmp_path / name)
@@ -205,7 +239,6 @@ def test_a_modernbert_size_exports_and_reloads(tmp_path, tokenizer):
         assert_near(torch.from_numpy(got), torch.from_numpy(model.encode(TEXTS, name)))
 
 
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_one_training_step_then_the_trained_model_encodes(arch, tmp_path, tokenizer):
     from train.finetune import run_training
@@ -214,16 +247,38 @@ def test_one_training_step_then_the_trained_model_encodes(arch, tmp_path, tokeni
     batch = tokenize(tokenizer, TEXTS, max_length=32)
     corpus = tmp_path / "col"
     corpus.mkdir()
-    (corpus / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n"
-                                                 for i, t in enumerate(TEXTS * 2)))
-    (corpus / "train.jsonl").write_text("".join(
-        json.dumps({"query_id": f"q{i}", "query": TEXTS[i].split()[0], "positive_document_ids": [f"d{i}"],
-                    "negative_document_ids": [f"d{(i + 1) % 3}"]}) + "\n" for i in range(3)))
-    cfg = {"name": arch, "output_dir": str(tmp_path / "run"), "sizes": SIZES.to_config(),
-           "model": {"name_or_path": str(base), "pooling": "mean", "query_max_length": 16, "passage_max_length": 32},
-           "data": {"corpus": str(corpus), "train": str(corpus / "train.jsonl")},
-           "train": {"batch_size": 3, "group_size": 2, "learning_rate": 1e-2, "max_steps": 1, "save_steps": 100,
-                     "logging_steps": 1}}
+    (corpus / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(TEXTS * 2))
+    )
+    (corpus / "train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "query_id": f"q{i}",
+                    "query": TEXTS[i].split()[0],
+                    "positive_document_ids": [f"d{i}"],
+                    "negative_document_ids": [f"d{(i + 1) % 3}"],
+                }
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
+    cfg = {
+        "name": arch,
+        "output_dir": str(tmp_path / "run"),
+        "sizes": SIZES.to_config(),
+        "model": {"name_or_path": str(base), "pooling": "mean", "query_max_length": 16, "passage_max_length": 32},
+        "data": {"corpus": str(corpus), "train": str(corpus / "train.jsonl")},
+        "train": {
+            "batch_size": 3,
+            "group_size": 2,
+            "learning_rate": 1e-2,
+            "max_steps": 1,
+            "save_steps": 100,
+            "logging_steps": 1,
+        },
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     result = run_training(load_config(tmp_path / "cfg.yaml"))
     assert result.steps == 1
@@ -261,8 +316,15 @@ def test_smae_where_the_masked_lm_head_is_supported(arch):
     masked = ids.clone()
     masked[0, 3] = masked[1, 2] = 103
     model = SMAE(mlm, sizes)
-    out = model({"input_ids": masked, "attention_mask": attention, "labels": labels,
-                 "decoder_input_ids": masked, "decoder_labels": labels})
+    out = model(
+        {
+            "input_ids": masked,
+            "attention_mask": attention,
+            "labels": labels,
+            "decoder_input_ids": masked,
+            "decoder_labels": labels,
+        }
+    )
     assert torch.isfinite(out.loss)
     out.loss.backward()
     assert all(p.grad is not None for p in model.encoder.layers.parameters())

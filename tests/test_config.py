@@ -33,7 +33,9 @@ def test_overrides_and_derived_paths(repo_root):
 
 
 def test_unknown_key_names_the_nearest(repo_root):
-    with pytest.raises(StarbucksError, match="unknown config key 'train.lerning_rate'.*did you mean 'train.learning_rate'"):
+    with pytest.raises(
+        StarbucksError, match="unknown config key 'train.lerning_rate'.*did you mean 'train.learning_rate'"
+    ):
         load_config(repo_root / "configs/default.yaml", ["train.lerning_rate=1"])
     with pytest.raises(StarbucksError, match="did you mean 'model'"):
         load_config(repo_root / "configs/default.yaml", ["modle.pooling=cls"])

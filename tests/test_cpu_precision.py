@@ -70,14 +70,20 @@ def test_auto_is_bf16_exactly_where_the_cpu_has_native_bf16(chip, native):
 
 
 def test_the_probe_reads_torchs_cpu_capabilities(monkeypatch):
-    for caps, native in [({"avx512_bf16": True, "amx_bf16": False}, True), ({"amx_bf16": True}, True),
-                         ({"avx512_f": True, "avx512_vnni": True, "avx512_bf16": False}, False), ({}, False)]:
+    for caps, native in [
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"amx_bf16": True}, True),
+        ({"avx512_f": True, "avx512_vnni": True, "avx512_bf16": False}, False),
+        ({}, False),
+    ]:
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
         assert settings.cpu_has_native_bf16() is native
     monkeypatch.undo()
     caps = torch.cpu.get_capabilities()
-    print(f"this CPU: avx512_bf16={caps.get('avx512_bf16')} amx_bf16={caps.get('amx_bf16')} "
-          f"-> auto = {'bf16' if settings.cpu_has_native_bf16() else 'fp32'}")
+    print(
+        f"this CPU: avx512_bf16={caps.get('avx512_bf16')} amx_bf16={caps.get('amx_bf16')} "
+        f"-> auto = {'bf16' if settings.cpu_has_native_bf16() else 'fp32'}"
+    )
 
 
 def test_the_environment_overrides_the_chip(chip, monkeypatch):
@@ -159,10 +165,13 @@ def test_bf16_encoding_keeps_vectors_and_rankings_of_fp32(mini_slice):
     sizes = sizes_of(load_config(None))
     out = {}
     for precision in ("fp32", "bf16"):
-        model = StarbucksModel.from_pretrained(MINILM, "cpu", pooling="mean", normalize=True, sizes=sizes,
-                                               passage_max_length=128, precision=precision)
-        out[precision] = (model.embed_texts(queries, list(sizes), "query", batch_size=64),
-                          model.embed_texts(passages, list(sizes), "passage", batch_size=64))
+        model = StarbucksModel.from_pretrained(
+            MINILM, "cpu", pooling="mean", normalize=True, sizes=sizes, passage_max_length=128, precision=precision
+        )
+        out[precision] = (
+            model.embed_texts(queries, list(sizes), "query", batch_size=64),
+            model.embed_texts(passages, list(sizes), "passage", batch_size=64),
+        )
     lines = []
     for size in sizes:
         errors = []
@@ -173,12 +182,16 @@ def test_bf16_encoding_keeps_vectors_and_rankings_of_fp32(mini_slice):
         errors = np.concatenate(errors)
         top = {p: np.argsort(-(q[size] @ d[size].T), axis=1, kind="stable")[:, :10] for p, (q, d) in out.items()}
         overlap = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top["fp32"], top["bf16"])]))
-        lines.append(f"{size.name:>8} {size.layers}x{size.dim}: vector error mean {errors.mean():.4f} "
-                     f"max {errors.max():.4f}, top-10 overlap {overlap:.3f}")
+        lines.append(
+            f"{size.name:>8} {size.layers}x{size.dim}: vector error mean {errors.mean():.4f} "
+            f"max {errors.max():.4f}, top-10 overlap {overlap:.3f}"
+        )
         assert errors.max() <= VECTOR_TOLERANCE, lines[-1]
         assert overlap >= TOP10_FLOOR, lines[-1]
-    print("\nbf16 vs fp32, MiniLM, debian-pkgs-mini dev (50 queries, %d passages):\n%s"
-          % (len(passages), "\n".join(lines)))
+    print(
+        "\nbf16 vs fp32, MiniLM, debian-pkgs-mini dev (50 queries, %d passages):\n%s"
+        % (len(passages), "\n".join(lines))
+    )
 
 
 def tiny_run_config(tmp_path: Path, model_dir: Path) -> Path:
@@ -191,13 +204,27 @@ def tiny_run_config(tmp_path: Path, model_dir: Path) -> Path:
     tiny_bert(layers=4, hidden=32, vocab=30522, seed=0).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(resolve_model_path(MINILM)).save_pretrained(model_dir)
     cfg = {
-        "name": "run", "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(model_dir), "pooling": "mean", "normalize": True,
-                  "query_max_length": 16, "passage_max_length": 48},
+        "name": "run",
+        "output_dir": str(tmp_path / "run"),
+        "model": {
+            "name_or_path": str(model_dir),
+            "pooling": "mean",
+            "normalize": True,
+            "query_max_length": 16,
+            "passage_max_length": 48,
+        },
         "sizes": ["1x8", "2x16", "4x32"],
         "data": {"corpus": str(MINI), "train": str(MINI / "train.jsonl.gz")},
-        "train": {"batch_size": 8, "group_size": 3, "learning_rate": 2e-3, "max_steps": 2, "save_steps": 2,
-                  "logging_steps": 1, "temperature": 0.05, "warmup_ratio": 0.0},
+        "train": {
+            "batch_size": 8,
+            "group_size": 3,
+            "learning_rate": 2e-3,
+            "max_steps": 2,
+            "save_steps": 2,
+            "logging_steps": 1,
+            "temperature": 0.05,
+            "warmup_ratio": 0.0,
+        },
     }
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -235,14 +262,21 @@ def test_bf16_training_steps_follow_fp32(tmp_path, monkeypatch):
     losses = {}
     for precision in ("fp32", "bf16"):
         seen.clear()
-        run_dir = tiny_run(config, f"train.precision={precision}", "train.max_steps=6", "train.save_steps=6",
-                           f"output_dir={tmp_path / precision}")
+        run_dir = tiny_run(
+            config,
+            f"train.precision={precision}",
+            "train.max_steps=6",
+            "train.save_steps=6",
+            f"output_dir={tmp_path / precision}",
+        )
         log = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
         losses[precision] = [r["loss"] for r in log if "loss" in r]
         assert seen == {torch.bfloat16 if precision == "bf16" else torch.float32}
     fp32, bf16 = np.array(losses["fp32"]), np.array(losses["bf16"])
-    print(f"\nSRL losses, tiny BERT: fp32 {np.round(fp32, 4).tolist()}\n                      "
-          f"bf16 {np.round(bf16, 4).tolist()}")
+    print(
+        f"\nSRL losses, tiny BERT: fp32 {np.round(fp32, 4).tolist()}\n                      "
+        f"bf16 {np.round(bf16, 4).tolist()}"
+    )
     assert len(fp32) == len(bf16) == 6
     assert not np.array_equal(fp32, bf16)
     assert np.all(np.abs(bf16 - fp32) <= LOSS_TOLERANCE * np.abs(fp32)), (fp32, bf16)

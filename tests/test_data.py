@@ -30,20 +30,31 @@ def beir(tmp_path):
     """A small BEIR collection, gzipped corpus and queries."""
     d = tmp_path / "col"
     (d / "qrels").mkdir(parents=True)
-    write_jsonl(d / "corpus.jsonl.gz", [
-        {"_id": "d1", "text": "alpha passage"},
-        {"_id": "d2", "title": "Beta", "text": "beta passage"},
-        {"_id": "d3", "text": "gamma passage"},
-    ], gz=True)
-    write_jsonl(d / "queries.jsonl.gz", [{"_id": "q1", "text": "alpha?"}, {"_id": "q2", "text": "beta?"},
-                                         {"_id": "q3", "text": "gamma?"}], gz=True)
+    write_jsonl(
+        d / "corpus.jsonl.gz",
+        [
+            {"_id": "d1", "text": "alpha passage"},
+            {"_id": "d2", "title": "Beta", "text": "beta passage"},
+            {"_id": "d3", "text": "gamma passage"},
+        ],
+        gz=True,
+    )
+    write_jsonl(
+        d / "queries.jsonl.gz",
+        [{"_id": "q1", "text": "alpha?"}, {"_id": "q2", "text": "beta?"}, {"_id": "q3", "text": "gamma?"}],
+        gz=True,
+    )
     (d / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\td2\t1\n")
     (d / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq3\td3\t2\n")
     return d
 
 
 def test_beir_gz_corpus_and_splits(beir):
-    assert list(iter_corpus(str(beir))) == [("d1", "alpha passage"), ("d2", "Beta beta passage"), ("d3", "gamma passage")]
+    assert list(iter_corpus(str(beir))) == [
+        ("d1", "alpha passage"),
+        ("d2", "Beta beta passage"),
+        ("d3", "gamma passage"),
+    ]
     splits = load_eval_splits({"dev": str(beir), "test": str(beir)})
     assert splits["dev"].queries == {"q1": "alpha?", "q2": "beta?"}  # only the split's judged queries
     assert splits["dev"].qrels == {"q1": {"d1": 1}, "q2": {"d2": 1}}
@@ -56,8 +67,10 @@ def test_beir_gz_corpus_and_splits(beir):
 
 def test_real_msmarco_dev_topics_and_qrels(msmarco_qrels_dir):
     d = msmarco_qrels_dir
-    split = load_split("dev", {"queries": d / "topics.msmarco-passage.dev-subset.txt",
-                               "qrels": d / "qrels.msmarco-passage.dev-subset.txt"})
+    split = load_split(
+        "dev",
+        {"queries": d / "topics.msmarco-passage.dev-subset.txt", "qrels": d / "qrels.msmarco-passage.dev-subset.txt"},
+    )
     assert len(split.queries) == 6980
     assert sum(len(v) for v in split.qrels.values()) == 7437
     assert set(r for v in split.qrels.values() for r in v.values()) == {1}
@@ -96,13 +109,25 @@ def test_bad_input_is_one_clear_line(tmp_path, beir):
 
 def test_train_groups_ids_only_and_inline(tmp_path, beir):
     ids = tmp_path / "train.jsonl"
-    write_jsonl(ids, [{"query_id": "q1", "query": "alpha?", "positive_document_ids": ["d1"],
-                       "negative_document_ids": ["d2", "d3"]}])
+    write_jsonl(
+        ids,
+        [{"query_id": "q1", "query": "alpha?", "positive_document_ids": ["d1"], "negative_document_ids": ["d2", "d3"]}],
+    )
     [g] = load_train_groups(str(ids), str(beir))
     assert g == TrainGroup("q1", "alpha?", ["alpha passage"], ["Beta beta passage", "gamma passage"], ("d1",))
     inline = tmp_path / "inline.jsonl.gz"
-    write_jsonl(inline, [{"query_id": "7", "query": "q", "positive_passages": [{"docid": "1", "title": "T", "text": "p"}],
-                          "negative_passages": [{"docid": "2", "title": "", "text": "n"}]}], gz=True)
+    write_jsonl(
+        inline,
+        [
+            {
+                "query_id": "7",
+                "query": "q",
+                "positive_passages": [{"docid": "1", "title": "T", "text": "p"}],
+                "negative_passages": [{"docid": "2", "title": "", "text": "n"}],
+            }
+        ],
+        gz=True,
+    )
     assert load_train_groups(str(inline)) == [TrainGroup("7", "q", ["T p"], ["n"], ("1",))]
     write_jsonl(ids, [{"query_id": "q1", "query": "a", "positive_document_ids": ["zz"]}])
     with pytest.raises(StarbucksError, match="train.jsonl line 1: document id 'zz' is not in the corpus"):
@@ -132,8 +157,9 @@ def test_shipped_collections_load_with_the_counts_of_their_readme(repo_root, nam
     assert not set(splits["dev"].queries) & set(splits["test"].queries)
     groups = load_train_groups(str(root / "train.jsonl.gz"), str(root))
     assert len(groups) == stats["train_groups"] == stats["queries"]["train"]
-    assert {len(g.negatives) for g in groups} <= set(range(stats["negatives_per_group"]["min"],
-                                                           stats["negatives_per_group"]["max"] + 1))
+    assert {len(g.negatives) for g in groups} <= set(
+        range(stats["negatives_per_group"]["min"], stats["negatives_per_group"]["max"] + 1)
+    )
     g = groups[0]
     assert g.positives == [corpus[next(iter(splits["train"].qrels[g.query_id]))]]
     assert g.query == splits["train"].queries[g.query_id] and g.positives[0] not in g.negatives

@@ -44,7 +44,7 @@ def combined_batch():
 
 def half(batch: dict, rank: int, world: int) -> dict:
     n = len(batch["input_ids"]) // world
-    return {k: v[rank * n:(rank + 1) * n] for k, v in batch.items()}
+    return {k: v[rank * n : (rank + 1) * n] for k, v in batch.items()}
 
 
 def srl_loss(gather=None) -> StarbucksLoss:
@@ -74,14 +74,30 @@ def worker(work: Path) -> None:
         grads = {n: t.grad.clone() for n, t in encoder.named_parameters()}
         torch.save({"loss": out.terms["loss"].item(), "grads": grads}, work / "ddp.pt")
     for name, batch_size, accum in RUNS:
-        run_training(load_config(work / "run.yaml", [f"train.batch_size={batch_size // world}",
-                                                     f"train.grad_accum={accum}", f"output_dir={work / 'ddp' / name}"]))
+        run_training(
+            load_config(
+                work / "run.yaml",
+                [
+                    f"train.batch_size={batch_size // world}",
+                    f"train.grad_accum={accum}",
+                    f"output_dir={work / 'ddp' / name}",
+                ],
+            )
+        )
 
 
 def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection):  # noqa: F811 (the fixture)
     model_dir = make_model_dir(tmp_path / "model")
-    config = write_config(tmp_path, model_dir, collection, max_steps=2, group_size=GROUP, save_steps=1,
-                          learning_rate=1e-4, weight_decay=0.01)  # Adam magnifies float noise in ~0 gradients by lr
+    config = write_config(
+        tmp_path,
+        model_dir,
+        collection,
+        max_steps=2,
+        group_size=GROUP,
+        save_steps=1,
+        learning_rate=1e-4,
+        weight_decay=0.01,
+    )  # Adam magnifies float noise in ~0 gradients by lr
     (tmp_path / "run.yaml").write_text(config.read_text())
     run_two_gloo_ranks(__file__, str(tmp_path))
 
@@ -100,8 +116,16 @@ def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection)
     from train.finetune import run_training
 
     for name, batch_size, accum in RUNS:
-        run_training(load_config(config, [f"train.batch_size={batch_size}", f"train.grad_accum={accum}",
-                                          f"output_dir={tmp_path / 'single' / name}"]))
+        run_training(
+            load_config(
+                config,
+                [
+                    f"train.batch_size={batch_size}",
+                    f"train.grad_accum={accum}",
+                    f"output_dir={tmp_path / 'single' / name}",
+                ],
+            )
+        )
         a = load_file(tmp_path / "single" / name / "model" / "model.safetensors")
         b = load_file(tmp_path / "ddp" / name / "model" / "model.safetensors")
         assert_all_near(b, a, rel=1e-5)
@@ -110,7 +134,9 @@ def test_ddp_loss_gradients_and_training_equal_one_process(tmp_path, collection)
     assert read_meta(run / "model")["step"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2"]
     assert sorted(p.name for p in (run / "checkpoints" / "checkpoint-2" / "state").glob("random_states_*")) == [
-        "random_states_0.pkl", "random_states_1.pkl"]
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
 
 
 if __name__ == "__main__":

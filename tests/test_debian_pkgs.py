@@ -18,18 +18,60 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SAMPLE = TESTS / "data" / "Translation-en-sample"
 SAMPLE_ARGS = [
-    "--source", str(SAMPLE), "--out", "full", "--mini-out", "mini",
-    "--dev-size", "4", "--test-size", "4", "--negatives", "5",
-    "--mini-queries", "2", "--mini-neighbours", "3", "--mini-groups", "4",
-    "--mini-min-negatives", "2", "--mini-size", "14", "--date", "2024-01-01", "--no-progress",
+    "--source",
+    str(SAMPLE),
+    "--out",
+    "full",
+    "--mini-out",
+    "mini",
+    "--dev-size",
+    "4",
+    "--test-size",
+    "4",
+    "--negatives",
+    "5",
+    "--mini-queries",
+    "2",
+    "--mini-neighbours",
+    "3",
+    "--mini-groups",
+    "4",
+    "--mini-min-negatives",
+    "2",
+    "--mini-size",
+    "14",
+    "--date",
+    "2024-01-01",
+    "--no-progress",
 ]
 
 # Written by hand from the sample file, not computed by the builder.
 EXPECTED_KEPT = [
-    "abook", "bandwidthd-lite", "beep-edge", "chess-clock", "dnsprobe", "eventlog-viewer",
-    "fontforge-scripts", "gitwatch-notify", "hashsum-gui", "jsonlint-py", "kanban-cli", "libzork1",
-    "mpx-qt", "ocrmypages", "pdfsplit", "quill-plugins", "qux-data", "rsync-backup",
-    "sqlite-browser", "termplot", "unitconv", "vpn-status", "wavtrim", "xkcd-fetch", "yamlfmt",
+    "abook",
+    "bandwidthd-lite",
+    "beep-edge",
+    "chess-clock",
+    "dnsprobe",
+    "eventlog-viewer",
+    "fontforge-scripts",
+    "gitwatch-notify",
+    "hashsum-gui",
+    "jsonlint-py",
+    "kanban-cli",
+    "libzork1",
+    "mpx-qt",
+    "ocrmypages",
+    "pdfsplit",
+    "quill-plugins",
+    "qux-data",
+    "rsync-backup",
+    "sqlite-browser",
+    "termplot",
+    "unitconv",
+    "vpn-status",
+    "wavtrim",
+    "xkcd-fetch",
+    "yamlfmt",
     "zipcheck",
 ]
 EXPECTED_DROPPED = {
@@ -96,8 +138,14 @@ def test_rebuild_is_byte_identical(sample_build, tmp_path):
     again = _build_sample(tmp_path / "build-b")
     first, second = _files(sample_build), _files(again)
     assert set(first) >= {
-        "full/corpus.jsonl.gz", "full/queries.jsonl.gz", "full/train.jsonl.gz", "full/qrels/dev.tsv",
-        "full/README.md", "full/stats.json", "mini/corpus.jsonl.gz", "mini/README.md",
+        "full/corpus.jsonl.gz",
+        "full/queries.jsonl.gz",
+        "full/train.jsonl.gz",
+        "full/qrels/dev.tsv",
+        "full/README.md",
+        "full/stats.json",
+        "mini/corpus.jsonl.gz",
+        "mini/README.md",
     }
     assert first.keys() == second.keys()
     for name in first:

@@ -30,8 +30,12 @@ def save_model(directory, seed=0, meta=True):
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     model = tiny_bert(layers=4, hidden=32, vocab=tokenizer.vocab_size, seed=seed)
     if meta:
-        save_encoder(StarbucksEncoder(model, pooling="cls", normalize=False), 
-            directory, tokenizer, {"sizes": SIZES, "query_max_length": 12, "passage_max_length": 24})
+        save_encoder(
+            StarbucksEncoder(model, pooling="cls", normalize=False),
+            directory,
+            tokenizer,
+            {"sizes": SIZES, "query_max_length": 12, "passage_max_length": 24},
+        )
     else:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
@@ -42,12 +46,15 @@ def write_collection(root, seed=0):
     rng = random.Random(seed)
     (root / "qrels").mkdir(parents=True)
     texts = [" ".join(rng.choices(WORDS, k=rng.randint(2, 40))) for _ in range(PASSAGES)]
-    (root / "corpus.jsonl").write_text("".join(
-        json.dumps({"_id": f"p{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts)))
-    (root / "queries.jsonl").write_text("".join(
-        json.dumps({"_id": f"q{i}", "text": " ".join(rng.choices(WORDS, k=3))}) + "\n" for i in range(7)))
+    (root / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"p{i}", "title": "", "text": t}) + "\n" for i, t in enumerate(texts))
+    )
+    (root / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": " ".join(rng.choices(WORDS, k=3))}) + "\n" for i in range(7))
+    )
     (root / "qrels" / "dev.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tp{i}\t1\n" for i in range(7)))
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\tp{i}\t1\n" for i in range(7))
+    )
     return root
 
 
@@ -67,10 +74,17 @@ def full(workspace):
 
 
 def make_config(workspace, out, *overrides, model=None):
-    cfg = load_config(None, [
-        f"output_dir={out}", f"encode.model={model or workspace['model']}", f"data.corpus={workspace['collection']}",
-        "encode.shard_rows=16", "encode.batch_size=5", *overrides,
-    ])
+    cfg = load_config(
+        None,
+        [
+            f"output_dir={out}",
+            f"encode.model={model or workspace['model']}",
+            f"data.corpus={workspace['collection']}",
+            "encode.shard_rows=16",
+            "encode.batch_size=5",
+            *overrides,
+        ],
+    )
     cfg.data.eval_splits = {"dev": str(workspace["collection"])}
     return cfg
 
@@ -81,8 +95,11 @@ def stored(out, size_name):
 
 
 def shard_bytes(out):
-    return {p.relative_to(out).as_posix(): p.read_bytes()
-            for p in sorted((out / "embeddings").rglob("*")) if p.suffix in (".npy", ".txt")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted((out / "embeddings").rglob("*"))
+        if p.suffix in (".npy", ".txt")
+    }
 
 
 def test_shards_equal_the_encoders_embeddings_of_the_same_texts(workspace, full):
@@ -91,8 +108,9 @@ def test_shards_equal_the_encoders_embeddings_of_the_same_texts(workspace, full)
     rows = [json.loads(line) for line in (workspace["collection"] / "corpus.jsonl").read_text().splitlines()]
     queries = [json.loads(line) for line in (workspace["collection"] / "queries.jsonl").read_text().splitlines()]
     with torch.no_grad():
-        want = enc.embed(tokenize(tok, [r["text"] for r in rows], 24), [Size("a", 1, 8), Size("b", 2, 16),
-                                                                         Size("", 4, 32)])
+        want = enc.embed(
+            tokenize(tok, [r["text"] for r in rows], 24), [Size("a", 1, 8), Size("b", 2, 16), Size("", 4, 32)]
+        )
         want_q = enc.embed(tokenize(tok, [q["text"] for q in queries], 12), [Size("b", 2, 16)])
     for size, vectors in want.items():
         ids, got = stored(out, size.name)
@@ -110,11 +128,18 @@ def test_one_size_exits_early_and_equals_the_all_sizes_pass(workspace, full, tmp
 
     depths = []
     real, packed = StarbucksEncoder.hidden_states, retrieval.encoder.packed_hidden_states
-    monkeypatch.setattr(StarbucksEncoder, "hidden_states",
-                        lambda self, batch, layers: depths.append(max(layers)) or real(self, batch, layers))
-    monkeypatch.setattr(retrieval.encoder, "packed_hidden_states",  # packed batches (model.packing: auto on the CPU)
-                        lambda backbone, layers, batch, wanted, *a: depths.append(max(wanted)) or packed(
-                            backbone, layers, batch, wanted, *a))
+    monkeypatch.setattr(
+        StarbucksEncoder,
+        "hidden_states",
+        lambda self, batch, layers: depths.append(max(layers)) or real(self, batch, layers),
+    )
+    monkeypatch.setattr(
+        retrieval.encoder,
+        "packed_hidden_states",  # packed batches (model.packing: auto on the CPU)
+        lambda backbone, layers, batch, wanted, *a: (
+            depths.append(max(wanted)) or packed(backbone, layers, batch, wanted, *a)
+        ),
+    )
     encode_collection(make_config(workspace, tmp_path / "one", "encode.sizes=b"), progress=False)
     assert set(depths) == {2}
     assert sorted(p.name for p in (tmp_path / "one" / "embeddings").iterdir()) == ["b"]
@@ -143,9 +168,13 @@ def test_an_interrupted_encode_resumes_without_redoing_finished_shards(workspace
     monkeypatch.setattr(EmbeddingStore, "write_shard", real_write)
     encoded = []
     real_encode = StarbucksModel.embed_texts
-    monkeypatch.setattr(StarbucksModel, "embed_texts",
-                        lambda model, texts, sizes, kind, *a, **k: encoded.append((kind, len(texts)))
-                        or real_encode(model, texts, sizes, kind, *a, **k))
+    monkeypatch.setattr(
+        StarbucksModel,
+        "embed_texts",
+        lambda model, texts, sizes, kind, *a, **k: (
+            encoded.append((kind, len(texts))) or real_encode(model, texts, sizes, kind, *a, **k)
+        ),
+    )
     summary = encode_collection(make_config(workspace, out), progress=False)
     assert encoded == [("passage", PASSAGES - 32)]  # only block 2; the queries were already written
     assert summary.complete and summary.passages_encoded == PASSAGES - 32

@@ -176,15 +176,27 @@ def test_tokenize_equals_the_tokenizers_own_padding():
     texts = ["a short one", "a much longer text about debian packages and their many dependencies " * 4, "x"]
     for max_length, multiple in [(32, 8), (196, 8), (20, None)]:
         got = tokenize(tok, texts, max_length, prefix="query: ", pad_to_multiple_of=multiple)
-        want = tok(["query: " + t for t in texts], max_length=max_length, truncation=True, padding=True,
-                   pad_to_multiple_of=multiple if multiple and max_length % multiple == 0 else None,
-                   return_tensors="pt")
+        want = tok(
+            ["query: " + t for t in texts],
+            max_length=max_length,
+            truncation=True,
+            padding=True,
+            pad_to_multiple_of=multiple if multiple and max_length % multiple == 0 else None,
+            return_tensors="pt",
+        )
         assert set(got) == {"input_ids", "attention_mask"}
         torch.testing.assert_close(got["input_ids"], want["input_ids"])
         torch.testing.assert_close(got["attention_mask"], want["attention_mask"])
     tok.padding_side = "left"  # the encoder needs right padding (CLS at 0, positions from the first token)
     got = tokenize(tok, texts, 32)
-    want = tok(texts, max_length=32, truncation=True, padding=True, pad_to_multiple_of=8, return_tensors="pt",
-               padding_side="right")
+    want = tok(
+        texts,
+        max_length=32,
+        truncation=True,
+        padding=True,
+        pad_to_multiple_of=8,
+        return_tensors="pt",
+        padding_side="right",
+    )
     torch.testing.assert_close(got["input_ids"], want["input_ids"])
     torch.testing.assert_close(got["attention_mask"], want["attention_mask"])

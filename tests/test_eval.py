@@ -33,6 +33,7 @@ def synthetic_run(qrels, depth, seed, skip_every=0):
 
 def pytrec_reference(run, qrels, level):
     """RR@10, nDCG@10 and R@1000 from pytrec_eval, averaged over every judged query (missing: 0)."""
+
     def top(docs, k):
         return dict(sorted(docs.items(), key=lambda kv: -kv[1])[:k])
 
@@ -47,11 +48,14 @@ def pytrec_reference(run, qrels, level):
     return per_query, {m: float(np.mean(list(v.values()))) for m, v in per_query.items()}
 
 
-@pytest.mark.parametrize("qrels_file, level, depth, skip_every", [
-    ("qrels.dl19-passage.txt", 2, 1500, 0),
-    ("qrels.dl20-passage.txt", 2, 1200, 9),
-    ("qrels.msmarco-passage.dev-subset.txt", 1, 60, 50),
-])
+@pytest.mark.parametrize(
+    "qrels_file, level, depth, skip_every",
+    [
+        ("qrels.dl19-passage.txt", 2, 1500, 0),
+        ("qrels.dl20-passage.txt", 2, 1200, 9),
+        ("qrels.msmarco-passage.dev-subset.txt", 1, 60, 50),
+    ],
+)
 def test_metrics_equal_pytrec_eval_on_real_qrels(msmarco_qrels_dir, qrels_file, level, depth, skip_every):
     qrels = read_qrels_file(msmarco_qrels_dir / qrels_file)
     run = synthetic_run(qrels, depth, seed=len(qrels), skip_every=skip_every)

@@ -81,7 +81,9 @@ def test_search_stage_fp16_torch_backend_equals_brute_force(tmp_path, shard_rows
     """Through the search stage: fp16 shards, `search.torch_dtype=fp16`, shards merged; equal to an fp32 search."""
     x, q = integer_vectors(1200, 8, 64, queries=12, seed=3)
     store = write_store(tmp_path / "emb", x, [f"d{i}" for i in range(len(x))], shard_rows=shard_rows)
-    scores, rows = search_store(store, q, SearchSettings(depth=60, backend="torch", torch_dtype="float16", batch_size=5))
+    scores, rows = search_store(
+        store, q, SearchSettings(depth=60, backend="torch", torch_dtype="float16", batch_size=5)
+    )
     expected_scores, expected_rows = brute_force(x, q, 60)
     np.testing.assert_array_equal(rows, expected_rows)
     np.testing.assert_array_equal(scores, expected_scores)

@@ -40,20 +40,20 @@ def finished(tmp_path_factory):
     config = root / "exp.yaml"
     config.write_text(f"""
 name: tiny
-output_dir: {root / 'runs'}
-model: {{name_or_path: {root / 'backbone'}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 48}}
+output_dir: {root / "runs"}
+model: {{name_or_path: {root / "backbone"}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 48}}
 sizes: [{{name: a, layers: 1, dim: 8}}, {{name: b, layers: 2, dim: 16}}, {{name: c, layers: 4, dim: 32}}]
-data: {{corpus: {col}, train: {col / 'train.jsonl'}, eval_splits: {{dev: {col}, test: {col}}}}}
+data: {{corpus: {col}, train: {col / "train.jsonl"}, eval_splits: {{dev: {col}, test: {col}}}}}
 train: {{batch_size: 4, group_size: 2, max_steps: 2, save_steps: 2, learning_rate: 1.0e-3, temperature: 1.0}}
 encode: {{batch_size: 32}}
 search: {{depth: 20}}
 eval: {{metrics: [RR@10, nDCG@10], plot: false}}
 experiment:
-  report_dir: {root / 'report'}
+  report_dir: {root / "report"}
   run_depth: 20
   grid_run_depth: 10
-  smae: [pretrain.text={col / 'corpus.jsonl.gz'}, pretrain.max_length=32, train.max_steps=2, train.batch_size=2]
-  suite: {root / 'suite.yaml'}
+  smae: [pretrain.text={col / "corpus.jsonl.gz"}, pretrain.max_length=32, train.max_steps=2, train.batch_size=2]
+  suite: {root / "suite.yaml"}
 """)
     main(["--config", str(config)])
     qrels = {q: dev.qrels[q] for q in qids}
@@ -64,8 +64,22 @@ def test_plan_covers_every_method_with_identical_settings(finished):
     root, config, _ = finished
     cfg = load_config(config)
     runs = {r.name: r for r in plan_runs(cfg)}
-    assert list(runs) == ["zeroshot", "full", "separate-a", "separate-b", "separate-c", "2dmse", "srl", "srl-matched",
-                          "srl-nokl", "smae", "smae-srl", "srl-depth", "srl-width", "hybrid"]
+    assert list(runs) == [
+        "zeroshot",
+        "full",
+        "separate-a",
+        "separate-b",
+        "separate-c",
+        "2dmse",
+        "srl",
+        "srl-matched",
+        "srl-nokl",
+        "smae",
+        "smae-srl",
+        "srl-depth",
+        "srl-width",
+        "hybrid",
+    ]
     assert len(runs["srl"].sizes) == 4 * 3  # the whole grid: layers 1..4 x dims 8, 16, 32
     assert sorted((s.layers, s.dim) for s in runs["separate-b"].sizes) == [(2, 8), (2, 16), (2, 32)]
     assert "train.kl_weight=0" in runs["srl-nokl"].overrides
@@ -78,15 +92,30 @@ def test_report_numbers_equal_pytrec_eval_and_scipy_on_the_run_files(finished):
     root, _, qrels = finished
     summary = json.loads((root / "report" / "results" / "summary.json").read_text())
     rows = {(r["size"], r["method"]): r["splits"] for r in summary["table"]}
-    assert summary["methods"] == ["zeroshot", "full", "separate", "2dmse", "srl", "srl-matched", "srl-nokl", "smae-srl",
-                                  "srl-depth", "srl-width"]  # the hybrid has a table of its own (test_experiment_hybrid)
+    assert summary["methods"] == [
+        "zeroshot",
+        "full",
+        "separate",
+        "2dmse",
+        "srl",
+        "srl-matched",
+        "srl-nokl",
+        "smae-srl",
+        "srl-depth",
+        "srl-width",
+    ]  # the hybrid has a table of its own (test_experiment_hybrid)
     runs = root / "runs"
-    for size, method, run_dir in [("c", "srl", "srl"), ("a", "separate", "separate-a"),
-                                  ("b", "separate", "separate-b"), ("b", "2dmse", "2dmse")]:
+    for size, method, run_dir in [
+        ("c", "srl", "srl"),
+        ("a", "separate", "separate-a"),
+        ("b", "separate", "separate-b"),
+        ("b", "2dmse", "2dmse"),
+    ]:
         run = read_run(runs / run_dir / "runs" / "dev" / f"{size}.trec")
         expected = per_query(qrels, run, "recip_rank")
-        assert rows[(size, method)]["dev"]["RR@10"]["value"] == pytest.approx(np.mean(list(expected.values())),
-                                                                              abs=1e-9)
+        assert rows[(size, method)]["dev"]["RR@10"]["value"] == pytest.approx(
+            np.mean(list(expected.values())), abs=1e-9
+        )
         reference = per_query(qrels, read_run(runs / "smae-srl" / "runs" / "dev" / f"{size}.trec"), "recip_rank")
         x = np.array([reference[q] for q in qrels])
         y = np.array([expected[q] for q in qrels])
@@ -109,15 +138,17 @@ def test_grid_heatmap_cells_are_differences_of_the_runs(finished):
     assert "| a (1x8) | zero-shot |" in md and "|  | SMAE+SRL |" in md
     for png in ("grid-srl.png", "grid-srl-minus-2dmse.png", "grid-srl-minus-separate.png", "sizes-dev.png"):
         assert (root / "report" / "results" / png).stat().st_size > 1000
-    section = md[md.index("### SRL - 2DMSE"):]
+    section = md[md.index("### SRL - 2DMSE") :]
     row3 = next(line for line in section.splitlines() if line.startswith("| 3 |"))
     cell = float(row3.split("|")[3])  # layer 3, dim 16
     runs = root / "runs"
-    values = [np.mean(list(per_query(qrels, read_run(runs / m / "runs" / "dev" / "3x16.trec"), "ndcg_cut.10").values()))
-              for m in ("srl", "2dmse")]
+    values = [
+        np.mean(list(per_query(qrels, read_run(runs / m / "runs" / "dev" / "3x16.trec"), "ndcg_cut.10").values()))
+        for m in ("srl", "2dmse")
+    ]
     assert cell == pytest.approx(values[0] - values[1], abs=6e-4)
     # the separate grid row of layer 2 is the separate-b model cut to each dim
-    section = md[md.index("### SRL - separate"):]
+    section = md[md.index("### SRL - separate") :]
     row = next(line for line in section.splitlines() if line.startswith("| 2 |"))
     assert re.match(r"\| 2 \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \| [+-]\d\.\d{3} \|", row)
     assert next(line for line in section.splitlines() if line.startswith("| 3 |")).count("-") >= 3  # no model
@@ -132,8 +163,16 @@ def test_published_runs_rederive_the_numbers(finished):
         assert max(int(line.split()[3]) for line in f) == 10  # grid_run_depth
     from eval.__main__ import main as eval_main
 
-    eval_main(["--config", str(config), f"paths.runs={root / 'report' / 'results' / 'srl' / 'runs'}",
-               f"paths.eval={root / 're-eval'}", "eval.sizes=all", "eval.splits=dev"])
+    eval_main(
+        [
+            "--config",
+            str(config),
+            f"paths.runs={root / 'report' / 'results' / 'srl' / 'runs'}",
+            f"paths.eval={root / 're-eval'}",
+            "eval.sizes=all",
+            "eval.splits=dev",
+        ]
+    )
     again = json.loads((root / "re-eval" / "dev.json").read_text())
     original = json.loads((root / "runs" / "srl" / "eval" / "dev.json").read_text())
     assert {r["size"]: r["metrics"] for r in again["sizes"]} == {r["size"]: r["metrics"] for r in original["sizes"]}
@@ -161,14 +200,32 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
 
     root, _, _ = finished
     md = (root / "report" / "results.md").read_text()
-    section = md[md.index("## Out-of-domain: nDCG@10 averaged over 1 collection (docs"):].split("\n## ")[0]
+    section = md[md.index("## Out-of-domain: nDCG@10 averaged over 1 collection (docs") :].split("\n## ")[0]
     header = next(line for line in section.splitlines() if line.startswith("| size |"))
     columns = [c.strip() for c in header.strip("|").split("|")]
-    assert columns == ["size", "zero-shot", "full", "separate", "2DMSE", "SRL", "SRL (separate's FLOPs)", "SRL w/o KL",
-                       "SMAE+SRL", "SRL depth-wise", "SRL width-wise"]  # the hybrid is not in the suite
+    assert columns == [
+        "size",
+        "zero-shot",
+        "full",
+        "separate",
+        "2DMSE",
+        "SRL",
+        "SRL (separate's FLOPs)",
+        "SRL w/o KL",
+        "SMAE+SRL",
+        "SRL depth-wise",
+        "SRL width-wise",
+    ]  # the hybrid is not in the suite
     qrels = load_split("test", str(root / "docs")).qrels
-    runs = {"zero-shot": "zeroshot", "full": "full", "2DMSE": "2dmse", "SRL": "srl", "SRL w/o KL": "srl-nokl",
-            "SMAE+SRL": "smae-srl", "SRL (separate's FLOPs)": "srl-matched"}
+    runs = {
+        "zero-shot": "zeroshot",
+        "full": "full",
+        "2DMSE": "2dmse",
+        "SRL": "srl",
+        "SRL w/o KL": "srl-nokl",
+        "SMAE+SRL": "smae-srl",
+        "SRL (separate's FLOPs)": "srl-matched",
+    }
     for size in "abc":
         row = next(line for line in section.splitlines() if line.startswith(f"| {size} ("))
         cells = dict(zip(columns, (c.strip() for c in row.strip("|").split("|"))))
@@ -176,8 +233,11 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
             path = root / "runs" / "suite" / run / "docs" / "runs" / "test" / f"{size}.trec"
             expected = np.mean(list(per_query(qrels, read_run(path), "ndcg_cut.10").values()))
             assert float(cells[label]) == pytest.approx(expected, abs=5e-5), (size, label)
-    table = [dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
-             for line in section.splitlines() if line.startswith("| ") and not line.startswith("| size |")]
+    table = [
+        dict(zip(columns, (c.strip() for c in line.strip("|").split("|"))))
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| size |")
+    ]
     *per_size, average = table
     assert "![out-of-domain.png](results/out-of-domain.png)" in section
     assert (root / "report" / "results" / "out-of-domain.png").stat().st_size > 0
@@ -193,8 +253,10 @@ def test_out_of_domain_table_is_the_suite_runs_ndcg(finished):
 
 def test_bad_experiment_input_is_one_line(finished, capsys):
     _, config, _ = finished
-    for args, message in [(["experiment.methods=srl,bm25"], "unknown method 'bm25'"),
-                          (["--only", "srll"], "--only 'srll' is not a run")]:
+    for args, message in [
+        (["experiment.methods=srl,bm25"], "unknown method 'bm25'"),
+        (["--only", "srll"], "--only 'srll' is not a run"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--config", str(config), *args])
         assert exit_info.value.code == 2
@@ -215,7 +277,7 @@ def evaluated_separate_runs(tmp_path):
     config = tmp_path / "exp.yaml"
     config.write_text(f"""
 name: share
-output_dir: {tmp_path / 'runs'}
+output_dir: {tmp_path / "runs"}
 sizes: [{{name: a, layers: 1, dim: 8}}, {{name: b, layers: 1, dim: 16}}]
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
 eval: {{metrics: [RR@10]}}

@@ -15,8 +15,13 @@ from retrieval.cost import TRAIN_SUMMARY
 from retrieval.errors import StarbucksError
 
 
-def write_config(tmp_path, methods: str, seeds=None, extra: str = "",
-                 sizes: str = "[{name: a, layers: 1, dim: 8}, {name: b, layers: 2, dim: 16}]") -> str:
+def write_config(
+    tmp_path,
+    methods: str,
+    seeds=None,
+    extra: str = "",
+    sizes: str = "[{name: a, layers: 1, dim: 8}, {name: b, layers: 2, dim: 16}]",
+) -> str:
     col = tmp_path / "col"
     (col / "qrels").mkdir(parents=True, exist_ok=True)
     (col / "queries.jsonl").write_text('{"_id": "q1", "text": "x"}\n{"_id": "q2", "text": "y"}\n')
@@ -25,7 +30,7 @@ def write_config(tmp_path, methods: str, seeds=None, extra: str = "",
     config.write_text(f"""
 name: cost
 seed: 7
-output_dir: {tmp_path / 'runs'}
+output_dir: {tmp_path / "runs"}
 sizes: {sizes}
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
 eval: {{metrics: [RR@10]}}
@@ -36,16 +41,25 @@ experiment: {{methods: "{methods}", grid: false, reference: srl, seeds: {json.du
 
 def record(run_dir, flops, steps, seconds=1.0):
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / TRAIN_SUMMARY).write_text(json.dumps({"steps": steps, "seconds": seconds, "flops": flops,
-                                                     "device": "cpu", "processes": 1}))
+    (run_dir / TRAIN_SUMMARY).write_text(
+        json.dumps({"steps": steps, "seconds": seconds, "flops": flops, "device": "cpu", "processes": 1})
+    )
 
 
 def test_seeds_repeat_srl_2dmse_and_separate_only(tmp_path):
     config = write_config(tmp_path, "full,separate,2dmse,srl", seeds=[7, 11])
     runs = plan_runs(load_config(config))
     assert [(r.name, r.seed) for r in runs] == [
-        ("full", 7), ("separate-a", 7), ("separate-b", 7), ("separate-a-seed11", 11), ("separate-b-seed11", 11),
-        ("2dmse", 7), ("2dmse-seed11", 11), ("srl", 7), ("srl-seed11", 11)]
+        ("full", 7),
+        ("separate-a", 7),
+        ("separate-b", 7),
+        ("separate-a-seed11", 11),
+        ("separate-b-seed11", 11),
+        ("2dmse", 7),
+        ("2dmse-seed11", 11),
+        ("srl", 7),
+        ("srl-seed11", 11),
+    ]
     by_name = {r.name: r for r in runs}
     assert "seed=11" in by_name["srl-seed11"].overrides and not any("seed=" in o for o in by_name["srl"].overrides)
     assert run_config(config, [], by_name["srl-seed11"]).seed == 11
@@ -99,8 +113,12 @@ def test_seeds_average_per_query_and_spread_and_cost(tmp_path):
 
     config = write_config(tmp_path, "2dmse,srl", seeds=[7, 11], sizes="[{name: a, layers: 1, dim: 8}]")
     runs = plan_runs(load_config(config))
-    ranks = {"srl": {"q1": 1, "q2": 2}, "srl-seed11": {"q1": 4, "q2": 2},
-             "2dmse": {"q1": 2, "q2": 5}, "2dmse-seed11": {"q1": 1, "q2": 4}}
+    ranks = {
+        "srl": {"q1": 1, "q2": 2},
+        "srl-seed11": {"q1": 4, "q2": 2},
+        "2dmse": {"q1": 2, "q2": 5},
+        "2dmse-seed11": {"q1": 1, "q2": 4},
+    }
     fake_eval(config, runs, ranks)
     reported = reported_runs(config, [], runs)
     results = collect(reported, ["dev"], ["RR@10"])
@@ -147,8 +165,14 @@ def test_claim_verdicts_follow_the_counts():
     from experiment.report import cost_ratio, verdict
 
     def counts(ahead, sig_w, sig_l, n=6, mean=0.01, worst=-0.01):
-        return {"sizes": n, "ahead": ahead, "significantly_ahead": sig_w, "significantly_behind": sig_l,
-                "mean_difference": mean, "worst_difference": worst}
+        return {
+            "sizes": n,
+            "ahead": ahead,
+            "significantly_ahead": sig_w,
+            "significantly_behind": sig_l,
+            "mean_difference": mean,
+            "worst_difference": worst,
+        }
 
     assert verdict(counts(6, 6, 0), "ahead").startswith("holds strongly:")
     assert verdict(counts(6, 3, 0), "ahead").startswith("holds:")
@@ -162,6 +186,7 @@ def test_claim_verdicts_follow_the_counts():
     assert verdict(counts(0, 0, 2), "close").startswith("holds in part:")
     assert verdict(counts(0, 0, 3), "close").startswith("does not hold:")
     cost = {"srl-matched": {"steps": 210}, "separate": {"flops": 6.48e13}, "srl": {"flops": 1.85e13, "steps": 60}}
-    assert cost_ratio(cost) == ("210 steps: the FLOPs of the separate models together (0.0648 PFLOP) over SRL's "
-                                "0.308 TFLOP per step.")
+    assert cost_ratio(cost) == (
+        "210 steps: the FLOPs of the separate models together (0.0648 PFLOP) over SRL's 0.308 TFLOP per step."
+    )
     assert cost_ratio({"srl-matched": {"steps": 210}}) == "210 steps."

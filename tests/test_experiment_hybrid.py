@@ -27,10 +27,10 @@ def finished(tmp_path_factory):
     config = root / "exp.yaml"
     config.write_text(f"""
 name: tiny
-output_dir: {root / 'runs'}
-model: {{name_or_path: {root / 'backbone'}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 48}}
+output_dir: {root / "runs"}
+model: {{name_or_path: {root / "backbone"}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 48}}
 sizes: [{{name: a, layers: 1, dim: 8}}, {{name: b, layers: 2, dim: 16}}, {{name: c, layers: 4, dim: 32}}]
-data: {{corpus: {col}, train: {col / 'train.jsonl'}, eval_splits: {{dev: {col}}}}}
+data: {{corpus: {col}, train: {col / "train.jsonl"}, eval_splits: {{dev: {col}}}}}
 train: {{batch_size: 4, group_size: 2, max_steps: 2, save_steps: 2, learning_rate: 1.0e-3, temperature: 1.0}}
 encode: {{batch_size: 32}}
 search: {{depth: 20}}
@@ -39,7 +39,7 @@ experiment:
   methods: srl,srl-depth,srl-width,hybrid
   reference: srl
   grid: false
-  report_dir: {root / 'report'}
+  report_dir: {root / "report"}
   run_depth: 20
 """)
     main(["--config", str(config)])
@@ -54,7 +54,8 @@ def test_plan_of_the_v3_arms(finished):
     assert [h.key for h in runs["hybrid"].sizes] == ["1x24+4x8@srl-width", "2x16+4x16@srl-width"]
     assert runs["hybrid"].train is None and runs["hybrid"].overrides[2:] == (
         f"encode.model={root / 'runs' / 'srl-depth' / 'model'}",
-        f"encode.part_models.srl-width={root / 'runs' / 'srl-width' / 'model'}")
+        f"encode.part_models.srl-width={root / 'runs' / 'srl-width' / 'model'}",
+    )
     # the part models evaluate the configured sizes (by LxD: their models list their 1D sizes), their own
     # sizes, each part alone and at the hybrid's bytes; SRL the hybrid's layers and bytes
     assert [s.key for s in runs["srl-depth"].sizes] == ["1x8", "2x16", "4x32", "1x32", "2x32", "1x24"]
@@ -76,15 +77,22 @@ def test_hybrid_table_and_tests_equal_pytrec_eval_and_scipy(finished):
     hybrid = next(h for h in summary["hybrids"]["hybrids"] if h["hybrid"] == "1x24+4x8@srl-width")
     assert (hybrid["layers"], hybrid["dim"]) == (4, 32)
     cells = {c["embedding"]: c["splits"]["dev"]["RR@10"] for c in hybrid["cells"]}
-    assert list(cells) == ["hybrid 4x32", "SRL depth-wise 1x24 (part)", "SRL width-wise 4x8 (part)",
-                           "SRL depth-wise 1x32 (equal bytes)", "SRL width-wise 4x32 (equal bytes)",
-                           "SRL 4x32 (equal bytes and layers)"]
+    assert list(cells) == [
+        "hybrid 4x32",
+        "SRL depth-wise 1x24 (part)",
+        "SRL width-wise 4x8 (part)",
+        "SRL depth-wise 1x32 (equal bytes)",
+        "SRL width-wise 4x32 (equal bytes)",
+        "SRL 4x32 (equal bytes and layers)",
+    ]
     mine = values("hybrid", "1x24+4x8@srl-width")
     assert cells["hybrid 4x32"]["value"] == pytest.approx(np.mean(list(mine.values())), abs=1e-9)
-    for label, run_dir, size in [("SRL depth-wise 1x32 (equal bytes)", "srl-depth", "1x32"),
-                                 ("SRL width-wise 4x32 (equal bytes)", "srl-width", "c"),
-                                 ("SRL width-wise 4x8 (part)", "srl-width", "4x8"),
-                                 ("SRL 4x32 (equal bytes and layers)", "srl", "c")]:
+    for label, run_dir, size in [
+        ("SRL depth-wise 1x32 (equal bytes)", "srl-depth", "1x32"),
+        ("SRL width-wise 4x32 (equal bytes)", "srl-width", "c"),
+        ("SRL width-wise 4x8 (part)", "srl-width", "4x8"),
+        ("SRL 4x32 (equal bytes and layers)", "srl", "c"),
+    ]:
         theirs = values(run_dir, size)
         assert cells[label]["value"] == pytest.approx(np.mean(list(theirs.values())), abs=1e-9), label
         x, y = np.array([mine[q] for q in qrels]), np.array([theirs[q] for q in qrels])
@@ -93,11 +101,14 @@ def test_hybrid_table_and_tests_equal_pytrec_eval_and_scipy(finished):
         else:
             assert cells[label]["p"] in (0.0, 1.0)
     md = (root / "report" / "results.md").read_text()
-    section = md[md.index("## Hybrids: depth- and width-wise embeddings joined"):].split("\n## ")[0]
+    section = md[md.index("## Hybrids: depth- and width-wise embeddings joined") :].split("\n## ")[0]
     assert "| 1x24+4x8@srl-width | hybrid 4x32 |" in section
     assert "This reading of the paper's v3 abstract is the toolkit's" in section
-    for claim in ("The hybrid beats both parts at equal bytes", "the hybrid beats SRL at its layers and bytes",
-                  "Depth- and width-wise are complementary"):
+    for claim in (
+        "The hybrid beats both parts at equal bytes",
+        "the hybrid beats SRL at its layers and bytes",
+        "Depth- and width-wise are complementary",
+    ):
         assert f"**{claim}" in section or claim in section
     assert "| a (1x8) | SRL depth-wise |" in md or "| a (1x8) | SRL |" in md  # Table 4 has the 1D arms' rows
 
@@ -115,8 +126,11 @@ def test_complementarity_is_the_parts_per_query_wins(finished):
         a = per_query(qrels, read_run(runs / "srl-depth" / "runs" / "dev" / f"{depth}.trec"), "recip_rank")
         b = per_query(qrels, read_run(runs / "srl-width" / "runs" / "dev" / f"{width}.trec"), "recip_rank")
         x, y = np.array([a[q] for q in sorted(qrels)]), np.array([b[q] for q in sorted(qrels)])
-        assert (entry["wins_a"], entry["wins_b"], entry["ties"]) == (int((x > y).sum()), int((y > x).sum()),
-                                                                     int((x == y).sum()))
+        assert (entry["wins_a"], entry["wins_b"], entry["ties"]) == (
+            int((x > y).sum()),
+            int((y > x).sum()),
+            int((x == y).sum()),
+        )
         sa, sb = set(np.flatnonzero(x > 0)), set(np.flatnonzero(y > 0))
         assert entry["jaccard"] == pytest.approx(len(sa & sb) / len(sa | sb) if sa | sb else 1.0)
         better = x if x.mean() >= y.mean() else y

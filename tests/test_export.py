@@ -21,22 +21,49 @@ from train.export import export, main as export_main, upload_files
 st = pytest.importorskip("sentence_transformers")
 
 TEXTS = ["apt installs packages", "a", "the quick brown fox jumps over the lazy dog " * 3, "font editor"]
-SIZES = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 2, "dim": 16},
-         {"name": "full", "layers": 4, "dim": 32}]
-CHECKPOINT_FILES = {"README.md", "config.json", "model.safetensors", "starbucks.json", "modules.json",
-                    "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json",
-                    "tokenizer.json", "tokenizer_config.json"}
+SIZES = [
+    {"name": "small", "layers": 1, "dim": 8},
+    {"name": "mid", "layers": 2, "dim": 16},
+    {"name": "full", "layers": 4, "dim": 32},
+]
+CHECKPOINT_FILES = {
+    "README.md",
+    "config.json",
+    "model.safetensors",
+    "starbucks.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 
 
 def save_tiny(path, pooling, normalize):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    config = {"name": "tiny-exp", "output_dir": "runs/tiny-exp", "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-5},
-              "data": {"train": "data/x/train.jsonl"}}
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=7), pooling, normalize), 
-        path, tok, {"sizes": SIZES, "query_max_length": 8, "passage_max_length": 16, "method": "srl",
-                    "base_model": "sentence-transformers/all-MiniLM-L6-v2", "step": 12, "config": config})
+    config = {
+        "name": "tiny-exp",
+        "output_dir": "runs/tiny-exp",
+        "train": {"epochs": 1, "batch_size": 4, "learning_rate": 5e-5},
+        "data": {"train": "data/x/train.jsonl"},
+    }
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=7), pooling, normalize),
+        path,
+        tok,
+        {
+            "sizes": SIZES,
+            "query_max_length": 8,
+            "passage_max_length": 16,
+            "method": "srl",
+            "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+            "step": 12,
+            "config": config,
+        },
+    )
     return path
 
 
@@ -103,7 +130,9 @@ def test_eval_puts_its_numbers_into_the_card_and_an_export_keeps_its_sizes(tmp_p
     (col / "qrels").mkdir(parents=True)
     (col / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "text": "x"}) + "\n" for i in range(8)))
     (col / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": "y"}) + "\n" for i in range(4)))
-    (col / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)))
+    (col / "qrels" / "dev.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4))
+    )
     for name, layers, dim, rank in [("small", 1, 8, 2), ("mid", 2, 16, 1)]:  # the relevant passage's rank
         rankings = []
         for i in range(4):
@@ -141,9 +170,16 @@ def test_the_card_is_left_alone_when_the_embeddings_came_from_another_model(tmp_
 
     model_dir = save_tiny(tmp_path / "model", "cls", False)
     (tmp_path / "eval").mkdir()
-    (tmp_path / "eval" / "dev.json").write_text(json.dumps({
-        "split": "dev", "queries": 1, "measures": {"RR@10": "RR@10"},
-        "sizes": [{"size": "mid", "layers": 2, "dim": 16, "metrics": {"RR@10": 0.25}}]}))
+    (tmp_path / "eval" / "dev.json").write_text(
+        json.dumps(
+            {
+                "split": "dev",
+                "queries": 1,
+                "measures": {"RR@10": "RR@10"},
+                "sizes": [{"size": "mid", "layers": 2, "dim": 16, "metrics": {"RR@10": 0.25}}],
+            }
+        )
+    )
     (tmp_path / "emb" / "mid").mkdir(parents=True)
     (tmp_path / "emb" / "mid" / "meta.json").write_text(json.dumps({"model": str(tmp_path / "elsewhere")}))
     assert refresh_card(model_dir, tmp_path / "eval", embeddings=tmp_path / "emb") is None

@@ -55,6 +55,7 @@ def test_retrieval_step_equals_torchs_flop_counter(pooling):
     queries = {"input_ids": torch.randint(5, 1000, (3, 7), generator=g), "attention_mask": mask(7, 7, 7)}
     passages = {"input_ids": torch.randint(5, 1000, (6, 11), generator=g), "attention_mask": mask(*[11] * 6)}
     for visited in (list(sizes), [sizes[0], sizes[1]]):  # all sizes; an early exit at layer 2
+
         def step():
             loss(encoder(queries, visited), encoder(passages, visited), visited).loss.backward()
 
@@ -72,8 +73,13 @@ def test_smae_step_equals_torchs_flop_counter():
     ids = torch.randint(5, 500, (4, 12), generator=g)
     labels = torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, -100)
     decoder_labels = torch.where(torch.rand(4, 12, generator=g) < 0.5, ids, -100)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-             "decoder_input_ids": ids, "decoder_labels": decoder_labels}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "decoder_input_ids": ids,
+        "decoder_labels": decoder_labels,
+    }
     assert counted(lambda: model(batch).loss.backward()) == smae_step_flops(model.encoder.config, batch, sizes, 1)
 
 
@@ -88,8 +94,11 @@ def test_head_warmup_step_equals_torchs_flop_counter():
         p.requires_grad_(id(p) in head)  # as warm_up_head freezes them
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(5, 500, (4, 12), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-             "labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, -100)}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.where(torch.rand(4, 12, generator=g) < 0.3, ids, -100),
+    }
     warmup = HeadWarmup(model)
     assert counted(lambda: warmup(batch).loss.backward()) == head_warmup_flops(model.encoder.config, batch)
 

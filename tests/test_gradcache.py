@@ -62,8 +62,10 @@ def reference(encoder, batch, sizes, loss, chunk: int, seed: int):
     torch.manual_seed(seed)
     embedded = {}
     for name, texts in batch.items():
-        parts = [encoder({k: v[i:i + chunk] for k, v in texts.items()}, sizes)
-                 for i in range(0, len(texts["input_ids"]), chunk)]
+        parts = [
+            encoder({k: v[i : i + chunk] for k, v in texts.items()}, sizes)
+            for i in range(0, len(texts["input_ids"]), chunk)
+        ]
         embedded[name] = {s: torch.cat([p[s] for p in parts]) for s in sizes}
     out = loss(embedded["queries"], embedded["passages"], sizes)
     out.loss.backward()
@@ -73,8 +75,14 @@ def reference(encoder, batch, sizes, loss, chunk: int, seed: int):
 def cached(encoder, batch, sizes, loss, chunk: int, seed: int, accelerator=None):
     encoder.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    out = cached_backward(accelerator or Accelerator(cpu=True), encoder, batch, sizes,
-                          lambda e: loss(e["queries"], e["passages"], sizes), chunk)
+    out = cached_backward(
+        accelerator or Accelerator(cpu=True),
+        encoder,
+        batch,
+        sizes,
+        lambda e: loss(e["queries"], e["passages"], sizes),
+        chunk,
+    )
     return out.loss.item(), {n: p.grad.clone() for n, p in encoder.named_parameters()}
 
 
@@ -195,27 +203,48 @@ def worker(work: Path) -> None:
     ddp = accelerator.prepare(encoder)
     assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
     batch = random_batch(0)
-    half = {name: {k: v[rank * len(v) // world:(rank + 1) * len(v) // world] for k, v in texts.items()}
-            for name, texts in batch.items()}
+    half = {
+        name: {k: v[rank * len(v) // world : (rank + 1) * len(v) // world] for k, v in texts.items()}
+        for name, texts in batch.items()
+    }
     out = cached_backward(accelerator, ddp, half, sizes, lambda e: loss(e["queries"], e["passages"], sizes), chunk=2)
     if rank == 0:
-        torch.save({"loss": out.terms["loss"].item(), "grads": {n: p.grad for n, p in encoder.named_parameters()}},
-                   work / "ddp.pt")
+        torch.save(
+            {"loss": out.terms["loss"].item(), "grads": {n: p.grad for n, p in encoder.named_parameters()}},
+            work / "ddp.pt",
+        )
     # two training steps of 2 micro-batches, 2-text chunks: each rank 1 query (3 passages) per micro-batch
-    run_training(load_config(work / "run.yaml", ["train.batch_size=1", "train.grad_accum=2", "train.grad_cache=true",
-                                                 "train.grad_cache_chunk=2", f"output_dir={work / 'ddp'}"]))
+    run_training(
+        load_config(
+            work / "run.yaml",
+            [
+                "train.batch_size=1",
+                "train.grad_accum=2",
+                "train.grad_cache=true",
+                "train.grad_cache_chunk=2",
+                f"output_dir={work / 'ddp'}",
+            ],
+        )
+    )
 
 
 def test_cached_step_under_two_gloo_processes_with_cross_device_negatives(tmp_path, collection):  # noqa: F811
-    config = write_config(tmp_path, make_model_dir(tmp_path / "model"), collection, max_steps=2, save_steps=1,
-                          learning_rate=1e-4, weight_decay=0.01)
+    config = write_config(
+        tmp_path,
+        make_model_dir(tmp_path / "model"),
+        collection,
+        max_steps=2,
+        save_steps=1,
+        learning_rate=1e-4,
+        weight_decay=0.01,
+    )
     (tmp_path / "run.yaml").write_text(config.read_text())
     run_two_gloo_ranks(__file__, str(tmp_path))
     encoder, sizes, loss = method_setup("srl", "mean", 1, dropout=0.0)
     loss_value, grads = reference(encoder, random_batch(0), sizes, loss, 1000, seed=0)  # one process, whole batch
     ddp = torch.load(tmp_path / "ddp.pt")
     assert_same((ddp["loss"], ddp["grads"]), (loss_value, grads))
-    half = {name: {k: v[:len(v) // 2] for k, v in texts.items()} for name, texts in random_batch(0).items()}
+    half = {name: {k: v[: len(v) // 2] for k, v in texts.items()} for name, texts in random_batch(0).items()}
     assert abs(reference(encoder, half, sizes, loss, 1000, seed=0)[0] - loss_value) > 1e-3  # the gather matters
     # the 2-rank cached run against one uncached process on the combined micro-batches (2 queries each)
     train(config, "train.batch_size=2", "train.grad_accum=2", f"output_dir={tmp_path / 'single'}")

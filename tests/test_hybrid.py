@@ -20,8 +20,13 @@ from retrieval.encoder import StarbucksEncoder
 from retrieval.errors import StarbucksError
 from retrieval.sizes import Part, Size, SizeList, hybrid_size, parse_size, recorded_size
 
-TEXTS = ["apt installs packages", "a", "the quick brown fox jumps over the lazy dog " * 3,
-         "python3 library for parsing command line options", "font"]
+TEXTS = [
+    "apt installs packages",
+    "a",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "python3 library for parsing command line options",
+    "font",
+]
 SIZES = ["1x8", "2x16", "4x32"]
 
 
@@ -33,8 +38,12 @@ def tokenizer():
 
 def save_tiny(path, seed, pooling="cls", normalize=False, sizes=SIZES, **meta):
     tok = tokenizer()
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=seed), pooling, normalize),
-                 path, tok, {"sizes": sizes, "query_max_length": 8, "passage_max_length": 24, **meta})
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=seed), pooling, normalize),
+        path,
+        tok,
+        {"sizes": sizes, "query_max_length": 8, "passage_max_length": 24, **meta},
+    )
     return path
 
 
@@ -44,8 +53,9 @@ def two_models(request, tmp_path_factory):
     pooling, normalize = request.param
     root = tmp_path_factory.mktemp(f"hybrid-{pooling}")
     a = save_tiny(root / "depth", 3, pooling, normalize, query_prefix="query: ")
-    b = save_tiny(root / "width", 4, pooling, normalize, query_max_length=6, passage_max_length=16,
-                  passage_prefix="passage: ")
+    b = save_tiny(
+        root / "width", 4, pooling, normalize, query_max_length=6, passage_max_length=16, passage_prefix="passage: "
+    )
     return a, b
 
 
@@ -53,11 +63,17 @@ def two_models(request, tmp_path_factory):
 
 
 def test_hybrid_spec_keys_weights_and_refusals():
-    known = SizeList.from_config([{"name": "demi", "layers": 1, "dim": 32}, "3x384", {"name": "trenta", "layers": 6,
-                                                                                        "dim": 384}])
+    known = SizeList.from_config(
+        [{"name": "demi", "layers": 1, "dim": 32}, "3x384", {"name": "trenta", "layers": 6, "dim": 384}]
+    )
     h = parse_size(" 3x384 + 0.5 * 6x64 @ width ", known)
-    assert (h.key, h.name, h.layers, h.dim, h.models) == ("3x384+0.5*6x64@width", "3x384+0.5*6x64@width", 6, 448,
-                                                          ["width"])
+    assert (h.key, h.name, h.layers, h.dim, h.models) == (
+        "3x384+0.5*6x64@width",
+        "3x384+0.5*6x64@width",
+        6,
+        448,
+        ["width"],
+    )
     assert h.parts == (Part(Size("", 3, 384)), Part(Size("", 6, 64), 0.5, "width"))
     assert h.ident == (6, 448, "3x384+0.5*6x64@width") and Size("", 6, 448).ident == (6, 448)
     named = parse_size("demi+1.0*trenta", known)  # a configured name as a part; a weight of 1 is not written
@@ -67,9 +83,14 @@ def test_hybrid_spec_keys_weights_and_refusals():
     assert recorded_size("3x384+0.5*6x64@width", 6, 448) == h  # what a store, run or eval file gives back
     assert recorded_size("grande", 4, 128) == Size("grande", 4, 128)
     assert SizeList.from_config([h.to_dict()])[0] == h
-    for spec, message in [("3x384+3x384", "given twice"), ("0*3x384+6x64", "weights must be > 0"),
-                          ("3x384@width", "has one part"), ("demi@w+6x64", "give its size as LxD"),
-                          ("3x384+", "is not \\[WEIGHT\\*\\]SIZE"), ("2*0.5*3x384+6x64", "is not")]:
+    for spec, message in [
+        ("3x384+3x384", "given twice"),
+        ("0*3x384+6x64", "weights must be > 0"),
+        ("3x384@width", "has one part"),
+        ("demi@w+6x64", "give its size as LxD"),
+        ("3x384+", "is not \\[WEIGHT\\*\\]SIZE"),
+        ("2*0.5*3x384+6x64", "is not"),
+    ]:
         with pytest.raises(StarbucksError, match=message):
             parse_size(spec, known)
     with pytest.raises(StarbucksError, match="recorded with 6x400"):
@@ -84,21 +105,32 @@ def test_hybrid_spec_keys_weights_and_refusals():
 def test_depth_and_width_methods_visit_exactly_their_sizes():
     from train.methods import plan_method
 
-    sizes = SizeList.from_config(["1x8", {"name": "mid", "layers": 2, "dim": 16}, {"name": "full", "layers": 4,
-                                                                                  "dim": 32}])
+    sizes = SizeList.from_config(
+        ["1x8", {"name": "mid", "layers": 2, "dim": 16}, {"name": "full", "layers": 4, "dim": 32}]
+    )
     depth = plan_method(load_config(None, ["train.method=srl-depth"]).train, sizes, 4, 32, seed=0)
     width = plan_method(load_config(None, ["train.method=srl-width"]).train, sizes, 4, 32, seed=0)
     # by hand: depth = every layer count of the list at the full width; width = every dim at the full depth
-    assert [(s.name, s.layers, s.dim) for s in depth.schedule.at(0)] == [("1x32", 1, 32), ("2x32", 2, 32),
-                                                                         ("full", 4, 32)]
-    assert [(s.name, s.layers, s.dim) for s in width.schedule.at(5)] == [("4x8", 4, 8), ("4x16", 4, 16),
-                                                                         ("full", 4, 32)]
+    assert [(s.name, s.layers, s.dim) for s in depth.schedule.at(0)] == [
+        ("1x32", 1, 32),
+        ("2x32", 2, 32),
+        ("full", 4, 32),
+    ]
+    assert [(s.name, s.layers, s.dim) for s in width.schedule.at(5)] == [
+        ("4x8", 4, 8),
+        ("4x16", 4, 16),
+        ("full", 4, 32),
+    ]
     for plan in (depth, width):
         assert plan.reduction == "mean" and list(plan.saved_sizes) == plan.schedule.at(3)
     weighted = load_config(None, ["train.method=srl-depth", "train.size_weights=[1,2,3]"]).train
     assert plan_method(weighted, sizes, 4, 32, seed=0).name == "srl-depth"
-    assert plan_method(load_config(None, ["train.method=srl-width"]).train, SizeList.from_config(["1x8", "2x16"]),
-                       4, 32, seed=0).truncate_to == 2  # layers above the list's deepest are never trained
+    assert (
+        plan_method(
+            load_config(None, ["train.method=srl-width"]).train, SizeList.from_config(["1x8", "2x16"]), 4, 32, seed=0
+        ).truncate_to
+        == 2
+    )  # layers above the list's deepest are never trained
 
 
 def test_a_depth_wise_run_trains_and_records_its_sizes(tmp_path, monkeypatch):
@@ -111,9 +143,20 @@ def test_a_depth_wise_run_trains_and_records_its_sizes(tmp_path, monkeypatch):
     data.mkdir()
     docs = {f"d{i}": f"passage number {i} about topic {i % 7} and thing {i % 5}" for i in range(30)}
     (data / "corpus.jsonl").write_text("".join(json.dumps({"_id": d, "text": t}) + "\n" for d, t in docs.items()))
-    (data / "train.jsonl").write_text("".join(json.dumps({
-        "query_id": f"q{g}", "query": f"topic {g % 7}", "positive_document_ids": [f"d{g}"],
-        "negative_document_ids": [f"d{(g + k) % 30}" for k in (1, 2, 3)]}) + "\n" for g in range(12)))
+    (data / "train.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "query_id": f"q{g}",
+                    "query": f"topic {g % 7}",
+                    "positive_document_ids": [f"d{g}"],
+                    "negative_document_ids": [f"d{(g + k) % 30}" for k in (1, 2, 3)],
+                }
+            )
+            + "\n"
+            for g in range(12)
+        )
+    )
     backbone = tmp_path / "backbone"
     tiny_bert(layers=4, hidden=32, vocab=tokenizer().vocab_size, seed=0).save_pretrained(backbone)
     tokenizer().save_pretrained(backbone)
@@ -129,13 +172,31 @@ def test_a_depth_wise_run_trains_and_records_its_sizes(tmp_path, monkeypatch):
     for method, keys in expected.items():
         visited.clear()
         config = tmp_path / f"{method}.yaml"
-        config.write_text(yaml.safe_dump({
-            "name": method, "output_dir": str(tmp_path / method),
-            "model": {"name_or_path": str(backbone), "pooling": "cls", "normalize": False, "query_max_length": 16,
-                      "passage_max_length": 24},
-            "sizes": SIZES, "data": {"corpus": str(data), "train": str(data / "train.jsonl")},
-            "train": {"method": method, "batch_size": 4, "group_size": 3, "max_steps": 1, "logging_steps": 1,
-                      "learning_rate": 1e-3}}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "name": method,
+                    "output_dir": str(tmp_path / method),
+                    "model": {
+                        "name_or_path": str(backbone),
+                        "pooling": "cls",
+                        "normalize": False,
+                        "query_max_length": 16,
+                        "passage_max_length": 24,
+                    },
+                    "sizes": SIZES,
+                    "data": {"corpus": str(data), "train": str(data / "train.jsonl")},
+                    "train": {
+                        "method": method,
+                        "batch_size": 4,
+                        "group_size": 3,
+                        "max_steps": 1,
+                        "logging_steps": 1,
+                        "learning_rate": 1e-3,
+                    },
+                }
+            )
+        )
         run_training(load_config(config))
         assert visited and all(v == keys for v in visited), visited
         log = json.loads((tmp_path / method / "train_log.jsonl").read_text().splitlines()[0])
@@ -153,8 +214,10 @@ def test_one_model_hybrid_is_one_pass_and_equals_its_parts_encoded_separately(tw
     path, _ = two_models
     model = StarbucksModel.from_pretrained(path, "cpu")
     ran = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, _o, n=n: ran.append(n))
-             for n, layer in enumerate(model.encoder.layers, 1)]
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, _o, n=n: ran.append(n))
+        for n, layer in enumerate(model.encoder.layers, 1)
+    ]
     try:
         both = model.encode_passages(TEXTS, sizes=["1x8+2x16", "0.5*1x8+3*2x16", "2x16"], batch_size=len(TEXTS))
         assert ran == [1, 2]  # one batch, one pass to the deepest part: layers 3 and 4 never run
@@ -163,8 +226,9 @@ def test_one_model_hybrid_is_one_pass_and_equals_its_parts_encoded_separately(tw
             h.remove()
     one, two = model.encode_passages(TEXTS, "1x8"), model.encode_passages(TEXTS, "2x16")
     np.testing.assert_allclose(both["1x8+2x16"], np.concatenate([one, two], axis=1), rtol=0, atol=1e-6)
-    np.testing.assert_allclose(both["0.5*1x8+3*2x16"], np.concatenate([one * 0.5 ** 0.5, two * 3 ** 0.5], axis=1),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        both["0.5*1x8+3*2x16"], np.concatenate([one * 0.5**0.5, two * 3**0.5], axis=1), rtol=0, atol=1e-6
+    )
     np.testing.assert_allclose(both["2x16"], two, rtol=0, atol=1e-6)
     assert model.size("1x8+2x16").dim == 24 and model.encode("a", "1x8+2x16").shape == (24,)
     from retrieval.st_loss import as_sizes
@@ -188,17 +252,20 @@ def test_hybrid_scores_are_the_weighted_sum_of_the_parts_scores(two_models):
     def part_scores(m, size):
         return m.similarity(m.encode_queries(queries, size), m.encode_passages(passages, size))
 
-    cases = {"1x8+4x32": part_scores(model, "1x8") + part_scores(model, "4x32"),
-             "0.25*1x8+4x32": 0.25 * part_scores(model, "1x8") + part_scores(model, "4x32"),
-             "2x16+1.5*4x8@width": part_scores(model, "2x16") + 1.5 * part_scores(other, "4x8"),
-             "0.5*2x16@width+3x32": 0.5 * part_scores(other, "2x16") + part_scores(model, "3x32")}
+    cases = {
+        "1x8+4x32": part_scores(model, "1x8") + part_scores(model, "4x32"),
+        "0.25*1x8+4x32": 0.25 * part_scores(model, "1x8") + part_scores(model, "4x32"),
+        "2x16+1.5*4x8@width": part_scores(model, "2x16") + 1.5 * part_scores(other, "4x8"),
+        "0.5*2x16@width+3x32": 0.5 * part_scores(other, "2x16") + part_scores(model, "3x32"),
+    }
     for spec, expected in cases.items():
         q, p = model.encode_queries(queries, spec), model.encode_passages(passages, spec)
         assert q.shape[1] == model.size(spec).dim
         np.testing.assert_allclose(model.similarity(q, p), expected, rtol=0, atol=2e-5, err_msg=spec)
     # the second model's part used its own prefix and length (not the first model's)
-    np.testing.assert_allclose(model.encode_queries(queries, "1x8+4x8@width")[:, 8:],
-                               other.encode_queries(queries, "4x8"), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        model.encode_queries(queries, "1x8+4x8@width")[:, 8:], other.encode_queries(queries, "4x8"), rtol=0, atol=1e-6
+    )
     assert other.query_prefix == "" and model.query_prefix == "query: "
 
 
@@ -211,7 +278,8 @@ def test_two_model_parts_run_at_the_same_time_and_refusals(two_models):
     threads = {}
     for label, m in (("self", model), ("w", model.part_models["w"])):
         m.encoder.layers[0].register_forward_hook(
-            lambda *_, label=label: threads.setdefault(label, threading.current_thread().name) and None)
+            lambda *_, label=label: threads.setdefault(label, threading.current_thread().name) and None
+        )
     together = model.encode(TEXTS, "1x8+1x8@w")
     assert threads["self"] == threading.main_thread().name and threads["w"].startswith("part-model")
     threads.clear()
@@ -252,7 +320,7 @@ def staged(tmp_path_factory):
     b = save_tiny(root / "width", 4, "cls", False, passage_max_length=16)
     (root / "exp.yaml").write_text(f"""
 name: hybrid
-output_dir: {root / 'run'}
+output_dir: {root / "run"}
 sizes: {json.dumps(SIZES)}
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
 encode: {{model: {a}, part_models: {{width: {b}}}, batch_size: 16, shard_rows: 50,
@@ -293,8 +361,10 @@ def test_a_two_model_hybrid_encodes_and_searches(staged):
         p = m.encode_passages(list(texts), size).astype(np.float16).astype(np.float32)
         return q @ p.T
 
-    expected = {"0.5*1x8+4x16": 0.5 * scores(first, "1x8") + scores(first, "4x16"),
-                "4x32+2*1x16@width": scores(first, "4x32") + 2 * scores(second, "1x16")}
+    expected = {
+        "0.5*1x8+4x16": 0.5 * scores(first, "1x8") + scores(first, "4x16"),
+        "4x32+2*1x16@width": scores(first, "4x32") + 2 * scores(second, "1x16"),
+    }
     for name, want in expected.items():
         run = read_run(runs[name][1])
         assert set(run) == set(qids)
@@ -315,8 +385,10 @@ def test_search_and_eval_take_a_hybrid_by_its_spec_and_a_missing_label_is_one_li
     from search.pipeline import search_collection
 
     root, cfg, _, _, _ = staged
-    picked = load_config(root / "exp.yaml", ["search.sizes=0.5 * 1x8 + 4x16", "eval.sizes=0.5*1x8+4x16",
-                                             f"paths.eval={root / 'eval-picked'}"])
+    picked = load_config(
+        root / "exp.yaml",
+        ["search.sizes=0.5 * 1x8 + 4x16", "eval.sizes=0.5*1x8+4x16", f"paths.eval={root / 'eval-picked'}"],
+    )
     assert [p.name for p in search_collection(picked, progress=False)] == []  # up to date: nothing searched
     assert [r.size.name for r in evaluate_experiment(picked)["dev"]] == ["0.5*1x8+4x16"]
     with pytest.raises(SystemExit) as exit_info:

@@ -45,8 +45,10 @@ def hand_kl(teacher, student, temperature):
 
 
 def leaves():
-    return {name: torch.tensor(v, dtype=torch.float64, requires_grad=True)
-            for name, v in dict(qf=Q_FULL, pf=P_FULL, qs=Q_SUB, ps=P_SUB).items()}
+    return {
+        name: torch.tensor(v, dtype=torch.float64, requires_grad=True)
+        for name, v in dict(qf=Q_FULL, pf=P_FULL, qs=Q_SUB, ps=P_SUB).items()
+    }
 
 
 def test_infonce_equals_hand_cross_entropy():

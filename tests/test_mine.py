@@ -1,7 +1,5 @@
 """`python -m train.mine`: BM25 and dense hard negatives against independent rankings; the groups train."""
 
-import json
-
 import numpy as np
 import pytest
 import yaml
@@ -24,8 +22,11 @@ def collection(tmp_path_factory):
 
 
 def config(tmp_path, col, **extra):
-    data = {"name": "mine", "output_dir": str(tmp_path / "run"),
-            "data": {"corpus": str(col), "train": str(col / "train.jsonl"), "eval_splits": {}}}
+    data = {
+        "name": "mine",
+        "output_dir": str(tmp_path / "run"),
+        "data": {"corpus": str(col), "train": str(col / "train.jsonl"), "eval_splits": {}},
+    }
     for key, value in extra.items():
         data.setdefault(key, {}).update(value)
     path = tmp_path / "mine.yaml"
@@ -129,8 +130,19 @@ def brute_force(model_dir, texts, max_length, layers=1, dim=8):
 def test_dense_mining_at_demi_is_a_brute_force_search_of_demi_embeddings(tmp_path, collection, dense_model):
     cfg = load_config(config(tmp_path, collection))
     out = tmp_path / "dense.jsonl.gz"
-    settings = MineSettings(split="dev", retriever=str(dense_model), size="demi", depth=10, negatives=4,
-                            skip_top=1, out=str(out), shard_rows=64, batch_size=16, device="cpu", progress=False)
+    settings = MineSettings(
+        split="dev",
+        retriever=str(dense_model),
+        size="demi",
+        depth=10,
+        negatives=4,
+        skip_top=1,
+        out=str(out),
+        shard_rows=64,
+        batch_size=16,
+        device="cpu",
+        progress=False,
+    )
     mine(cfg, settings)
     ids, texts = map(list, zip(*iter_corpus(str(collection))))
     dev = load_split("dev", str(collection))
@@ -147,14 +159,25 @@ def test_dense_mining_at_demi_is_a_brute_force_search_of_demi_embeddings(tmp_pat
     assert not out.with_name(out.name + ".parts").exists()  # cleaned up once the groups are written
 
 
-def test_dense_mining_resumes_from_finished_blocks_and_refuses_other_settings(tmp_path, collection, dense_model,
-                                                                              monkeypatch):
+def test_dense_mining_resumes_from_finished_blocks_and_refuses_other_settings(
+    tmp_path, collection, dense_model, monkeypatch
+):
     from retrieval.model import StarbucksModel
 
     cfg = load_config(config(tmp_path, collection))
     out = tmp_path / "dense.jsonl"
-    settings = MineSettings(split="dev", retriever=str(dense_model), size="demi", depth=10, negatives=4, out=str(out),
-                            shard_rows=100, batch_size=32, device="cpu", progress=False)
+    settings = MineSettings(
+        split="dev",
+        retriever=str(dense_model),
+        size="demi",
+        depth=10,
+        negatives=4,
+        out=str(out),
+        shard_rows=100,
+        batch_size=32,
+        device="cpu",
+        progress=False,
+    )
     mine(cfg, settings)
     reference = out.read_text()
     parts = out.with_name(out.name + ".parts")
@@ -194,10 +217,15 @@ def test_groups_load_in_train_and_a_step_runs(tmp_path, collection, dense_model)
     mine(cfg, MineSettings(split="dev", depth=20, negatives=3, out=str(out), progress=False))
     groups = load_train_groups(str(out), str(collection))
     assert groups and all(1 <= len(g.negatives) <= 3 for g in groups)
-    train_cfg = load_config(config(tmp_path, collection, model={"name_or_path": str(dense_model), "pooling": "mean",
-                                                                "normalize": False, "passage_max_length": 48},
-                                   train={"max_steps": 1, "batch_size": 4, "group_size": 3, "save_steps": 10}),
-                            [f"data.train={out}", "sizes=[1x8,4x32]"])
+    train_cfg = load_config(
+        config(
+            tmp_path,
+            collection,
+            model={"name_or_path": str(dense_model), "pooling": "mean", "normalize": False, "passage_max_length": 48},
+            train={"max_steps": 1, "batch_size": 4, "group_size": 3, "save_steps": 10},
+        ),
+        [f"data.train={out}", "sizes=[1x8,4x32]"],
+    )
     result = run_training(train_cfg)
     assert result.steps == 1
 
@@ -206,7 +234,20 @@ def test_a_size_the_model_lacks_is_one_line(tmp_path, collection, dense_model, c
     cfg = config(tmp_path, collection)
     for size, message in [("8x32", "asks for 8 layers"), ("venti", "unknown size 'venti'")]:
         with pytest.raises(SystemExit) as err:
-            main(["--config", str(cfg), "--split", "dev", "--retriever", str(dense_model), "--size", size,
-                  "--device", "cpu", "--no-progress"])
+            main(
+                [
+                    "--config",
+                    str(cfg),
+                    "--split",
+                    "dev",
+                    "--retriever",
+                    str(dense_model),
+                    "--size",
+                    size,
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
         lines = capsys.readouterr().err.strip().splitlines()
         assert err.value.code == 2 and message in lines[-1] and lines[-1].startswith("error:"), lines

@@ -14,10 +14,19 @@ from retrieval.checkpoint import resolve_model_path, save_encoder
 from retrieval.encoder import StarbucksEncoder
 from retrieval.sizes import Size
 
-TEXTS = ["apt installs packages", "a", "the quick brown fox jumps over the lazy dog " * 3,
-         "python3 library for parsing command line options", "font"]
-SIZES = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 2, "dim": 16}, "3x24",
-         {"name": "full", "layers": 4, "dim": 32}]
+TEXTS = [
+    "apt installs packages",
+    "a",
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "python3 library for parsing command line options",
+    "font",
+]
+SIZES = [
+    {"name": "small", "layers": 1, "dim": 8},
+    {"name": "mid", "layers": 2, "dim": 16},
+    "3x24",
+    {"name": "full", "layers": 4, "dim": 32},
+]
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -37,8 +46,7 @@ def plain_hf(path):
 def reference(path, texts, layers, dim, pooling, normalize, max_length, prefix=""):
     """Plain transformers: hidden_states[layers], pooled, first `dim` dims, then L2 if normalised."""
     tok, model = plain_hf(path)
-    batch = tok([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length,
-                return_tensors="pt")
+    batch = tok([prefix + t for t in texts], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
         states = model(**batch, output_hidden_states=True).hidden_states[layers]
     if pooling == "cls":
@@ -54,10 +62,20 @@ def reference(path, texts, layers, dim, pooling, normalize, max_length, prefix="
 def tiny(request, tmp_path_factory):
     pooling, normalize = request.param
     path = tmp_path_factory.mktemp(f"tiny-{pooling}") / "model"
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=minilm_tokenizer().vocab_size, seed=3), pooling,
-                     normalize), path, minilm_tokenizer(), {
-                         "sizes": SIZES, "query_max_length": 6, "passage_max_length": 12,
-                         "query_prefix": "query: ", "passage_prefix": "passage: "})
+    save_encoder(
+        StarbucksEncoder(
+            tiny_bert(layers=4, hidden=32, vocab=minilm_tokenizer().vocab_size, seed=3), pooling, normalize
+        ),
+        path,
+        minilm_tokenizer(),
+        {
+            "sizes": SIZES,
+            "query_max_length": 6,
+            "passage_max_length": 12,
+            "query_prefix": "query: ",
+            "passage_prefix": "passage: ",
+        },
+    )
     return path, pooling, normalize
 
 
@@ -76,8 +94,18 @@ def minilm(tmp_path_factory):
     (-sum(v.sum() for v in vecs.values())).backward()
     optimizer.step()
     path = tmp_path_factory.mktemp("minilm") / "model"
-    save_encoder(encoder.eval(), path, tok, {"sizes": DEFAULTS["sizes"], "query_max_length": 16, "passage_max_length": 32,
-                                    "method": "srl", "base_model": MINILM})
+    save_encoder(
+        encoder.eval(),
+        path,
+        tok,
+        {
+            "sizes": DEFAULTS["sizes"],
+            "query_max_length": 16,
+            "passage_max_length": 32,
+            "method": "srl",
+            "base_model": MINILM,
+        },
+    )
     return path
 
 
@@ -93,11 +121,11 @@ def test_every_size_equals_hidden_states_of_plain_transformers(tiny):
     q = model.encode_queries(TEXTS, "mid")
     np.testing.assert_allclose(q, reference(path, TEXTS, 2, 16, pooling, normalize, 6, "query: "), atol=1e-5, rtol=0)
     p = model.encode_passages(TEXTS, "3x24")
-    np.testing.assert_allclose(p, reference(path, TEXTS, 3, 24, pooling, normalize, 12, "passage: "), atol=1e-5,
-                               rtol=0)
+    np.testing.assert_allclose(p, reference(path, TEXTS, 3, 24, pooling, normalize, 12, "passage: "), atol=1e-5, rtol=0)
     # any LxD that fits, on demand; default: the largest size
-    np.testing.assert_allclose(model.encode(TEXTS, "2x5"), reference(path, TEXTS, 2, 5, pooling, normalize, 12),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        model.encode(TEXTS, "2x5"), reference(path, TEXTS, 2, 5, pooling, normalize, 12), atol=1e-5, rtol=0
+    )
     np.testing.assert_allclose(model.encode(TEXTS), model.encode(TEXTS, "full"), atol=0, rtol=0)
 
 
@@ -105,8 +133,10 @@ def test_several_sizes_come_from_one_pass_that_stops_at_the_deepest(tiny):
     path, pooling, normalize = tiny
     model = StarbucksModel.from_pretrained(path, "cpu")
     ran = []
-    hooks = [layer.register_forward_hook(lambda _m, _i, _o, n=n: ran.append(n))
-             for n, layer in enumerate(model.encoder.layers, 1)]
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, _o, n=n: ran.append(n))
+        for n, layer in enumerate(model.encoder.layers, 1)
+    ]
     try:
         both = model.encode(TEXTS, sizes=["small", "mid"], batch_size=len(TEXTS))
         assert ran == [1, 2]  # one batch, one pass, layers 3 and 4 never run
@@ -172,22 +202,26 @@ def test_a_plain_hf_model_needs_only_its_pooling(tmp_path):
         StarbucksModel.from_pretrained(path)
     model = StarbucksModel.from_pretrained(path, "cpu", pooling="cls", normalize=False)
     assert [s.key for s in model.sizes] == ["4x32"]
-    np.testing.assert_allclose(model.encode(TEXTS, "2x16"), reference(path, TEXTS, 2, 16, "cls", False, 196),
-                               atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        model.encode(TEXTS, "2x16"), reference(path, TEXTS, 2, 16, "cls", False, 196), atol=1e-5, rtol=0
+    )
     named = StarbucksModel.from_pretrained(path, "cpu", pooling="cls", sizes=[{"name": "x", "layers": 2, "dim": 16}])
     np.testing.assert_allclose(named.encode(TEXTS, "x"), model.encode(TEXTS, "2x16"), atol=1e-6, rtol=0)
     # what a stage passes for a zero-shot model: its config's settings, given values still win
-    staged = StarbucksModel.from_pretrained(path, "cpu", normalize=True,
-                                            defaults={"pooling": "mean", "normalize": False, "sizes": ["3x8"]})
+    staged = StarbucksModel.from_pretrained(
+        path, "cpu", normalize=True, defaults={"pooling": "mean", "normalize": False, "sizes": ["3x8"]}
+    )
     assert (staged.pooling, staged.normalize, [s.key for s in staged.sizes]) == ("mean", True, ["3x8"])
 
 
 def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
     path, _, _ = tiny
     model = StarbucksModel.from_pretrained(path, "cpu")
-    for bad, message in [("venti", r"unknown size 'venti': use a configured name \(small, mid, 3x24, full\)"),
-                         ("5x8", "asks for 5 layers but .* has only 4"),
-                         ("2x64", "asks for 64 dims but .* has only 32")]:
+    for bad, message in [
+        ("venti", r"unknown size 'venti': use a configured name \(small, mid, 3x24, full\)"),
+        ("5x8", "asks for 5 layers but .* has only 4"),
+        ("2x64", "asks for 64 dims but .* has only 32"),
+    ]:
         with pytest.raises(StarbucksError, match=message) as err:
             model.encode(TEXTS, bad)
         assert "\n" not in str(err.value)
@@ -198,13 +232,17 @@ def test_bad_sizes_and_paths_are_one_clear_line(tiny, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "file.txt").write_text("x")
     long = StarbucksModel.from_pretrained(path, "cpu", passage_max_length=200)  # the tiny BERT has 128 positions
-    with pytest.raises(StarbucksError, match="texts of 200 tokens but .* has 128 positions; set "
-                                             "model.passage_max_length .* to at most 128"):
+    with pytest.raises(
+        StarbucksError,
+        match="texts of 200 tokens but .* has 128 positions; set model.passage_max_length .* to at most 128",
+    ):
         long.encode_passages(["word " * 300])
     assert long.encode_passages(TEXTS).shape[0] == len(TEXTS)  # short texts fit
-    for bad, message in [(tmp_path / "empty", "is not a model directory \\(no config.json\\)"),
-                         (tmp_path / "file.txt", "is a file, not a model directory"),
-                         (tmp_path / "missing" / "model", "does not exist")]:
+    for bad, message in [
+        (tmp_path / "empty", "is not a model directory \\(no config.json\\)"),
+        (tmp_path / "file.txt", "is a file, not a model directory"),
+        (tmp_path / "missing" / "model", "does not exist"),
+    ]:
         with pytest.raises(StarbucksError, match=message) as err:
             StarbucksModel.from_pretrained(bad)
         assert "\n" not in str(err.value)
@@ -220,8 +258,12 @@ def test_the_readme_example_runs_as_written_on_a_demo_model(tmp_path, monkeypatc
     block = re.search(r"this runs as written\):\n\n```python\n(.*?)```", (repo_root / "README.md").read_text(), re.S)
     code = block.group(1)
     assert len(code.strip().splitlines()) == 5
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=128, vocab=minilm_tokenizer().vocab_size), "mean", True), 
-        tmp_path / "runs" / "demo" / "model", minilm_tokenizer(), {"sizes": DEFAULTS["sizes"][:4]})
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=128, vocab=minilm_tokenizer().vocab_size), "mean", True),
+        tmp_path / "runs" / "demo" / "model",
+        minilm_tokenizer(),
+        {"sizes": DEFAULTS["sizes"][:4]},
+    )
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     exec(compile(code, "README.md", "exec"), {})
@@ -239,7 +281,10 @@ def test_a_hub_checkpoint_brings_its_starbucks_json(tmp_path, monkeypatch):
     assert checkpoint_meta("someone/not-cached") == {}  # offline (HF_HUB_OFFLINE=1) and not cached: a plain model
     (tmp_path / "starbucks.json").write_text(json.dumps({"pooling": "cls", "sizes": ["2x8"]}))
     asked = []
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
-                        lambda repo_id, filename: asked.append((repo_id, filename)) or str(tmp_path / filename))
+    monkeypatch.setattr(
+        huggingface_hub,
+        "hf_hub_download",
+        lambda repo_id, filename: asked.append((repo_id, filename)) or str(tmp_path / filename),
+    )
     assert checkpoint_meta("someone/model") == {"pooling": "cls", "sizes": ["2x8"]}
     assert asked == [("someone/model", "starbucks.json")]

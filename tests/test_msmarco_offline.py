@@ -46,10 +46,14 @@ def register_standins(root, shared) -> tuple[dict, dict]:
     from ir_datasets.formats import TrecQrels, TsvDocs, TsvQueries
     from ir_datasets.util import LocalDownload
 
-    dev = _subset(read_queries_file(shared / "topics.msmarco-passage.dev-subset.txt"),
-                  read_qrels_file(shared / "qrels.msmarco-passage.dev-subset.txt"), 10)
-    dl19 = _subset(read_queries_file(shared / "topics.dl19-passage.txt"),
-                   read_qrels_file(shared / "qrels.dl19-passage.txt"), 2)
+    dev = _subset(
+        read_queries_file(shared / "topics.msmarco-passage.dev-subset.txt"),
+        read_qrels_file(shared / "qrels.msmarco-passage.dev-subset.txt"),
+        10,
+    )
+    dl19 = _subset(
+        read_queries_file(shared / "topics.dl19-passage.txt"), read_qrels_file(shared / "qrels.dl19-passage.txt"), 2
+    )
     rng = random.Random(0)
     words = "retrieval passage index search model query ranking dense sparse vector".split()
     docs: dict[str, str] = {}
@@ -59,7 +63,9 @@ def register_standins(root, shared) -> tuple[dict, dict]:
                 docs[d] = (topics[q] + " " if rel > 0 else "") + " ".join(rng.choices(words, k=12))
     for i in range(60):  # unjudged distractors with MS MARCO-like integer ids
         docs.setdefault(str(9_000_000 + i), " ".join(rng.choices(words, k=15)))
-    (root / "collection.tsv").write_text("".join(f"{d}\t{t}\n" for d, t in sorted(docs.items(), key=lambda x: int(x[0]))))
+    (root / "collection.tsv").write_text(
+        "".join(f"{d}\t{t}\n" for d, t in sorted(docs.items(), key=lambda x: int(x[0])))
+    )
     for name, (topics, qrels) in {"dev": dev, "dl19": dl19}.items():
         (root / f"{name}.queries.tsv").write_text("".join(f"{q}\t{t}\n" for q, t in topics.items()))
         (root / f"{name}.qrels").write_text("".join(f"{q} 0 {d} {r}\n" for q, j in qrels.items() for d, r in j.items()))
@@ -71,12 +77,18 @@ def register_standins(root, shared) -> tuple[dict, dict]:
     registry = ir_datasets.registry
     for name, ds in {
         CORPUS: Dataset(docs_component()),
-        DEV: Dataset(docs_component(), TsvQueries(LocalDownload(root / "dev.queries.tsv"), namespace="msmarco"),
-                     TrecQrels(LocalDownload(root / "dev.qrels"), defs)),
-        DL19: Dataset(docs_component(), TsvQueries(LocalDownload(root / "dl19.queries.tsv"), namespace="msmarco"),
-                      TrecQrels(LocalDownload(root / "dl19.qrels"), defs)),
+        DEV: Dataset(
+            docs_component(),
+            TsvQueries(LocalDownload(root / "dev.queries.tsv"), namespace="msmarco"),
+            TrecQrels(LocalDownload(root / "dev.qrels"), defs),
+        ),
+        DL19: Dataset(
+            docs_component(),
+            TsvQueries(LocalDownload(root / "dl19.queries.tsv"), namespace="msmarco"),
+            TrecQrels(LocalDownload(root / "dl19.qrels"), defs),
+        ),
     }.items():
-        key = name[len("irds:"):]
+        key = name[len("irds:") :]
         if key not in registry._registered:  # once per test session
             registry.register(key, ds)
     return docs, {"dev": dev, "dl19": dl19}
@@ -91,11 +103,14 @@ def save_tevatron_groups(folder, docs: dict, splits: dict, negatives: int = 9) -
     for q, judged in qrels.items():
         pos = [d for d, r in judged.items() if r > 0]
         neg = [d for d in rng.sample(ids, negatives + len(pos)) if d not in pos][:negatives]
-        rows.append({
-            "query_id": q, "query": topics[q],
-            "positive_passages": [{"docid": d, "title": "", "text": docs[d]} for d in pos],
-            "negative_passages": [{"docid": d, "title": "", "text": docs[d]} for d in neg],
-        })
+        rows.append(
+            {
+                "query_id": q,
+                "query": topics[q],
+                "positive_passages": [{"docid": d, "title": "", "text": docs[d]} for d in pos],
+                "negative_passages": [{"docid": d, "title": "", "text": docs[d]} for d in neg],
+            }
+        )
     (folder / "data").mkdir(parents=True)
     datasets.Dataset.from_list(rows).to_parquet(str(folder / "data" / "train-00000-of-00001.parquet"))
 
@@ -111,7 +126,7 @@ def standins(tmp_path_factory, msmarco_qrels_dir):
 
 def test_standins_have_msmarco_record_types(standins):
     root, docs, splits = standins
-    ds = ir_datasets.load(DL19[len("irds:"):])
+    ds = ir_datasets.load(DL19[len("irds:") :])
     doc = next(iter(ds.docs_iter()))
     assert type(doc).__name__ == "GenericDoc" and doc.doc_id.isdigit()
     assert type(next(iter(ds.queries_iter()))).__name__ == "GenericQuery"
@@ -133,12 +148,22 @@ def test_msmarco_config_end_to_end_offline_equals_pytrec_eval(standins, tmp_path
     root, docs, splits = standins
     out = tmp_path / "run"
     overrides = [
-        f"output_dir={out}", f"model.name_or_path={root / 'backbone'}", f"sizes={json.dumps(SIZES)}",
-        f"data.corpus={CORPUS}", f"data.train=hf:{root / 'tevatron-aug'}",
-        f"data.eval_splits.dev={DEV}", f"data.eval_splits.dl19={DL19}", "data.eval_splits.dl20=null",
-        "train.batch_size=4", "train.max_steps=2", "train.save_steps=1", "train.dataloader_workers=0",
-        "train.holdout_queries=2", "train.eval_steps=2",  # the config's held-back validation, on Tevatron's docids
-        "encode.batch_size=64", "encode.precision=fp32",
+        f"output_dir={out}",
+        f"model.name_or_path={root / 'backbone'}",
+        f"sizes={json.dumps(SIZES)}",
+        f"data.corpus={CORPUS}",
+        f"data.train=hf:{root / 'tevatron-aug'}",
+        f"data.eval_splits.dev={DEV}",
+        f"data.eval_splits.dl19={DL19}",
+        "data.eval_splits.dl20=null",
+        "train.batch_size=4",
+        "train.max_steps=2",
+        "train.save_steps=1",
+        "train.dataloader_workers=0",
+        "train.holdout_queries=2",
+        "train.eval_steps=2",  # the config's held-back validation, on Tevatron's docids
+        "encode.batch_size=64",
+        "encode.precision=fp32",
     ]
     config = REPO / "configs" / "msmarco-bert-base.yaml"
     from accelerate.state import AcceleratorState

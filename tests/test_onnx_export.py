@@ -17,19 +17,36 @@ from train.export import ONNX_FILE, ONNX_META, export, main as export_main
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
-SIZES = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 2, "dim": 16},
-         {"name": "full", "layers": 4, "dim": 32}]
-TEXTS = ["apt installs packages", "a", "the quick brown fox jumps over the lazy dog " * 4, "font editor for the desktop",
-         "x y"]
+SIZES = [
+    {"name": "small", "layers": 1, "dim": 8},
+    {"name": "mid", "layers": 2, "dim": 16},
+    {"name": "full", "layers": 4, "dim": 32},
+]
+TEXTS = [
+    "apt installs packages",
+    "a",
+    "the quick brown fox jumps over the lazy dog " * 4,
+    "font editor for the desktop",
+    "x y",
+]
 
 
 def save_tiny(path, pooling, normalize):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=3), pooling, normalize), 
-        path, tok, {"sizes": SIZES, "query_max_length": 8, "passage_max_length": 16, "query_prefix": "query: ",
-                    "passage_prefix": "passage: "})
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=3), pooling, normalize),
+        path,
+        tok,
+        {
+            "sizes": SIZES,
+            "query_max_length": 8,
+            "passage_max_length": 16,
+            "query_prefix": "query: ",
+            "passage_prefix": "passage: ",
+        },
+    )
     return path
 
 
@@ -48,11 +65,19 @@ def run_onnx(folder, texts, kind):
 
     meta = json.loads((folder / ONNX_META).read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    batch = tokenizer([meta[f"{kind}_prefix"] + t for t in texts], padding=True, truncation=True,
-                      max_length=meta[f"{kind}_max_length"], return_tensors="np", return_token_type_ids=False)
+    batch = tokenizer(
+        [meta[f"{kind}_prefix"] + t for t in texts],
+        padding=True,
+        truncation=True,
+        max_length=meta[f"{kind}_max_length"],
+        return_tensors="np",
+        return_token_type_ids=False,
+    )
     session = ort.InferenceSession(str(folder / meta["file"]), providers=["CPUExecutionProvider"])
-    return session.run(["embedding"], {"input_ids": batch["input_ids"].astype(np.int64),
-                                       "attention_mask": batch["attention_mask"].astype(np.int64)})[0]
+    return session.run(
+        ["embedding"],
+        {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)},
+    )[0]
 
 
 def assert_vectors_near(got, want, rel=1e-4):

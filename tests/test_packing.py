@@ -38,8 +38,10 @@ def encoder(packing, pooling="cls", normalize=False, dropout=None, seed=1):
 
 
 def test_packed_batch_layout():
-    b = {"input_ids": torch.tensor([[7, 8, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]]),
-         "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])}
+    b = {
+        "input_ids": torch.tensor([[7, 8, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]),
+    }
     p = PackedBatch.from_padded(b)
     assert p.input_ids.tolist() == [7, 8, 9, 5, 1, 2, 3, 4]
     assert p.position_ids.tolist() == [0, 1, 2, 0, 0, 1, 2, 3]  # restart for each text
@@ -59,8 +61,10 @@ def test_buckets_are_few_and_close_above():
 
 
 def test_bucketed_layout_adds_filler_texts_no_longer_than_the_longest():
-    b = {"input_ids": torch.tensor([[7, 8, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]]),
-         "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])}
+    b = {
+        "input_ids": torch.tensor([[7, 8, 9, 0], [5, 0, 0, 0], [1, 2, 3, 4]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]]),
+    }
     p = PackedBatch.from_padded(b, buckets=True)
     assert len(p.input_ids) == 256 and p.tokens == 8 and p.texts == 3
     assert p.lengths[:3].tolist() == [3, 1, 4] and p.lengths[3:].max() <= 4 and int(p.lengths.sum()) == 256
@@ -188,8 +192,14 @@ def test_cuda_varlen_kernel_equals_the_padded_reference(kernel, monkeypatch):
     if kernel == "varlen" and not packing.torch_varlen_available():
         pytest.skip("torch.nn.attention.varlen needs PyTorch >= 2.10")
     b = {k: v.cuda() for k, v in ragged_batch(rows=16, width=64).items()}
-    config = BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, attn_implementation="sdpa")
+    config = BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        attn_implementation="sdpa",
+    )
     torch.manual_seed(0)
     enc = StarbucksEncoder(BertModel(config).eval().cuda().half(), "mean")
     sizes = [Size("s", 2, 64)]
@@ -217,8 +227,14 @@ def dropout_free_model(tmp_path_factory):
 
 
 @pytest.mark.parametrize("pooling,extra", [("cls", []), ("mean", []), ("mean", ["train.gradient_checkpointing=true"])])
-def test_training_with_packing_gives_the_same_losses(tmp_path, dropout_free_model, collection, pooling,  # noqa: F811
-                                                     extra, monkeypatch):
+def test_training_with_packing_gives_the_same_losses(
+    tmp_path,
+    dropout_free_model,
+    collection,
+    pooling,  # noqa: F811
+    extra,
+    monkeypatch,
+):
     import retrieval.encoder as modeling
 
     packed_calls = []
@@ -249,4 +265,6 @@ def test_encode_stage_with_packing_writes_the_same_embeddings(tmp_path, workspac
         ids, padded = stored(tmp_path / "false", size)
         ids2, packed = stored(tmp_path / "true", size)
         assert ids == ids2
-        np.testing.assert_allclose(packed.astype(np.float32), padded.astype(np.float32), rtol=2e-3, atol=1e-5)  # fp16 ulp
+        np.testing.assert_allclose(
+            packed.astype(np.float32), padded.astype(np.float32), rtol=2e-3, atol=1e-5
+        )  # fp16 ulp

@@ -34,11 +34,11 @@ def experiment(tmp_path_factory):
     save_tiny_backbone(root / "backbone", layers=4, hidden=32)
     (root / "exp.yaml").write_text(f"""
 name: e2e
-output_dir: {root / 'runs'}
-model: {{name_or_path: {root / 'backbone'}, pooling: cls, normalize: false,
+output_dir: {root / "runs"}
+model: {{name_or_path: {root / "backbone"}, pooling: cls, normalize: false,
         query_max_length: 16, passage_max_length: 48}}
 sizes: {json.dumps(SIZES)}
-data: {{corpus: {col}, train: {col / 'train.jsonl'}, eval_splits: {{dev: {col}}}}}
+data: {{corpus: {col}, train: {col / "train.jsonl"}, eval_splits: {{dev: {col}}}}}
 train: {{batch_size: 4, group_size: 2, max_steps: 4, save_steps: 2, learning_rate: 1.0e-3, temperature: 1.0}}
 encode: {{batch_size: 32, shard_rows: 128}}
 search: {{depth: 10}}
@@ -77,10 +77,12 @@ def test_train_encode_search_eval_equal_a_brute_force_search(experiment):
             # each returned passage carries its brute-force score, and they are the top 10 scores
             # (a random tiny model has near-ties, so compare scores rather than the order of ids)
             np.testing.assert_allclose([got[d] for d in got], [scores[i, row[d]] for d in got], rtol=1e-3, atol=1e-3)
-            np.testing.assert_allclose(sorted(got.values(), reverse=True), np.sort(scores[i])[::-1][:10],
-                                       rtol=1e-3, atol=1e-3)
+            np.testing.assert_allclose(
+                sorted(got.values(), reverse=True), np.sort(scores[i])[::-1][:10], rtol=1e-3, atol=1e-3
+            )
         expected = pytrec_eval.RelevanceEvaluator({k: dev.qrels[k] for k in qids}, {"recip_rank"}).evaluate(
-            {k: {d: float(s) for d, s in v.items()} for k, v in run.items()})
+            {k: {d: float(s) for d, s in v.items()} for k, v in run.items()}
+        )
         got = next(r["metrics"]["RR@10"] for r in report["sizes"] if r["size"] == size.name)
         assert got == pytest.approx(np.mean([expected[k]["recip_rank"] for k in qids]), abs=1e-9)
 

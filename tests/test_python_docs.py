@@ -129,15 +129,23 @@ def launch():
     """
 ''',
     "latin.py": b'# -*- coding: latin-1 -*-\ndef describe():\n    """Describe the caf\xe9 menu here.\n\n    '
-                + body("menu").encode() + b'\n    """\n',
+    + body("menu").encode()
+    + b'\n    """\n',
     "bad.py": 'print "python 2"\n',
     "_private.py": f'def hidden():\n    """Hidden module function here.\n\n    {body("hidden")}\n    """\n',
     "test/test_alpha.py": f'def test_it():\n    """Tests are no API docs.\n\n    {body("test")}\n    """\n',
     "site-packages/thirdparty.py": f'def other():\n    """Third-party code here.\n\n    {body("other")}\n    """\n',
     "config-3.11-x86_64-linux-gnu/python-config.py": f'def cfg():\n    """Not a module name.\n\n    {body("x")}\n    """\n',
 }
-QUERIES = {"alpha.parse", "alpha.Reader", "alpha.Reader.read", "alpha.dup_a", "alpha.twice", "boom.launch",
-           "latin.describe"}
+QUERIES = {
+    "alpha.parse",
+    "alpha.Reader",
+    "alpha.Reader.read",
+    "alpha.dup_a",
+    "alpha.twice",
+    "boom.launch",
+    "latin.describe",
+}
 DISTRACTORS = {"beta.fetch", "beta.gamma.one", "beta.gamma.two"}
 
 
@@ -171,8 +179,7 @@ def test_builder_rules_on_a_synthetic_tree(tree, tmp_path):
     assert (stats["files_parsed"], stats["files_skipped"], stats["files_unparsable"]) == (5, 3, 1)
     # documented: parse, Reader, read, short, dup_b, dup_a, twice | fetch | one, two | launch | describe
     assert stats["documented"] == 12
-    assert stats["dropped"] == {"short_passage": 1, "duplicate_passage": 1, "short_summary": 1,
-                                "duplicate_summary": 2}
+    assert stats["dropped"] == {"short_passage": 1, "duplicate_passage": 1, "short_summary": 1, "duplicate_summary": 2}
     assert (stats["passages"], stats["queries"], stats["distractors"]) == (10, {"test": 7}, 3)
     assert sorted(p.name for p in (tmp_path / "a" / "qrels").iterdir()) == ["test.tsv"]
     assert not (tmp_path / "a" / "train.jsonl.gz").exists()
@@ -190,13 +197,17 @@ def test_rebuild_is_byte_identical(tree, tmp_path):
     assert snapshot(tmp_path / "a") == first
     build(tree, tmp_path / "b")  # elsewhere: the data files are the same (the README names its --out)
     second = snapshot(tmp_path / "b")
-    assert {f: b for f, b in second.items() if f.name != "README.md"} == \
-        {f: b for f, b in first.items() if f.name != "README.md"}
+    assert {f: b for f, b in second.items() if f.name != "README.md"} == {
+        f: b for f, b in first.items() if f.name != "README.md"
+    }
 
 
 def test_split_docstring():
     assert split_docstring("One line.") == ("One line.", "")
-    assert split_docstring("Sum\nmary.\n\n\nFirst  para\ngraph.\n\nSecond.") == ("Sum mary.", "First para graph.\nSecond.")
+    assert split_docstring("Sum\nmary.\n\n\nFirst  para\ngraph.\n\nSecond.") == (
+        "Sum mary.",
+        "First para graph.\nSecond.",
+    )
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="data/python-docs not built")

@@ -53,10 +53,10 @@ def setup(tmp_path_factory):
     config = root / "exp.yaml"
     config.write_text(f"""
 name: rel
-model: {{name_or_path: {root / 'model'}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 32}}
+model: {{name_or_path: {root / "model"}, pooling: cls, normalize: false, query_max_length: 16, passage_max_length: 32}}
 sizes: ["1x8", "2x16"]
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
-encode: {{model: {root / 'model'}, batch_size: 16, shard_rows: 16}}
+encode: {{model: {root / "model"}, batch_size: 16, shard_rows: 16}}
 search: {{depth: 10}}
 eval: {{metrics: [RR@10], plot: false}}
 """)
@@ -214,17 +214,28 @@ def test_a_corpus_with_a_byte_that_is_not_utf8_names_file_line_and_offset(setup,
 # ---------------------------------------------------------------- one line instead of a traceback
 
 
-@pytest.mark.parametrize("name, override, words", [
-    ("train", "train.learning_rate=abc", "train.learning_rate = 'abc' is not a number"),
-    ("train", "train.temperature=warm", "train.temperature = 'warm' is not a number"),
-    ("train", "train.warmup_ratio=lots", "train.warmup_ratio = 'lots' is not a number"),
-    ("train", "train.batch_size=2.5", "train.batch_size = 2.5 must be a whole number >= 1"),
-    ("encode", "encode.batch_size=many", "encode.batch_size = 'many' must be a whole number >= 1"),
-    ("search", "search.depth=deep", "search.depth = 'deep' must be a whole number >= 1"),
-    ("encode", "encode.sizes=0x32", "size 0x32 is invalid"),
-    ("encode", "sizes=[2x16,1x8]", "sizes must be ordered small to large (layers and dims increasing): 1x8 comes after 2x16"),
-    ("encode", "encode.dataloader_workers=-1", "encode.dataloader_workers = -1 must be auto or a whole number >= 0"),
-])
+@pytest.mark.parametrize(
+    "name, override, words",
+    [
+        ("train", "train.learning_rate=abc", "train.learning_rate = 'abc' is not a number"),
+        ("train", "train.temperature=warm", "train.temperature = 'warm' is not a number"),
+        ("train", "train.warmup_ratio=lots", "train.warmup_ratio = 'lots' is not a number"),
+        ("train", "train.batch_size=2.5", "train.batch_size = 2.5 must be a whole number >= 1"),
+        ("encode", "encode.batch_size=many", "encode.batch_size = 'many' must be a whole number >= 1"),
+        ("search", "search.depth=deep", "search.depth = 'deep' must be a whole number >= 1"),
+        ("encode", "encode.sizes=0x32", "size 0x32 is invalid"),
+        (
+            "encode",
+            "sizes=[2x16,1x8]",
+            "sizes must be ordered small to large (layers and dims increasing): 1x8 comes after 2x16",
+        ),
+        (
+            "encode",
+            "encode.dataloader_workers=-1",
+            "encode.dataloader_workers = -1 must be auto or a whole number >= 0",
+        ),
+    ],
+)
 def test_bad_values_are_one_line(setup, tmp_path, capsys, name, override, words):
     root, col, config = setup
     assert words in fails(capsys, name, config, override, *run_dir(tmp_path))
@@ -253,8 +264,16 @@ def test_a_second_training_of_the_same_run_stops_and_a_killed_holder_leaves_no_l
     holder = ctx.Process(target=_hold, args=(tmp_path / "exp", started, release))
     holder.start()
     assert started.wait(30)
-    line = fails(capsys, "train", config, f"data.train={col / 'train.jsonl'}", "train.batch_size=2",
-                 "train.group_size=2", "train.max_steps=1", *run_dir(tmp_path))
+    line = fails(
+        capsys,
+        "train",
+        config,
+        f"data.train={col / 'train.jsonl'}",
+        "train.batch_size=2",
+        "train.group_size=2",
+        "train.max_steps=1",
+        *run_dir(tmp_path),
+    )
     assert f"{tmp_path / 'exp'} is in use by training test (pid {holder.pid}" in line
     os.kill(holder.pid, 9)  # kill -9: no clean-up runs, the lock file stays behind
     holder.join()
@@ -283,8 +302,11 @@ def test_query_embeddings_older_than_the_passages_name_the_fix(setup, tmp_path):
     qmeta_path.write_text(json.dumps({**qmeta, "model_sha256": "an-older-model"}))
     past = time.time() - 3600
     os.utime(qmeta_path, (past, past))
-    with pytest.raises(StarbucksError, match=r"model_sha256 is 'an-older-model' for the queries but .* for the passages; "
-                                             r"the queries are older: re-run `python -m encode`"):
+    with pytest.raises(
+        StarbucksError,
+        match=r"model_sha256 is 'an-older-model' for the queries but .* for the passages; "
+        r"the queries are older: re-run `python -m encode`",
+    ):
         store.load_queries("dev")
     stage("encode", config, *out)  # following the advice repairs it
     assert store.load_queries("dev")[2]["model_sha256"] == store.read_meta()["model_sha256"]
@@ -329,8 +351,9 @@ def full_disk_at(monkeypatch, kind: str, name: str):
 
 
 @pytest.mark.parametrize("kind, name", [("numpy", "shard-00001.npy"), ("text", "ids-00002.txt")])
-def test_a_full_disk_stops_encode_with_one_line_and_a_rerun_finishes_the_same_embeddings(setup, tmp_path, capsys,
-                                                                                        monkeypatch, kind, name):
+def test_a_full_disk_stops_encode_with_one_line_and_a_rerun_finishes_the_same_embeddings(
+    setup, tmp_path, capsys, monkeypatch, kind, name
+):
     root, col, config = setup
     stage("encode", config, *run_dir(tmp_path, "whole"))
     stage("search", config, *run_dir(tmp_path, "whole"))
@@ -370,12 +393,23 @@ def read_only_at(monkeypatch, place, code):
     monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
 
 
-@pytest.mark.parametrize("name, key, words", [
-    ("encode", "output_dir", "is on a read-only file system; choose another output_dir (or paths.*) in a writable place"),
-    ("search", "paths.runs", "is on a read-only file system; choose another output_dir (or paths.*) in a writable place"),
-    ("eval", "paths.eval", "no permission to use"),
-    ("train", "output_dir", "is on a read-only file system"),
-])
+@pytest.mark.parametrize(
+    "name, key, words",
+    [
+        (
+            "encode",
+            "output_dir",
+            "is on a read-only file system; choose another output_dir (or paths.*) in a writable place",
+        ),
+        (
+            "search",
+            "paths.runs",
+            "is on a read-only file system; choose another output_dir (or paths.*) in a writable place",
+        ),
+        ("eval", "paths.eval", "no permission to use"),
+        ("train", "output_dir", "is on a read-only file system"),
+    ],
+)
 def test_a_read_only_output_place_is_one_line(setup, tmp_path, capsys, monkeypatch, name, key, words):
     import errno
 
@@ -386,18 +420,27 @@ def test_a_read_only_output_place_is_one_line(setup, tmp_path, capsys, monkeypat
         stage("search", config, *out)
     place = tmp_path / "read-only"
     read_only_at(monkeypatch, place, errno.EACCES if name == "eval" else errno.EROFS)
-    overrides = [f"data.train={col / 'train.jsonl'}", "train.batch_size=2", "train.group_size=2",
-                 "train.max_steps=1"] if name == "train" else []
+    overrides = (
+        [f"data.train={col / 'train.jsonl'}", "train.batch_size=2", "train.group_size=2", "train.max_steps=1"]
+        if name == "train"
+        else []
+    )
     line = fails(capsys, name, config, *out, *overrides, f"{key}={place / 'exp'}")
     assert f"{place / 'exp'}" in line and words in line
 
 
-TRAIN = ["train.batch_size=2", "train.group_size=2", "train.max_steps=3", "train.save_steps=1",
-         "train.save_total_limit=0"]
+TRAIN = [
+    "train.batch_size=2",
+    "train.group_size=2",
+    "train.max_steps=3",
+    "train.save_steps=1",
+    "train.save_total_limit=0",
+]
 
 
-def test_a_full_disk_at_a_checkpoint_is_one_line_and_training_resumes_to_the_same_model(setup, tmp_path, capsys,
-                                                                                      monkeypatch):
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_training_resumes_to_the_same_model(
+    setup, tmp_path, capsys, monkeypatch
+):
     import torch
 
     import train.checkpoint
@@ -425,8 +468,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_training_resumes_to_the_sam
 
     stage("train", config, data, *TRAIN, *out)
     assert "resumed at 1" in capsys.readouterr().out
-    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == \
-        (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model" / "model.safetensors"
+    ).read_bytes()
 
 
 def test_write_failures_of_torch_and_safetensors_name_the_checkpoint(tmp_path, monkeypatch):
@@ -434,7 +478,6 @@ def test_write_failures_of_torch_and_safetensors_name_the_checkpoint(tmp_path, m
 
     from safetensors import SafetensorError
 
-    import train.checkpoint
     from train.checkpoint import saving
 
     with pytest.raises(OSError) as info, saving(tmp_path / "ckpt"):
@@ -461,8 +504,17 @@ def test_a_damaged_model_file_is_named(setup, tmp_path, capsys):
         line = fails(capsys, "encode", config, f"encode.model={model}", *run_dir(tmp_path))
         assert f"{weights} is damaged (" in line and "re-download the model or train it again" in line
     assert not any((tmp_path / "exp" / "embeddings").rglob("*.npy"))
-    line = fails(capsys, "train", config, f"model.name_or_path={model}", f"data.train={col / 'train.jsonl'}",
-                 "train.batch_size=2", "train.group_size=2", "train.max_steps=1", *run_dir(tmp_path))
+    line = fails(
+        capsys,
+        "train",
+        config,
+        f"model.name_or_path={model}",
+        f"data.train={col / 'train.jsonl'}",
+        "train.batch_size=2",
+        "train.group_size=2",
+        "train.max_steps=1",
+        *run_dir(tmp_path),
+    )
     assert f"{weights} is damaged (" in line
 
 
@@ -491,12 +543,16 @@ def test_a_repeated_query_id_is_refused(setup, tmp_path, capsys):
     topics = tmp_path / "topics.tsv"
     topics.write_text("q1\tfirst\nq2\tsecond\nq1\tthird\n")
     from retrieval.data import read_queries_file
-    with pytest.raises(StarbucksError, match=r"topics.tsv line 3: query id 'q1' appears a second time \(first at line 1\)"):
+
+    with pytest.raises(
+        StarbucksError, match=r"topics.tsv line 3: query id 'q1' appears a second time \(first at line 1\)"
+    ):
         read_queries_file(topics)
 
 
-def test_qrels_judging_a_pair_twice_are_refused_with_other_grades_and_kept_once_with_the_same(setup, tmp_path, capsys,
-                                                                                           caplog):
+def test_qrels_judging_a_pair_twice_are_refused_with_other_grades_and_kept_once_with_the_same(
+    setup, tmp_path, capsys, caplog
+):
     from retrieval.data import load_split
 
     root, col, config = setup
@@ -511,8 +567,10 @@ def test_qrels_judging_a_pair_twice_are_refused_with_other_grades_and_kept_once_
     qrels.write_text(text + f"{qid}\t{did}\t1\n" + text.splitlines(True)[3])
     with caplog.at_level("WARNING", logger="retrieval.data"):
         split = load_split("dev", str(own))
-    assert f"{qrels}: 2 judgment(s) repeat an earlier one with the same grade (first: line {QUERIES + 2} repeats line 2)" \
+    assert (
+        f"{qrels}: 2 judgment(s) repeat an earlier one with the same grade (first: line {QUERIES + 2} repeats line 2)"
         in caplog.text
+    )
     assert split.qrels == load_split("dev", str(col)).qrels
 
 
@@ -525,8 +583,16 @@ def test_a_second_training_group_for_a_query_id_is_refused(setup, tmp_path, caps
     groups.write_text("".join(lines) + lines[0])
     qid = json.loads(lines[0])["query_id"]
     where = f"{groups} line {len(lines) + 1}: query id {qid!r} has a second training group (first at line 1)"
-    line = fails(capsys, "train", config, f"data.train={groups}", "train.batch_size=2", "train.group_size=2",
-                 "train.max_steps=1", *run_dir(tmp_path))
+    line = fails(
+        capsys,
+        "train",
+        config,
+        f"data.train={groups}",
+        "train.batch_size=2",
+        "train.group_size=2",
+        "train.max_steps=1",
+        *run_dir(tmp_path),
+    )
     assert where in line
     assert len(load_train_groups(str(col / "train.jsonl"), str(col))) == len(lines)
 
@@ -577,8 +643,13 @@ def terminated(name: str, config, *overrides: str) -> None:
     from conftest import REPO
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-c", SIGTERM_AT, name, "--config", str(config), *overrides], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_AT, name, "--config", str(config), *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == -signal.SIGTERM, done.stderr[-2000:]
 
 
@@ -600,5 +671,6 @@ def test_sigterm_mid_encode_and_mid_training_loses_nothing_and_a_rerun_ends_the_
     assert (tmp_path / "exp" / "checkpoints" / "checkpoint-2").is_dir() and not (tmp_path / "exp" / "model").exists()
     stage("train", config, *train_args, *out)
     assert "resumed at 2" in capsys.readouterr().out
-    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == \
-        (tmp_path / "whole" / "model" / "model.safetensors").read_bytes()
+    assert (tmp_path / "exp" / "model" / "model.safetensors").read_bytes() == (
+        tmp_path / "whole" / "model" / "model.safetensors"
+    ).read_bytes()

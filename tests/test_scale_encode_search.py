@@ -36,7 +36,11 @@ def encoded(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
         [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "encode", "--config", str(config)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return single, multi, done.stderr
@@ -65,22 +69,34 @@ def test_two_rank_torchrun_encode_equals_single_process_byte_for_byte(encoded):
     # the ranks wrote disjoint shards: rank 0 blocks 0 and 2, rank 1 block 1
     assert f"worker 0/2 encoded {16 + 13} of {PASSAGES}" in log and f"worker 1/2 encoded 16 of {PASSAGES}" in log
     assert sorted(p.name for p in (multi / "embeddings" / "a").glob("shard-*.npy")) == [
-        "shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+        "shard-00000.npy",
+        "shard-00001.npy",
+        "shard-00002.npy",
+    ]
 
 
 def test_search_over_the_ranks_shards_equals_search_over_the_single_encode(encoded, tmp_path):
     single, multi, _ = encoded
     for out in (single, multi):
-        splits = [f"data.eval_splits.dev={out.parent / 'col'}", "data.eval_splits.test=null"]  # the encoded collection's
-        assert len(search_collection(load_config(None, [f"output_dir={out}", "search.depth=20", *splits]),
-                                     progress=False)) == 3
+        splits = [
+            f"data.eval_splits.dev={out.parent / 'col'}",
+            "data.eval_splits.test=null",
+        ]  # the encoded collection's
+        assert (
+            len(search_collection(load_config(None, [f"output_dir={out}", "search.depth=20", *splits]), progress=False))
+            == 3
+        )
     for size in ("a", "b", "4x32"):
         assert read_run(single / "runs" / "dev" / f"{size}.trec") == read_run(multi / "runs" / "dev" / f"{size}.trec")
     # per-shard IVF indexes (one per rank-written shard, every list probed) merge to the exact top-k
     store = EmbeddingStore(multi / "embeddings" / "b")
     _, queries, _ = store.load_queries("dev")
     exact = search_store(EmbeddingStore(single / "embeddings" / "b"), queries, SearchSettings(depth=20))
-    parts = search_store(store, queries, SearchSettings(index="IVF2,Flat", params={"nprobe": 2}, depth=20,
-                                                        shards_per_index=1), tmp_path / "index")
+    parts = search_store(
+        store,
+        queries,
+        SearchSettings(index="IVF2,Flat", params={"nprobe": 2}, depth=20, shards_per_index=1),
+        tmp_path / "index",
+    )
     np.testing.assert_array_equal(parts[1], exact[1])
     assert len(list((tmp_path / "index").glob("*.faiss"))) == 3

@@ -86,7 +86,11 @@ def test_per_shard_ivf_indexes_are_saved_reused_and_merged(tmp_path, data, monke
     settings = SearchSettings(index="IVF4,Flat", params={"nprobe": 4}, depth=20, shards_per_index=2)
     scores, rows = search_store(store, queries, settings, index_dir)
     assert sorted(p.name for p in index_dir.iterdir()) == [
-        "grande.part-00000.faiss", "grande.part-00000.json", "grande.part-00001.faiss", "grande.part-00001.json"]
+        "grande.part-00000.faiss",
+        "grande.part-00000.json",
+        "grande.part-00001.faiss",
+        "grande.part-00001.json",
+    ]
     want_scores, want_rows = brute_force(vectors, queries, 20)
     np.testing.assert_array_equal(rows, want_rows)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
@@ -107,7 +111,9 @@ def test_stale_index_is_refused_unless_rebuild(tmp_path, data):
     settings = SearchSettings(index="IVF2,Flat", params={"nprobe": 2}, depth=5)
     search_store(write_store(tmp_path / "a", vectors, ids, 100), queries, settings, index_dir)
     other = write_store(tmp_path / "b", vectors, ids, 100, model="m2")
-    with pytest.raises(StarbucksError, match=r"index .*grande.faiss was built with model_sha256 = 'm1'.*search.rebuild=true"):
+    with pytest.raises(
+        StarbucksError, match=r"index .*grande.faiss was built with model_sha256 = 'm1'.*search.rebuild=true"
+    ):
         search_store(other, queries, settings, index_dir)
     settings.rebuild = True
     search_store(other, queries, settings, index_dir)
@@ -151,8 +157,10 @@ def test_bad_index_string_and_params_are_one_line_errors(tmp_path, data):
 
 def config(tmp_path, *overrides):
     """The synthetic stores' splits have no qrels: the default collection's splits are removed."""
-    return load_config(None, [f"output_dir={tmp_path}", "name=exp", "data.eval_splits.dev=null",
-                              "data.eval_splits.test=null", *overrides])
+    return load_config(
+        None,
+        [f"output_dir={tmp_path}", "name=exp", "data.eval_splits.dev=null", "data.eval_splits.test=null", *overrides],
+    )
 
 
 def test_settings_resolve_devices_and_refuse_impossible_choices(tmp_path):
@@ -197,8 +205,9 @@ def test_search_refuses_queries_from_another_model(tmp_path, data):
     assert isinstance(store, EmbeddingStore)
 
 
-@pytest.mark.parametrize("n,k,block", [(1000, 10, 16), (1003, 7, 20), (997, 20, 8), (4099, 30, 32), (300, 5, None),
-                                       (300, 50, 4)])
+@pytest.mark.parametrize(
+    "n,k,block", [(1000, 10, 16), (1003, 7, 20), (997, 20, 8), (4099, 30, 32), (300, 5, None), (300, 50, 4)]
+)
 def test_block_maxima_topk_equals_a_full_sort(n, k, block):
     import torch
 

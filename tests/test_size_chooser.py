@@ -16,8 +16,15 @@ def test_pareto_front_on_a_hand_made_table():
     # (cost, quality); by hand: a is cheapest; b is better than a for more; c costs more than b for less (off);
     # d is the best; e ties b exactly (both stay: neither is strictly better); f equals d's quality at a
     # higher cost (off); g is as cheap as a but worse (off)
-    points = {"a": (1.0, 0.20), "b": (2.0, 0.30), "c": (3.0, 0.25), "d": (5.0, 0.50), "e": (2.0, 0.30),
-              "f": (6.0, 0.50), "g": (1.0, 0.10)}
+    points = {
+        "a": (1.0, 0.20),
+        "b": (2.0, 0.30),
+        "c": (3.0, 0.25),
+        "d": (5.0, 0.50),
+        "e": (2.0, 0.30),
+        "f": (6.0, 0.50),
+        "g": (1.0, 0.10),
+    }
     names = list(points)
     assert [names[i] for i in pareto_front(list(points.values()))] == ["a", "b", "d", "e"]
     assert pareto_front([]) == []
@@ -52,11 +59,11 @@ def run(tmp_path_factory):
     save_tiny_backbone(root / "backbone", layers=4, hidden=32)
     (root / "exp.yaml").write_text(f"""
 name: chooser
-output_dir: {root / 'run'}
-model: {{name_or_path: {root / 'backbone'}, pooling: cls, query_max_length: 16, passage_max_length: 48}}
+output_dir: {root / "run"}
+model: {{name_or_path: {root / "backbone"}, pooling: cls, query_max_length: 16, passage_max_length: 48}}
 sizes: {json.dumps(SIZES)}
 data: {{corpus: {col}, eval_splits: {{dev: {col}}}}}
-encode: {{model: {root / 'backbone'}, batch_size: 32, shard_rows: 64}}
+encode: {{model: {root / "backbone"}, batch_size: 32, shard_rows: 64}}
 search: {{depth: 10}}
 eval: {{metrics: [nDCG@10, RR@10], plot: false}}
 """)
@@ -76,7 +83,9 @@ def test_report_of_a_run(run, capsys):
     args = [str(run_dir), "--queries", str(run / "col"), "--passages", "16", "--query-sample", "3", "--device", "cpu"]
     best = main([*args, "--max-bytes", "40"])
     report = json.loads((run_dir / "eval" / "sizes-dev.json").read_text())
-    evaluated = {s["size"]: s["metrics"]["nDCG@10"] for s in json.loads((run_dir / "eval" / "dev.json").read_text())["sizes"]}
+    evaluated = {
+        s["size"]: s["metrics"]["nDCG@10"] for s in json.loads((run_dir / "eval" / "dev.json").read_text())["sizes"]
+    }
     assert report["measure"] == "nDCG@10" and [s["size"] for s in report["sizes"]] == SIZES
     for s in report["sizes"]:
         assert s["quality"] == evaluated[s["size"]]
@@ -116,8 +125,11 @@ def test_a_run_searched_on_an_index_is_timed_on_that_index(run, tmp_path, capsys
 
     applied = []
     real = exact_search.set_params
-    monkeypatch.setattr(exact_search, "set_params", lambda index, params, gpu=False: (applied.append(dict(params)),
-                                                                                      real(index, params, gpu)))
+    monkeypatch.setattr(
+        exact_search,
+        "set_params",
+        lambda index, params, gpu=False: (applied.append(dict(params)), real(index, params, gpu)),
+    )
     run_dir = tmp_path / "run"
     args = [str(run_dir), "--queries", str(run / "col"), "--passages", "16", "--query-sample", "3", "--device", "cpu"]
     main(args)

@@ -3,11 +3,18 @@ import pytest
 from retrieval.errors import StarbucksError
 from retrieval.sizes import Size, SizeList, parse_size
 
-PAPER = [("demi", 2, 32), ("short", 4, 64), ("tall", 6, 128), ("grande", 8, 256), ("venti", 10, 512), ("trenta", 12, 768)]
+PAPER = [
+    ("demi", 2, 32),
+    ("short", 4, 64),
+    ("tall", 6, 128),
+    ("grande", 8, 256),
+    ("venti", 10, 512),
+    ("trenta", 12, 768),
+]
 
 
 def paper_sizes():
-    return SizeList.from_config([{"name": n, "layers": l, "dim": d} for n, l, d in PAPER])
+    return SizeList.from_config([{"name": n, "layers": layers, "dim": d} for n, layers, d in PAPER])
 
 
 def test_parse_name_and_lxd():

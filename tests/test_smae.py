@@ -16,8 +16,27 @@ from train.smae import SMAE
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SIZES = SizeList([Size("s1", 1, 8), Size("s2", 2, 16), Size("s3", 3, 24), Size("full", 3, 32)])
-WORDS = ["package", "library", "unbelievably", "tokenization", "of", "the", "xkcdian", "gtk", "debian", "cross-platform",
-         "runtime", "daemon", "zeroconf", "a", "is", "fast", "multithreaded", "preprocessor", "."]
+WORDS = [
+    "package",
+    "library",
+    "unbelievably",
+    "tokenization",
+    "of",
+    "the",
+    "xkcdian",
+    "gtk",
+    "debian",
+    "cross-platform",
+    "runtime",
+    "daemon",
+    "zeroconf",
+    "a",
+    "is",
+    "fast",
+    "multithreaded",
+    "preprocessor",
+    ".",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +51,15 @@ def tiny_mlm(vocab=30522, hidden=32, layers=3, seed=0, init=0.2):
     from transformers import BertConfig, BertForMaskedLM
 
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                        intermediate_size=2 * hidden, max_position_embeddings=128, initializer_range=init)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=128,
+        initializer_range=init,
+    )
     return BertForMaskedLM(config)
 
 
@@ -98,8 +124,13 @@ def hand_batch(vocab=30522, mask_id=103):
 
     enc_ids, labels = masked(enc_pos)
     dec_ids, dec_labels = masked(dec_pos)
-    return {"input_ids": enc_ids, "attention_mask": attention, "labels": labels,
-            "decoder_input_ids": dec_ids, "decoder_labels": dec_labels}
+    return {
+        "input_ids": enc_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "decoder_input_ids": dec_ids,
+        "decoder_labels": dec_labels,
+    }
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
@@ -185,8 +216,16 @@ def tiny_roberta(seed=0):
     from transformers import RobertaConfig, RobertaForMaskedLM
 
     torch.manual_seed(seed)
-    return RobertaForMaskedLM(RobertaConfig(vocab_size=500, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                            intermediate_size=64, initializer_range=0.2))
+    return RobertaForMaskedLM(
+        RobertaConfig(
+            vocab_size=500,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            initializer_range=0.2,
+        )
+    )
 
 
 def assert_same_state(module, other):
@@ -416,7 +455,7 @@ def test_windows_pack_the_token_stream(tokenizer, tmp_path):
     assert len(windows) == len(stream) // 14
     for i, (ids, starts) in enumerate(windows):
         assert len(ids) == 16 and ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
-        assert list(ids[1:-1]) == stream[i * 14:(i + 1) * 14]
+        assert list(ids[1:-1]) == stream[i * 14 : (i + 1) * 14]
         assert starts[0] == starts[-1] == 1
     dataset = build(tmp_path, texts, tokenizer, 16)
     assert len(dataset) == len(windows)
@@ -447,7 +486,9 @@ def test_window_build_resumes_and_stops_at_max_tokens(tokenizer, tmp_path, monke
     monkeypatch.setattr(masking.WindowPacker, "add", lambda self, chunk: tokenized.extend(chunk) or add(self, chunk))
     resumed = build(tmp_path, texts, tokenizer, 32)
     assert tokenized == texts[1536:]  # resumed after the committed texts
-    assert [resumed[(i, 0)]["input_ids"].numpy().tolist() for i in range(len(resumed))] == [e.tolist() for e in expected]
+    assert [resumed[(i, 0)]["input_ids"].numpy().tolist() for i in range(len(resumed))] == [
+        e.tolist() for e in expected
+    ]
     assert not (tmp_path / "windows" / "progress.json").exists()
     assert len(build(tmp_path, texts, tokenizer, 32, max_tokens=32 * 10)) == 10  # another identity: rebuilt
 
@@ -455,7 +496,9 @@ def test_window_build_resumes_and_stops_at_max_tokens(tokenizer, tmp_path, monke
 def test_text_sources(tmp_path):
     (tmp_path / "a.txt").write_text("first line\n\n second line \n")
     with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
-        f.write(json.dumps({"body": "one"}) + "\n" + json.dumps({"body": " "}) + "\n" + json.dumps({"body": "two"}) + "\n")
+        f.write(
+            json.dumps({"body": "one"}) + "\n" + json.dumps({"body": " "}) + "\n" + json.dumps({"body": "two"}) + "\n"
+        )
     (tmp_path / "beir").mkdir()
     (tmp_path / "beir" / "corpus.jsonl").write_text(json.dumps({"_id": "d1", "title": "T", "text": "body"}) + "\n")
     assert list(iter_texts(str(tmp_path / "a.txt"))) == ["first line", "second line"]
@@ -492,8 +535,14 @@ def headless_base(tmp_path, tokenizer):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     BertModel(config).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     return tmp_path / "base"
@@ -502,11 +551,20 @@ def headless_base(tmp_path, tokenizer):
 def smae_config(base, output_dir, *overrides):
     from retrieval.config import load_config
 
-    return load_config("configs/smae.yaml", [
-        f"model.name_or_path={base}", f"output_dir={output_dir}", "sizes=[1x8,2x16,3x32]",
-        "pretrain.max_texts=1500", "pretrain.max_length=32", "train.batch_size=8", "train.learning_rate=1e-3",
-        "train.logging_steps=1", *overrides,
-    ])
+    return load_config(
+        "configs/smae.yaml",
+        [
+            f"model.name_or_path={base}",
+            f"output_dir={output_dir}",
+            "sizes=[1x8,2x16,3x32]",
+            "pretrain.max_texts=1500",
+            "pretrain.max_length=32",
+            "train.batch_size=8",
+            "train.learning_rate=1e-3",
+            "train.logging_steps=1",
+            *overrides,
+        ],
+    )
 
 
 def mean_terms(records, prefix):
@@ -536,12 +594,23 @@ def test_short_run_lowers_both_losses_and_finetuning_starts_from_it(tmp_path, he
     assert meta["head_warmup"]["steps"] == 100 and meta["bottleneck_pooling"] == "mean"
     assert meta["head_warmup"]["mlm_loss_after"] < meta["head_warmup"]["mlm_loss_before"]
 
-    finetune = load_config(repo_root / "configs" / "default.yaml", [
-        f"model.name_or_path={result.model_dir}", f"output_dir={tmp_path / 'ft'}", "sizes=[1x8,2x16,3x32]",
-        f"data.corpus={repo_root / 'data/debian-pkgs-mini'}", f"data.train={repo_root / 'data/debian-pkgs-mini/train.jsonl.gz'}",
-        "data.max_train_groups=8", "train.max_steps=1", "train.batch_size=2", "train.group_size=2",
-        "train.learning_rate=1e-12", "model.query_max_length=16", "model.passage_max_length=48",
-    ])
+    finetune = load_config(
+        repo_root / "configs" / "default.yaml",
+        [
+            f"model.name_or_path={result.model_dir}",
+            f"output_dir={tmp_path / 'ft'}",
+            "sizes=[1x8,2x16,3x32]",
+            f"data.corpus={repo_root / 'data/debian-pkgs-mini'}",
+            f"data.train={repo_root / 'data/debian-pkgs-mini/train.jsonl.gz'}",
+            "data.max_train_groups=8",
+            "train.max_steps=1",
+            "train.batch_size=2",
+            "train.group_size=2",
+            "train.learning_rate=1e-12",
+            "model.query_max_length=16",
+            "model.passage_max_length=48",
+        ],
+    )
     tuned = load_file(run_training(finetune).model_dir / "model.safetensors")
     key = "encoder.layer.2.output.dense.weight"
     torch.testing.assert_close(tuned[key], pretrained[key], atol=1e-6, rtol=0)
@@ -559,8 +628,13 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base, monkey
 
     seen = []  # the decoder's weights at each SMAE step (one decode call per step)
     decode = SMAE.decode
-    monkeypatch.setattr(SMAE, "decode", lambda self, *args: seen.append(
-        {k: v.detach().clone() for k, v in self.decoder.state_dict().items()}) or decode(self, *args))
+    monkeypatch.setattr(
+        SMAE,
+        "decode",
+        lambda self, *args: (
+            seen.append({k: v.detach().clone() for k, v in self.decoder.state_dict().items()}) or decode(self, *args)
+        ),
+    )
 
     overrides = ("train.max_steps=6", "train.save_steps=3", "train.batch_size=4")
     whole = run_pretraining(smae_config(headless_base, tmp_path / "a", *overrides))
@@ -576,7 +650,9 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, headless_base, monkey
     # The decoder starts as the base's first layer; the resumed run goes on with the decoder trained for
     # 3 steps (from the checkpoint's state), not with a new copy of the base's first layer.
     assert len(uninterrupted) == 6 and len(seen) == 3
-    base_layer0 = {f"0.{k}": v for k, v in AutoModel.from_pretrained(headless_base).encoder.layer[0].state_dict().items()}
+    base_layer0 = {
+        f"0.{k}": v for k, v in AutoModel.from_pretrained(headless_base).encoder.layer[0].state_dict().items()
+    }
     assert uninterrupted[0].keys() == base_layer0.keys()
     assert all(torch.equal(uninterrupted[0][k], base_layer0[k]) for k in base_layer0)
     assert all(torch.equal(seen[0][k], uninterrupted[3][k]) for k in base_layer0)
@@ -594,15 +670,29 @@ def test_head_warmup_changes_only_the_head_and_reports_the_mlm_loss(tmp_path, he
     collate = SMAECollator(tokenizer, 0.2, 0.4, "bert", seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fresh = probe_loss(model, windows, collate, 8)
-    settings = TrainSettings.from_config(load_config(None, [
-        "train.max_steps=8", "train.batch_size=8", "train.learning_rate=3e-3", "train.warmup_ratio=0.0",
-        "train.save_steps=8", "train.logging_steps=4"]))
+    settings = TrainSettings.from_config(
+        load_config(
+            None,
+            [
+                "train.max_steps=8",
+                "train.batch_size=8",
+                "train.learning_rate=3e-3",
+                "train.warmup_ratio=0.0",
+                "train.save_steps=8",
+                "train.logging_steps=4",
+            ],
+        )
+    )
     report = warm_up_head(model, windows, collate, settings, {"test": 1}, tmp_path / "warmup")
     after = model.state_dict()
     head = {f"head.{n}" for n, p in model.head.named_parameters() if any(p is q for q in model.head_parameters())}
-    assert head == {"head.predictions.bias", "head.predictions.transform.dense.weight",
-                    "head.predictions.transform.dense.bias", "head.predictions.transform.LayerNorm.weight",
-                    "head.predictions.transform.LayerNorm.bias"}
+    assert head == {
+        "head.predictions.bias",
+        "head.predictions.transform.dense.weight",
+        "head.predictions.transform.dense.bias",
+        "head.predictions.transform.LayerNorm.weight",
+        "head.predictions.transform.LayerNorm.bias",
+    }
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= head | {"head.predictions.decoder.bias"}  # HF may alias the vocab bias
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again for SMAE itself
@@ -630,14 +720,26 @@ def test_train_data_text_is_the_training_passages_and_queries(tmp_path, tokenize
     from retrieval.config import load_config
     from train.pretrain import prepare_windows, text_sources
 
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"zeroconf daemon {i}"})
-                                                   + "\n" for i in range(3)))
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "", "text": f"zeroconf daemon {i}"}) + "\n" for i in range(3))
+    )
     queries = ["xkcdian preprocessor", " ".join(["filler"] * 40)]  # the stream's cut-off tail is filler
-    (tmp_path / "train.jsonl").write_text("".join(
-        json.dumps({"query_id": f"q{i}", "query": q, "positive_document_ids": ["d0"], "negative_document_ids": []})
-        + "\n" for i, q in enumerate(queries)))
-    cfg = load_config(None, ["pretrain.text=train-data", f"data.corpus={tmp_path}",
-                             f"data.train={tmp_path / 'train.jsonl'}", "pretrain.max_length=16"])
+    (tmp_path / "train.jsonl").write_text(
+        "".join(
+            json.dumps({"query_id": f"q{i}", "query": q, "positive_document_ids": ["d0"], "negative_document_ids": []})
+            + "\n"
+            for i, q in enumerate(queries)
+        )
+    )
+    cfg = load_config(
+        None,
+        [
+            "pretrain.text=train-data",
+            f"data.corpus={tmp_path}",
+            f"data.train={tmp_path / 'train.jsonl'}",
+            "pretrain.max_length=16",
+        ],
+    )
     assert [s["source"] for s in text_sources(cfg)] == [str(tmp_path), str(tmp_path / "train.jsonl")]
     windows = prepare_windows(cfg, tokenizer, tmp_path / "windows")
     text = tokenizer.decode([int(t) for t in windows.input_ids.reshape(-1)], skip_special_tokens=True)

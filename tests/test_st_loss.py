@@ -18,7 +18,10 @@ from retrieval.sizes import Size
 pytest.importorskip("sentence_transformers")
 from sentence_transformers import SentenceTransformer  # noqa: E402
 from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
-    CachedMultipleNegativesRankingLoss, CoSENTLoss, MultipleNegativesRankingLoss)
+    CachedMultipleNegativesRankingLoss,
+    CoSENTLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer  # noqa: E402
 
 from retrieval.st_loss import StarbucksSTLoss, at_size, embed_sizes, save_for_starbucks  # noqa: E402
@@ -26,8 +29,13 @@ from retrieval.st_loss import StarbucksSTLoss, at_size, embed_sizes, save_for_st
 SIZES = [(1, 8), (2, 16), (4, 32)]
 TRAIN = REPO / "examples" / "data" / "debian-pairs-train.jsonl.gz"
 ANCHORS = ["a game of ancient warfare", "edit pdf files", "an irc client", "python docs", "tools for tex"]
-POSITIVES = ["Real-time strategy game.", "A PDF editor for the desktop.", "Chat on IRC networks.",
-             "The documentation of Python.", "TeX and LaTeX utilities."]
+POSITIVES = [
+    "Real-time strategy game.",
+    "A PDF editor for the desktop.",
+    "Chat on IRC networks.",
+    "The documentation of Python.",
+    "TeX and LaTeX utilities.",
+]
 NEGATIVES = ["A chess engine.", "An image viewer.", "A mail reader.", "A Perl module.", "A font package."]
 
 
@@ -56,7 +64,7 @@ def plain_embeddings(model, features, size: Size, pooling="mean", normalize=True
     """A plain HF forward: hidden_states[n], pooled by hand, the first d dims."""
     bert = model[0].auto_model
     out = bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"], output_hidden_states=True)
-    states = out.hidden_states[size.layers][..., :size.dim]
+    states = out.hidden_states[size.layers][..., : size.dim]
     if pooling == "cls":
         vec = states[:, 0]
     else:
@@ -163,8 +171,17 @@ def test_a_short_trainer_run_lowers_the_loss_at_every_size(backbone, tmp_path):
 
     before = per_size()
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(tmp_path / "out"), num_train_epochs=3, per_device_train_batch_size=16, learning_rate=2e-3,
-        warmup_ratio=0.0, save_strategy="no", report_to="none", logging_steps=100, seed=0, use_cpu=True)
+        output_dir=str(tmp_path / "out"),
+        num_train_epochs=3,
+        per_device_train_batch_size=16,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=100,
+        seed=0,
+        use_cpu=True,
+    )
     SentenceTransformerTrainer(model=model, args=args, train_dataset=data, loss=loss).train()
     after = per_size()
     assert all(after[k] < 0.9 * before[k] for k in before), (before, after)
@@ -182,11 +199,13 @@ def test_saved_model_encodes_the_same_in_the_toolkit_at_every_size(backbone, tmp
         with torch.no_grad():
             ours = embed_sizes(model, feats, list(loaded.sizes))
         for size in loaded.sizes:
-            torch.testing.assert_close(torch.from_numpy(loaded.encode(POSITIVES, size=size)), ours[size],
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                torch.from_numpy(loaded.encode(POSITIVES, size=size)), ours[size], rtol=1e-4, atol=1e-5
+            )
             with at_size(model, (size.layers, size.dim)):  # what an ST evaluator sees at that size
-                torch.testing.assert_close(model.encode(POSITIVES, convert_to_tensor=True), ours[size],
-                                           rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(
+                    model.encode(POSITIVES, convert_to_tensor=True), ours[size], rtol=1e-4, atol=1e-5
+                )
 
 
 def test_the_example_script_trains_evaluates_and_saves(backbone, tmp_path, capsys):
@@ -198,8 +217,26 @@ def test_the_example_script_trains_evaluates_and_saves(backbone, tmp_path, capsy
     pairs = tmp_path / "pairs.jsonl"  # 40 of the shipped eval pairs: quick to score at three sizes, twice
     with gzip.open(REPO / "examples" / "data" / "debian-pairs-eval.jsonl.gz", "rt") as f:
         pairs.write_text("".join(f.readlines()[:40]))
-    example.main(["--model", str(backbone), "--pooling", "mean", "--sizes", "1x8,2x16,4x32", "--max-steps", "2",
-                  "--batch-size", "8", "--max-seq-length", "32", "--eval", str(pairs), "--out", str(tmp_path / "run")])
+    example.main(
+        [
+            "--model",
+            str(backbone),
+            "--pooling",
+            "mean",
+            "--sizes",
+            "1x8,2x16,4x32",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "8",
+            "--max-seq-length",
+            "32",
+            "--eval",
+            str(pairs),
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 1x8 |") or line.startswith("| 4x32 |")]
     assert len(rows) == 2 and "encodes it at every size (8, 16, 32 dims)" in out
@@ -234,7 +271,13 @@ def test_saved_model_keeps_each_sides_length_and_prompt(backbone, tmp_path):
     assert (loaded.query_max_length, loaded.passage_max_length) == (6, 20)
     long_queries = [" ".join([a] * 12) for a in ANCHORS]  # longer than 6 tokens
     largest = loaded.sizes.largest
-    assert_near(loaded.encode_queries(long_queries, size=largest),
-                model.encode_query(long_queries, convert_to_numpy=True), rel=1e-5)
-    assert_near(loaded.encode_passages(POSITIVES, size=largest),
-                model.encode_document(POSITIVES, convert_to_numpy=True), rel=1e-5)
+    assert_near(
+        loaded.encode_queries(long_queries, size=largest),
+        model.encode_query(long_queries, convert_to_numpy=True),
+        rel=1e-5,
+    )
+    assert_near(
+        loaded.encode_passages(POSITIVES, size=largest),
+        model.encode_document(POSITIVES, convert_to_numpy=True),
+        rel=1e-5,
+    )

@@ -18,14 +18,22 @@ st = pytest.importorskip("sentence_transformers")
 
 QUERY_MAX, PASSAGE_MAX = 6, 12
 PREFIXES = {"query_prefix": "query: ", "passage_prefix": "passage: "}
-SIZES = [{"name": "small", "layers": 1, "dim": 8}, {"name": "mid", "layers": 2, "dim": 16},
-         {"name": "full", "layers": 4, "dim": 32}]
-LONG_QUERIES = ["how do I install a python library for parsing command line options on debian",
-                "font editor for opentype and truetype fonts with a graphical interface"]
+SIZES = [
+    {"name": "small", "layers": 1, "dim": 8},
+    {"name": "mid", "layers": 2, "dim": 16},
+    {"name": "full", "layers": 4, "dim": 32},
+]
+LONG_QUERIES = [
+    "how do I install a python library for parsing command line options on debian",
+    "font editor for opentype and truetype fonts with a graphical interface",
+]
 SHORT_QUERIES = ["font editor", "irc"]
 QUERIES = LONG_QUERIES + SHORT_QUERIES
-PASSAGES = ["the quick brown fox jumps over the lazy dog " * 3, "A PDF editor.",
-            "python3 library for parsing command line options, with subcommands, help and completion"]
+PASSAGES = [
+    "the quick brown fox jumps over the lazy dog " * 3,
+    "A PDF editor.",
+    "python3 library for parsing command line options, with subcommands, help and completion",
+]
 
 
 def tokens(tokenizer, text: str) -> int:
@@ -52,8 +60,12 @@ def checkpoint(request, tmp_path_factory):
     pooling, normalize = request.param
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     path = tmp_path_factory.mktemp(f"sides-{pooling}") / "model"
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=11), pooling, normalize), 
-        path, tok, {"sizes": SIZES, "query_max_length": QUERY_MAX, "passage_max_length": PASSAGE_MAX, **PREFIXES})
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=11), pooling, normalize),
+        path,
+        tok,
+        {"sizes": SIZES, "query_max_length": QUERY_MAX, "passage_max_length": PASSAGE_MAX, **PREFIXES},
+    )
     model = StarbucksModel.from_pretrained(path, "cpu")
     # the texts reach past each side's max length (prefix included), the short queries do not
     for q in LONG_QUERIES:
@@ -68,7 +80,10 @@ def test_the_files_give_each_side_its_length_and_prefix(checkpoint):
     path, _ = checkpoint
     settings = json.loads((path / "sentence_bert_config.json").read_text())
     assert (settings["max_seq_length"], settings["query_length"], settings["document_length"]) == (
-        PASSAGE_MAX, QUERY_MAX, PASSAGE_MAX)
+        PASSAGE_MAX,
+        QUERY_MAX,
+        PASSAGE_MAX,
+    )
     prompts = json.loads((path / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts == {"query": "query: ", "document": "passage: "}
     loaded = st.SentenceTransformer(str(path), device="cpu")
@@ -80,8 +95,9 @@ def test_a_checkpoint_in_sentence_transformers_gives_the_toolkits_query_and_pass
     path, model = checkpoint
     loaded = st.SentenceTransformer(str(path), device="cpu")
     near_rows(loaded.encode_query(QUERIES, batch_size=3), model.encode_queries(QUERIES, "full"), "encode_query")
-    near_rows(loaded.encode_document(PASSAGES, batch_size=2), model.encode_passages(PASSAGES, "full"),
-              "encode_document")
+    near_rows(
+        loaded.encode_document(PASSAGES, batch_size=2), model.encode_passages(PASSAGES, "full"), "encode_document"
+    )
     near_rows(loaded.encode(PASSAGES), model.encode(PASSAGES, "full"), "encode")  # no prefix, passage length
     # one query alone (no padding beside it) is the same vector
     near_rows(loaded.encode_query(LONG_QUERIES[:1]), model.encode_queries(LONG_QUERIES[:1], "full"), "one query")
@@ -111,7 +127,7 @@ def test_the_old_files_gave_long_queries_another_vector(checkpoint, tmp_path):
     (old / "sentence_bert_config.json").write_text(json.dumps(settings))
     loaded = st.SentenceTransformer(str(old), device="cpu")
     got, want = loaded.encode_query(QUERIES), model.encode_queries(QUERIES, "full")
-    near_rows(got[len(LONG_QUERIES):], want[len(LONG_QUERIES):], "short queries")
+    near_rows(got[len(LONG_QUERIES) :], want[len(LONG_QUERIES) :], "short queries")
     for i in range(len(LONG_QUERIES)):
         assert relative_error(got[i], want[i]) > 1e-3, f"long query {i} gave the toolkit's vector with the old files"
 

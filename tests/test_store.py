@@ -30,7 +30,7 @@ def write_store(directory, vectors, ids, shard_rows, size=SIZE, model="m1", fina
     store = EmbeddingStore(directory)
     store.start({**identity(size, model), "shard_rows": shard_rows})
     for k, start in enumerate(range(0, len(ids), shard_rows)):
-        store.write_shard(k, ids[start:start + shard_rows], vectors[start:start + shard_rows])
+        store.write_shard(k, ids[start : start + shard_rows], vectors[start : start + shard_rows])
     if finalize:
         assert store.finalize(len(ids), ids_sha256(ids)) is not None
     return store
@@ -101,7 +101,10 @@ def test_queries_from_another_model_or_size_are_refused(tmp_path):
     assert qids == ["q1", "q2", "q3"] and np.array_equal(got, qv) and meta["max_length"] == 16
     assert store.query_splits() == ["dev"]
     store.write_queries("dev", ["q1"], qv[:1], identity(model="other"))
-    with pytest.raises(StarbucksError, match="queries-dev.npy does not match .*model_sha256 is 'other' for the queries but 'm1' for the passages"):
+    with pytest.raises(
+        StarbucksError,
+        match="queries-dev.npy does not match .*model_sha256 is 'other' for the queries but 'm1' for the passages",
+    ):
         store.load_queries("dev")
     store.write_queries("dev", ["q1"], qv[:1], identity(size=Size("tall", 3, 8)))
     with pytest.raises(StarbucksError, match="layers is 3 for the queries but 4 for the passages"):

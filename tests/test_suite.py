@@ -29,18 +29,42 @@ def setup(tmp_path_factory):
     from retrieval.encoder import StarbucksEncoder
 
     root = tmp_path_factory.mktemp("suite")
-    cols = {"pkgs": beir_slice(REPO / "data" / "debian-pkgs-mini", root / "pkgs", "dev", 8, 40),
-            "docs": beir_slice(REPO / "data" / "python-docs", root / "docs", "test", 8, 40, skip=100)}
+    cols = {
+        "pkgs": beir_slice(REPO / "data" / "debian-pkgs-mini", root / "pkgs", "dev", 8, 40),
+        "docs": beir_slice(REPO / "data" / "python-docs", root / "docs", "test", 8, 40, skip=100),
+    }
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
     models = {"a": root / "a" / "model", "b": root / "b" / "model"}
     lengths = {"query_max_length": 16, "passage_max_length": 48}
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "cls"), models["a"], tok, lengths)
-    save_encoder(StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "mean", normalize=True), 
-        models["b"], tok, lengths)
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=0), "cls"), models["a"], tok, lengths
+    )
+    save_encoder(
+        StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=1), "mean", normalize=True),
+        models["b"],
+        tok,
+        lengths,
+    )
     out = root / "out"
-    args = ["--models", *(f"{n}={p}" for n, p in models.items()), "--collections", *(f"{n}={p}" for n, p in cols.items()),
-            "--sizes", ",".join(SIZES), "--metrics", "nDCG@10", "RR@10", "--depth", str(DEPTH), "--out", str(out),
-            "--device", "cpu", "--batch-size", "16"]
+    args = [
+        "--models",
+        *(f"{n}={p}" for n, p in models.items()),
+        "--collections",
+        *(f"{n}={p}" for n, p in cols.items()),
+        "--sizes",
+        ",".join(SIZES),
+        "--metrics",
+        "nDCG@10",
+        "RR@10",
+        "--depth",
+        str(DEPTH),
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--batch-size",
+        "16",
+    ]
     report = main(args)
     return root, cols, models, out, args, report
 
@@ -79,7 +103,9 @@ def test_suite_equals_the_stages_and_pytrec_eval(setup):
     for m, model in models.items():
         for c, col in cols.items():
             stage = stage_run(root, model, col, f"stage-{m}-{c}")
-            evaluated = {s["size"]: s["metrics"] for s in json.loads((stage / "eval" / "test.json").read_text())["sizes"]}
+            evaluated = {
+                s["size"]: s["metrics"] for s in json.loads((stage / "eval" / "test.json").read_text())["sizes"]
+            }
             qrels = load_split("test", str(col)).qrels
             for size in SIZES:
                 mine = read_run(out / m / c / "runs" / "test" / f"{size}.trec")
@@ -90,8 +116,9 @@ def test_suite_equals_the_stages_and_pytrec_eval(setup):
                 assert set(records[0]["passages"]) == set(PASSAGE_FIELDS)
                 assert records[0]["queries"] == records[1]["queries"]
                 ndcg = pytrec(mine, qrels, "ndcg_cut_10")
-                rr = pytrec({q: dict(sorted(r.items(), key=lambda x: -x[1])[:10]) for q, r in mine.items()}, qrels,
-                            "recip_rank")
+                rr = pytrec(
+                    {q: dict(sorted(r.items(), key=lambda x: -x[1])[:10]) for q, r in mine.items()}, qrels, "recip_rank"
+                )
                 cell = report["tables"][m]
                 assert cell["nDCG@10"][c][size] == pytest.approx(np.mean(list(ndcg.values())), abs=1e-9)
                 assert cell["RR@10"][c][size] == pytest.approx(np.mean(list(rr.values())), abs=1e-9)
@@ -108,7 +135,9 @@ def test_average_row_and_t_tests(setup):
     for c, col in cols.items():
         qrels = load_split("test", str(col)).qrels
         for size in SIZES:
-            a, b = (pytrec(read_run(out / m / c / "runs" / "test" / f"{size}.trec"), qrels, "ndcg_cut_10") for m in "ab")
+            a, b = (
+                pytrec(read_run(out / m / c / "runs" / "test" / f"{size}.trec"), qrels, "ndcg_cut_10") for m in "ab"
+            )
             entry = report["comparison"]["nDCG@10"][c][size]
             assert entry["a"]["p"] is None
             qids = sorted(qrels)
@@ -120,7 +149,8 @@ def test_average_row_and_t_tests(setup):
     cell = read_split(out / "b" / "docs" / "eval", "test")
     assert [c.size.key for c in cell] == SIZES
     assert cell[1].evaluation.aggregate == pytest.approx(
-        {m: report["tables"]["b"][m]["docs"]["2x16"] for m in ("nDCG@10", "RR@10")}, abs=1e-12)
+        {m: report["tables"]["b"][m]["docs"]["2x16"] for m in ("nDCG@10", "RR@10")}, abs=1e-12
+    )
     md = (out / "suite.md").read_text()
     assert "## a: nDCG@10" in md and "| average |" in md and "models compared: nDCG@10" in md
     assert (out / "suite.png").stat().st_size > 0 and (out / "suite.csv").read_text().startswith("model,collection")
@@ -146,8 +176,20 @@ def test_an_edited_passage_is_encoded_and_searched_again(setup, tmp_path):
 
     _, cols, models, *_ = setup
     col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
-    args = ["--models", f"a={models['a']}", "--collections", f"pkgs={col}", "--sizes", "1x8", "--out",
-            str(tmp_path / "out"), "--device", "cpu", "--depth", str(DEPTH)]
+    args = [
+        "--models",
+        f"a={models['a']}",
+        "--collections",
+        f"pkgs={col}",
+        "--sizes",
+        "1x8",
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--depth",
+        str(DEPTH),
+    ]
     first = main(args)
     shard = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8" / "shard-00000.npy"
     run_file = tmp_path / "out" / "a" / "pkgs" / "runs" / "test" / "1x8.trec"
@@ -166,7 +208,8 @@ def test_an_edited_passage_is_encoded_and_searched_again(setup, tmp_path):
     assert read_run_record(run_file)["passages"]["texts_sha256"] == meta["texts_sha256"] != searched  # searched again
     qrels = load_split("test", str(col)).qrels
     assert second["tables"]["a"]["nDCG@10"]["pkgs"]["1x8"] == pytest.approx(
-        np.mean(list(pytrec(read_run(run_file), qrels, "ndcg_cut_10").values())), abs=1e-9)
+        np.mean(list(pytrec(read_run(run_file), qrels, "ndcg_cut_10").values())), abs=1e-9
+    )
     assert first["collections"] == second["collections"]
 
 
@@ -177,8 +220,20 @@ def test_a_store_encoded_from_other_passages_is_refused_as_encode_refuses_it(set
 
     _, cols, models, *_ = setup
     col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
-    args = ["--models", f"a={models['a']}", "--collections", f"pkgs={col}", "--sizes", "1x8", "--out",
-            str(tmp_path / "out"), "--device", "cpu", "--depth", str(DEPTH)]
+    args = [
+        "--models",
+        f"a={models['a']}",
+        "--collections",
+        f"pkgs={col}",
+        "--sizes",
+        "1x8",
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+        "--depth",
+        str(DEPTH),
+    ]
     main(args)
     store = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8"
     kept = {p.name: p.read_bytes() for p in store.iterdir()}
@@ -221,7 +276,9 @@ def test_collection_and_model_specs(tmp_path):
     c = parse_collection("irds:beir/webis-touche2020/v2")
     assert (c.name, c.split) == ("webis-touche2020-v2", "test")
     assert parse_collection({"name": "x", "source": "irds:beir/fiqa/dev"}).split == "dev"
-    assert parse_collection(f"docs={tmp_path}", "dev") == parse_collection({"name": "docs", "source": str(tmp_path)}, "dev")
+    assert parse_collection(f"docs={tmp_path}", "dev") == parse_collection(
+        {"name": "docs", "source": str(tmp_path)}, "dev"
+    )
     assert parse_model("runs/srl/model").name == "srl" and parse_model("m=runs/x").name == "m"
     with pytest.raises(Exception, match="neither a BEIR directory nor irds"):
         parse_collection(str(tmp_path / "missing"))
@@ -243,8 +300,21 @@ def test_a_suite_cell_is_a_run_directory_for_the_size_chooser(setup):
     from eval.sizes import main as choose
 
     _, cols, _, out, _, report = setup
-    best = choose([str(out / "b" / "docs"), "--queries", str(cols["docs"]), "--passages", "8", "--query-sample", "2",
-                   "--device", "cpu", "--max-bytes", "1000"])
+    best = choose(
+        [
+            str(out / "b" / "docs"),
+            "--queries",
+            str(cols["docs"]),
+            "--passages",
+            "8",
+            "--query-sample",
+            "2",
+            "--device",
+            "cpu",
+            "--max-bytes",
+            "1000",
+        ]
+    )
     chosen = json.loads((out / "b" / "docs" / "eval" / "sizes-test.json").read_text())
     assert {s["size"]: s["quality"] for s in chosen["sizes"]} == report["tables"]["b"]["nDCG@10"]["docs"]
     assert best.quality == max(report["tables"]["b"]["nDCG@10"]["docs"].values())
@@ -257,11 +327,27 @@ def test_a_plain_model_needs_its_pooling(setup, tmp_path, capsys):
 
     _, cols, _, _, _, _ = setup
     plain = tmp_path / "plain"  # long enough for the default passage length (196 tokens)
-    BertModel(BertConfig(vocab_size=30522, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=256)).save_pretrained(plain)
+    BertModel(
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(plain)
     AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")).save_pretrained(plain)
-    args = ["--models", f"plain={plain}", "--collections", str(cols["pkgs"]), "--out", str(tmp_path / "out"),
-            "--device", "cpu"]
+    args = [
+        "--models",
+        f"plain={plain}",
+        "--collections",
+        str(cols["pkgs"]),
+        "--out",
+        str(tmp_path / "out"),
+        "--device",
+        "cpu",
+    ]
     with pytest.raises(SystemExit):
         main(args)
     assert "pooling is unknown" in capsys.readouterr().err
@@ -280,10 +366,12 @@ def self_hit_collection(source: Path, out: Path, queries: int = 6) -> Path:
     corpus += [{"_id": f"arg-{i}", "text": text} for i, text in enumerate(texts)]
     corpus += [{"_id": f"rel-{i}", "text": f"{text} {passages[i][1].split()[6]}"} for i, text in enumerate(texts)]
     (out / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in corpus))
-    (out / "queries.jsonl").write_text("".join(json.dumps({"_id": f"arg-{i}", "text": text}) + "\n"
-                                               for i, text in enumerate(texts)))
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"arg-{i}\trel-{i}\t1\n" for i in range(queries)))
+    (out / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"arg-{i}", "text": text}) + "\n" for i, text in enumerate(texts))
+    )
+    (out / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"arg-{i}\trel-{i}\t1\n" for i in range(queries))
+    )
     return out
 
 
@@ -291,23 +379,41 @@ def test_beir_identical_id_rule_drops_self_hits_per_collection(setup, tmp_path):
     _, _, models, *_ = setup
     col = self_hit_collection(REPO / "data" / "debian-pkgs-mini", tmp_path / "args")
     qrels = load_split("test", str(col)).qrels
-    base = ["--models", f"b={models['b']}", "--sizes", "2x16", "--depth", str(DEPTH), "--device", "cpu",
-            "--metrics", "nDCG@10"]
+    base = [
+        "--models",
+        f"b={models['b']}",
+        "--sizes",
+        "2x16",
+        "--depth",
+        str(DEPTH),
+        "--device",
+        "cpu",
+        "--metrics",
+        "nDCG@10",
+    ]
     kept = main([*base, "--collections", f"args={col}", "--out", str(tmp_path / "kept")])
-    dropped = main([*base, "--collections", f"args={col}", "--ignore-identical-ids", "--out", str(tmp_path / "dropped")])
+    dropped = main(
+        [*base, "--collections", f"args={col}", "--ignore-identical-ids", "--out", str(tmp_path / "dropped")]
+    )
     with_self = read_run(tmp_path / "kept" / "b" / "args" / "runs" / "test" / "2x16.trec")
     without = read_run(tmp_path / "dropped" / "b" / "args" / "runs" / "test" / "2x16.trec")
     # the self-hit is each query's first passage (a normalised model: the same text, cosine 1) ...
     assert all(max(r, key=r.get) == q for q, r in with_self.items())
+
     # ... and the rule leaves it out and still ranks `depth` passages: the run without it, one deeper
     def ranked(run: dict) -> list[str]:
         return sorted(run, key=lambda d: -run[d])
 
     for q, r in without.items():
         assert q not in r and len(r) == DEPTH
-        assert ranked(r)[:DEPTH - 1] == [d for d in ranked(with_self[q]) if d != q]
-    expect_dropped = np.mean(list(pytrec({q: {d: s for d, s in r.items() if d != q} for q, r in with_self.items()},
-                                         qrels, "ndcg_cut_10").values()))
+        assert ranked(r)[: DEPTH - 1] == [d for d in ranked(with_self[q]) if d != q]
+    expect_dropped = np.mean(
+        list(
+            pytrec(
+                {q: {d: s for d, s in r.items() if d != q} for q, r in with_self.items()}, qrels, "ndcg_cut_10"
+            ).values()
+        )
+    )
     expect_kept = np.mean(list(pytrec(with_self, qrels, "ndcg_cut_10").values()))
     assert dropped["tables"]["b"]["nDCG@10"]["args"]["2x16"] == pytest.approx(expect_dropped, abs=1e-9)
     assert kept["tables"]["b"]["nDCG@10"]["args"]["2x16"] == pytest.approx(expect_kept, abs=1e-9)
@@ -315,7 +421,10 @@ def test_beir_identical_id_rule_drops_self_hits_per_collection(setup, tmp_path):
     # recorded: the run record, the report, the page
     assert read_run_record(tmp_path / "dropped" / "b" / "args" / "runs" / "test" / "2x16.trec")["ignore_identical_ids"]
     assert not read_run_record(tmp_path / "kept" / "b" / "args" / "runs" / "test" / "2x16.trec")["ignore_identical_ids"]
-    assert dropped["collections"]["args"]["ignore_identical_ids"] and not kept["collections"]["args"]["ignore_identical_ids"]
+    assert (
+        dropped["collections"]["args"]["ignore_identical_ids"]
+        and not kept["collections"]["args"]["ignore_identical_ids"]
+    )
     assert "Self-hits dropped" in (tmp_path / "dropped" / "suite.md").read_text()
     assert "Self-hits dropped" not in (tmp_path / "kept" / "suite.md").read_text()
 

@@ -53,22 +53,40 @@ def collection(tmp_path_factory) -> Path:
             pos = f"d{g}"
             negs = rng.sample([i for i in docs if i != pos], 6)
             query = " ".join(docs[pos].split()[:3])
-            f.write(json.dumps({"query_id": f"q{g}", "query": query, "positive_document_ids": [pos],
-                                "negative_document_ids": negs}) + "\n")
+            f.write(
+                json.dumps(
+                    {"query_id": f"q{g}", "query": query, "positive_document_ids": [pos], "negative_document_ids": negs}
+                )
+                + "\n"
+            )
     return d
 
 
-def write_config(tmp_path: Path, model, data: Path, train_file: str = "train.jsonl", name="run", sizes=None,
-                 **train) -> Path:
+def write_config(
+    tmp_path: Path, model, data: Path, train_file: str = "train.jsonl", name="run", sizes=None, **train
+) -> Path:
     cfg = {
         "name": name,
         "output_dir": str(tmp_path / name),
-        "model": {"name_or_path": str(model), "pooling": "cls", "normalize": False,
-                  "query_max_length": 16, "passage_max_length": 32},
+        "model": {
+            "name_or_path": str(model),
+            "pooling": "cls",
+            "normalize": False,
+            "query_max_length": 16,
+            "passage_max_length": 32,
+        },
         "sizes": sizes or TINY_SIZES,
         "data": {"corpus": str(data), "train": str(data / train_file)},
-        "train": {"batch_size": 4, "group_size": 3, "learning_rate": 1e-3, "max_steps": 2, "save_steps": 100,
-                  "logging_steps": 1, "temperature": 1.0, **train},
+        "train": {
+            "batch_size": 4,
+            "group_size": 3,
+            "learning_rate": 1e-3,
+            "max_steps": 2,
+            "save_steps": 100,
+            "logging_steps": 1,
+            "temperature": 1.0,
+            **train,
+        },
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -153,11 +171,14 @@ def test_method_plans():
     assert srl.truncate_to == 2  # layers above the deepest size are never trained
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.method=separate"], "set train.size"),
-    (["train.method=2dmse", "train.size_weights=[1,1,1]"], "size_weights applies to method srl"),
-    (["train.size=2x16"], "train.size is for method separate"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.method=separate"], "set train.size"),
+        (["train.method=2dmse", "train.size_weights=[1,1,1]"], "size_weights applies to method srl"),
+        (["train.size=2x16"], "train.size is for method separate"),
+    ],
+)
 def test_method_misconfigurations(overrides, message):
     with pytest.raises(StarbucksError, match=message):
         plan_method(load_config(None, overrides).train, SizeList.from_config(TINY_SIZES), 4, 32, seed=0)
@@ -166,13 +187,16 @@ def test_method_misconfigurations(overrides, message):
 # ---------------------------------------------------------------- bad configs fail first, in one line
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.method=bogus"], "train.method = 'bogus' is not one of srl, 2dmse, separate, full"),
-    (["sizes=[1x8,8x32]"], "asks for 8 layers but"),
-    (["sizes=[1x8,4x64]"], "asks for 64 dims but"),
-    (["train.group_size=0"], "train.group_size = 0 must be a whole number >= 1"),
-    (["train.precision=fp16"], "fp16 needs a GPU"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.method=bogus"], "train.method = 'bogus' is not one of srl, 2dmse, separate, full"),
+        (["sizes=[1x8,8x32]"], "asks for 8 layers but"),
+        (["sizes=[1x8,4x64]"], "asks for 64 dims but"),
+        (["train.group_size=0"], "train.group_size = 0 must be a whole number >= 1"),
+        (["train.precision=fp16"], "fp16 needs a GPU"),
+    ],
+)
 def test_bad_config_fails_before_any_work(tmp_path, tiny_model, collection, capsys, overrides, message):
     config = write_config(tmp_path, tiny_model, collection)
     with pytest.raises(SystemExit) as exit_info:
@@ -245,8 +269,9 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny_model, collect
 
     checkpointed = []
     original = transformers.modeling_utils.checkpoint
-    monkeypatch.setattr(transformers.modeling_utils, "checkpoint",
-                        lambda *a, **k: checkpointed.append(1) or original(*a, **k))
+    monkeypatch.setattr(
+        transformers.modeling_utils, "checkpoint", lambda *a, **k: checkpointed.append(1) or original(*a, **k)
+    )
     train(write_config(tmp_path, tiny_model, collection, name="plain", max_steps=1))
     assert not checkpointed
     train(write_config(tmp_path, tiny_model, collection, name="ckpt", max_steps=1, gradient_checkpointing=True))
@@ -345,8 +370,18 @@ def test_rerun_of_a_finished_run_and_changed_settings(tmp_path, tiny_model, coll
 
 @pytest.mark.skipif(not MINI.is_dir(), reason="data/debian-pkgs-mini not built")
 def test_short_run_on_debian_pkgs_mini_lowers_the_loss(tmp_path, tiny_model):
-    config = write_config(tmp_path, tiny_model, MINI, train_file="train.jsonl.gz", batch_size=16, group_size=4,
-                          max_steps=40, learning_rate=2e-3, warmup_ratio=0.05, temperature=0.05)
+    config = write_config(
+        tmp_path,
+        tiny_model,
+        MINI,
+        train_file="train.jsonl.gz",
+        batch_size=16,
+        group_size=4,
+        max_steps=40,
+        learning_rate=2e-3,
+        warmup_ratio=0.05,
+        temperature=0.05,
+    )
     train(config, "model.passage_max_length=48", "model.pooling=mean", "model.normalize=true")
     losses = [r["loss"] for r in log_lines(tmp_path / "run")]
     assert len(losses) == 40
@@ -372,13 +407,15 @@ def first_batch(monkeypatch) -> list[dict]:
 
     batches = []
     original = GroupCollator.__call__
-    monkeypatch.setattr(GroupCollator, "__call__", lambda self, items: batches.append(original(self, items)) or
-                        batches[-1])
+    monkeypatch.setattr(
+        GroupCollator, "__call__", lambda self, items: batches.append(original(self, items)) or batches[-1]
+    )
     return batches
 
 
-def plain_terms(backbone: Path, batch: dict, sizes: dict[str, tuple[int, int]], temperature: float,
-                kl_temperature: float = 1.0) -> dict[str, float]:
+def plain_terms(
+    backbone: Path, batch: dict, sizes: dict[str, tuple[int, int]], temperature: float, kl_temperature: float = 1.0
+) -> dict[str, float]:
     """`ce/<size>` and `kl/<size>` of a step from a plain HF forward: mean-pooled `hidden_states[n]`, its
     first `d` dims, L2-normalised; query i's positive at column i * group; KL(P_largest || P_size)."""
     import torch.nn.functional as F
@@ -388,11 +425,14 @@ def plain_terms(backbone: Path, batch: dict, sizes: dict[str, tuple[int, int]], 
 
     def embed(texts):
         with torch.no_grad():
-            hidden = model(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"],
-                           output_hidden_states=True).hidden_states
+            hidden = model(
+                input_ids=texts["input_ids"], attention_mask=texts["attention_mask"], output_hidden_states=True
+            ).hidden_states
         mask = texts["attention_mask"].unsqueeze(-1).float()
-        return {name: F.normalize(((hidden[n] * mask).sum(1) / mask.sum(1))[:, :d], dim=-1)
-                for name, (n, d) in sizes.items()}
+        return {
+            name: F.normalize(((hidden[n] * mask).sum(1) / mask.sum(1))[:, :d], dim=-1)
+            for name, (n, d) in sizes.items()
+        }
 
     q, p = embed(batch["queries"]), embed(batch["passages"])
     logits = {name: q[name] @ p[name].T / temperature for name in sizes}
@@ -411,8 +451,17 @@ def plain_terms(backbone: Path, batch: dict, sizes: dict[str, tuple[int, int]], 
 def test_minilm_backbone_trains_on_cpu(tmp_path, collection, quiet_minilm, monkeypatch):
     """The first step's loss terms equal a plain HF computation on its batch; the second step trains on."""
     batches = first_batch(monkeypatch)
-    config = write_config(tmp_path, quiet_minilm, collection, sizes=["1x32", "3x96", "6x384"], max_steps=2,
-                          batch_size=4, group_size=2, learning_rate=5e-5, dataloader_workers=0)
+    config = write_config(
+        tmp_path,
+        quiet_minilm,
+        collection,
+        sizes=["1x32", "3x96", "6x384"],
+        max_steps=2,
+        batch_size=4,
+        group_size=2,
+        learning_rate=5e-5,
+        dataloader_workers=0,
+    )
     result = train(config, "model.pooling=mean", "model.normalize=true", "train.temperature=0.05")
     first, second = log_lines(tmp_path / "run")
     sizes = {"1x32": (1, 32), "3x96": (3, 96), "6x384": (6, 384)}
@@ -440,15 +489,31 @@ def test_each_method_config_runs(tmp_path, method, quiet_minilm, monkeypatch):
     from transformers import AutoConfig
 
     batches = first_batch(monkeypatch)
-    result = train(REPO / "configs" / f"{method}.yaml", f"output_dir={tmp_path / method}", "train.max_steps=1",
-                   "train.batch_size=2", "train.group_size=2", "model.query_max_length=8",
-                   "model.passage_max_length=16", f"data.corpus={MINI}", f"data.train={MINI / 'train.jsonl.gz'}",
-                   f"model.name_or_path={quiet_minilm}", "train.dataloader_workers=0", "train.logging_steps=1")
+    result = train(
+        REPO / "configs" / f"{method}.yaml",
+        f"output_dir={tmp_path / method}",
+        "train.max_steps=1",
+        "train.batch_size=2",
+        "train.group_size=2",
+        "model.query_max_length=8",
+        "model.passage_max_length=16",
+        f"data.corpus={MINI}",
+        f"data.train={MINI / 'train.jsonl.gz'}",
+        f"model.name_or_path={quiet_minilm}",
+        "train.dataloader_workers=0",
+        "train.logging_steps=1",
+    )
     meta = read_meta(result.model_dir)
     assert meta["method"] == method and result.steps == 1
     assert len(meta["sizes"]) == (1 if method == "separate" else 6)
-    named = {"demi": (1, 32), "short": (2, 64), "tall": (3, 96), "grande": (4, 128), "venti": (5, 256),
-             "trenta": (6, 384)}  # configs/default.yaml
+    named = {
+        "demi": (1, 32),
+        "short": (2, 64),
+        "tall": (3, 96),
+        "grande": (4, 128),
+        "venti": (5, 256),
+        "trenta": (6, 384),
+    }  # configs/default.yaml
     (line,) = log_lines(tmp_path / method)
     visited = {k[3:]: named.get(k[3:]) or tuple(map(int, k[3:].split("x"))) for k in line if k.startswith("ce/")}
     if method == "srl":
@@ -459,7 +524,7 @@ def test_each_method_config_runs(tmp_path, method, quiet_minilm, monkeypatch):
         assert visited == {"grande": (4, 128)}
         assert AutoConfig.from_pretrained(result.model_dir).num_hidden_layers == 4  # the model has only its layers
     else:  # 2DMSE: one sampled (n, d) with n < N, d < D, and its three partners (the paper's Eq. 3)
-        (n, d), = {s for s in visited.values() if s[0] < 6 and s[1] < 384}
+        ((n, d),) = {s for s in visited.values() if s[0] < 6 and s[1] < 384}
         assert sorted(visited.values()) == sorted([(n, d), (n, 384), (6, d), (6, 384)])
     expected = plain_terms(quiet_minilm, batches[0], visited, temperature=0.05)
     assert set(expected) == {k for k in line if k.startswith(("ce/", "kl/"))}
@@ -500,8 +565,10 @@ def test_length_buckets_count_in_the_fingerprint_because_dropout_sees_another_or
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(2, 25, (32,), generator=g)
-    batch = {"input_ids": torch.randint(5, 1000, (32, 24), generator=g),
-             "attention_mask": (torch.arange(24)[None, :] < lengths[:, None]).long()}  # 2 buckets of 16 rows
+    batch = {
+        "input_ids": torch.randint(5, 1000, (32, 24), generator=g),
+        "attention_mask": (torch.arange(24)[None, :] < lengths[:, None]).long(),
+    }  # 2 buckets of 16 rows
     size = [Size("", 4, 32)]
     outs = {}
     for buckets in (1, 2):

@@ -31,15 +31,26 @@ def dev_collection(collection):  # noqa: F811
             f.write(json.dumps({"_id": f"dev{i}", "text": " ".join(corpus[f"d{i}"].split()[:4])}) + "\n")
     (collection / "qrels").mkdir(exist_ok=True)
     (collection / "qrels" / "dev.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"dev{i}\td{i}\t1\n" for i in range(20, 20 + DEV)))
+        "query-id\tcorpus-id\tscore\n" + "".join(f"dev{i}\td{i}\t1\n" for i in range(20, 20 + DEV))
+    )
     return collection
 
 
 def run_config(tmp_path, model, data, name="run", **train_settings):
     """Validation at every step over the whole corpus; mean pooling (a random tiny BERT's CLS vectors
     are nearly all the same: their scores tie to the last digits)."""
-    settings = {**dict(max_steps=4, eval_steps=1, eval_queries=None, eval_candidates="corpus", save_steps=1,
-                       save_total_limit=0, learning_rate=3e-3), **train_settings}
+    settings = {
+        **dict(
+            max_steps=4,
+            eval_steps=1,
+            eval_queries=None,
+            eval_candidates="corpus",
+            save_steps=1,
+            save_total_limit=0,
+            learning_rate=3e-3,
+        ),
+        **train_settings,
+    }
     config = write_config(tmp_path, model, data, name=name, **settings)
     cfg = yaml.safe_load(config.read_text())
     cfg["model"]["pooling"] = "mean"
@@ -50,8 +61,9 @@ def run_config(tmp_path, model, data, name="run", **train_settings):
 def train_with_dev(config, data, *overrides):
     """Validation on the dev split, which the eval stage also reports: allowed only when said (the
     machinery is the same for the held-back split, `test_heldout_training_queries_...`)."""
-    return train(config, f"data.eval_splits.dev={data}", "train.eval_split=dev", "train.eval_on_reported_split=true",
-                 *overrides)
+    return train(
+        config, f"data.eval_splits.dev={data}", "train.eval_split=dev", "train.eval_on_reported_split=true", *overrides
+    )
 
 
 def eval_lines(run_dir: Path) -> list[dict]:
@@ -67,7 +79,9 @@ def brute_force_rr10(model_dir: Path, data: Path, min_gap: float = 1e-5) -> dict
     sizes = SizeList.from_config(meta["sizes"])
     corpus = [json.loads(line) for line in (data / "corpus.jsonl").open()]
     queries = [json.loads(line) for line in (data / "queries.jsonl").open()]
-    relevant = {line.split("\t")[0]: line.split("\t")[1] for line in (data / "qrels" / "dev.tsv").read_text().splitlines()[1:]}
+    relevant = {
+        line.split("\t")[0]: line.split("\t")[1] for line in (data / "qrels" / "dev.tsv").read_text().splitlines()[1:]
+    }
 
     def embed(text, max_length):
         batch = tokenizer([text], truncation=True, max_length=max_length, return_tensors="pt")
@@ -95,17 +109,25 @@ def test_validation_equals_a_brute_force_evaluation_of_each_checkpoint(tmp_path,
     lines = eval_lines(tmp_path / "run")
     assert [r["step"] for r in lines] == [1, 2]
     for record in lines:
-        expected = brute_force_rr10(tmp_path / "run" / "checkpoints" / f"checkpoint-{record['step']}" / "model",
-                                    dev_collection)
+        expected = brute_force_rr10(
+            tmp_path / "run" / "checkpoints" / f"checkpoint-{record['step']}" / "model", dev_collection
+        )
         for name, value in expected.items():
             assert record[f"eval/{name}/RR@10"] == pytest.approx(value, abs=1e-9), (record["step"], name)
         assert record["eval/avg/RR@10"] == pytest.approx(sum(expected.values()) / len(expected))
 
 
 def test_pooled_candidates(tmp_path, tiny_model, dev_collection):
-    cfg = load_config(write_config(tmp_path, tiny_model, dev_collection),
-                      [f"data.eval_splits.dev={dev_collection}", "train.eval_split=dev",
-                       "train.eval_on_reported_split=true", "train.eval_candidates=10", "train.eval_queries=6"])
+    cfg = load_config(
+        write_config(tmp_path, tiny_model, dev_collection),
+        [
+            f"data.eval_splits.dev={dev_collection}",
+            "train.eval_split=dev",
+            "train.eval_on_reported_split=true",
+            "train.eval_candidates=10",
+            "train.eval_queries=6",
+        ],
+    )
     encoder, tokenizer, _ = load_encoder(str(tiny_model), "mean", False)  # CLS scores tie (see run_config)
     sizes = SizeList.from_config(TINY_SIZES)
     pooled = Validator(cfg, sizes, tokenizer, seed=1)
@@ -148,13 +170,16 @@ def assert_same_weights(a: Path, b: Path):
 @pytest.mark.slow  # four short trainings
 def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collection, monkeypatch):
     # no early stopping: every step validated, the final model is the best logged checkpoint
-    full = train_with_dev(run_config(tmp_path, tiny_model, dev_collection, name="full", max_steps=6,
-                                     keep_best="avg"), dev_collection)
+    full = train_with_dev(
+        run_config(tmp_path, tiny_model, dev_collection, name="full", max_steps=6, keep_best="avg"), dev_collection
+    )
     scores = [r["eval/avg/RR@10"] for r in eval_lines(tmp_path / "full")]
     best_step = scores.index(max(scores)) + 1
     assert full.best.step == best_step and full.best.score == max(scores)
     assert read_meta(tmp_path / "full" / "model")["step"] == best_step
-    assert_same_weights(tmp_path / "full" / "model", tmp_path / "full" / "checkpoints" / f"checkpoint-{best_step}" / "model")
+    assert_same_weights(
+        tmp_path / "full" / "model", tmp_path / "full" / "checkpoints" / f"checkpoint-{best_step}" / "model"
+    )
 
     # patience 1: stops at the first validation without a new best (the same scores: same seed and data)
     stop = first_non_improving(scores)
@@ -164,7 +189,9 @@ def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collectio
     assert stopped.steps == stop and stopped.best.stopped
     assert [r["step"] for r in eval_lines(tmp_path / "es")] == list(range(1, stop + 1))
     es_best = stopped.best.step
-    assert_same_weights(tmp_path / "es" / "model", tmp_path / "full" / "checkpoints" / f"checkpoint-{es_best}" / "model")
+    assert_same_weights(
+        tmp_path / "es" / "model", tmp_path / "full" / "checkpoints" / f"checkpoint-{es_best}" / "model"
+    )
 
     # killed after the checkpoint of step 1, resumed: the same best, the same stop, the same model
     config = run_config(tmp_path, tiny_model, dev_collection, name="killed", **settings)
@@ -176,7 +203,11 @@ def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collectio
     assert state["best"]["step"] == 1 and state["best"]["score"] == scores[0]
     resumed = train_with_dev(config, dev_collection)
     assert (resumed.start_step, resumed.steps, resumed.best.step, resumed.best.score) == (
-        1, stop, es_best, stopped.best.score)
+        1,
+        stop,
+        es_best,
+        stopped.best.score,
+    )
     assert_same_weights(tmp_path / "killed" / "model", tmp_path / "es" / "model")
     again = train_with_dev(config, dev_collection)  # a run that stopped early stays stopped
     assert again.start_step == again.steps == stop
@@ -185,8 +216,9 @@ def test_keep_best_early_stopping_and_resume(tmp_path, tiny_model, dev_collectio
 def test_tensorboard_event_file_holds_the_per_size_terms(tmp_path, tiny_model, dev_collection):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    train_with_dev(run_config(tmp_path, tiny_model, dev_collection, max_steps=2, report_to="tensorboard"),
-                   dev_collection)
+    train_with_dev(
+        run_config(tmp_path, tiny_model, dev_collection, max_steps=2, report_to="tensorboard"), dev_collection
+    )
     (events,) = (tmp_path / "run" / "logs" / "srl").glob("events.out.tfevents.*")
     reader = EventAccumulator(str(events))
     reader.Reload()
@@ -201,18 +233,29 @@ def test_tensorboard_event_file_holds_the_per_size_terms(tmp_path, tiny_model, d
         assert [e.value for e in events] == pytest.approx([logged[1][tag], logged[2][tag]], rel=1e-6)
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["train.keep_best=avg"], "train.keep_best needs validation during training"),
-    (["train.eval_steps=1", "train.keep_best=huge"], "train.keep_best = 'huge' is not avg or one of the sizes"),
-    (["train.eval_steps=1", "train.eval_split=nope"], "train.eval_split = 'nope' is neither heldout nor in data.eval"),
-    (["train.eval_steps=1", "train.eval_on_reported_split=false"],
-     "train.eval_split = 'dev' is a split the eval stage reports .* selects on the test data"),
-    (["train.eval_steps=1", "train.eval_split=heldout"], "needs training queries held back for it: set train.holdout"),
-    (["train.holdout_queries=20"], "leaves nothing to train on"),
-    (["train.eval_steps=1", "train.eval_metric=RR@ten"], "unknown metric"),
-    (["train.report_to=nosuch"], "'nosuch' is not one of none"),
-    (["train.report_to=wandb"], "pip install wandb"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["train.keep_best=avg"], "train.keep_best needs validation during training"),
+        (["train.eval_steps=1", "train.keep_best=huge"], "train.keep_best = 'huge' is not avg or one of the sizes"),
+        (
+            ["train.eval_steps=1", "train.eval_split=nope"],
+            "train.eval_split = 'nope' is neither heldout nor in data.eval",
+        ),
+        (
+            ["train.eval_steps=1", "train.eval_on_reported_split=false"],
+            "train.eval_split = 'dev' is a split the eval stage reports .* selects on the test data",
+        ),
+        (
+            ["train.eval_steps=1", "train.eval_split=heldout"],
+            "needs training queries held back for it: set train.holdout",
+        ),
+        (["train.holdout_queries=20"], "leaves nothing to train on"),
+        (["train.eval_steps=1", "train.eval_metric=RR@ten"], "unknown metric"),
+        (["train.report_to=nosuch"], "'nosuch' is not one of none"),
+        (["train.report_to=wandb"], "pip install wandb"),
+    ],
+)
 def test_validation_and_tracker_misconfigurations(tmp_path, tiny_model, dev_collection, overrides, message):
     if overrides == ["train.report_to=wandb"] and importlib.util.find_spec("wandb"):
         pytest.skip("wandb is installed here")
@@ -220,8 +263,9 @@ def test_validation_and_tracker_misconfigurations(tmp_path, tiny_model, dev_coll
         train_with_dev(write_config(tmp_path, tiny_model, dev_collection), dev_collection, *overrides)
 
 
-def test_heldout_training_queries_are_not_trained_on_and_validate_like_brute_force(tmp_path, tiny_model, collection,
-                                                                                  monkeypatch):  # noqa: F811
+def test_heldout_training_queries_are_not_trained_on_and_validate_like_brute_force(
+    tmp_path, tiny_model, collection, monkeypatch
+):  # noqa: F811
     import train.finetune as finetune
 
     trained = []
@@ -241,19 +285,29 @@ def test_heldout_training_queries_are_not_trained_on_and_validate_like_brute_for
     split = tmp_path / "heldout"
     (split / "qrels").mkdir(parents=True)
     (split / "corpus.jsonl").write_text((collection / "corpus.jsonl").read_text())
-    (split / "queries.jsonl").write_text("".join(json.dumps({"_id": g["query_id"], "text": g["query"]}) + "\n"
-                                                 for g in heldout))
-    (split / "qrels" / "dev.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(
-        f"{g['query_id']}\t{g['positive_document_ids'][0]}\t1\n" for g in heldout))
+    (split / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": g["query_id"], "text": g["query"]}) + "\n" for g in heldout)
+    )
+    (split / "qrels" / "dev.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n"
+        + "".join(f"{g['query_id']}\t{g['positive_document_ids'][0]}\t1\n" for g in heldout)
+    )
     lines = eval_lines(tmp_path / "run")
     assert [r["step"] for r in lines] == [1, 2]
     for record in lines:
-        expected = brute_force_rr10(tmp_path / "run" / "checkpoints" / f"checkpoint-{record['step']}" / "model", split,
-                                    min_gap=1e-6)  # 3-word queries: closer scores, still 10x the noise
+        expected = brute_force_rr10(
+            tmp_path / "run" / "checkpoints" / f"checkpoint-{record['step']}" / "model", split, min_gap=1e-6
+        )  # 3-word queries: closer scores, still 10x the noise
         for name, value in expected.items():
             assert record[f"eval/{name}/RR@10"] == pytest.approx(value, abs=1e-9), (record["step"], name)
     # the same queries are held back whatever the seed: runs of one comparison validate alike
     trained.clear()
-    train(run_config(tmp_path, tiny_model, collection, name="seed7", max_steps=1, eval_split="heldout",
-                     holdout_queries=6), "seed=7")
-    assert sorted(q for q in (g["query_id"] for g in everything) if q not in trained) == sorted(g["query_id"] for g in heldout)
+    train(
+        run_config(
+            tmp_path, tiny_model, collection, name="seed7", max_steps=1, eval_split="heldout", holdout_queries=6
+        ),
+        "seed=7",
+    )
+    assert sorted(q for q in (g["query_id"] for g in everything) if q not in trained) == sorted(
+        g["query_id"] for g in heldout
+    )

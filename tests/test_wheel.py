@@ -34,16 +34,36 @@ def installed(tmp_path_factory):
     """(venv python, venv bin, a directory outside the repository) with the wheel installed."""
     root = tmp_path_factory.mktemp("wheel")
     src = root / "src"
-    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "runs", "data", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "carry"))
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(root / "dist"),
-         str(src)], cwd=root)
+    shutil.copytree(
+        REPO,
+        src,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "runs", "data", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "carry"
+        ),
+    )
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(root / "dist"),
+            str(src),
+        ],
+        cwd=root,
+    )
     (wheel,) = (root / "dist").glob("*.whl")
     venv = root / "venv"
     run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=root)
     python = venv / "bin" / "python"
-    run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
-        cwd=root)
+    run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        cwd=root,
+    )
     # The dependencies (torch, transformers, ...) come from this interpreter's site-packages, added after
     # the venv's own; a path in a .pth file does not run the .pth files there, so the editable install of
     # the repository stays out of the fresh venv.

@@ -8,8 +8,11 @@ from retrieval.errors import cli_entry
 
 @cli_entry
 def main(argv=None) -> None:
-    parser = stage_parser("train", "Fine-tune a Starbucks retriever (train.method: srl | 2dmse | separate | full), "
-                                   "or SMAE-pre-train one (train.method: smae); re-run the same command to resume.")
+    parser = stage_parser(
+        "train",
+        "Fine-tune a Starbucks retriever (train.method: srl | 2dmse | separate | full), "
+        "or SMAE-pre-train one (train.method: smae); re-run the same command to resume.",
+    )
     cfg, _ = parse_stage_args(parser, argv)
     if cfg.train.method == "smae":
         from train.pretrain import run_pretraining

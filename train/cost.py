@@ -37,9 +37,13 @@ class RunCost:
         flops = self.accelerator.reduce(local, "sum") if self.accelerator.num_processes > 1 else local
         device = self.accelerator.device
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        return {"steps": step, "seconds": round(self.seconds_before + seconds, 3),
-                "flops": self.flops_before + int(flops.item()), "device": name,
-                "processes": self.accelerator.num_processes}
+        return {
+            "steps": step,
+            "seconds": round(self.seconds_before + seconds, 3),
+            "flops": self.flops_before + int(flops.item()),
+            "device": name,
+            "processes": self.accelerator.num_processes,
+        }
 
     def save(self, directory: Path, record: dict) -> None:
         """Into a checkpoint being staged (main process)."""

@@ -58,8 +58,14 @@ class GroupDataset(Dataset):
 class GroupCollator:
     """Tokenise a list of `(query, passages)` items into `{"queries": ..., "passages": ...}` (dynamic padding)."""
 
-    def __init__(self, tokenizer, query_max_length: int, passage_max_length: int,
-                 query_prefix: str = "", passage_prefix: str = ""):
+    def __init__(
+        self,
+        tokenizer,
+        query_max_length: int,
+        passage_max_length: int,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+    ):
         self.tokenizer = tokenizer
         self.query_max_length = query_max_length
         self.passage_max_length = passage_max_length

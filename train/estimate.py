@@ -43,8 +43,11 @@ def estimate_training(cfg) -> dict:
         from train.masking import iter_texts
 
         p = cfg.pretrain
-        stream = (text for s in text_sources(cfg)
-                  for text in iter_texts(s["source"], s["text_field"], s["hf_config"], s["hf_split"]))
+        stream = (
+            text
+            for s in text_sources(cfg)
+            for text in iter_texts(s["source"], s["text_field"], s["hf_config"], s["hf_split"])
+        )
         texts = list(itertools.islice(stream, p.max_texts))  # no more of the sources than the run reads
         sample = texts[:: max(1, len(texts) // 2000)]
         per_text = sum(len(ids) - 1 for ids in tokenizer(sample, add_special_tokens=True)["input_ids"]) / len(sample)
@@ -68,19 +71,28 @@ def estimate_training(cfg) -> dict:
     from train.methods import plan_method
 
     plan = plan_method(t, sizes, int(config.num_hidden_layers), int(config.hidden_size), int(cfg.seed))
-    groups = _groups(str(cfg.data.train), str(cfg.data.train_corpus or cfg.data.corpus), str(cfg.data.train_split),
-                     cfg.data.max_train_groups)
+    groups = _groups(
+        str(cfg.data.train),
+        str(cfg.data.train_corpus or cfg.data.corpus),
+        str(cfg.data.train_split),
+        cfg.data.max_train_groups,
+    )
     dataset = GroupDataset(groups, int(t.group_size), int(cfg.seed))
     collate = GroupCollator(tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix, m.passage_prefix)
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(int(cfg.seed))).tolist()
     if len(dataset) < batch:
-        raise StarbucksError(f"{len(dataset)} training groups make no full step of {batch} (batch_size x grad_accum); "
-                             f"lower train.batch_size or add data")
+        raise StarbucksError(
+            f"{len(dataset)} training groups make no full step of {batch} (batch_size x grad_accum); "
+            f"lower train.batch_size or add data"
+        )
     sampled = []
     for i in range(min(SAMPLE_BATCHES, len(dataset) // batch)):
-        b = collate([dataset[(k, 0)] for k in order[i * batch:(i + 1) * batch]])
-        sampled.append(retrieval_step_flops(config, b["queries"]["attention_mask"], b["passages"]["attention_mask"],
-                                            plan.schedule.at(i)))
+        b = collate([dataset[(k, 0)] for k in order[i * batch : (i + 1) * batch]])
+        sampled.append(
+            retrieval_step_flops(
+                config, b["queries"]["attention_mask"], b["passages"]["attention_mask"], plan.schedule.at(i)
+            )
+        )
     per_step = int(sum(sampled) / len(sampled))
     steps = t.max_steps or max(1, math.ceil(t.epochs * (len(groups) // batch)))
     return {"steps": steps, "flops": steps * per_step, "flops_per_step": per_step}

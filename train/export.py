@@ -51,19 +51,35 @@ def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
     """Write `model` cut to `size` (its layers; ST's output: its dims) as a checkpoint in `out`."""
     size = model.size(size)
     if size.parts:
-        raise StarbucksError(f"{size.key} is a hybrid of {len(size.parts)} sizes, which one sentence-transformers model "
-                             f"cannot give; export each part (--size {size.parts[0].size.key}, ...)")
+        raise StarbucksError(
+            f"{size.key} is a hybrid of {len(size.parts)} sizes, which one sentence-transformers model "
+            f"cannot give; export each part (--size {size.parts[0].size.key}, ...)"
+        )
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
         raise StarbucksError(f"{out} exists and is not a model folder; give an empty or new --out")
     encoder = copy.deepcopy(model.encoder).truncate_(size.layers)
-    cut = StarbucksModel(encoder, model.tokenizer, SizeList([size]), query_max_length=model.query_max_length,
-                         passage_max_length=model.passage_max_length, query_prefix=model.query_prefix,
-                         passage_prefix=model.passage_prefix, source=model.source, meta=model.meta)
+    cut = StarbucksModel(
+        encoder,
+        model.tokenizer,
+        SizeList([size]),
+        query_max_length=model.query_max_length,
+        passage_max_length=model.passage_max_length,
+        query_prefix=model.query_prefix,
+        passage_prefix=model.passage_prefix,
+        source=model.source,
+        meta=model.meta,
+    )
     cut.save(out, {"exported_from": model.source, "exported_size": size.to_dict()})
-    results = {split: {**r, "sizes": [s for s in r["sizes"] if (s["layers"], s["dim"]) == (size.layers, size.dim)
-                                      and "+" not in s["size"]]}  # a hybrid may share a size's layers and dim
-               for split, r in read_results(model.source).items()}
+    results = {
+        split: {
+            **r,
+            "sizes": [
+                s for s in r["sizes"] if (s["layers"], s["dim"]) == (size.layers, size.dim) and "+" not in s["size"]
+            ],
+        }  # a hybrid may share a size's layers and dim
+        for split, r in read_results(model.source).items()
+    }
     results = {split: r for split, r in results.items() if r["sizes"]}
     if results:
         write_card(out, read_meta(out), results, shape=model_shape(str(out)))
@@ -105,31 +121,52 @@ def export_onnx(model: StarbucksModel, size: Size | str, out: str | Path) -> Pat
     axes = {0: "batch", 1: "sequence"}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice, tracer notes on shapes
-        torch.onnx.export(_OneSize(encoder, size), (example["input_ids"], example["attention_mask"]),
-                          str(out / ONNX_FILE), input_names=["input_ids", "attention_mask"],
-                          output_names=["embedding"], opset_version=ONNX_OPSET, dynamo=False,
-                          dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}})
+        torch.onnx.export(
+            _OneSize(encoder, size),
+            (example["input_ids"], example["attention_mask"]),
+            str(out / ONNX_FILE),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["embedding"],
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "embedding": {0: "batch"}},
+        )
     model.tokenizer.save_pretrained(out)
-    atomic_write_json(out / ONNX_META, {
-        "format_version": 1, "file": ONNX_FILE, "size": size.to_dict(), "pooling": model.pooling,
-        "normalize": model.normalize, "similarity": model.similarity_fn_name,
-        "query_max_length": model.query_max_length, "passage_max_length": model.passage_max_length,
-        "query_prefix": model.query_prefix, "passage_prefix": model.passage_prefix,
-        "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence], 1 = token"},
-        "output": {"embedding": f"float32 [batch, {size.dim}]"}, "padding": "right", "opset": ONNX_OPSET,
-        "exported_from": model.source,
-    })
+    atomic_write_json(
+        out / ONNX_META,
+        {
+            "format_version": 1,
+            "file": ONNX_FILE,
+            "size": size.to_dict(),
+            "pooling": model.pooling,
+            "normalize": model.normalize,
+            "similarity": model.similarity_fn_name,
+            "query_max_length": model.query_max_length,
+            "passage_max_length": model.passage_max_length,
+            "query_prefix": model.query_prefix,
+            "passage_prefix": model.passage_prefix,
+            "inputs": {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence], 1 = token"},
+            "output": {"embedding": f"float32 [batch, {size.dim}]"},
+            "padding": "right",
+            "opset": ONNX_OPSET,
+            "exported_from": model.source,
+        },
+    )
     return out
 
 
 def upload_files(folder: Path) -> list[str]:
     """The files of `folder` an upload sends (hidden and temporary files left out), sorted."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p.relative_to(folder).as_posix()
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
-def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False,
-                own_folder: bool = True) -> list[str]:
+def push_to_hub(
+    folder: str | Path, repo_id: str, dry_run: bool = False, private: bool = False, own_folder: bool = True
+) -> list[str]:
     """Upload `folder` to the hub model repository `repo_id` (created if missing); its card's load
     examples name `repo_id`. `dry_run`: only list the files. `own_folder=False` (the trained checkpoint
     itself, not an export): a dry run leaves its card as it is. Returns the files (relative paths)."""
@@ -144,8 +181,10 @@ def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private
     files = upload_files(folder)
     total = sum((folder / f).stat().st_size for f in files)
     verb = "would upload" if dry_run else "uploading"
-    print(f"export: {verb} {len(files)} files ({total / 1e6:.1f} MB) from {folder} to "
-          f"https://huggingface.co/{repo_id}:", file=sys.stderr)
+    print(
+        f"export: {verb} {len(files)} files ({total / 1e6:.1f} MB) from {folder} to https://huggingface.co/{repo_id}:",
+        file=sys.stderr,
+    )
     for f in files:
         print(f"  {f}")
     if dry_run:
@@ -156,33 +195,48 @@ def push_to_hub(folder: str | Path, repo_id: str, dry_run: bool = False, private
     api = HfApi()
     try:
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(folder), allow_patterns=files,
-                          commit_message=f"Upload {meta.get('exported_size', {}).get('name') or 'model'} "
-                                         f"with starbucks-retrieval")
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="model",
+            folder_path=str(folder),
+            allow_patterns=files,
+            commit_message=f"Upload {meta.get('exported_size', {}).get('name') or 'model'} with starbucks-retrieval",
+        )
     except (HfHubHTTPError, OSError) as err:
-        raise StarbucksError(f"upload to {repo_id} failed: {first_line(err)}; check HF_TOKEN "
-                             f"(or huggingface-cli login) and the network") from None
+        raise StarbucksError(
+            f"upload to {repo_id} failed: {first_line(err)}; check HF_TOKEN (or huggingface-cli login) and the network"
+        ) from None
     return files
 
 
-def export(model_path: str, sizes: Sequence[str] | None = None, out: str | Path | None = None,
-           push: str | None = None, dry_run: bool = False, private: bool = False,
-           device: str | None = None, onnx: str | Path | None = None) -> ExportResult:
+def export(
+    model_path: str,
+    sizes: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    push: str | None = None,
+    dry_run: bool = False,
+    private: bool = False,
+    device: str | None = None,
+    onnx: str | Path | None = None,
+) -> ExportResult:
     """Export `sizes` (names or `LxD`; `["all"]`: every size of the checkpoint) of the checkpoint at
     `model_path` into `out` (one size: `out` itself; several: `out/<size>`), then push each folder
     to the hub when `push` is given; without `sizes`, push the checkpoint as it is. `onnx`: also (or
     only, without `out`) an ONNX graph of each size there, laid out the same way (`export_onnx`)."""
     if not sizes:
         if not push:
-            raise StarbucksError("nothing to do: give --size S --out DIR (or --onnx DIR), --all --out DIR, or "
-                                 "--push-to-hub USER/NAME")
+            raise StarbucksError(
+                "nothing to do: give --size S --out DIR (or --onnx DIR), --all --out DIR, or --push-to-hub USER/NAME"
+            )
         StarbucksModel.from_pretrained(model_path, "cpu")  # one clear line if it is not a model
         result = ExportResult([Path(model_path)])
         result.uploads[push] = push_to_hub(model_path, push, dry_run, private, own_folder=False)
         return result
     if out is None and onnx is None:
-        raise StarbucksError("give --out DIR (a sentence-transformers model) or --onnx DIR (an ONNX graph): "
-                             "where the exported model goes")
+        raise StarbucksError(
+            "give --out DIR (a sentence-transformers model) or --onnx DIR (an ONNX graph): "
+            "where the exported model goes"
+        )
     if push and out is None:
         raise StarbucksError("--push-to-hub uploads the --out folders; give --out DIR too")
     model = StarbucksModel.from_pretrained(model_path, device or "cpu")
@@ -213,8 +267,12 @@ def main(argv=None) -> None:
     which.add_argument("--size", help="the size to export: a name (grande) or LAYERSxDIM (8x256)")
     which.add_argument("--all", action="store_true", help="every size of the checkpoint, one folder each")
     parser.add_argument("--out", help="where the exported model goes (with --all: one sub-folder per size)")
-    parser.add_argument("--onnx", metavar="DIR", help="write the size as an ONNX graph (DIR/model.onnx, the tokenizer, "
-                                                      "starbucks_onnx.json; with --all: one sub-folder per size)")
+    parser.add_argument(
+        "--onnx",
+        metavar="DIR",
+        help="write the size as an ONNX graph (DIR/model.onnx, the tokenizer, "
+        "starbucks_onnx.json; with --all: one sub-folder per size)",
+    )
     parser.add_argument("--push-to-hub", metavar="USER/NAME", help="upload to this hub model repository")
     parser.add_argument("--private", action="store_true", help="create the hub repository private")
     parser.add_argument("--dry-run", action="store_true", help="prepare the folders, list what would be uploaded")

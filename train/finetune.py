@@ -39,8 +39,16 @@ class RetrievalTask:
     can_validate = True  # train.eval_steps (the validator is built on the main process only)
     can_cache_gradients = True
 
-    def __init__(self, encoder: StarbucksEncoder, tokenizer, groups: Sequence[TrainGroup], plan: MethodPlan,
-                 loss: StarbucksLoss, cfg, validator: Validator | None = None):
+    def __init__(
+        self,
+        encoder: StarbucksEncoder,
+        tokenizer,
+        groups: Sequence[TrainGroup],
+        plan: MethodPlan,
+        loss: StarbucksLoss,
+        cfg,
+        validator: Validator | None = None,
+    ):
         self.name = plan.name
         self.validator = validator  # train.eval_steps (built on the main process only)
         self.model = encoder
@@ -49,8 +57,9 @@ class RetrievalTask:
         self.loss = loss
         m = cfg.model
         self.dataset = GroupDataset(groups, int(cfg.train.group_size), int(cfg.seed))
-        self.collate = GroupCollator(tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix,
-                                     m.passage_prefix)
+        self.collate = GroupCollator(
+            tokenizer, m.query_max_length, m.passage_max_length, m.query_prefix, m.passage_prefix
+        )
         self.meta = {
             "sizes": plan.saved_sizes.to_config(),
             "method": plan.name,
@@ -67,8 +76,9 @@ class RetrievalTask:
         cuda = torch.cuda.is_available()
         self._fingerprint["train"]["length_buckets"] = encoder.length_buckets
         self._fingerprint["train"]["precision"] = mixed_precision(str(cfg.train.precision), cuda)
-        self._fingerprint["model"]["packing"] = use_packing(encoder.packing, encoder.backbone,
-                                                            torch.device("cuda" if cuda else "cpu"))
+        self._fingerprint["model"]["packing"] = use_packing(
+            encoder.packing, encoder.backbone, torch.device("cuda" if cuda else "cpu")
+        )
 
     def embedding_inputs(self, batch: dict, step: int) -> tuple[dict[str, dict], list[Size]]:
         """The texts a step embeds and the sizes it visits (gradient caching embeds them chunk by chunk)."""
@@ -89,8 +99,13 @@ class RetrievalTask:
 
     def step_flops(self, batch: dict, step: int) -> int:
         world = self.loss.gather.world_size if self.loss.gather is not None else 1
-        return retrieval_step_flops(self.model.config, batch["queries"]["attention_mask"],
-                                    batch["passages"]["attention_mask"], self.plan.schedule.at(step), world)
+        return retrieval_step_flops(
+            self.model.config,
+            batch["queries"]["attention_mask"],
+            batch["passages"]["attention_mask"],
+            self.plan.schedule.at(step),
+            world,
+        )
 
     def save_model(self, model: StarbucksEncoder, directory: Path, step: int) -> None:
         save_encoder(model, directory, self.tokenizer, {**self.meta, "step": step})
@@ -116,9 +131,11 @@ def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> 
     short = [g for g in groups if len(g.negatives) < need]
     if short:
         fewest = min(short, key=lambda g: len(g.negatives))
-        print(f"train: {len(short)} of {len(groups)} groups have fewer than {need} hard negatives (fewest: "
-              f"{fewest.query_id!r} with {len(fewest.negatives)}); their negatives repeat to fill the group",
-              file=sys.stderr)
+        print(
+            f"train: {len(short)} of {len(groups)} groups have fewer than {need} hard negatives (fewest: "
+            f"{fewest.query_id!r} with {len(fewest.negatives)}); their negatives repeat to fill the group",
+            file=sys.stderr,
+        )
     return len(short)
 
 
@@ -150,8 +167,9 @@ def run_training(cfg) -> TrainResult:
     loss = StarbucksLoss(base, plan.saved_sizes, t.kl_weight, t.kl_temperature, weights, plan.reduction, gather)
 
     with state.main_process_first():  # the main process downloads and caches hub data first
-        groups = load_train_groups(cfg.data.train, cfg.data.train_corpus or cfg.data.corpus, cfg.data.train_split,
-                                   cfg.data.max_train_groups)
+        groups = load_train_groups(
+            cfg.data.train, cfg.data.train_corpus or cfg.data.corpus, cfg.data.train_split, cfg.data.max_train_groups
+        )
     heldout = None
     if t.holdout_queries:
         groups, heldout = hold_out(groups, int(t.holdout_queries), cfg.data.train)

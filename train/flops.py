@@ -47,8 +47,10 @@ def intermediate_size(config) -> int:
         value = getattr(config, name, None)
         if value:
             return int(value)
-    raise StarbucksError(f"cannot count FLOPs of {type(config).__name__}: it names no feed-forward width "
-                         f"(intermediate_size or hidden_dim)")
+    raise StarbucksError(
+        f"cannot count FLOPs of {type(config).__name__}: it names no feed-forward width "
+        f"(intermediate_size or hidden_dim)"
+    )
 
 
 def encoder_flops(lengths: list[int], layers: int, config) -> int:
@@ -61,8 +63,9 @@ def retrieval_step_flops(config, query_mask: torch.Tensor, passage_mask: torch.T
     through the layers of the deepest visited size, and each size's `(Q x P)` score matrix
     (`world` x each side under cross-device negatives, where every rank scores the gathered batch)."""
     depth = max(s.layers for s in sizes)
-    encode = encoder_flops(lengths_of(query_mask), depth, config) + encoder_flops(lengths_of(passage_mask), depth,
-                                                                                 config)
+    encode = encoder_flops(lengths_of(query_mask), depth, config) + encoder_flops(
+        lengths_of(passage_mask), depth, config
+    )
     queries, passages = world * len(query_mask), world * len(passage_mask)
     scores = sum(matmul(queries, s.dim, passages) for s in sizes)
     return TRAINED * (encode + scores)

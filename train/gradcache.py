@@ -50,12 +50,19 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def split_rows(batch: Mapping[str, Tensor], chunk: int) -> list[dict[str, Tensor]]:
     """Consecutive slices of at most `chunk` rows of every tensor of a tokenised batch."""
     rows = len(batch["input_ids"])
-    return [{k: v[start:start + chunk] for k, v in batch.items()} for start in range(0, rows, chunk)]
+    return [{k: v[start : start + chunk] for k, v in batch.items()} for start in range(0, rows, chunk)]
 
 
-def cached_backward(accelerator: Accelerator, model: nn.Module, inputs: Mapping[str, Mapping[str, Tensor]],
-                    sizes: Sequence[Size], loss_fn: Callable[[Embeddings], LossOutput], chunk: int,
-                    scale: float = 1.0, sync: bool = True) -> LossOutput:
+def cached_backward(
+    accelerator: Accelerator,
+    model: nn.Module,
+    inputs: Mapping[str, Mapping[str, Tensor]],
+    sizes: Sequence[Size],
+    loss_fn: Callable[[Embeddings], LossOutput],
+    chunk: int,
+    scale: float = 1.0,
+    sync: bool = True,
+) -> LossOutput:
     """Back-propagate `loss_fn(model's embeddings of inputs) * scale` chunk by chunk; the loss's output.
 
     `model(batch, sizes)` gives `{size: embeddings}`; `sync=False` keeps DDP from reducing the
@@ -69,8 +76,9 @@ def cached_backward(accelerator: Accelerator, model: nn.Module, inputs: Mapping[
             with accelerator.autocast():
                 parts[name].append(model(part, sizes))
     after = rng_state(device)
-    leaves = {name: {s: torch.cat([p[s] for p in chunks]).requires_grad_() for s in sizes}
-              for name, chunks in parts.items()}
+    leaves = {
+        name: {s: torch.cat([p[s] for p in chunks]).requires_grad_() for s in sizes} for name, chunks in parts.items()
+    }
     with accelerator.autocast():
         out = loss_fn(leaves)
     accelerator.backward(out.loss * scale)

@@ -50,8 +50,13 @@ def _is_beir_corpus(path: Path) -> bool:
     return path.is_dir() or path.name.split(".")[0] == "corpus" or ".tsv" in path.name
 
 
-def iter_texts(source: str, text_field: str = "text", hf_config: str | None = None, hf_split: str = "train",
-               max_texts: int | None = None) -> Iterator[str]:
+def iter_texts(
+    source: str,
+    text_field: str = "text",
+    hf_config: str | None = None,
+    hf_split: str = "train",
+    max_texts: int | None = None,
+) -> Iterator[str]:
     """Stream the non-empty texts of a pre-training source (see the module docstring)."""
     texts = (t.strip() for t in _iter_source(str(source), text_field, hf_config, hf_split) if isinstance(t, str))
     return itertools.islice((t for t in texts if t), max_texts)
@@ -59,7 +64,7 @@ def iter_texts(source: str, text_field: str = "text", hf_config: str | None = No
 
 def _iter_source(source: str, text_field: str, hf_config: str | None, hf_split: str) -> Iterator[str]:
     if source.startswith(HF):
-        yield from _iter_hf(source[len(HF):], text_field, hf_config, hf_split)
+        yield from _iter_hf(source[len(HF) :], text_field, hf_config, hf_split)
         return
     if source.startswith(IRDS) or _is_beir_corpus(Path(source)):
         yield from (text for _, text in iter_corpus(source))
@@ -144,8 +149,14 @@ def pack_windows(texts: Iterable[str], tokenizer, max_length: int) -> Iterator[t
 _IDS, _STARTS, _META, _PROGRESS = "input_ids.bin", "word_starts.bin", "meta.json", "progress.json"
 
 
-def build_windows(directory: str | os.PathLike, texts: Callable[[], Iterable[str]], tokenizer, max_length: int,
-                  identity: dict, max_tokens: int | None = None) -> "WindowDataset":
+def build_windows(
+    directory: str | os.PathLike,
+    texts: Callable[[], Iterable[str]],
+    tokenizer,
+    max_length: int,
+    identity: dict,
+    max_tokens: int | None = None,
+) -> "WindowDataset":
     """Pack `texts()` into `directory` (once) and return its dataset.
 
     `identity` (source, tokenizer, ...) names what is packed: a finished directory with the same
@@ -166,8 +177,13 @@ def build_windows(directory: str | os.PathLike, texts: Callable[[], Iterable[str
     windows, consumed = progress["windows"], progress["texts"]
     limit = None if max_tokens is None else -(-int(max_tokens) // max_length)  # windows
     stream = itertools.islice(texts(), consumed, None)
-    bar = tqdm(desc=f"pack windows of {max_length} tokens", unit="tok", unit_scale=True,
-               initial=windows * max_length, total=None if limit is None else limit * max_length)
+    bar = tqdm(
+        desc=f"pack windows of {max_length} tokens",
+        unit="tok",
+        unit_scale=True,
+        initial=windows * max_length,
+        total=None if limit is None else limit * max_length,
+    )
     with open(directory / _IDS, "ab") as ids_file, open(directory / _STARTS, "ab") as starts_file:
         for f, itemsize in ((ids_file, np.dtype(dtype).itemsize), (starts_file, 1)):
             f.truncate(windows * max_length * itemsize)  # drop what was written after the last commit
@@ -175,8 +191,10 @@ def build_windows(directory: str | os.PathLike, texts: Callable[[], Iterable[str
         def commit() -> None:
             ids_file.flush()
             starts_file.flush()
-            atomic_write_json(directory / _PROGRESS, {"identity": identity, "texts": consumed, "windows": windows,
-                                                      "leftover": packer.leftover()})
+            atomic_write_json(
+                directory / _PROGRESS,
+                {"identity": identity, "texts": consumed, "windows": windows, "leftover": packer.leftover()},
+            )
 
         chunks = 0
         while limit is None or windows < limit:
@@ -197,10 +215,14 @@ def build_windows(directory: str | os.PathLike, texts: Callable[[], Iterable[str
         commit()
     bar.close()
     if windows == 0:
-        raise StarbucksError(f"{identity.get('source', 'the text')} gives fewer tokens than one window of "
-                             f"{max_length}; add text or lower pretrain.max_length")
-    atomic_write_json(directory / _META, {"identity": identity, "windows": windows, "max_length": max_length,
-                                          "dtype": np.dtype(dtype).name})
+        raise StarbucksError(
+            f"{identity.get('source', 'the text')} gives fewer tokens than one window of "
+            f"{max_length}; add text or lower pretrain.max_length"
+        )
+    atomic_write_json(
+        directory / _META,
+        {"identity": identity, "windows": windows, "max_length": max_length, "dtype": np.dtype(dtype).name},
+    )
     (directory / _PROGRESS).unlink()
     return WindowDataset(directory)
 
@@ -240,8 +262,9 @@ class WindowDataset(Dataset):
 # ---------------------------------------------------------------- masking
 
 
-def whole_word_mask(word_ids: torch.Tensor, maskable: torch.Tensor, ratio: float,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def whole_word_mask(
+    word_ids: torch.Tensor, maskable: torch.Tensor, ratio: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """A `(B, T)` bool mask: each word of each row (one `word_ids` value) is masked with probability `ratio`.
 
     All pieces of a word share one draw; positions where `maskable` is False are never masked.
@@ -261,8 +284,7 @@ class SMAECollator:
     original token at masked positions, -100 elsewhere. Rows of different lengths are padded.
     """
 
-    def __init__(self, tokenizer, enc_ratio: float = 0.2, dec_ratio: float = 0.4, replace: str = "bert",
-                 seed: int = 0):
+    def __init__(self, tokenizer, enc_ratio: float = 0.2, dec_ratio: float = 0.4, replace: str = "bert", seed: int = 0):
         for name, ratio in (("enc_mask_ratio", enc_ratio), ("dec_mask_ratio", dec_ratio)):
             if not 0.0 < ratio < 1.0:
                 raise StarbucksError(f"pretrain.{name} = {ratio} must be between 0 and 1 (exclusive)")
@@ -296,10 +318,12 @@ class SMAECollator:
         word_ids = word_starts.cumsum(1)
         maskable = attention_mask.bool() & ~torch.isin(input_ids, self.special_ids)
         generator = self.generator(items)
-        enc_ids, enc_labels = self.corrupt(input_ids, whole_word_mask(word_ids, maskable, self.enc_ratio, generator),
-                                           generator)
-        dec_ids, dec_labels = self.corrupt(input_ids, whole_word_mask(word_ids, maskable, self.dec_ratio, generator),
-                                           generator)
+        enc_ids, enc_labels = self.corrupt(
+            input_ids, whole_word_mask(word_ids, maskable, self.enc_ratio, generator), generator
+        )
+        dec_ids, dec_labels = self.corrupt(
+            input_ids, whole_word_mask(word_ids, maskable, self.dec_ratio, generator), generator
+        )
         return {
             "input_ids": enc_ids,
             "attention_mask": attention_mask,
@@ -308,8 +332,9 @@ class SMAECollator:
             "decoder_labels": dec_labels,
         }
 
-    def corrupt(self, input_ids: torch.Tensor, masked: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def corrupt(
+        self, input_ids: torch.Tensor, masked: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Replace the masked positions (per `replace`); labels keep the original token there."""
         labels = torch.where(masked, input_ids, torch.full_like(input_ids, IGNORE))
         corrupted = input_ids.clone()

@@ -47,13 +47,15 @@ class MethodPlan:
     truncate_to: int | None = None  # keep only this many layers (separate)
 
 
-def plan_method(train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: int,
-                model_name: str = "the model") -> MethodPlan:
+def plan_method(
+    train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: int, model_name: str = "the model"
+) -> MethodPlan:
     """Validate the method's settings against the size list and the model; raise one clear line."""
     method = str(train_cfg.method)  # one of METHODS: the config's schema checked it
     if train_cfg.get("size_weights") is not None and method not in SRL_METHODS:
-        raise StarbucksError(f"train.size_weights applies to method srl (and srl-depth, srl-width) only; remove it "
-                             f"for method {method}")
+        raise StarbucksError(
+            f"train.size_weights applies to method srl (and srl-depth, srl-width) only; remove it for method {method}"
+        )
     if method != "separate" and train_cfg.get("size") is not None:
         raise StarbucksError("train.size is for method separate; remove it or set train.method=separate")
     sizes.validate(num_layers, hidden, model_name)

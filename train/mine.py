@@ -66,7 +66,9 @@ class MineSettings:
         for name in ("depth", "negatives", "shard_rows", "batch_size", "skip_top"):
             whole_number(getattr(self, name), f"--{name.replace('_', '-')}", minimum=0 if name == "skip_top" else 1)
         if self.retriever == BM25_NAME and self.size is not None:
-            raise StarbucksError("--size is for a dense retriever; BM25 has no sizes (drop --size or pass --retriever MODEL)")
+            raise StarbucksError(
+                "--size is for a dense retriever; BM25 has no sizes (drop --size or pass --retriever MODEL)"
+            )
 
     @property
     def is_bm25(self) -> bool:
@@ -104,18 +106,26 @@ def positives_of(split: EvalSplit) -> dict[str, set[str]]:
 def select_negatives(ranked: Sequence[str], positives: set[str], count: int, skip_top: int) -> list[str]:
     """The ranking without the positives, minus its first `skip_top`, cut to `count` (top-ranked first)."""
     rest = [d for d in ranked if d not in positives]
-    return rest[skip_top:skip_top + count]
+    return rest[skip_top : skip_top + count]
 
 
 # ---------------------------------------------------------------- rankings
 
 
-def bm25_rankings(ids: Sequence[str], texts: Sequence[str], queries: Mapping[str, str], depth: int,
-                  stemmer: str | None = None, progress: bool = True) -> dict[str, list[str]]:
+def bm25_rankings(
+    ids: Sequence[str],
+    texts: Sequence[str],
+    queries: Mapping[str, str],
+    depth: int,
+    stemmer: str | None = None,
+    progress: bool = True,
+) -> dict[str, list[str]]:
     """Query id -> the BM25 top `depth` passage ids (score > 0), best first."""
     bm25 = BM25(ids, texts, stemmer=stemmer, progress=progress)
-    return {q: [d for d, _ in bm25.search(text, depth)]
-            for q, text in tqdm(queries.items(), desc="BM25 ranking", unit="q", disable=not progress)}
+    return {
+        q: [d for d, _ in bm25.search(text, depth)]
+        for q, text in tqdm(queries.items(), desc="BM25 ranking", unit="q", disable=not progress)
+    }
 
 
 class MiningParts:
@@ -135,7 +145,8 @@ class MiningParts:
                 changed = sorted(k for k in identity.keys() | found.keys() if identity.get(k) != found.get(k))
                 raise StarbucksError(
                     f"{directory} holds a mining run with other settings ({', '.join(changed)}); delete it to "
-                    f"start over, or rerun with the settings it was started with")
+                    f"start over, or rerun with the settings it was started with"
+                )
         else:
             atomic_write_json(meta, identity)
 
@@ -149,8 +160,10 @@ class MiningParts:
             return None
         with np.load(path) as part:
             if str(part["ids_sha256"]) != ids_sha256(ids):
-                raise StarbucksError(f"{path} was mined from other passages than block {block} of the corpus "
-                                     f"(the corpus changed); delete {self.dir} and mine again")
+                raise StarbucksError(
+                    f"{path} was mined from other passages than block {block} of the corpus "
+                    f"(the corpus changed); delete {self.dir} and mine again"
+                )
             return part["scores"], part["rows"]
 
     def save(self, block: int, ids: Sequence[str], scores: np.ndarray, rows: np.ndarray) -> None:
@@ -169,12 +182,21 @@ def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], part
     model = StarbucksModel.from_pretrained(settings.retriever, device=settings.device, defaults=defaults)
     size = model.size(settings.size or model.sizes.largest)
     qids = list(queries)
-    parts = MiningParts(parts_dir, {
-        "passages": model.identity(size, "passage"), "queries": model.identity(size, "query"),
-        "query_ids_sha256": ids_sha256(qids), "query_texts_sha256": texts_sha256(queries[q] for q in qids),
-        "depth": settings.depth, "shard_rows": settings.shard_rows, "corpus": str(cfg.data.corpus)})
-    print(f"mine: {model.source} at size {size}; blocks of {settings.shard_rows} passages in {parts_dir}",
-          file=sys.stderr)
+    parts = MiningParts(
+        parts_dir,
+        {
+            "passages": model.identity(size, "passage"),
+            "queries": model.identity(size, "query"),
+            "query_ids_sha256": ids_sha256(qids),
+            "query_texts_sha256": texts_sha256(queries[q] for q in qids),
+            "depth": settings.depth,
+            "shard_rows": settings.shard_rows,
+            "corpus": str(cfg.data.corpus),
+        },
+    )
+    print(
+        f"mine: {model.source} at size {size}; blocks of {settings.shard_rows} passages in {parts_dir}", file=sys.stderr
+    )
     started = time.perf_counter()
     q = model.embed_texts([queries[i] for i in qids], [size], "query", settings.batch_size)[size]
     ranking = ExactRanking(q, settings.depth, default_searcher(model.device))
@@ -191,16 +213,24 @@ def dense_rankings(cfg, settings: MineSettings, queries: Mapping[str, str], part
         corpus_ids.extend(ids)
     bar.close()
     seconds = time.perf_counter() - started
-    print(f"mine: {len(qids)} queries ranked against {len(corpus_ids)} passages at {size} in {seconds:.1f}s "
-          f"({len(corpus_ids) / seconds:.0f} passages/s, blocks already finished included)", file=sys.stderr)
+    print(
+        f"mine: {len(qids)} queries ranked against {len(corpus_ids)} passages at {size} in {seconds:.1f}s "
+        f"({len(corpus_ids) / seconds:.0f} passages/s, blocks already finished included)",
+        file=sys.stderr,
+    )
     return {qid: [d for d, _ in hits] for qid, hits in ranked(qids, ranking.scores, ranking.rows, corpus_ids)}
 
 
 # ---------------------------------------------------------------- output
 
 
-def group_rows(split: EvalSplit, positives: Mapping[str, set[str]], rankings: Mapping[str, Sequence[str]],
-               negatives: int, skip_top: int) -> Iterable[dict]:
+def group_rows(
+    split: EvalSplit,
+    positives: Mapping[str, set[str]],
+    rankings: Mapping[str, Sequence[str]],
+    negatives: int,
+    skip_top: int,
+) -> Iterable[dict]:
     """One ids-only training group per query with positives, in the split's query order."""
     for q, text in split.queries.items():
         if q not in positives:
@@ -261,8 +291,11 @@ def mine(cfg, settings: MineSettings) -> MineSummary:
     out = Path(settings.out) if settings.out else default_out(cfg, settings)
     depth = settings.depth
     corpus = str(cfg.data.corpus)
-    print(f"mine: {len(queries)} queries of split {settings.split!r}; retriever {settings.retriever}"
-          f"{f' at size {settings.size}' if settings.size else ''}; depth {depth}", file=sys.stderr)
+    print(
+        f"mine: {len(queries)} queries of split {settings.split!r}; retriever {settings.retriever}"
+        f"{f' at size {settings.size}' if settings.size else ''}; depth {depth}",
+        file=sys.stderr,
+    )
     if settings.is_bm25:
         ids, texts = [], []
         for doc_id, text in tqdm(iter_corpus(corpus), desc="reading corpus", unit="psg", disable=not settings.progress):
@@ -276,27 +309,47 @@ def mine(cfg, settings: MineSettings) -> MineSummary:
     if not settings.is_bm25:
         shutil.rmtree(parts)  # the groups are written: the per-block results are no longer needed
     left = f"; {empty} queries had no negative in the top {depth} and are left out" if empty else ""
-    print(f"mine: wrote {written} training groups to {out}{left}; train on them with "
-          f"data.train={out} (their ids point into data.corpus = {corpus})", file=sys.stderr)
+    print(
+        f"mine: wrote {written} training groups to {out}{left}; train on them with "
+        f"data.train={out} (their ids point into data.corpus = {corpus})",
+        file=sys.stderr,
+    )
     return MineSummary(out, written, empty)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = stage_parser("train.mine", "Mine hard negatives for a split's queries (BM25 or a dense model at any "
-                                        "size) and write ids-only training groups.")
+    parser = stage_parser(
+        "train.mine",
+        "Mine hard negatives for a split's queries (BM25 or a dense model at any "
+        "size) and write ids-only training groups.",
+    )
     d = MineSettings()
     parser.add_argument("--split", default=d.split, help="split with qrels whose queries get groups (default: train)")
     parser.add_argument("--retriever", default=d.retriever, help="bm25 (default), or a model directory / hub id")
     parser.add_argument("--size", default=None, help="dense: the size to rank with (name or LxD; default: the largest)")
     parser.add_argument("--depth", type=int, default=d.depth, help=f"ranking depth (default: {d.depth})")
-    parser.add_argument("--negatives", type=int, default=d.negatives, help=f"negatives per query (default: {d.negatives})")
-    parser.add_argument("--skip-top", type=int, default=d.skip_top,
-                        help="drop the first K non-positive hits as likely false negatives (default: 0)")
-    parser.add_argument("--out", default=None, help="output JSONL[.gz] (default: <output_dir>/mined/<split>-<retriever>.jsonl.gz)")
+    parser.add_argument(
+        "--negatives", type=int, default=d.negatives, help=f"negatives per query (default: {d.negatives})"
+    )
+    parser.add_argument(
+        "--skip-top",
+        type=int,
+        default=d.skip_top,
+        help="drop the first K non-positive hits as likely false negatives (default: 0)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output JSONL[.gz] (default: <output_dir>/mined/<split>-<retriever>.jsonl.gz)"
+    )
     parser.add_argument("--stemmer", default=None, help="bm25: PyStemmer language, e.g. english (default: none)")
-    parser.add_argument("--shard-rows", type=int, default=d.shard_rows,
-                        help=f"dense: passages per corpus block, the unit of resuming (default: {d.shard_rows})")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"dense: encoding batch size (default: {d.batch_size})")
+    parser.add_argument(
+        "--shard-rows",
+        type=int,
+        default=d.shard_rows,
+        help=f"dense: passages per corpus block, the unit of resuming (default: {d.shard_rows})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help=f"dense: encoding batch size (default: {d.batch_size})"
+    )
     parser.add_argument("--device", default=d.device, help="dense: auto | cpu | cuda | cuda:N (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -305,10 +358,20 @@ def _parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     cfg, args = parse_stage_args(_parser(), argv)
-    settings = MineSettings(split=args.split, retriever=args.retriever, size=args.size, depth=args.depth,
-                            negatives=args.negatives, skip_top=args.skip_top, out=args.out, stemmer=args.stemmer,
-                            shard_rows=args.shard_rows, batch_size=args.batch_size, device=args.device,
-                            progress=not args.no_progress)
+    settings = MineSettings(
+        split=args.split,
+        retriever=args.retriever,
+        size=args.size,
+        depth=args.depth,
+        negatives=args.negatives,
+        skip_top=args.skip_top,
+        out=args.out,
+        stemmer=args.stemmer,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
     mine(cfg, settings)
 
 

@@ -52,8 +52,16 @@ class SMAETask:
     can_validate = False
     can_cache_gradients = False
 
-    def __init__(self, model: SMAE, tokenizer, dataset: WindowDataset, collate: SMAECollator, cfg,
-                 head_from_checkpoint: bool, warmup: dict | None = None):
+    def __init__(
+        self,
+        model: SMAE,
+        tokenizer,
+        dataset: WindowDataset,
+        collate: SMAECollator,
+        cfg,
+        head_from_checkpoint: bool,
+        warmup: dict | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.dataset = dataset
@@ -144,15 +152,21 @@ def probe_loss(model: SMAE, dataset: WindowDataset, collate: SMAECollator, batch
     losses = []
     with torch.no_grad():
         for start in range(0, count, batch_size):
-            batch = collate([dataset[k] for k in keys[start:start + batch_size]])
+            batch = collate([dataset[k] for k in keys[start : start + batch_size]])
             batch = {k: v.to(device) for k, v in batch.items()}
             losses.append((float(model.mlm_loss(batch)), len(batch["input_ids"])))
     model.train(was_training)
     return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
 
 
-def warm_up_head(model: SMAE, dataset: WindowDataset, collate: SMAECollator, settings: TrainSettings,
-                 fingerprint: dict, run_dir: Path) -> dict:
+def warm_up_head(
+    model: SMAE,
+    dataset: WindowDataset,
+    collate: SMAECollator,
+    settings: TrainSettings,
+    fingerprint: dict,
+    run_dir: Path,
+) -> dict:
     """Train the new head for `steps` with everything else frozen; the probe's MLM loss before and after."""
     steps = settings.max_steps
     model.to(distributed_state().device)
@@ -168,10 +182,18 @@ def warm_up_head(model: SMAE, dataset: WindowDataset, collate: SMAECollator, set
         for p in frozen:
             p.requires_grad_(True)
     after = probe_loss(model, dataset, collate, settings.batch_size)
-    print(f"smae: head warm-up ({steps} steps, encoder frozen): MLM loss on {min(PROBE_WINDOWS, len(dataset))} "
-          f"windows {before:.4f} -> {after:.4f}", file=sys.stderr, flush=True)
-    return {"steps": steps, "probe_windows": min(PROBE_WINDOWS, len(dataset)), "mlm_loss_before": round(before, 4),
-            "mlm_loss_after": round(after, 4)}
+    print(
+        f"smae: head warm-up ({steps} steps, encoder frozen): MLM loss on {min(PROBE_WINDOWS, len(dataset))} "
+        f"windows {before:.4f} -> {after:.4f}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return {
+        "steps": steps,
+        "probe_windows": min(PROBE_WINDOWS, len(dataset)),
+        "mlm_loss_before": round(before, 4),
+        "mlm_loss_after": round(after, 4),
+    }
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -185,8 +207,10 @@ def text_sources(cfg) -> list[dict]:
     if str(p.text) != TRAIN_DATA:
         return [{"source": str(p.text), "text_field": p.text_field, "hf_config": p.hf_config, "hf_split": p.hf_split}]
     corpus = d.train_corpus or d.corpus
-    return [{"source": str(corpus), "text_field": "text", "hf_config": None, "hf_split": "train"},
-            {"source": str(d.train), "text_field": "query", "hf_config": None, "hf_split": d.train_split}]
+    return [
+        {"source": str(corpus), "text_field": "text", "hf_config": None, "hf_split": "train"},
+        {"source": str(d.train), "text_field": "query", "hf_config": None, "hf_split": d.train_split},
+    ]
 
 
 def prepare_windows(cfg, tokenizer, directory: Path) -> WindowDataset:
@@ -200,7 +224,8 @@ def prepare_windows(cfg, tokenizer, directory: Path) -> WindowDataset:
 
     def texts():
         chained = itertools.chain.from_iterable(
-            iter_texts(s["source"], s["text_field"], s["hf_config"], s["hf_split"]) for s in sources)
+            iter_texts(s["source"], s["text_field"], s["hf_config"], s["hf_split"]) for s in sources
+        )
         return itertools.islice(chained, p.max_texts)
 
     with distributed_state().main_process_first():
@@ -215,8 +240,9 @@ def run_pretraining(cfg) -> TrainResult:
     num_layers, hidden = model_shape(m.name_or_path)
     sizes.validate(num_layers, hidden, m.name_or_path)
     torch.manual_seed(int(cfg.seed))  # a new head's weights (the decoder copies the first layers)
-    model, tokenizer, head_from_checkpoint = SMAE.from_pretrained(m.name_or_path, sizes, int(p.decoder_layers),
-                                                                  m.attn_implementation, str(m.pooling))
+    model, tokenizer, head_from_checkpoint = SMAE.from_pretrained(
+        m.name_or_path, sizes, int(p.decoder_layers), m.attn_implementation, str(m.pooling)
+    )
     if sizes.largest.layers < num_layers:  # layers above the deepest size get no loss (and would stall DDP)
         model.encoder.truncate_(sizes.largest.layers)
     collate = SMAECollator(tokenizer, p.enc_mask_ratio, p.dec_mask_ratio, p.mask_replace, int(cfg.seed))
@@ -227,8 +253,9 @@ def run_pretraining(cfg) -> TrainResult:
         raise StarbucksError(f"pretrain.head_warmup_steps = {warmup_steps!r} must be a whole number >= 0")
     warmup = None
     if warmup_steps and not head_from_checkpoint:
-        warmup_settings = dataclasses.replace(settings, max_steps=warmup_steps,
-                                              save_steps=min(settings.save_steps, warmup_steps))
+        warmup_settings = dataclasses.replace(
+            settings, max_steps=warmup_steps, save_steps=min(settings.save_steps, warmup_steps)
+        )
         fingerprint = config_fingerprint(cfg, pretrain=OmegaConf.to_container(p, resolve=True))
         warmup = warm_up_head(model, windows, collate, warmup_settings, fingerprint, paths.root / WARMUP_DIR)
     task = SMAETask(model, tokenizer, windows, collate, cfg, head_from_checkpoint, warmup)
@@ -237,8 +264,12 @@ def run_pretraining(cfg) -> TrainResult:
 
 @cli_entry
 def main(argv=None) -> None:
-    parser = stage_parser("train.pretrain", "SMAE pre-training of a Starbucks encoder (the `pretrain` config section); "
-                                            "re-run the same command to resume after a kill.", SMAE_CONFIG)
+    parser = stage_parser(
+        "train.pretrain",
+        "SMAE pre-training of a Starbucks encoder (the `pretrain` config section); "
+        "re-run the same command to resume after a kill.",
+        SMAE_CONFIG,
+    )
     cfg, _ = parse_stage_args(parser, argv)
     run_pretraining(cfg)
 

@@ -85,8 +85,11 @@ def _weight_names(path: str) -> set[str] | None:
                 return set(f.keys())
         if os.path.isfile(os.path.join(path, "pytorch_model.bin")):
             try:  # mmap needs the zip format of torch >= 1.6; an older file reads as unknown
-                return set(torch.load(os.path.join(path, "pytorch_model.bin"), map_location="meta",
-                                      weights_only=True, mmap=True))
+                return set(
+                    torch.load(
+                        os.path.join(path, "pytorch_model.bin"), map_location="meta", weights_only=True, mmap=True
+                    )
+                )
             except (RuntimeError, ValueError, OSError):
                 return None
         return None
@@ -139,19 +142,28 @@ class SMAE(nn.Module):
         self.head = _mlm_head(mlm)
         layers = self.encoder.layers
         if decoder_layers > len(layers):
-            raise StarbucksError(f"pretrain.decoder_layers = {decoder_layers}: the decoder starts as a copy of the "
-                                 f"encoder's first layers, and {self.encoder.name} has only {len(layers)}")
+            raise StarbucksError(
+                f"pretrain.decoder_layers = {decoder_layers}: the decoder starts as a copy of the "
+                f"encoder's first layers, and {self.encoder.name} has only {len(layers)}"
+            )
         # Copies (own parameters) of the encoder's first layers as they are now: the checkpoint's.
         self.decoder = nn.ModuleList(copy.deepcopy(layers[i]) for i in range(decoder_layers))
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, sizes: SizeList, decoder_layers: int = 1,
-                        attn_implementation: str | None = "sdpa", pooling: str = "cls"):
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        sizes: SizeList,
+        decoder_layers: int = 1,
+        attn_implementation: str | None = "sdpa",
+        pooling: str = "cls",
+    ):
         """`(model, tokenizer, head_from_checkpoint)` for an HF checkpoint (hub id or directory)."""
         from transformers import AutoModelForMaskedLM
 
-        (mlm, info), tokenizer = load_backbone(name_or_path, attn_implementation, auto_class=AutoModelForMaskedLM,
-                                               output_loading_info=True)
+        (mlm, info), tokenizer = load_backbone(
+            name_or_path, attn_implementation, auto_class=AutoModelForMaskedLM, output_loading_info=True
+        )
         model = cls(mlm, sizes, decoder_layers, pooling)
         return model, tokenizer, _dense_key(mlm) not in info["missing_keys"]
 
@@ -197,11 +209,18 @@ class SMAE(nn.Module):
         layer_states = self.encoder.hidden_states(batch, {s.layers for s in sizes})
         decoder_embedded = self.encoder.backbone.embeddings(input_ids=batch["decoder_input_ids"])
         # All sizes' decoder inputs go through the decoder in one pass: (S*B, T, H).
-        decoder_inputs = torch.cat([
-            torch.cat([self.bottleneck(layer_states[s.layers], mask, s.dim)[:, None].to(decoder_embedded.dtype),
-                       decoder_embedded[:, 1:]], dim=1)
-            for s in sizes
-        ])
+        decoder_inputs = torch.cat(
+            [
+                torch.cat(
+                    [
+                        self.bottleneck(layer_states[s.layers], mask, s.dim)[:, None].to(decoder_embedded.dtype),
+                        decoder_embedded[:, 1:],
+                    ],
+                    dim=1,
+                )
+                for s in sizes
+            ]
+        )
         decoded = self.decode(decoder_inputs, mask.repeat(len(sizes), 1)).chunk(len(sizes))
         terms: dict[str, torch.Tensor] = {}
         total = decoder_embedded.new_zeros((), dtype=torch.float32)

@@ -48,11 +48,25 @@ from train.gradcache import cached_backward
 from train.cost import RunCost
 
 # transformers schedulers that need nothing but warm-up and total steps.
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-              "inverse_sqrt")
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 # train.* keys that may change between a run and its resume (they do not change the result).
-BOOKKEEPING_KEYS = ("save_steps", "save_total_limit", "logging_steps", "dataloader_workers", "resume",
-                    "gradient_checkpointing", "report_to")  # not length_buckets: sub-batches draw dropout in another order
+BOOKKEEPING_KEYS = (
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "dataloader_workers",
+    "resume",
+    "gradient_checkpointing",
+    "report_to",
+)  # not length_buckets: sub-batches draw dropout in another order
 LOG_FILE = "train_log.jsonl"
 BEST_DIR = "best-model"  # train.keep_best: the best validated model so far, under the run directory
 
@@ -164,8 +178,10 @@ def trackers(report_to) -> list[str]:
         if name not in known:
             raise StarbucksError(f"train.report_to = {report_to!r}: {name!r} is not one of none, {', '.join(known)}")
         if name not in available:
-            raise StarbucksError(f"train.report_to = {name} but its package is not installed; pip install {name} "
-                                 "(or train.report_to=none)")
+            raise StarbucksError(
+                f"train.report_to = {name} but its package is not installed; pip install {name} "
+                "(or train.report_to=none)"
+            )
     return names
 
 
@@ -359,8 +375,13 @@ def _postfix(record: dict, unit: str) -> dict:
     return short
 
 
-def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, model_dir: str | os.PathLike,
-        accelerator: Accelerator | None = None) -> TrainResult:
+def fit(
+    task: TrainTask,
+    settings: TrainSettings,
+    run_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
     """Train `task.model`; checkpoint under `run_dir/checkpoints`, write the final model to `model_dir`.
 
     Re-running with the same settings resumes from the newest complete checkpoint. The main process
@@ -371,8 +392,13 @@ def fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, mo
         return _fit(task, settings, run_dir, model_dir, accelerator)
 
 
-def _fit(task: TrainTask, settings: TrainSettings, run_dir: str | os.PathLike, model_dir: str | os.PathLike,
-         accelerator: Accelerator | None) -> TrainResult:
+def _fit(
+    task: TrainTask,
+    settings: TrainSettings,
+    run_dir: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    accelerator: Accelerator | None,
+) -> TrainResult:
     check_task(task, settings)
     return TrainingRun(task, settings, Path(run_dir), Path(model_dir), accelerator).train()
 
@@ -382,8 +408,10 @@ def check_task(task: TrainTask, settings: TrainSettings) -> None:
     if settings.eval_steps and not task.can_validate:
         raise StarbucksError(f"train.eval_steps: {task.name} has no validation; remove train.eval_steps")
     if settings.grad_cache and not task.can_cache_gradients:
-        raise StarbucksError(f"train.grad_cache applies to fine-tuning (srl, 2dmse, separate, full), not {task.name}; "
-                             "remove it (use train.gradient_checkpointing or train.grad_accum to save memory)")
+        raise StarbucksError(
+            f"train.grad_cache applies to fine-tuning (srl, 2dmse, separate, full), not {task.name}; "
+            "remove it (use train.gradient_checkpointing or train.grad_accum to save memory)"
+        )
 
 
 def build_accelerator(settings: TrainSettings, run_dir: Path) -> Accelerator:
@@ -392,16 +420,21 @@ def build_accelerator(settings: TrainSettings, run_dir: Path) -> Accelerator:
 
     cuda = torch.cuda.is_available()
     project = ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs"))
-    return Accelerator(cpu=not cuda, mixed_precision=mixed_precision(settings.precision, cuda),
-                       log_with=trackers(settings.report_to) or None, project_config=project)
+    return Accelerator(
+        cpu=not cuda,
+        mixed_precision=mixed_precision(settings.precision, cuda),
+        log_with=trackers(settings.report_to) or None,
+        project_config=project,
+    )
 
 
 class TrainingRun:
     """One invocation of a run: set up (model, optimizer, data, schedule, the resumed state), then
     `train()` steps, validates, logs and checkpoints, and writes the final model."""
 
-    def __init__(self, task: TrainTask, settings: TrainSettings, run_dir: Path, model_dir: Path,
-                 accelerator: Accelerator | None):
+    def __init__(
+        self, task: TrainTask, settings: TrainSettings, run_dir: Path, model_dir: Path, accelerator: Accelerator | None
+    ):
         self.task, self.settings, self.run_dir, self.model_dir = task, settings, run_dir, model_dir
         self.accelerator = accelerator = accelerator or build_accelerator(settings, run_dir)
         self.main = accelerator.is_main_process
@@ -437,8 +470,14 @@ class TrainingRun:
         model.to(accelerator.device)
         optimizer = build_optimizer(model, settings, accelerator.device)
         self.sampler = EpochSampler(len(task.dataset), settings.seed)
-        loader = DataLoader(task.dataset, batch_size=settings.batch_size, sampler=self.sampler,
-                            collate_fn=task.collate, drop_last=True, num_workers=settings.dataloader_workers)
+        loader = DataLoader(
+            task.dataset,
+            batch_size=settings.batch_size,
+            sampler=self.sampler,
+            collate_fn=task.collate,
+            drop_last=True,
+            num_workers=settings.dataloader_workers,
+        )
         self.model, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
         self.steps_per_epoch = len(self.loader) // settings.grad_accum
         if self.steps_per_epoch == 0:
@@ -448,9 +487,12 @@ class TrainingRun:
                 f"(batch_size x grad_accum x processes); lower train.batch_size or add data"
             )
         self.total = settings.max_steps or max(1, math.ceil(settings.epochs * self.steps_per_epoch))
-        self.scheduler = get_scheduler(settings.scheduler, self.optimizer,
-                                       num_warmup_steps=math.ceil(settings.warmup_ratio * self.total),
-                                       num_training_steps=self.total)
+        self.scheduler = get_scheduler(
+            settings.scheduler,
+            self.optimizer,
+            num_warmup_steps=math.ceil(settings.warmup_ratio * self.total),
+            num_training_steps=self.total,
+        )
         accelerator.register_for_checkpointing(self.scheduler)
 
     def _resume(self) -> None:
@@ -469,7 +511,9 @@ class TrainingRun:
         self.best = BestRecord(**state["best"]) if state.get("best") else BestRecord(self.settings.best_key)
         saved_best = read_meta(run_dir / BEST_DIR) if (run_dir / BEST_DIR).is_dir() else None
         if self.main and saved_best is not None and saved_best.get("step") != self.best.step:
-            shutil.rmtree(run_dir / BEST_DIR)  # saved after the checkpoint resumed from: the record does not describe it
+            shutil.rmtree(
+                run_dir / BEST_DIR
+            )  # saved after the checkpoint resumed from: the record does not describe it
         if accelerator.log_with:
             accelerator.init_trackers(self.task.name, config=tracker_config(self.fingerprint))
         self.cost = RunCost(accelerator, latest)  # wall time, device, steps, FLOPs: train_summary.json
@@ -486,11 +530,18 @@ class TrainingRun:
             if self.main:
                 self.cost.save(staging, spent)
                 self.task.save_model(accelerator.unwrap_model(self.model), staging / "model", step)
-                atomic_write_json(staging / "trainer_state.json", {
-                    "step": step, "epoch": step / self.steps_per_epoch, "total_steps": self.total,
-                    "steps_per_epoch": self.steps_per_epoch, "fingerprint": self.fingerprint, "log_window": window,
-                    "best": vars(self.best) if settings.eval_steps else None,
-                })
+                atomic_write_json(
+                    staging / "trainer_state.json",
+                    {
+                        "step": step,
+                        "epoch": step / self.steps_per_epoch,
+                        "total_steps": self.total,
+                        "steps_per_epoch": self.steps_per_epoch,
+                        "fingerprint": self.fingerprint,
+                        "log_window": window,
+                        "best": vars(self.best) if settings.eval_steps else None,
+                    },
+                )
         accelerator.wait_for_everyone()
         final = self.checkpoints.commit(staging, step) if self.main else self.checkpoints.root / f"checkpoint-{step}"
         accelerator.wait_for_everyone()
@@ -499,10 +550,16 @@ class TrainingRun:
     def write_log(self, done: int) -> None:
         """Flush the open log window at step `done`; keeps the first and last logged losses."""
         elapsed = time.perf_counter() - self.started
-        record = self.log.flush(self.accelerator, {
-            "step": done, "epoch": round(done / self.steps_per_epoch, 4), "lr": self.scheduler.get_last_lr()[0],
-            f"{self.task.examples_name}_per_s": self.examples / elapsed, "elapsed_s": round(elapsed, 2),
-        })
+        record = self.log.flush(
+            self.accelerator,
+            {
+                "step": done,
+                "epoch": round(done / self.steps_per_epoch, 4),
+                "lr": self.scheduler.get_last_lr()[0],
+                f"{self.task.examples_name}_per_s": self.examples / elapsed,
+                "elapsed_s": round(elapsed, 2),
+            },
+        )
         self.bar.set_postfix(_postfix(record, self.task.examples_name), refresh=False)
         self.accelerator.log(record, step=done)
         self.first_loss = record["loss"] if self.first_loss is None else self.first_loss
@@ -524,8 +581,10 @@ class TrainingRun:
         patience = settings.early_stopping_patience
         best.stopped = bool(patience) and best.since >= patience
         if self.main:
-            tqdm.write(f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
-                       + (f"; no new best in {best.since} validations: stopping" if best.stopped else ""))
+            tqdm.write(
+                f"step {done}: {best.key} {metrics[best.key]:.4f} (best {best.score:.4f} at step {best.step})"
+                + (f"; no new best in {best.since} validations: stopping" if best.stopped else "")
+            )
         return new_best
 
     def _batches(self, step: int, batches):
@@ -542,15 +601,22 @@ class TrainingRun:
 
     def train(self) -> TrainResult:
         settings, accelerator, best, total = self.settings, self.accelerator, self.best, self.total
-        self.bar = tqdm(total=total, initial=self.start, desc=f"train {self.task.name}", unit="step",
-                        disable=not self.main, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total,
+            initial=self.start,
+            desc=f"train {self.task.name}",
+            unit="step",
+            disable=not self.main,
+            dynamic_ncols=True,
+        )
         self.started = time.perf_counter()
         self.examples, self.first_loss, self.last_loss = 0, None, None
         checkpoint, reached, batches = self.latest, self.start, None
         for step in range(self.start, self.start if best.stopped else total):  # a stopped run stays stopped
             batches = self._batches(step, batches)
-            step_terms, step_examples = accumulate_gradients(accelerator, self.task, self.model, batches, step,
-                                                             settings, self.cost)
+            step_terms, step_examples = accumulate_gradients(
+                accelerator, self.task, self.model, batches, step, settings, self.cost
+            )
             self.examples += step_examples
             if settings.max_grad_norm:
                 grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), settings.max_grad_norm)
@@ -564,8 +630,9 @@ class TrainingRun:
             logged = done % settings.logging_steps == 0 or done == total
             if logged:
                 self.write_log(done)
-            new_best = bool(settings.eval_steps) and (done % settings.eval_steps == 0 or done == total) \
-                and self.validate(done)
+            new_best = (
+                bool(settings.eval_steps) and (done % settings.eval_steps == 0 or done == total) and self.validate(done)
+            )
             if best.stopped and not logged:  # the open log window of a run that stops early
                 self.write_log(done)
             # a new kept best is checkpointed at once, so that a resume finds the record that describes best-model/
@@ -579,8 +646,17 @@ class TrainingRun:
         self.save_final_model(reached)
         seconds = time.perf_counter() - self.started
         spent = self.cost.record(reached, seconds if self.start < reached else 0.0)
-        result = TrainResult(self.start, reached, seconds, self.examples, self.first_loss, self.last_loss,
-                             self.model_dir, checkpoint, best if settings.eval_steps else None)
+        result = TrainResult(
+            self.start,
+            reached,
+            seconds,
+            self.examples,
+            self.first_loss,
+            self.last_loss,
+            self.model_dir,
+            checkpoint,
+            best if settings.eval_steps else None,
+        )
         if self.main:
             self.cost.write_summary(self.run_dir, spent, task=self.task.name)
             print(summary_line(self.task, result), flush=True)
@@ -596,15 +672,24 @@ class TrainingRun:
                     shutil.copytree(best_dir, staging, dirs_exist_ok=True)
                 else:
                     if self.settings.keep_best:
-                        tqdm.write(f"train: no validated best model in {best_dir} (dropped on resume: it was "
-                                   f"saved after the checkpoint resumed from); the model is the last step's")
+                        tqdm.write(
+                            f"train: no validated best model in {best_dir} (dropped on resume: it was "
+                            f"saved after the checkpoint resumed from); the model is the last step's"
+                        )
                     self.task.save_model(self.accelerator.unwrap_model(self.model), staging, reached)
             replace_dir(staging, self.model_dir)
         self.accelerator.wait_for_everyone()
 
 
-def accumulate_gradients(accelerator: Accelerator, task: TrainTask, model: nn.Module, batches, step: int,
-                         settings: TrainSettings, cost: RunCost) -> tuple[dict[str, float], int]:
+def accumulate_gradients(
+    accelerator: Accelerator,
+    task: TrainTask,
+    model: nn.Module,
+    batches,
+    step: int,
+    settings: TrainSettings,
+    cost: RunCost,
+) -> tuple[dict[str, float], int]:
     """Backpropagate the step's `grad_accum` micro-batches (DDP syncs on the last); their mean terms and
     examples. Their model FLOPs go to `cost`."""
     terms: dict[str, float] = {}
@@ -615,8 +700,16 @@ def accumulate_gradients(accelerator: Accelerator, task: TrainTask, model: nn.Mo
         last = micro == settings.grad_accum - 1
         if settings.grad_cache:
             inputs, sizes = task.embedding_inputs(batch, step)
-            out = cached_backward(accelerator, model, inputs, sizes, lambda emb: task.embedding_loss(emb, sizes),
-                                  settings.grad_cache_chunk, 1 / settings.grad_accum, sync=last)
+            out = cached_backward(
+                accelerator,
+                model,
+                inputs,
+                sizes,
+                lambda emb: task.embedding_loss(emb, sizes),
+                settings.grad_cache_chunk,
+                1 / settings.grad_accum,
+                sync=last,
+            )
         else:
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 with accelerator.autocast():
@@ -639,6 +732,8 @@ def summary_line(task: TrainTask, r: TrainResult) -> str:
     if r.best is not None and r.best.step is not None:
         stopped = "stopped early; " if r.best.stopped else ""
         resumed += f" ({stopped}best {r.best.key} {r.best.score:.4f} at step {r.best.step})"
-    return (f"{task.name}: {r.steps} steps{resumed}, {loss}{r.examples} {task.examples_name} in {r.seconds:.1f} s "
-            f"({rate:.1f} {task.examples_name}/s, {r.seconds / (r.steps - r.start_step):.2f} s/step); "
-            f"model: {r.model_dir}")
+    return (
+        f"{task.name}: {r.steps} steps{resumed}, {loss}{r.examples} {task.examples_name} in {r.seconds:.1f} s "
+        f"({rate:.1f} {task.examples_name}/s, {r.seconds / (r.steps - r.start_step):.2f} s/step); "
+        f"model: {r.model_dir}"
+    )

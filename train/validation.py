@@ -70,16 +70,21 @@ class Validator:
         splits = cfg.data.eval_splits or {}
         if t.eval_split == HELDOUT:
             if not t.holdout_queries:
-                raise StarbucksError(f"train.eval_split = {HELDOUT} needs training queries held back for it: set "
-                                     f"train.holdout_queries (e.g. 200)")
+                raise StarbucksError(
+                    f"train.eval_split = {HELDOUT} needs training queries held back for it: set "
+                    f"train.holdout_queries (e.g. 200)"
+                )
         elif t.eval_split not in splits:
-            raise StarbucksError(f"train.eval_split = {t.eval_split!r} is neither {HELDOUT} nor in data.eval_splits "
-                                 f"({', '.join(splits) or 'none configured'}); pick one")
+            raise StarbucksError(
+                f"train.eval_split = {t.eval_split!r} is neither {HELDOUT} nor in data.eval_splits "
+                f"({', '.join(splits) or 'none configured'}); pick one"
+            )
         elif not t.eval_on_reported_split:
             raise StarbucksError(
                 f"train.eval_split = {t.eval_split!r} is a split the eval stage reports (data.eval_splits): selecting "
                 f"checkpoints on it selects on the test data; validate on held-back training queries "
-                f"(train.holdout_queries=200 train.eval_split={HELDOUT}) or set train.eval_on_reported_split=true")
+                f"(train.holdout_queries=200 train.eval_split={HELDOUT}) or set train.eval_on_reported_split=true"
+            )
         level = int((cfg.eval.split_rel_level or {}).get(t.eval_split, cfg.eval.rel_level))
         parse_measures([str(t.eval_metric)], level)  # a bad name fails before training
         return str(t.eval_metric), level
@@ -113,7 +118,7 @@ class Validator:
         pools = []
         for qid, hits in zip(qids, bm25):
             pool = dict.fromkeys(d for d in self.split.qrels[qid] if d in corpus)
-            pool.update(dict.fromkeys(hits[:max(0, size // 2 - len(pool))]))
+            pool.update(dict.fromkeys(hits[: max(0, size // 2 - len(pool))]))
             rng = random.Random(f"{seed}:eval-pool:{qid}")
             while len(pool) < min(size, len(ids)):
                 pool.setdefault(ids[rng.randrange(len(ids))])
@@ -123,9 +128,16 @@ class Validator:
     def __call__(self, encoder: StarbucksEncoder) -> dict[str, float]:
         """`eval/<size>/<metric>` of every size and their mean `eval/avg/<metric>`."""
         m = self.model_cfg
-        model = StarbucksModel(encoder, self.tokenizer, None, query_max_length=m.query_max_length,
-                               passage_max_length=m.passage_max_length, query_prefix=m.query_prefix,
-                               passage_prefix=m.passage_prefix, precision=self.precision)
+        model = StarbucksModel(
+            encoder,
+            self.tokenizer,
+            None,
+            query_max_length=m.query_max_length,
+            passage_max_length=m.passage_max_length,
+            query_prefix=m.query_prefix,
+            passage_prefix=m.passage_prefix,
+            precision=self.precision,
+        )
         was_training = encoder.training
         encoder.eval()
         try:
