@@ -385,24 +385,26 @@ def compare(results: Results, a: str, b: str, split: str, measure: str, sizes, a
     (paired t-test on the per-query values, averaged over seeds), the mean and the worst difference."""
     if a not in results or b not in results:
         return None
-    wins, sig_w, sig_l, gaps = 0, 0, 0, []
+    triples = []
     for s in sizes:
         key = (s.layers, s.dim)
         va, vb = _value(results, a, split, key, measure), _value(results, b, split, key, measure)
-        if va is None or vb is None:
-            continue
-        p = _pvalue(results, a, b, split, key, measure)
-        wins += va > vb
-        sig_w += va > vb and p < alpha
-        sig_l += va < vb and p < alpha
-        gaps.append(va - vb)
+        if va is not None and vb is not None:
+            triples.append((va, vb, _pvalue(results, a, b, split, key, measure)))
+    return tally(triples, alpha)
+
+
+def tally(triples, alpha: float) -> dict | None:
+    """`(value of a, value of b, p)` per compared cell -> how often `a` is ahead, significantly ahead or
+    behind, the mean and the worst difference; None for no cell."""
+    gaps = [va - vb for va, vb, _ in triples]
     if not gaps:
         return None
     return {
         "sizes": len(gaps),
-        "ahead": wins,
-        "significantly_ahead": sig_w,
-        "significantly_behind": sig_l,
+        "ahead": sum(va > vb for va, vb, _ in triples),
+        "significantly_ahead": sum(va > vb and p < alpha for va, vb, p in triples),
+        "significantly_behind": sum(va < vb and p < alpha for va, vb, p in triples),
         "mean_difference": float(np.mean(gaps)),
         "worst_difference": float(min(gaps)),
     }
@@ -521,27 +523,19 @@ def _cell(results: Results, split: str, cell: tuple[str, Key]) -> SizeScores | N
 def compare_cells(results: Results, pairs, split: str, measure: str, alpha: float) -> dict | None:
     """`compare` over pairs of cells `(a, b)` (each `(method, key)`): how often `a` is ahead, significantly
     ahead or behind (paired t-test), the mean and the worst difference; None when no pair has both."""
-    wins, sig_w, sig_l, gaps = 0, 0, 0, []
+    triples = []
     for a, b in pairs:
         ra, rb = _cell(results, split, a), _cell(results, split, b)
-        if ra is None or rb is None:
-            continue
-        va, vb = ra.evaluation.aggregate[measure], rb.evaluation.aggregate[measure]
-        p = paired_ttest(ra.evaluation.per_query[measure], rb.evaluation.per_query[measure])
-        wins += va > vb
-        sig_w += va > vb and p < alpha
-        sig_l += va < vb and p < alpha
-        gaps.append(va - vb)
-    if not gaps:
-        return None
-    return {
-        "sizes": len(gaps),
-        "ahead": wins,
-        "significantly_ahead": sig_w,
-        "significantly_behind": sig_l,
-        "mean_difference": float(np.mean(gaps)),
-        "worst_difference": float(min(gaps)),
-    }
+        if ra is not None and rb is not None:
+            ea, eb = ra.evaluation, rb.evaluation
+            triples.append(
+                (
+                    ea.aggregate[measure],
+                    eb.aggregate[measure],
+                    paired_ttest(ea.per_query[measure], eb.per_query[measure]),
+                )
+            )
+    return tally(triples, alpha)
 
 
 def complementarity(a: SizeScores, b: SizeScores, measure: str) -> dict:
