@@ -185,8 +185,8 @@ class StarbucksModel:
         (a mapping with the same keys and `sizes`, e.g. a config's `model` section); a plain model
         must be told its `pooling` (`"cls"` or `"mean"`). `sizes`: a SizeList or config entries
         (`[{name, layers, dim}, "8x256"]`); without any, the full size only. `device`: `auto` (None)
-        picks a GPU when there is one; `precision`: `auto` (fp16 autocast on a GPU, fp32 on the CPU),
-        `fp32`, `fp16` or `bf16`. `part_models`: label -> model (a path, hub id or `StarbucksModel`; a
+        picks a GPU when there is one; `precision`: `auto` (fp16 autocast on a GPU, bf16 on a CPU with
+        native bf16, else fp32: `retrieval.settings.resolve_precision`), `fp32`, `fp16` or `bf16`. `part_models`: label -> model (a path, hub id or `StarbucksModel`; a
         path is loaded with its own `starbucks.json`, on the same device) for hybrid sizes' `@label` parts,
         encoded at the same time as this model's when `parallel_parts` (`auto`: on a GPU).
         """
