@@ -308,7 +308,8 @@ class StarbucksModel:
                 for label, m in ((label, self.part_model(label, size)) for label in size.models)
             ]
             fingerprint = hashlib.sha256(json.dumps([fingerprint, others]).encode()).hexdigest()
-        return embedding_identity(fingerprint, size, self.pooling, self.normalize, max_length, prefix)
+        precision = resolve_precision(self.precision, self.device, "precision")
+        return embedding_identity(fingerprint, size, self.pooling, self.normalize, max_length, prefix, precision)
 
     def part_sources(self, size: Size) -> dict:
         """Where a hybrid's parts from other models come from (`{label: source}`; empty for other sizes)."""

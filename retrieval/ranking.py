@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Fields of a split's query vectors that a run made from them records.
-QUERY_FIELDS = ("model_sha256", "ids_sha256", "max_length", "prefix")
+QUERY_FIELDS = ("model_sha256", "ids_sha256", "max_length", "prefix", "precision")
 
 
 # ---------------------------------------------------------------- texts -> model -> store

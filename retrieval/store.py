@@ -40,13 +40,24 @@ _SHARD = re.compile(r"^shard-(\d{5,})\.npy$")
 # Fields that must agree between a passage store and query embeddings searched against it.
 COMPATIBLE_FIELDS = ("model_sha256", "layers", "dim", "pooling", "normalize")
 # Fields of a passage store that an index or a run made from it records (a change makes them stale).
-PASSAGE_FIELDS = ("model_sha256", "pooling", "normalize", "max_length", "prefix", "ids_sha256", "texts_sha256", "count")
+PASSAGE_FIELDS = (
+    "model_sha256",
+    "pooling",
+    "normalize",
+    "max_length",
+    "prefix",
+    "precision",
+    "ids_sha256",
+    "texts_sha256",
+    "count",
+)
 
 
 def embedding_identity(
-    model_sha256: str, size: Size, pooling: str, normalize: bool, max_length: int, prefix: str
+    model_sha256: str, size: Size, pooling: str, normalize: bool, max_length: int, prefix: str, precision: str
 ) -> dict:
-    """What embeddings of one size record about how they were made; a resumed encode must match it all."""
+    """What embeddings of one size record about how they were made; a resumed encode must match it all
+    (`precision`, the resolved one: shards of one store are never half fp32, half bf16)."""
     return {
         "model_sha256": model_sha256,
         "size": size.name,
@@ -56,6 +67,7 @@ def embedding_identity(
         "normalize": bool(normalize),
         "max_length": int(max_length),
         "prefix": prefix,
+        "precision": precision,
     }
 
 

@@ -20,7 +20,7 @@ SIZE = Size("grande", 4, 8)
 
 
 def identity(size=SIZE, model="m1", **kw):
-    fields = dict(pooling="cls", normalize=False, max_length=32, prefix="")
+    fields = dict(pooling="cls", normalize=False, max_length=32, prefix="", precision="fp32")
     fields.update(kw)
     return embedding_identity(model, size, **fields)
 
