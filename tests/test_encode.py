@@ -214,6 +214,15 @@ def test_another_model_into_the_same_embeddings_is_refused(workspace, tmp_path):
         encode_collection(make_config(workspace, out, "encode.sizes=a", model=other), progress=False)
 
 
+def test_another_precision_into_the_same_embeddings_is_refused(workspace, tmp_path):
+    """A store encoded in fp32 and resumed in bf16 (the CPU's auto on a bf16 chip) would hold two
+    precisions' vectors: refused in one line naming the setting."""
+    out = tmp_path / "exp"
+    encode_collection(make_config(workspace, out, "encode.sizes=a", "encode.precision=fp32"), progress=False)
+    with pytest.raises(StarbucksError, match=r"embeddings/a was encoded with precision = 'fp32', now 'bf16'"):
+        encode_collection(make_config(workspace, out, "encode.sizes=a", "encode.precision=bf16"), progress=False)
+
+
 def test_a_changed_corpus_is_refused_on_resume(workspace, tmp_path):
     out = tmp_path / "exp"
     encode_collection(make_config(workspace, out, "encode.sizes=a"), progress=False)
