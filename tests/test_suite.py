@@ -171,25 +171,18 @@ def test_a_second_run_reuses_everything(setup, monkeypatch):
     assert [p.stat().st_mtime_ns for p in runs] == stamps  # not searched again either
 
 
+def one_size_args(model, col, out) -> list[str]:
+    """The suite on one model (`a`) and one copied collection (`pkgs`) at size 1x8."""
+    return ["--models", f"a={model}", "--collections", f"pkgs={col}", "--sizes", "1x8", "--out", str(out),
+            "--device", "cpu", "--depth", str(DEPTH)]  # fmt: skip
+
+
 def test_an_edited_passage_is_encoded_and_searched_again(setup, tmp_path):
     import shutil
 
     _, cols, models, *_ = setup
     col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
-    args = [
-        "--models",
-        f"a={models['a']}",
-        "--collections",
-        f"pkgs={col}",
-        "--sizes",
-        "1x8",
-        "--out",
-        str(tmp_path / "out"),
-        "--device",
-        "cpu",
-        "--depth",
-        str(DEPTH),
-    ]
+    args = one_size_args(models["a"], col, tmp_path / "out")
     first = main(args)
     shard = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8" / "shard-00000.npy"
     run_file = tmp_path / "out" / "a" / "pkgs" / "runs" / "test" / "1x8.trec"
@@ -220,20 +213,7 @@ def test_a_store_encoded_from_other_passages_is_refused_as_encode_refuses_it(set
 
     _, cols, models, *_ = setup
     col = shutil.copytree(cols["pkgs"], tmp_path / "pkgs")
-    args = [
-        "--models",
-        f"a={models['a']}",
-        "--collections",
-        f"pkgs={col}",
-        "--sizes",
-        "1x8",
-        "--out",
-        str(tmp_path / "out"),
-        "--device",
-        "cpu",
-        "--depth",
-        str(DEPTH),
-    ]
+    args = one_size_args(models["a"], col, tmp_path / "out")
     main(args)
     store = tmp_path / "out" / "a" / "pkgs" / "embeddings" / "1x8"
     kept = {p.name: p.read_bytes() for p in store.iterdir()}
