@@ -12,6 +12,11 @@ the run's embeddings at that size (early exit at its layers, its first `dim` dim
 - bytes per passage: the size's index files (`RUN_DIR/index/<size>.faiss` or its `.part-*` files)
   over its passages, or, without one (exact search reads the embedding store), the store's shards.
 
+A size searched at a quantised precision (`search.quantization`: `grande.int8`,
+`grande.binary-rescore100`, ...) is a point of its own: its quality from its run, its latency with its
+search (the int8 / binary codes, then the re-scoring), its bytes the codes' index file plus, when it
+re-scores, the fp16 shards. So the fronts and "best within a budget" span layers, dims and precision.
+
 It writes `RUN_DIR/eval/sizes-<split>.{json,md,csv,png}` (the PNG: quality vs latency and vs bytes
 with the Pareto front marked) and, with `--max-latency-ms` / `--max-bytes`, prints the best size
 within the budget.
@@ -20,6 +25,7 @@ within the budget.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -34,6 +40,7 @@ import numpy as np
 from retrieval.data import iter_corpus, load_split
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_path, atomic_write_json, atomic_write_text
+from retrieval.quantize import Quantization, QuantizedSearcher, index_path, split_run_name
 from retrieval.sizes import Size
 from retrieval.runfile import read_run_record, run_path
 from retrieval.store import PASSAGE_FIELDS, EmbeddingStore
@@ -54,6 +61,7 @@ class SizeCost:
     search_ms: float  # median single-query exact search over the size's passages
     latency_ms: float  # median of their sum per query
     bytes_per_passage: float
+    precision: str = "fp16"  # fp16 | int8 | binary, with -rescore<K>
 
     def record(self) -> dict:
         out = asdict(self)
@@ -169,10 +177,17 @@ def index_files(store: EmbeddingStore, index_dir: Path, factory: str | None = No
     return paths
 
 
-def store_bytes(store: EmbeddingStore, index_dir: Path, factory: str | None = None) -> float:
-    """Bytes per passage of the size's index files, or of its embedding shards without one."""
+def store_bytes(
+    store: EmbeddingStore, index_dir: Path, factory: str | None = None, quantization: Quantization = Quantization()
+) -> float:
+    """Bytes per passage of the size's index files, or of its embedding shards without one; at a quantised
+    precision, its codes' index file plus, when it re-scores, the shards."""
     meta = store.require_complete()
-    files = index_files(store, index_dir, factory) or [store.shard_path(k) for k in range(meta["shards"])]
+    shards = [store.shard_path(k) for k in range(meta["shards"])]
+    if quantization.quantized:
+        files = [index_path(index_dir, meta["size"], quantization.kind), *(shards if quantization.rescore else [])]
+    else:
+        files = index_files(store, index_dir, factory) or shards
     return sum(f.stat().st_size for f in files) / meta["count"]
 
 
@@ -219,18 +234,27 @@ def measure_size(
     batch_size: int,
     index_dir: Path | None = None,
     run: dict | None = None,
+    quantization: Quantization = Quantization(),
+    throughput: float | None = None,
 ) -> tuple[float, float, float, float]:
     """`(passages per second, encode ms, search ms, latency ms)` of one size, through `StarbucksModel`;
     search on the size's saved index when there is one (the index its bytes are counted from; every part
     of it in turn, as the search stage does, with the search `params` of the `run` record, e.g. nprobe),
-    else exact."""
+    at a quantised precision on its codes (then re-scoring), else exact. `throughput`: the size's encode
+    rate when already measured (it does not depend on the precision searched)."""
     import faiss
 
     from retrieval.exact_search import faiss_search, set_params
 
     size = store.size
     saved = index_files(store, index_dir, (run or {}).get("index")) if index_dir is not None else []
-    if saved:
+    if quantization.quantized:
+        searcher = QuantizedSearcher(store, quantization, index_dir)
+
+        def search(vector):
+            searcher.search(vector, 10)
+
+    elif saved:
         indexes = [faiss.read_index(str(path)) for path in saved]
         for index in indexes:
             set_params(index, (run or {}).get("params") or {})
@@ -238,17 +262,23 @@ def measure_size(
         indexes = [faiss.IndexFlatIP(size.dim)]
         for _, _, vectors in store.iter_shards():
             indexes[0].add(np.ascontiguousarray(vectors, dtype=np.float32))
-    model.embed_texts(passages[:batch_size], [size], "passage", batch_size)  # warm-up
-    started = time.perf_counter()
-    model.embed_texts(passages, [size], "passage", batch_size)
-    throughput = len(passages) / (time.perf_counter() - started)
+    if not quantization.quantized:
+
+        def search(vector):
+            for index in indexes:
+                faiss_search(index, vector, min(10, index.ntotal), 1)
+
+    if throughput is None:
+        model.embed_texts(passages[:batch_size], [size], "passage", batch_size)  # warm-up
+        started = time.perf_counter()
+        model.embed_texts(passages, [size], "passage", batch_size)
+        throughput = len(passages) / (time.perf_counter() - started)
     encode_ms, search_ms, total_ms = [], [], []
     for i, text in enumerate([*queries[:3], *queries]):  # the first three warm up
         t0 = time.perf_counter()
         vector = model.embed_texts([text], [size], "query", 1)[size]
         t1 = time.perf_counter()
-        for index in indexes:
-            faiss_search(index, vector, min(10, index.ntotal), 1)
+        search(vector)
         t2 = time.perf_counter()
         if i >= 3:
             encode_ms.append(1e3 * (t1 - t0))
@@ -274,7 +304,8 @@ def measure_run(
     path = eval_file(run_dir, split)
     split = path.stem
     measure, quality = quality_per_size(path, measure)
-    stores = {s: EmbeddingStore(run_dir / "embeddings" / s) for s in quality}
+    searched = {s: split_run_name(s) for s in quality}  # run name -> (size name, precision)
+    stores = {s: EmbeddingStore(run_dir / "embeddings" / searched[s][0]) for s in quality}
     missing = [s for s, st in stores.items() if not (st.read_meta() or {}).get("complete")]
     if missing:
         raise StarbucksError(
@@ -292,7 +323,7 @@ def measure_run(
     if not texts or not query_texts:
         raise StarbucksError(f"no passages in {corpus} or no queries in split {split!r} to measure with")
 
-    costs, model, loaded = [], None, None
+    costs, model, loaded, rates = [], None, None, {}
     for name, store in stores.items():
         _, _, qmeta = store.load_queries(split)
         meta = store.read_meta()
@@ -310,18 +341,29 @@ def measure_run(
             model, loaded = _load_model(store, qmeta, device, precision), settings
         check_model(model, store)
         record = read_run_record(run_path(run_dir / "runs", split, name))
+        quantization = searched[name][1]
         rate, enc_ms, search_ms, latency = measure_size(
-            model, store, texts, query_texts, batch_size, run_dir / "index", record
+            model,
+            store,
+            texts,
+            query_texts,
+            batch_size,
+            run_dir / "index",
+            record,
+            quantization,
+            rates.get(store.dir),
         )
+        rates[store.dir] = rate
         costs.append(
             SizeCost(
-                store.size,
+                dataclasses.replace(store.size, name=name),
                 quality[name],
                 rate,
                 enc_ms,
                 search_ms,
                 latency,
-                store_bytes(store, run_dir / "index", (record or {}).get("index")),
+                store_bytes(store, run_dir / "index", (record or {}).get("index"), quantization),
+                quantization.name,
             )
         )
         print(f"sizes: {name}: {rate:.1f} passages/s, {latency:.2f} ms per query", file=sys.stderr)
@@ -331,7 +373,22 @@ def measure_run(
 # ---------------------------------------------------------------- writing
 
 
-HEADERS = ["size", "quality", "passages/s", "encode ms", "search ms", "latency ms", "bytes/passage", "front"]
+HEADERS = [
+    "size",
+    "precision",
+    "quality",
+    "passages/s",
+    "encode ms",
+    "search ms",
+    "latency ms",
+    "bytes/passage",
+    "front",
+]
+
+
+def _size_of(cost: SizeCost):
+    """The size a cost row measures, named without its precision."""
+    return dataclasses.replace(cost.size, name=split_run_name(cost.size.name)[0])
 
 
 def table_rows(costs: Sequence[SizeCost]) -> list[list[str]]:
@@ -340,7 +397,8 @@ def table_rows(costs: Sequence[SizeCost]) -> list[list[str]]:
     by_bytes = set(pareto_front([(c.bytes_per_passage, c.quality) for c in costs]))
     return [
         [
-            size_label(c.size),
+            size_label(_size_of(c)),
+            c.precision,
             f"{c.quality:.4f}",
             f"{c.passages_per_second:.1f}",
             f"{c.encode_ms:.2f}",
@@ -367,10 +425,14 @@ def plot_fronts(costs: Sequence[SizeCost], measure: str, path: Path, title: str)
     ):
         points = [(cost(c), c.quality) for c in costs]
         front = sorted(pareto_front(points), key=lambda i: points[i])
-        ax.scatter(*zip(*points), color="0.6", label="size")
-        ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "o-", color="C3", label="Pareto front")
+        for n, precision in enumerate(dict.fromkeys(c.precision for c in costs)):  # one colour and marker each
+            mine = [p for c, p in zip(costs, points) if c.precision == precision]
+            ax.scatter(*zip(*mine), color=f"C{n}", marker="os^vD<>P"[n % 8], alpha=0.7, label=precision)
+        ax.plot(
+            [points[i][0] for i in front], [points[i][1] for i in front], "-", color="0.2", lw=1, label="Pareto front"
+        )
         for c, (x, y) in zip(costs, points):
-            ax.annotate(c.size.name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.annotate(_size_of(c).name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6)
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel(measure)

@@ -9,6 +9,7 @@ tells eval the size's layers and dims.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -153,13 +154,16 @@ def verified_run(path: str | os.PathLike) -> dict | None:
 
 def find_runs(runs_dir: str | os.PathLike, split: str) -> list[tuple[Size, Path]]:
     """The run files of a split (`<size>.trec`, or gzipped `<size>.trec.gz`) with their sizes (from the
-    records; `LxD` names parse without one), smallest size first."""
+    records; `LxD` names parse without one), smallest size first; a quantised search of a size
+    (`<size>.<precision>.trec`) is a size of its own named so."""
     found = []
     folder = Path(runs_dir) / split
     for path in sorted([*folder.glob(f"*{RUN_SUFFIX}"), *folder.glob(f"*{RUN_SUFFIX}.gz")]):
         record = read_run_record(path)
         if record and {"size", "layers", "dim"} <= record.keys():
             size = recorded_size(record["size"], int(record["layers"]), int(record["dim"]))
+            if record.get("quantization"):  # an int8 / binary search of the size: its own row, `<size>.<precision>`
+                size = dataclasses.replace(size, name=f"{size.name}.{record['quantization']}")
         else:
             try:
                 size = parse_size(run_stem(path))

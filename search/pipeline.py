@@ -33,6 +33,7 @@ from retrieval.io import atomic_path, atomic_write_json
 from retrieval.names import parse_names
 from retrieval.settings import resolve_device, resolve_precision
 from retrieval.data import check_coverage, load_eval_splits, qrels_coverage
+from retrieval.quantize import Quantization, parse_quantization, quantized_search
 from retrieval.ranking import ExactRanking, ranked, run_record, saved_run, write_ranked_run
 from retrieval.runfile import check_run_file, run_path
 from retrieval.store import PASSAGE_FIELDS, EmbeddingStore, select_stores
@@ -73,6 +74,7 @@ class SearchSettings:
     shards_per_index: int | None = None
     rebuild: bool = False
     seed: int = 42
+    quantization: tuple[Quantization, ...] = (Quantization(),)
 
     @property
     def exact(self) -> bool:
@@ -112,6 +114,7 @@ class SearchSettings:
             shards_per_index=int(per) if per else None,
             rebuild=bool(s.rebuild),
             seed=int(cfg.seed),
+            quantization=tuple(parse_quantization(q) for q in s.get("quantization", ["fp16"])),
         )
 
     def describe(self) -> str:
@@ -221,15 +224,19 @@ def search_store(
     settings: SearchSettings,
     index_dir: str | Path | None = None,
     progress: bool = False,
+    quantization: Quantization = Quantization(),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Top-`depth` `(scores, rows)` of each query over a finished store; rows index `store.ids()`.
 
     Exact search goes shard by shard; other indexes part by part (built and saved under
-    `index_dir` on first use). Either way results are merged into one top-k.
+    `index_dir` on first use). Either way results are merged into one top-k. An int8 or binary
+    `quantization` searches the store's quantised index instead (`retrieval.quantize`).
     """
     meta = store.require_complete()
     if queries.ndim != 2 or queries.shape[1] != meta["dim"]:
         raise StarbucksError(f"queries have shape {queries.shape}, the passages in {store.dir} have {meta['dim']} dims")
+    if quantization.quantized:
+        return quantized_search(store, queries, settings.depth, quantization, index_dir)
     if settings.exact:
         searcher = ExactSearcher(
             settings.backend,
@@ -286,8 +293,17 @@ def _split_coverage(cfg: DictConfig, split: str, store: EmbeddingStore, passage_
     return coverage
 
 
+def _index_of(settings: SearchSettings, quantization: Quantization) -> tuple[str, dict]:
+    """What a run's record says it searched: the configured index for fp16, the FAISS index of the codes
+    (`SQ8` over int8, `BFlat` over sign bits) otherwise."""
+    if quantization.quantized:
+        return {"int8": "SQ8", "binary": "BFlat"}[quantization.kind], {}
+    return settings.index, settings.params
+
+
 def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
-    """Search every selected size and split; returns the run files written (up-to-date ones are kept)."""
+    """Search every selected size, precision (`search.quantization`) and split; returns the run files
+    written (up-to-date ones are kept)."""
     settings = SearchSettings.from_config(cfg)
     paths = experiment_paths(cfg)
     tag = "_".join(str(cfg.name).split()) or "run"
@@ -303,40 +319,47 @@ def search_collection(cfg: DictConfig, progress: bool = True) -> list[Path]:
                 if meta["ids_sha256"] not in id_sets:
                     id_sets = {meta["ids_sha256"]: set(store.ids())}
                 coverages[meta["ids_sha256"], split] = _split_coverage(cfg, split, store, id_sets[meta["ids_sha256"]])
-            out = run_path(paths.runs, split, meta["size"])
-            record = run_record(
-                store,
-                meta,
-                qmeta,
-                index=settings.index,
-                params=settings.params,
-                depth=settings.depth,
-                qrels_coverage=coverages[meta["ids_sha256"], split],
+            for quantization in settings.quantization:
+                index, params = _index_of(settings, quantization)
+                out = run_path(paths.runs, split, quantization.run_name(meta["size"]))
+                record = run_record(
+                    store,
+                    meta,
+                    qmeta,
+                    index=index,
+                    params=params,
+                    depth=settings.depth,
+                    qrels_coverage=coverages[meta["ids_sha256"], split],
+                    **({"quantization": quantization.name} if quantization.quantized else {}),
+                )
+                saved = saved_run(out, record)
+                if saved is not None:
+                    problem = check_run_file(out, saved)
+                    if problem is None:
+                        print(f"search: {out} is up to date", file=sys.stderr)
+                        continue
+                    print(f"search: {out} is not the file written ({problem}); searching it again", file=sys.stderr)
+                pending.append((quantization, qids, qvecs, out, record))
+        passage_ids = store.ids() if pending else None
+        for quantization in settings.quantization:
+            todo = [p for p in pending if p[0] == quantization]
+            if not todo:
+                continue
+            started = time.perf_counter()
+            queries = np.concatenate([q for _, _, q, _, _ in todo])
+            scores, rows = search_store(store, queries, settings, paths.index, progress, quantization)
+            seconds = time.perf_counter() - started
+            start = 0
+            name = quantization.run_name(meta["size"])
+            for _, qids, _, out, record in todo:
+                end = start + len(qids)
+                rankings = ranked(qids, scores[start:end], rows[start:end], passage_ids)
+                written.append(write_ranked_run(out, rankings, f"{tag}-{name}", record))
+                start = end
+            how = f"{quantization.name} codes" if quantization.quantized else settings.describe()
+            print(
+                f"search: {name} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
+                f"passages, depth {min(settings.depth, meta['count'])}, {how}: {seconds:.2f}s",
+                file=sys.stderr,
             )
-            saved = saved_run(out, record)
-            if saved is not None:
-                problem = check_run_file(out, saved)
-                if problem is None:
-                    print(f"search: {out} is up to date", file=sys.stderr)
-                    continue
-                print(f"search: {out} is not the file written ({problem}); searching it again", file=sys.stderr)
-            pending.append((qids, qvecs, out, record))
-        if not pending:
-            continue
-        started = time.perf_counter()
-        queries = np.concatenate([q for _, q, _, _ in pending])
-        scores, rows = search_store(store, queries, settings, paths.index, progress)
-        seconds = time.perf_counter() - started
-        passage_ids = store.ids()
-        start = 0
-        for qids, _, out, record in pending:
-            end = start + len(qids)
-            rankings = ranked(qids, scores[start:end], rows[start:end], passage_ids)
-            written.append(write_ranked_run(out, rankings, f"{tag}-{meta['size']}", record))
-            start = end
-        print(
-            f"search: {meta['size']} ({meta['layers']}x{meta['dim']}): {len(queries)} queries x {meta['count']} "
-            f"passages, depth {min(settings.depth, meta['count'])}, {settings.describe()}: {seconds:.2f}s",
-            file=sys.stderr,
-        )
     return written
