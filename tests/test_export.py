@@ -83,6 +83,9 @@ def test_each_exported_size_is_that_sizes_embedding_in_sentence_transformers(exp
     for size in model.sizes:
         folder = out / size.name
         assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == size.layers  # layers cut
+        modules = json.loads((folder / "modules.json").read_text())
+        assert all((folder / m["path"]).is_dir() for m in modules)  # Normalize's folder too
+        assert any(m["path"].endswith("_Normalize") for m in modules) == normalize
         loaded = st.SentenceTransformer(str(folder), device="cpu")
         got = loaded.encode(TEXTS, batch_size=3)
         assert got.shape == (len(TEXTS), size.dim)

@@ -2,7 +2,10 @@
 
 Writes a standalone sentence-transformers model of one size: only the size's first `n` layers,
 an output that is exactly the size's embedding (the first `d` dims taken before any
-normalisation), its own `starbucks.json` (that one size) and model card. `--onnx DIR`: the size
+normalisation), its own `starbucks.json` (that one size; `exported_from`, the checkpoint's absolute
+path or hub id; `source_sizes`, the checkpoint's size list) and model card. Its `config.json` tells
+vLLM which dims it may cut the output to (`matryoshka_dimensions`: `d` and the dims trained at `n`
+layers below it), and the folder is a layout text-embeddings-inference loads. `--onnx DIR`: the size
 as an ONNX graph instead of (or beside) it: `DIR/model.onnx` (`input_ids`, `attention_mask` ->
 `embedding`, dynamic batch and sequence axes: the cut layers, the pooling, the first `d` dims,
 the normalisation), the tokenizer files and `starbucks_onnx.json` (size, pooling, normalisation,
@@ -28,7 +31,7 @@ from retrieval.card import read_results, write_card
 from retrieval.errors import StarbucksError, cli_entry
 from retrieval.io import atomic_write_json
 from retrieval.model import StarbucksModel
-from retrieval.checkpoint import META_FILE, model_shape, read_meta
+from retrieval.checkpoint import META_FILE, SOURCE_SIZES, model_shape, read_meta
 from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.settings import first_line
 from retrieval.sizes import Size, SizeList
@@ -45,6 +48,12 @@ class ExportResult:
 
     folders: list[Path]
     uploads: dict[str, list[str]] = field(default_factory=dict)
+
+
+def source_path(source: str) -> str:
+    """Where an export came from, as its `starbucks.json` records it: a local folder as an absolute,
+    resolved path (the export may be read from anywhere), a hub id as it is."""
+    return str(Path(source).resolve()) if Path(source).is_dir() else source
 
 
 def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
@@ -70,7 +79,10 @@ def export_size(model: StarbucksModel, size: Size, out: str | Path) -> Path:
         source=model.source,
         meta=model.meta,
     )
-    cut.save(out, {"exported_from": model.source, "exported_size": size.to_dict()})
+    source_sizes = model.meta.get(SOURCE_SIZES) or model.sizes.to_config()  # an export of an export: the first list
+    cut.save(
+        out, {"exported_from": source_path(model.source), "exported_size": size.to_dict(), SOURCE_SIZES: source_sizes}
+    )
     results = {
         split: {
             **r,
@@ -149,7 +161,7 @@ def export_onnx(model: StarbucksModel, size: Size | str, out: str | Path) -> Pat
             "output": {"embedding": f"float32 [batch, {size.dim}]"},
             "padding": "right",
             "opset": ONNX_OPSET,
-            "exported_from": model.source,
+            "exported_from": source_path(model.source),
         },
     )
     return out
