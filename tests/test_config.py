@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from conftest import REPO
@@ -66,30 +68,91 @@ def test_open_sections_accept_user_keys(tmp_path):
 
 
 def test_the_settings_dataclasses_state_no_default_of_their_own():
-    """A key's default is stated once, in retrieval.config.DEFAULTS: TrainSettings has none, and a
-    hand-made SearchSettings takes the config's."""
+    """A key's default is stated once, in the schema: TrainSettings has none, and a hand-made
+    SearchSettings is exactly what the schema's defaults resolve to on the CPU."""
     import dataclasses
 
-    from retrieval.config import DEFAULTS
+    from retrieval.schema import DEFAULTS
     from search.pipeline import SearchSettings
     from train.trainer import TrainSettings
 
     fields = dataclasses.fields(TrainSettings)
     assert {f.name for f in fields} - {"seed"} <= set(DEFAULTS["train"])
     assert all(f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING for f in fields)
-    made = SearchSettings()
-    for key in ("index", "depth", "batch_size", "train_rows"):
-        assert getattr(made, key) == DEFAULTS["search"][key], key
+    assert SearchSettings() == SearchSettings.from_config(load_config(None, ["search.device=cpu"]))
+
+
+def test_the_schema_states_each_default_rule_and_doc_once():
+    """DEFAULTS, the rules, the open mappings and the docs' key table all come from `retrieval.schema`;
+    every key has a doc; no other guide repeats a key table."""
+    from retrieval import config, schema
+
+    assert config.DEFAULTS is schema.DEFAULTS and config.OPEN_KEYS is schema.OPEN_KEYS
+    flat = {name: key.default for name, key in schema.walk()}
+    for name, default in flat.items():
+        section = schema.DEFAULTS
+        for part in name.split("."):
+            section = section[part]
+        assert section == default, name
+    undocumented = [name for name, key in schema.walk() if len(key.doc.strip()) < 8]
+    assert not undocumented, f"keys without a doc: {undocumented}"
+    assert set(schema.KEY_RULES) <= set(flat) and not set(schema.KEY_RULES) & schema.OPEN_KEYS
+    assert schema.TEXT_OVERRIDES == {name for name, rule in schema.KEY_RULES.items() if rule.literal}
+    written = (REPO / schema.REFERENCE).read_text()
+    assert written == schema.reference_markdown(), (
+        "docs/configuration.md differs from the schema; write it again: .venv/bin/python -c "
+        '"from retrieval.schema import write_reference; write_reference()"'
+    )
+    for name in flat:
+        assert f"| `{name}` |" in written, name
+    others = [p.name for p in (REPO / "docs").glob("*.md") if p.name != "configuration.md"]
+    assert not [n for n in others if "| key | default |" in (REPO / "docs" / n).read_text()], others
+
+
+def test_search_quantization_is_a_checked_list_of_precisions(tmp_path):
+    assert list(load_config(None).search.quantization) == ["fp16"]
+    cfg = load_config(None, ["search.quantization=fp16, binary-rescore100"])  # a comma string
+    assert list(cfg.search.quantization) == ["fp16", "binary-rescore100"]
+    assert list(load_config(None, ["search.quantization=[int8,binary]"]).search.quantization) == ["int8", "binary"]
+    (tmp_path / "q.yaml").write_text("search:\n  quantization: int8-rescore20\n")
+    assert list(load_config(tmp_path / "q.yaml").search.quantization) == ["int8-rescore20"]
+    for bad, words in [
+        ("int4", "search.quantization: 'int4' is not a precision; use one of fp16, int8, binary, int8-rescore<K>"),
+        ("binary-rescore0", "'binary-rescore0' is not a precision"),
+        ("fp16-rescore10", "'fp16-rescore10' is not a precision"),
+        ("[fp16,8]", "search.quantization: 8 is not a precision"),
+        ("int8,fp16,int8", "search.quantization names 'int8' twice; give each of fp16, int8, binary"),
+        ("[]", "search.quantization = [] names no precision"),
+    ]:
+        with pytest.raises(StarbucksError, match=re.escape(words)) as err:
+            load_config(None, [f"search.quantization={bad}"])
+        assert len(str(err.value).splitlines()) == 1
+
+
+def test_a_key_is_checked_once_by_the_schema():
+    """What the schema checks fails at load time, in the schema's words (the stages do not check it again)."""
+    for override, words in [
+        ("search.backend=gpu", "search.backend = 'gpu' is not one of auto, faiss, torch"),
+        ("search.torch_dtype=bf16", "search.torch_dtype = 'bf16' is not one of auto, fp16, fp32"),
+        ("train.scheduler=cosine_warm", "train.scheduler = 'cosine_warm' is not one of linear, cosine"),
+        ("train.method=bogus", "train.method = 'bogus' is not one of srl, 2dmse"),
+        ("train.warmup_ratio=1", "train.warmup_ratio = 1 must be >= 0 and < 1"),
+        ("train.max_steps=0", "train.max_steps = 0 must be null or a whole number >= 1"),
+        ("pretrain.head_warmup_steps=-1", "pretrain.head_warmup_steps = -1 must be a whole number >= 0"),
+    ]:
+        with pytest.raises(StarbucksError, match=re.escape(words)):
+            load_config(None, [override])
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_resolves_every_key(path):
     """Each shipped config loads through the schema (every key known, typed and in range) and its
     settings resolve as the stages resolve them."""
-    from retrieval.config import load_config
+    from search.pipeline import SearchSettings
     from train.trainer import TrainSettings
 
     if path.parent.name == "suites":
         pytest.skip("a suite file, not a config (tests/test_suite.py reads it)")
-    cfg = load_config(path)
+    cfg = load_config(path, ["search.device=cpu"])
     TrainSettings.from_config(cfg)
+    SearchSettings.from_config(cfg)
