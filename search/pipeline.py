@@ -53,28 +53,30 @@ def topk_block(value, device: str) -> int | None:
     return None if value is None else (int(value) or None)
 
 
-_SEARCH = DEFAULTS["search"]  # the config's defaults, stated once there
+_SEARCH = DEFAULTS["search"]  # the config's defaults, stated once (retrieval.schema)
 
 
 @dataclass
 class SearchSettings:
-    """How to search: index type and parameters, depth, and the resolved device and backend
-    (`from_config`); the defaults of a hand-made one are the config's."""
+    """How to search: the `search` section of a config the schema checked, with device, backend,
+    dtype and top-k blocks resolved (`from_config`). A hand-made one holds the schema's defaults,
+    their `auto`s resolved on the CPU (`tests/test_config.py` checks it is `from_config` of the
+    default config with `search.device=cpu`)."""
 
     index: str = _SEARCH["index"]
-    params: dict = field(default_factory=dict)
+    params: dict = field(default_factory=lambda: dict(_SEARCH["params"]))
     depth: int = _SEARCH["depth"]
     batch_size: int = _SEARCH["batch_size"]
-    backend: str = "faiss"  # faiss | torch
+    backend: str = "faiss"  # auto on the CPU; faiss | torch
     device: str = "cpu"
     faiss_gpu: bool = False
-    torch_dtype: str = "float32"
-    topk_block: int | None = None
+    torch_dtype: str = "float32"  # auto on the CPU; float16 | float32
+    topk_block: int | None = None  # auto on the CPU
     train_rows: int = _SEARCH["train_rows"]
-    shards_per_index: int | None = None
-    rebuild: bool = False
-    seed: int = 42
-    quantization: tuple[Quantization, ...] = (Quantization(),)
+    shards_per_index: int | None = _SEARCH["shards_per_index"]
+    rebuild: bool = _SEARCH["rebuild"]
+    seed: int = DEFAULTS["seed"]
+    quantization: tuple[Quantization, ...] = tuple(parse_quantization(q) for q in _SEARCH["quantization"])
 
     @property
     def exact(self) -> bool:
@@ -82,7 +84,8 @@ class SearchSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "SearchSettings":
-        """Resolve `auto` device/backend: FAISS on CPU, FAISS GPU if built with it, else torch on CUDA."""
+        """Resolve `auto` device/backend: FAISS on CPU, FAISS GPU if built with it, else torch on CUDA.
+        The schema checked each key; what is left is what needs this machine or two keys together."""
         s = cfg.search
         device = str(resolve_device(s.device, "search.device"))
         gpus = faiss.get_num_gpus() if device.startswith("cuda") else 0
@@ -90,16 +93,11 @@ class SearchSettings:
         backend = str(s.backend)
         if backend == "auto":
             backend = "torch" if device.startswith("cuda") and not gpus and exact else "faiss"
-        if backend not in ("faiss", "torch"):
-            raise StarbucksError(f"search.backend = {backend!r} is not one of auto, faiss, torch")
         if backend == "torch" and not exact:
             raise StarbucksError(
                 f"the torch backend searches exactly (search.index=Flat), not {s.index!r}; set search.backend=faiss"
             )
         dtype = resolve_precision(s.torch_dtype, torch.device(device), "search.torch_dtype", cpu_auto_bf16=False)
-        if dtype not in _DTYPES:
-            raise StarbucksError(f"search.torch_dtype = {dtype!r} is not one of auto, fp16, fp32")
-        per = s.shards_per_index
         return cls(
             index=str(s.index),
             params=dict(OmegaConf.to_container(s.params)) if s.params else {},
@@ -111,10 +109,10 @@ class SearchSettings:
             torch_dtype=_DTYPES[dtype],
             topk_block=topk_block(s.topk_block, device),
             train_rows=int(s.train_rows),
-            shards_per_index=int(per) if per else None,
+            shards_per_index=s.shards_per_index,
             rebuild=bool(s.rebuild),
             seed=int(cfg.seed),
-            quantization=tuple(parse_quantization(q) for q in s.get("quantization", ["fp16"])),
+            quantization=tuple(parse_quantization(q) for q in s.quantization),  # names the schema checked
         )
 
     def describe(self) -> str:

@@ -21,7 +21,7 @@ from retrieval.errors import StarbucksError
 from retrieval.samplers import FINETUNE_METHODS, FixedSizes, TwoDMSESizes
 from retrieval.sizes import Size, SizeList, check_size, parse_size
 
-METHODS = FINETUNE_METHODS  # train.method's fine-tuning values (the schema checks the key)
+METHODS = FINETUNE_METHODS  # train.method's fine-tuning values (retrieval.schema checks the key)
 SRL_METHODS = ("srl", "srl-depth", "srl-width")  # SRL's loss (mean, size_weights) over their own size lists
 
 
@@ -50,13 +50,15 @@ class MethodPlan:
 def plan_method(
     train_cfg, sizes: SizeList, num_layers: int, hidden: int, seed: int, model_name: str = "the model"
 ) -> MethodPlan:
-    """Validate the method's settings against the size list and the model; raise one clear line."""
-    method = str(train_cfg.method)  # one of METHODS: the config's schema checked it
-    if train_cfg.get("size_weights") is not None and method not in SRL_METHODS:
+    """Validate the method's settings against the size list and the model; raise one clear line.
+    `train_cfg` is a loaded config's `train` section: the schema gave every key its default and checked
+    its type and range (`train.method` is one of METHODS or smae); what is left needs two keys or the model."""
+    method = str(train_cfg.method)
+    if train_cfg.size_weights is not None and method not in SRL_METHODS:
         raise StarbucksError(
             f"train.size_weights applies to method srl (and srl-depth, srl-width) only; remove it for method {method}"
         )
-    if method != "separate" and train_cfg.get("size") is not None:
+    if method != "separate" and train_cfg.size is not None:
         raise StarbucksError("train.size is for method separate; remove it or set train.method=separate")
     sizes.validate(num_layers, hidden, model_name)
     # Layers above the deepest size would get no gradient (and stall DDP): they are dropped.
@@ -67,10 +69,10 @@ def plan_method(
         visited = one_dimensional(sizes, method.split("-")[1])
         return MethodPlan(method, FixedSizes(visited), "mean", visited, truncate_to=deepest)
     if method == "2dmse":
-        schedule = TwoDMSESizes(sizes, seed, str(train_cfg.get("twodmse_dims", "uniform")))
+        schedule = TwoDMSESizes(sizes, seed, str(train_cfg.twodmse_dims))
         return MethodPlan(method, schedule, "sum", sizes, truncate_to=deepest)
     if method == "separate":
-        if train_cfg.get("size") is None:
+        if train_cfg.size is None:
             raise StarbucksError(
                 f"method separate trains one size: set train.size to one of {', '.join(sizes.names)} or LxD"
             )

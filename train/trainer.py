@@ -47,16 +47,6 @@ from train.data import EpochSampler
 from train.gradcache import cached_backward
 from train.cost import RunCost
 
-# transformers schedulers that need nothing but warm-up and total steps.
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
 # train.* keys that may change between a run and its resume (they do not change the result).
 BOOKKEEPING_KEYS = (
     "save_steps",
@@ -111,9 +101,9 @@ class TrainTask(Protocol):
 
 @dataclass
 class TrainSettings:
-    """The loop's settings: the `train` section of a resolved config (`retrieval.config.load_config`
-    checks each key's type and range against the schema, `retrieval.settings.KEY_RULES`, and holds
-    its default, `retrieval.config.DEFAULTS`), plus the seed. No defaults here: one place states them."""
+    """The loop's settings: the `train` section of a loaded config, plus the seed. The schema
+    (`retrieval.schema`) states each key's default, type and range, and `load_config` checked them:
+    no defaults and no re-checks here."""
 
     seed: int
     epochs: float
@@ -149,11 +139,9 @@ class TrainSettings:
         return settings
 
     def check(self) -> None:
-        """One clear line for what the schema cannot see: settings that need each other, a scheduler
-        transformers lacks, a precision this machine lacks, a tracker whose package is missing."""
+        """One clear line for what the schema cannot see: settings that need each other, a precision
+        this machine lacks, a tracker whose package is missing."""
         mixed_precision(self.precision, torch.cuda.is_available())
-        if self.scheduler not in SCHEDULERS:
-            raise StarbucksError(f"train.scheduler = {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         for key in ("keep_best", "early_stopping_patience"):
             if getattr(self, key) is not None and self.eval_steps is None:
                 raise StarbucksError(f"train.{key} needs validation during training: set train.eval_steps")
