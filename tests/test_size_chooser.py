@@ -144,3 +144,65 @@ def test_a_run_searched_on_an_index_is_timed_on_that_index(run, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_:
         main(args)
     assert exit_.value.code == 2 and "1x8.faiss was not built from the embeddings" in capsys.readouterr().err
+
+
+def test_precision_is_an_axis_of_the_search_the_eval_and_the_chooser(run, tmp_path):
+    """search.quantization: a run file per (size, precision), each the quantised search's ranking; eval rows
+    and chooser points per (size, precision); bytes from the codes' index file (+ the fp16 shards when
+    re-scoring)."""
+    import shutil
+
+    from eval.pipeline import evaluate_experiment
+    from retrieval.config import load_config
+    from retrieval.quantize import Quantization, quantized_search
+    from retrieval.runfile import read_run
+    from retrieval.store import EmbeddingStore
+    from search.pipeline import search_collection
+
+    shutil.copytree(run / "run", tmp_path / "run")
+    config = tmp_path / "exp.yaml"
+    config.write_text((run / "exp.yaml").read_text().replace(str(run / "run"), str(tmp_path / "run")))
+    precisions = ["fp16", "int8", "binary", "binary-rescore50"]
+    cfg = load_config(config, [f"search.quantization=[{','.join(precisions)}]"])
+    search_collection(cfg, progress=False)
+    evaluate_experiment(cfg)
+    run_dir = tmp_path / "run"
+
+    # each quantised run file ranks what the library's quantised search ranks (fp16 runs are unchanged)
+    store = EmbeddingStore(run_dir / "embeddings" / "2x16")
+    qids, qvecs, _ = store.load_queries("dev")
+    pids = store.ids()
+    for spec in ("int8", "binary-rescore50"):
+        quantization = Quantization(*{"int8": ("int8", 0), "binary-rescore50": ("binary", 50)}[spec])
+        _, rows = quantized_search(store, qvecs, 10, quantization)
+        ranked = read_run(run_dir / "runs" / "dev" / f"2x16.{spec}.trec")
+        for qid, row in zip(qids, rows):
+            assert sorted(ranked[qid], key=ranked[qid].get, reverse=True) == [pids[r] for r in row]
+    assert (run_dir / "runs" / "dev" / "2x16.trec").read_bytes() == (
+        run / "run" / "runs" / "dev" / "2x16.trec"
+    ).read_bytes()
+
+    evaluated = json.loads((run_dir / "eval" / "dev.json").read_text())["sizes"]
+    names = [s["size"] for s in evaluated]
+    assert names == [
+        f"{s}{'' if p == 'fp16' else '.' + p}"
+        for s in SIZES
+        for p in sorted(precisions, key=lambda p: (p != "fp16", p))
+    ]
+
+    main([str(run_dir), "--queries", str(run / "col"), "--passages", "16", "--query-sample", "3", "--device", "cpu"])
+    report = json.loads((run_dir / "eval" / "sizes-dev.json").read_text())
+    by_name = {s["size"]: s for s in report["sizes"]}
+    assert set(by_name) == set(names)
+    for size in SIZES:
+        dim = by_name[size]["dim"]
+        int8 = by_name[f"{size}.int8"]
+        assert int8["precision"] == "int8"
+        assert int8["bytes_per_passage"] == (run_dir / "index" / f"{size}.int8.faiss").stat().st_size / 150
+        assert dim <= int8["bytes_per_passage"] <= dim + 1024 / 150  # one byte a dim + the header and ranges
+        binary = by_name[f"{size}.binary"]["bytes_per_passage"]
+        assert dim / 8 <= binary <= dim / 8 + 1024 / 150
+        rescored = by_name[f"{size}.binary-rescore50"]["bytes_per_passage"]
+        assert rescored == pytest.approx(binary + by_name[size]["bytes_per_passage"], rel=1e-12)  # codes + fp16 shards
+        # the encode rate is the size's, whatever the precision searched
+        assert len({by_name[n]["passages_per_second"] for n in by_name if n.split(".")[0] == size}) == 1
