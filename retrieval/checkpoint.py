@@ -204,12 +204,12 @@ def describe_model(directory: str | os.PathLike, meta: Mapping, shape: tuple[int
 def serving_config(meta: Mapping, shape: tuple[int, int]) -> dict:
     """The `config.json` keys vLLM reads for a model of `shape` (layers, hidden) whose `starbucks.json`
     is `meta`: `matryoshka_dimensions`, the dims a `dimensions` request may cut its output to
-    (`serving_dims` over its sizes and, for an export, the sizes it was cut from), and `is_matryoshka`,
-    whether there is more than one."""
+    (`serving_dims` over its sizes and, for an export, the sizes it was cut from, by its training
+    method), and `is_matryoshka`, whether there is more than one."""
     num_layers, hidden = shape
     own = meta_sizes(meta)
     sizes = [*(own or ()), *(meta_sizes({"sizes": meta.get(SOURCE_SIZES)}) or ())]
-    dims = serving_dims(sizes, num_layers, st_output_dim(num_layers, hidden, own))
+    dims = serving_dims(sizes, num_layers, st_output_dim(num_layers, hidden, own), meta.get("method"))
     return {"matryoshka_dimensions": dims, "is_matryoshka": len(dims) > 1}
 
 

@@ -52,14 +52,23 @@ def st_output_dim(num_layers: int, hidden: int, sizes: SizeList | None) -> int:
     return hidden
 
 
-def serving_dims(sizes: Iterable[Size] | None, num_layers: int, output_dim: int) -> list[int]:
+def serving_dims(
+    sizes: Iterable[Size] | None, num_layers: int, output_dim: int, method: str | None = None
+) -> list[int]:
     """The dims a server may cut the output of a model with `num_layers` layers and `output_dim` dims
-    to, ascending: the dims of the non-hybrid `sizes` trained at exactly that depth (up to `output_dim`)
-    and `output_dim` itself. A server runs every layer the model has and cuts only dims, so a size of
-    fewer layers is none of them: a checkpoint trained on a diagonal list (SRL's) serves its full size
-    only, one trained width-wise every dim; a one-size export of `(n, d)` (given the size list it was
-    cut from) serves `d` and the dims trained at `n` layers below it."""
-    trained = {s.dim for s in sizes or () if not s.parts and s.layers == num_layers and s.dim <= output_dim}
+    to, ascending: the dims trained at exactly that depth (up to `output_dim`) and `output_dim` itself.
+    A server runs every layer the model has and cuts only dims, so a size of fewer layers is none of
+    them: a checkpoint trained on a diagonal list (SRL's) serves its full size only, one trained
+    width-wise every dim; a one-size export of `(n, d)` (given the size list it was cut from) serves
+    `d` and the dims trained at `n` layers below it. The trained sizes are the non-hybrid `sizes`, except
+    for two training methods: `full` trains the largest only (it records the list to evaluate it),
+    `2dmse` every layer count with every dim of the list (its `(n, d)` and `(N, d)` terms)."""
+    sizes = [s for s in sizes or () if not s.parts]
+    if method == "full" and sizes:
+        sizes = [max(sizes, key=lambda s: (s.layers, s.dim))]
+    elif method == "2dmse":
+        sizes = [Size(s.name, num_layers, s.dim) for s in sizes]
+    trained = {s.dim for s in sizes if s.layers == num_layers and s.dim <= output_dim}
     return sorted(trained | {output_dim})
 
 

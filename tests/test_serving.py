@@ -45,19 +45,21 @@ MIXED = [  # two sizes at depth 2, two at the full depth 4
 ]
 WIDTH = [{"name": f"w{d}", "layers": 4, "dim": d} for d in (8, 16, 32)]  # srl-width: every size at full depth
 # the dims a server may cut each folder's output to: the sizes trained at its depth, up to its own dim
-EXPECTED = {
-    "diagonal": (DIAGONAL, {"checkpoint": [32], "mid": [16], "small": [8]}),
-    "mixed": (MIXED, {"checkpoint": [24, 32], "c": [8, 16], "b": [8], "d": [24]}),
-    "width": (WIDTH, {"checkpoint": [8, 16, 32], "w16": [8, 16]}),
+EXPECTED = {  # list, training method, folder -> dims
+    "diagonal": (DIAGONAL, "srl", {"checkpoint": [32], "mid": [16], "small": [8]}),
+    "mixed": (MIXED, "srl", {"checkpoint": [24, 32], "c": [8, 16], "b": [8], "d": [24]}),
+    "width": (WIDTH, "srl-width", {"checkpoint": [8, 16, 32], "w16": [8, 16]}),
+    "2dmse": (DIAGONAL, "2dmse", {"checkpoint": [8, 16, 32], "mid": [8, 16]}),  # (n, d) and (N, d) terms
+    "full": (WIDTH, "full", {"checkpoint": [32], "w16": [16]}),  # the list is only evaluated
 }
 TEI_MODULE_TYPES = {f"sentence_transformers.models.{k}" for k in ("Transformer", "Pooling", "Dense", "Normalize")}
 
 
-def save_tiny(path, sizes, pooling="mean", normalize=True, prefixes=("query: ", "passage: ")):
+def save_tiny(path, sizes, pooling="mean", normalize=True, prefixes=("query: ", "passage: "), method="srl"):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
-    meta = {"sizes": sizes, "query_max_length": 8, "passage_max_length": 16}
+    meta = {"sizes": sizes, "method": method, "query_max_length": 8, "passage_max_length": 16}
     meta.update(query_prefix=prefixes[0], passage_prefix=prefixes[1])
     encoder = StarbucksEncoder(tiny_bert(layers=4, hidden=32, vocab=tok.vocab_size, seed=5), pooling, normalize)
     save_encoder(encoder, path, tok, meta)
@@ -71,10 +73,10 @@ def read(folder, name):
 @pytest.fixture(scope="module", params=sorted(EXPECTED))
 def saved(request, tmp_path_factory):
     """A checkpoint trained on one of the size lists, and an export of each of the other expected sizes."""
-    sizes, expected = EXPECTED[request.param]
+    sizes, method, expected = EXPECTED[request.param]
     root = tmp_path_factory.mktemp(request.param)
-    dot = request.param == "mixed"  # CLS pooling and the dot product, as the paper's BERT-base models
-    model_dir = save_tiny(root / "model", sizes, "cls" if dot else "mean", normalize=not dot)
+    dot = request.param in ("mixed", "2dmse")  # CLS pooling and the dot product, as the paper's BERT-base
+    model_dir = save_tiny(root / "model", sizes, "cls" if dot else "mean", normalize=not dot, method=method)
     names = [name for name in expected if name != "checkpoint"]
     for name in names:
         export(str(model_dir), [name], root / "st" / name)
@@ -166,8 +168,10 @@ def test_vllm_gives_the_starbucks_vector_at_every_dimension_it_accepts(saved):
         for d in expected[name]:
             want = model.encode(TEXTS, f"{layers}x{d}")  # cut, then normalised when the model normalises
             np.testing.assert_allclose(vllm_embed(folder, TEXTS, d), want, atol=1e-5, err_msg=f"{name} {d}")
-        with pytest.raises(ValueError, match="matryoshka dimensions"):
-            vllm_embed(folder, TEXTS, expected[name][0] - 1)  # servers cut dims, and only the trained ones
+        # refused: a dim of a size of other layers (the server would cut it from the wrong layer), or none
+        for d in {s.dim for s in model.sizes if s.dim < expected[name][-1]} - set(expected[name]) | {7}:
+            with pytest.raises(ValueError, match="matryoshka dimensions"):
+                vllm_embed(folder, TEXTS, d)
 
 
 def test_tei_accepts_the_layout_and_gives_the_starbucks_vector(saved):
