@@ -36,20 +36,25 @@ DOC = common.REPO / "docs" / "deploy.md"
 
 def run_collection(name: str, directory: str, split: str, args) -> list[dict]:
     root = Path(args.out) / name
-    overrides = [
-        f"name=deploy-{name}",
-        f"output_dir={root}",
-        f"model.name_or_path={args.model}",
-        f"encode.model={args.model}",
-        f"data.corpus={common.REPO / directory}",
-        f"data.eval_splits={{{split}: {common.REPO / directory}}}",
-        f"sizes={args.sizes}",
-        f"search.quantization=[{','.join(args.precisions)}]",
-        "search.depth=10",
-        "eval.metrics=[nDCG@10,RR@10]",
-        "eval.plot=false",
-    ]
-    cfg = load_config(None, overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "deploy.yaml"  # a config's data.eval_splits replaces the default's (dev and test of debian)
+    config.write_text(
+        json.dumps(
+            {
+                "base": str(common.REPO / "configs" / "default.yaml"),
+                "name": f"deploy-{name}",
+                "output_dir": str(root),
+                "model": {"name_or_path": str(args.model)},
+                "data": {"corpus": str(common.REPO / directory), "eval_splits": {split: str(common.REPO / directory)}},
+                "encode": {"model": str(args.model), "sizes": args.sizes.split(",")},
+                "search": {"quantization": args.precisions, "depth": 10},
+                "eval": {"metrics": ["nDCG@10", "RR@10"], "plot": False},
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    cfg = load_config(config)
     started = time.perf_counter()
     encode_collection(cfg, progress=False)
     search_collection(cfg, progress=False)

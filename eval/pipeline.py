@@ -23,6 +23,7 @@ from retrieval.errors import StarbucksError
 from retrieval.evalfile import write_per_query
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.names import parse_names
+from retrieval.quantize import split_run_name
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run, verified_run
 from retrieval.sizes import Size, hybrid_key
@@ -65,12 +66,20 @@ def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[t
         return found
     picked = []
     for w in map(hybrid_key, wanted):
-        match = [(s, p) for s, p in found if w in (s.name, s.key)]
+        # a size's own run (fp16), or one precision of it named in full (`grande.int8`) ...
+        match = [(s, p) for s, p in found if w == s.name or (w == s.key and not _quantized(s))][:1]
+        if match and not _quantized(match[0][0]):  # ... and a size named alone brings its other precisions
+            match += [(s, p) for s, p in found if _quantized(s) and split_run_name(s.name)[0] == match[0][0].name]
         if match:
-            picked.append(match[0])
+            picked.extend(match)
         elif strict:
             raise StarbucksError(f"no run file for size {w!r} in {runs_dir / split}; run `python -m search` for it")
-    return picked
+    return list(dict.fromkeys(picked))
+
+
+def _quantized(size: Size) -> bool:
+    """Whether a run's size is a quantised search of a size (`grande.int8`: `retrieval.runfile.find_runs`)."""
+    return split_run_name(size.name)[1].quantized
 
 
 def _coverage(record: dict | None, split: EvalSplit) -> dict | None:

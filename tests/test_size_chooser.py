@@ -182,6 +182,13 @@ def test_precision_is_an_axis_of_the_search_the_eval_and_the_chooser(run, tmp_pa
         run / "run" / "runs" / "dev" / "2x16.trec"
     ).read_bytes()
 
+    # a size named alone brings its precisions; a precision named in full comes alone
+    from eval.pipeline import select_runs
+
+    picked = [s.name for s, _ in select_runs(run_dir / "runs", "dev", ["2x16"])]
+    assert picked == ["2x16", "2x16.binary", "2x16.binary-rescore50", "2x16.int8"]
+    assert [s.name for s, _ in select_runs(run_dir / "runs", "dev", ["2x16.int8"])] == ["2x16.int8"]
+
     evaluated = json.loads((run_dir / "eval" / "dev.json").read_text())["sizes"]
     names = [s["size"] for s in evaluated]
     assert names == [
