@@ -117,9 +117,7 @@ class RetrievalTask:
 def check_groups(groups: Sequence[TrainGroup], group_size: int, source: str) -> int:
     """Every group needs hard negatives for the `group_size - 1` a step takes: a group with none is
     an error; one with fewer is padded by repeating its own (as Tevatron does). Returns how many are padded."""
-    if not isinstance(group_size, int) or group_size < 1:
-        raise StarbucksError(f"train.group_size = {group_size!r} must be a whole number >= 1 (1 positive + negatives)")
-    need = group_size - 1
+    need = group_size - 1  # train.group_size, checked (>= 1) by the schema
     if need == 0:
         return 0
     empty = [g for g in groups if not g.negatives]

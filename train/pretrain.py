@@ -32,7 +32,6 @@ from retrieval.errors import cli_entry
 from safetensors.torch import save_file
 from torch import nn
 
-from retrieval.errors import StarbucksError
 from train.flops import head_warmup_flops, smae_step_flops
 from train.masking import SMAECollator, WindowDataset, build_windows, iter_texts
 from train.smae import SMAE
@@ -248,9 +247,7 @@ def run_pretraining(cfg) -> TrainResult:
     collate = SMAECollator(tokenizer, p.enc_mask_ratio, p.dec_mask_ratio, p.mask_replace, int(cfg.seed))
     paths = experiment_paths(cfg)
     windows = prepare_windows(cfg, tokenizer, Path(p.windows_dir) if p.windows_dir else paths.root / "windows")
-    warmup_steps = p.head_warmup_steps
-    if not isinstance(warmup_steps, int) or isinstance(warmup_steps, bool) or warmup_steps < 0:
-        raise StarbucksError(f"pretrain.head_warmup_steps = {warmup_steps!r} must be a whole number >= 0")
+    warmup_steps = p.head_warmup_steps  # checked (a whole number >= 0) by the schema
     warmup = None
     if warmup_steps and not head_from_checkpoint:
         warmup_settings = dataclasses.replace(
