@@ -17,6 +17,7 @@ from typing import Mapping
 
 import yaml
 
+from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.sizes import Size, SizeList, meta_sizes
 from retrieval.tables import markdown_table
@@ -40,6 +41,7 @@ TAGS = [
     "2d-matryoshka",
 ]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MTEB_ORG = "local"  # the organisation part of a local model's name (`size_model_name`)
 
 
 def _sizes(meta: Mapping, shape: tuple[int, int]) -> SizeList:
@@ -86,6 +88,42 @@ def _front_matter(name: str, meta: Mapping, results: Mapping) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False, allow_unicode=True) + "---\n"
 
 
+def card_name(directory: str | os.PathLike, meta: Mapping) -> str:
+    """The card's name for the model in `directory`: its training config's name, else the directory's;
+    an export adds its size (`<name>-<size>`)."""
+    name = str((meta.get("config") or {}).get("name") or Path(directory).name)
+    exported = meta.get("exported_size")
+    return f"{name}-{exported['name']}" if exported else name
+
+
+def _folder_name(path: str | os.PathLike) -> str:
+    """A model folder's name; a trained model's (`runs/<name>/model`) is its run's."""
+    p = Path(path)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
+def size_model_name(source: str | os.PathLike, meta: Mapping, size: Size, base: str | None = None) -> str:
+    """The name of the model at `source` (a folder or hub id; `meta` is its `starbucks.json`) when it
+    serves `size`, for result caches and leaderboards that key on a model name (MTEB wants `ORG/NAME`):
+    `<base>-<size>`, so that every size of a model, and every export, has a name of its own.
+
+    `base` (`ORG/NAME`) defaults to the hub id of a hub model (an export's hub id is already one size's:
+    it is the name), else `local/<name>` with the name of the training run (its config's `name`, else
+    the folder's, an export's from the folder it was exported from)."""
+    if base is None:
+        source = str(source)
+        if _HUB_ID.match(source) and not os.path.exists(source):
+            if meta.get("exported_size"):
+                return source
+            base = source
+        else:
+            config = meta.get("config") or {}
+            base = f"{MTEB_ORG}/{config.get('name') or _folder_name(meta.get('exported_from') or source)}"
+    if "/" not in base:
+        raise StarbucksError(f"model name {base!r} needs an organisation: ORG/NAME (e.g. {MTEB_ORG}/{base})")
+    return f"{base}-{size.name}"
+
+
 def _default_id(directory: Path, meta: Mapping) -> str:
     """Where the load examples say the model is: a trained model's place in its experiment (it is
     saved under a temporary name first), else the directory."""
@@ -110,10 +148,8 @@ def render_card(
     results = results or {}
     sizes = _sizes(meta, shape)
     config = meta.get("config") or {}
-    name = str(config.get("name") or directory.name)
+    name = card_name(directory, meta)
     exported = meta.get("exported_size")
-    if exported:
-        name = f"{name}-{exported['name']}"
     model_id = model_id or _default_id(directory, meta)
     pooling, normalize = meta.get("pooling", "cls"), bool(meta.get("normalize", False))
     largest, middle = sizes.largest, sizes[len(sizes) // 2]
