@@ -21,6 +21,7 @@ COMMANDS = {
     "eval": ("eval.__main__", "run files + qrels -> per-size metrics, tables, plots; compare experiments"),
     "suite": ("eval.suite", "many models on many collections (BEIR, python-docs) at every size; averages, t-tests"),
     "sizes": ("eval.sizes", "quality vs latency and memory per size of a run; the best size within a budget"),
+    "mteb": ("eval.mteb_task", "MTEB at any size: local BEIR folders offline, MTEB's hub tasks with internet"),
     "export": ("train.export", "a sentence-transformers model or ONNX graph per size; model card; upload to the hub"),
     "experiment": ("experiment.__main__", "the paper's comparison: every method through every stage, then the report"),
 }
@@ -35,6 +36,7 @@ USAGE = {
     "eval": "[--config FILE] [EXPERIMENT_DIR ...] [key=value ...]",
     "suite": "--models [NAME=]PATH ... [--collections [NAME=]SOURCE ...] [--suite FILE] [--sizes SIZES] [--out DIR] [options]",
     "sizes": "RUN_DIR [--split SPLIT] [--max-latency-ms MS] [--max-bytes BYTES] [options]",
+    "mteb": "MODEL ... [--sizes SIZES] [--collections [NAME=]SOURCE ...] [--tasks TASK ...] [--name ORG/NAME] [options]",
     "export": "MODEL [--size SIZE | --all] [--out DIR] [--onnx DIR] [--push-to-hub USER/NAME] [--dry-run] [options]",
     "experiment": "[--config FILE] [--only RUNS] [--dry-run] [--estimate] [--report-only] [key=value ...]",
 }
