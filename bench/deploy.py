@@ -26,7 +26,7 @@ from encode.pipeline import encode_collection
 from eval.pipeline import evaluate_experiment
 from eval.sizes import main as choose_size
 from retrieval.config import load_config
-from retrieval.quantize import parse_quantization
+from retrieval.quantize import parse_quantization, split_run_name
 from search.pipeline import search_collection
 
 COLLECTIONS = {"debian-pkgs-mini": ("data/debian-pkgs-mini", "dev"), "python-docs": ("data/python-docs", "test")}
@@ -101,9 +101,9 @@ def write_doc(results: dict[str, list[dict]], args) -> None:
     ]
     for name, rows in results.items():
         split = rows[0]["split"]
-        sizes = list(dict.fromkeys(r["size"].split(".")[0] for r in rows))
+        sizes = list(dict.fromkeys(split_run_name(r["size"])[0] for r in rows))
         precisions = list(dict.fromkeys(r["precision"] for r in rows))
-        cell = {(r["size"].split(".")[0], r["precision"]): r for r in rows}
+        cell = {(split_run_name(r["size"])[0], r["precision"]): r for r in rows}
         headers = ["size"] + [f"{p} nDCG@10 / bytes" for p in precisions]
         table = [
             [f"{s} ({cell[s, precisions[0]]['layers']}x{cell[s, precisions[0]]['dim']})"]

@@ -70,6 +70,8 @@ def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[t
         match = [(s, p) for s, p in found if w == s.name or (w == s.key and not _quantized(s))][:1]
         if match and not _quantized(match[0][0]):  # ... and a size named alone brings its other precisions
             match += [(s, p) for s, p in found if _quantized(s) and split_run_name(s.name)[0] == match[0][0].name]
+        elif not match:  # searched at quantised precisions only
+            match = [(s, p) for s, p in found if _quantized(s) and w in (split_run_name(s.name)[0], s.key)]
         if match:
             picked.extend(match)
         elif strict:
@@ -98,11 +100,31 @@ def _coverage(record: dict | None, split: EvalSplit) -> dict | None:
 _PASSAGE_IDS: dict = {}  # the ids of the last corpus looked at, by its ids_sha256
 
 
+def _check_current(path: Path, record: dict | None) -> None:
+    """Refuse a run whose embedding store (still there, finished) now holds other vectors than it was
+    searched on: re-encoded since, and this run (say a precision no longer in search.quantization) not
+    searched again."""
+    store = EmbeddingStore(record["embeddings"]) if (record or {}).get("embeddings") else None
+    meta = store.read_meta() if store is not None else None
+    if not meta or not meta.get("complete"):
+        return
+    saved = record.get("passages") or {}
+    changed = next(
+        (k for k in ("model_sha256", "ids_sha256", "texts_sha256") if k in saved and saved[k] != meta.get(k)), None
+    )
+    if changed:
+        raise StarbucksError(
+            f"run file {path} was searched on other embeddings than {store.dir} holds now ({changed} changed "
+            f"since): re-run `python -m search` (with its precision in search.quantization) or delete it"
+        )
+
+
 def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[str], level: int) -> SizeResult:
     """Evaluate one run file after checking it is the file search wrote and covers what it should:
     qrels with none of their passages in the corpus are refused, missing passages and queries the run
     does not rank are warned about (and counted in the result)."""
     record = verified_run(path)
+    _check_current(path, record)
     coverage = _coverage(record, split)
     if coverage is not None:
         warning = check_coverage(split.name, coverage, "searched")

@@ -356,7 +356,9 @@ def measure_run(
         rates[store.dir] = rate
         costs.append(
             SizeCost(
-                dataclasses.replace(store.size, name=name),
+                dataclasses.replace(
+                    store.size, name=name, precision=quantization.name if quantization.quantized else ""
+                ),
                 quality[name],
                 rate,
                 enc_ms,
@@ -388,7 +390,7 @@ HEADERS = [
 
 def _size_of(cost: SizeCost):
     """The size a cost row measures, named without its precision."""
-    return dataclasses.replace(cost.size, name=split_run_name(cost.size.name)[0])
+    return dataclasses.replace(cost.size, name=split_run_name(cost.size.name)[0], precision="")
 
 
 def table_rows(costs: Sequence[SizeCost]) -> list[list[str]]:

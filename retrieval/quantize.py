@@ -227,10 +227,12 @@ def _search_codes(index, kind: str, queries: np.ndarray, k: int, batch_size: int
 def _top(index, kind: str, queries: np.ndarray, k: int, n: int):
     """Top-`k` `(scores, rows)`, ties by the lower row (binary scores tie often): more candidates are asked
     for until the last one scores below the k-th, so a tie at the k-th score is seen whole."""
-    m = k
+    if k == 0:
+        return np.empty((len(queries), 0), dtype=np.float32), np.empty((len(queries), 0), dtype=np.int64)
+    m = min(n, k + 1)  # one more than asked: whether the k-th score ties beyond
     while True:
         scores, rows = _search_codes(index, kind, queries, m)
-        if m >= n or bool(np.all(scores[:, -1] < scores[:, k - 1])):
+        if m >= n or bool(np.all(scores[:, m - 1] < scores[:, k - 1])):
             break
         m = min(n, 2 * m)
     order = np.lexsort((rows, -scores), axis=1)[:, :k]

@@ -163,7 +163,9 @@ def find_runs(runs_dir: str | os.PathLike, split: str) -> list[tuple[Size, Path]
         if record and {"size", "layers", "dim"} <= record.keys():
             size = recorded_size(record["size"], int(record["layers"]), int(record["dim"]))
             if record.get("quantization"):  # an int8 / binary search of the size: its own row, `<size>.<precision>`
-                size = dataclasses.replace(size, name=f"{size.name}.{record['quantization']}")
+                size = dataclasses.replace(
+                    size, name=f"{size.name}.{record['quantization']}", precision=record["quantization"]
+                )
         else:
             try:
                 size = parse_size(run_stem(path))

@@ -56,6 +56,7 @@ class Size:
     layers: int
     dim: int
     parts: tuple[Part, ...] = ()
+    precision: str = ""  # a run's quantised search of the size (`int8`, `binary-rescore40`; retrieval.quantize)
 
     def __post_init__(self):
         if self.layers < 1 or self.dim < 1:
@@ -82,8 +83,9 @@ class Size:
     @property
     def ident(self) -> tuple:
         """What tells sizes apart in a table, sortable: `(layers, dim)`, and for a hybrid `(layers, dim,
-        spec)` (a hybrid may share its layers and dim with a plain size)."""
-        return (self.layers, self.dim, self.key) if self.parts else (self.layers, self.dim)
+        spec)` (a hybrid may share its layers and dim with a plain size), then a quantised run's precision."""
+        ident = (self.layers, self.dim, self.key) if self.parts else (self.layers, self.dim)
+        return (*ident, self.precision) if self.precision else ident
 
     @property
     def models(self) -> list[str]:

@@ -213,3 +213,40 @@ def test_precision_is_an_axis_of_the_search_the_eval_and_the_chooser(run, tmp_pa
         assert rescored == pytest.approx(binary + by_name[size]["bytes_per_passage"], rel=1e-12)  # codes + fp16 shards
         # the encode rate is the size's, whatever the precision searched
         assert len({by_name[n]["passages_per_second"] for n in by_name if n.split(".")[0] == size}) == 1
+
+
+def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_changes(run, tmp_path):
+    """A size searched only at int8 is still named `1x8` in eval.sizes; the int8 search asks FAISS once when
+    no tie crosses the k-th score; a run searched on embeddings that were re-encoded since is refused."""
+    import shutil
+
+    import retrieval.quantize as quantize
+    from eval.pipeline import evaluate_experiment, select_runs
+    from retrieval.config import load_config
+    from search.pipeline import search_collection
+
+    shutil.copytree(run / "run", tmp_path / "run")
+    for path in (tmp_path / "run" / "runs").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    config = tmp_path / "exp.yaml"
+    config.write_text((run / "exp.yaml").read_text().replace(str(run / "run"), str(tmp_path / "run")))
+    asked = []
+    real = quantize._search_codes
+    quantize._search_codes = lambda index, kind, queries, k, *a: (asked.append(k), real(index, kind, queries, k, *a))[1]
+    try:
+        search_collection(load_config(config, ["search.quantization=[int8]"]), progress=False)
+    finally:
+        quantize._search_codes = real
+    assert asked == [11] * len(SIZES)  # depth 10 + 1: the scores below the 10th are lower, no second pass
+    runs = tmp_path / "run" / "runs"
+    assert [s.name for s, _ in select_runs(runs, "dev", ["1x8"])] == ["1x8.int8"]
+    assert [s.name for s, _ in select_runs(runs, "dev", ["2x16"])] == ["2x16.int8"]
+    sizes, _ = zip(*select_runs(runs, "dev", None))
+    assert len({s.ident for s in sizes}) == len(SIZES) and all(s.precision == "int8" for s in sizes)
+
+    meta_path = tmp_path / "run" / "embeddings" / "1x8" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "model_sha256": "re-encoded"}))
+    with pytest.raises(StarbucksError, match="1x8.int8.trec was searched on other embeddings .*model_sha256 changed"):
+        evaluate_experiment(load_config(config, ["search.quantization=[int8]"]))
