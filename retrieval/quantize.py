@@ -191,6 +191,7 @@ def load_or_build_index(store: EmbeddingStore, kind: str, index_dir: str | Path 
     record = {**expected, **({"ranges": ranges} if ranges else {})}
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix(".json").unlink(missing_ok=True)  # an old record must not vouch for the new index
         write = faiss.write_index_binary if kind == "binary" else faiss.write_index
         with atomic_path(path) as tmp:
             write(index, str(tmp))
