@@ -27,7 +27,7 @@ from retrieval.quantize import split_run_name
 from retrieval.metrics import Evaluation, evaluate, paired_ttest, parse_measures
 from retrieval.runfile import find_runs, read_run, verified_run
 from retrieval.sizes import Size, hybrid_key
-from retrieval.store import EmbeddingStore
+from retrieval.store import PASSAGE_FIELDS, EmbeddingStore
 from retrieval.tables import markdown_table, plot_measures, size_label, text_table, write_csv
 
 
@@ -81,16 +81,21 @@ def select_runs(runs_dir: Path, split: str, spec, strict: bool = True) -> list[t
 
 def _quantized(size: Size) -> bool:
     """Whether a run's size is a quantised search of a size (`grande.int8`: `retrieval.runfile.find_runs`)."""
-    return split_run_name(size.name)[1].quantized
+    return bool(size.precision)
 
 
-def _coverage(record: dict | None, split: EvalSplit) -> dict | None:
-    """The split's relevant passages against the corpus the run searched: from the embedding store the
-    record names when it is still there, else the numbers search recorded."""
-    record = record or {}
-    store = EmbeddingStore(record["embeddings"]) if record.get("embeddings") else None
+def _searched_store(record: dict | None) -> tuple[EmbeddingStore | None, dict | None]:
+    """The embedding store a run's record names and its meta, when it is still there and finished."""
+    store = EmbeddingStore(record["embeddings"]) if (record or {}).get("embeddings") else None
     meta = store.read_meta() if store is not None else None
-    if meta and meta.get("complete") and meta.get("ids_sha256") == record.get("passages", {}).get("ids_sha256"):
+    return (store, meta) if meta and meta.get("complete") else (None, None)
+
+
+def _coverage(record: dict | None, split: EvalSplit, store: EmbeddingStore | None, meta: dict | None) -> dict | None:
+    """The split's relevant passages against the corpus the run searched: from its embedding store when it
+    is still there, else the numbers search recorded."""
+    record = record or {}
+    if meta and meta.get("ids_sha256") == record.get("passages", {}).get("ids_sha256"):
         if _PASSAGE_IDS.get("sha") != meta["ids_sha256"]:  # the sizes of a corpus share their ids: read them once
             _PASSAGE_IDS.update(sha=meta["ids_sha256"], ids=frozenset(store.ids()))
         return qrels_coverage(split.qrels, _PASSAGE_IDS["ids"])
@@ -100,18 +105,11 @@ def _coverage(record: dict | None, split: EvalSplit) -> dict | None:
 _PASSAGE_IDS: dict = {}  # the ids of the last corpus looked at, by its ids_sha256
 
 
-def _check_current(path: Path, record: dict | None) -> None:
-    """Refuse a run whose embedding store (still there, finished) now holds other vectors than it was
-    searched on: re-encoded since, and this run (say a precision no longer in search.quantization) not
-    searched again."""
-    store = EmbeddingStore(record["embeddings"]) if (record or {}).get("embeddings") else None
-    meta = store.read_meta() if store is not None else None
-    if not meta or not meta.get("complete"):
-        return
-    saved = record.get("passages") or {}
-    changed = next(
-        (k for k in ("model_sha256", "ids_sha256", "texts_sha256") if k in saved and saved[k] != meta.get(k)), None
-    )
+def _check_current(path: Path, record: dict | None, store: EmbeddingStore | None, meta: dict | None) -> None:
+    """Refuse a run whose embedding store now holds other vectors than it was searched on: re-encoded
+    since, and this run (say a precision no longer in search.quantization) not searched again."""
+    saved = (record or {}).get("passages") or {}
+    changed = next((k for k in PASSAGE_FIELDS if meta and k in saved and saved[k] != meta.get(k)), None)
     if changed:
         raise StarbucksError(
             f"run file {path} was searched on other embeddings than {store.dir} holds now ({changed} changed "
@@ -124,8 +122,9 @@ def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[st
     qrels with none of their passages in the corpus are refused, missing passages and queries the run
     does not rank are warned about (and counted in the result)."""
     record = verified_run(path)
-    _check_current(path, record)
-    coverage = _coverage(record, split)
+    store, meta = _searched_store(record)
+    _check_current(path, record, store, meta)
+    coverage = _coverage(record, split, store, meta)
     if coverage is not None:
         warning = check_coverage(split.name, coverage, "searched")
         if warning:

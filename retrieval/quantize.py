@@ -34,7 +34,6 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_path, atomic_write_json
 from retrieval.store import PASSAGE_FIELDS, EmbeddingStore
 
-PRECISIONS = ("fp16", "int8", "binary")
 QUANTIZED_VERSION = 1
 _SPEC = re.compile(r"^(fp16|int8|binary)(?:-rescore([1-9][0-9]*))?$")
 FORMS = "fp16, int8, binary, int8-rescore<K>, binary-rescore<K> (K a whole number >= 1)"
@@ -111,11 +110,6 @@ def int8_codes(vectors: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarra
     """The uint8 codes of `vectors` (values outside `[lo, hi]` clip to the end bins)."""
     scaled = np.floor((np.asarray(vectors, dtype=np.float32) - lo) / _widths(lo, hi) * 255)
     return np.clip(scaled, 0, 255).astype(np.uint8)
-
-
-def int8_decode(codes: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The value each code stands for: the middle of its bin (float32)."""
-    return (lo + (codes.astype(np.float32) + 0.5) * _widths(lo, hi) / 255).astype(np.float32)
 
 
 def binary_codes(vectors: np.ndarray) -> np.ndarray:
@@ -197,12 +191,6 @@ def load_or_build_index(store: EmbeddingStore, kind: str, index_dir: str | Path 
             write(index, str(tmp))
         atomic_write_json(path.with_suffix(".json"), record)  # written last: marks the index complete
     return index, record
-
-
-def index_bytes(index_dir: str | Path, size_name: str, kind: str) -> int | None:
-    """Bytes of a saved quantised index file (None when there is none)."""
-    path = index_path(index_dir, size_name, kind)
-    return path.stat().st_size if path.is_file() else None
 
 
 # ---------------------------------------------------------------- search
@@ -307,14 +295,11 @@ def quantized_search(
 
 __all__ = [
     "FORMS",
-    "PRECISIONS",
     "Quantization",
     "QuantizedSearcher",
     "binary_codes",
     "gather_rows",
-    "index_bytes",
     "int8_codes",
-    "int8_decode",
     "int8_ranges",
     "load_or_build_index",
     "parse_quantization",

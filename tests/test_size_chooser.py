@@ -215,7 +215,7 @@ def test_precision_is_an_axis_of_the_search_the_eval_and_the_chooser(run, tmp_pa
         assert len({by_name[n]["passages_per_second"] for n in by_name if n.split(".")[0] == size}) == 1
 
 
-def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_changes(run, tmp_path):
+def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_changes(run, tmp_path, monkeypatch):
     """A size searched only at int8 is still named `1x8` in eval.sizes; the int8 search asks FAISS once when
     no tie crosses the k-th score; a run searched on embeddings that were re-encoded since is refused."""
     import shutil
@@ -233,11 +233,12 @@ def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_chang
     config.write_text((run / "exp.yaml").read_text().replace(str(run / "run"), str(tmp_path / "run")))
     asked = []
     real = quantize._search_codes
-    quantize._search_codes = lambda index, kind, queries, k, *a: (asked.append(k), real(index, kind, queries, k, *a))[1]
-    try:
-        search_collection(load_config(config, ["search.quantization=[int8]"]), progress=False)
-    finally:
-        quantize._search_codes = real
+    monkeypatch.setattr(
+        quantize,
+        "_search_codes",
+        lambda index, kind, queries, k, *a: (asked.append(k), real(index, kind, queries, k, *a))[1],
+    )
+    search_collection(load_config(config, ["search.quantization=[int8]"]), progress=False)
     assert asked == [11] * len(SIZES)  # depth 10 + 1: the scores below the 10th are lower, no second pass
     runs = tmp_path / "run" / "runs"
     assert [s.name for s, _ in select_runs(runs, "dev", ["1x8"])] == ["1x8.int8"]
