@@ -12,6 +12,11 @@ deepest requested layer; the layers' attention goes through transformers' attent
 - `padded`: the reference on any device, and the CPU path: each layer's q/k/v are scattered into a
   `(B, longest text)` grid for one SDPA call with a key-padding mask, then gathered back, so only attention
   sees padding (the projections, feed-forward and norms, most of the work, see the real tokens only).
+  On the CPU the texts are first put in groups of similar length (`PackedBatch.attention_groups`: at
+  most `GROUP_TEXTS` texts, a grid at most `GROUP_WASTE` above its texts' own (query, key) pairs), one
+  grid and one SDPA call per group: a batch's grid over its longest text held ~3x the pairs of its texts
+  on debian-pkgs passages, and attention (with its dropout mask when training) is the part of a CPU
+  step that grows with it.
 
 `model.packing: auto` packs where that was measured faster than padded batches (`auto_packs`): on the
 CPU (fp32 and bf16) and on CUDA with a variable-length kernel. Only BERT-family backbones
@@ -31,6 +36,8 @@ from torch import nn
 
 PACKED_ATTENTION = "starbucks_packed"
 PACKABLE = ("bert",)  # config.model_type of the backbones the packed path supports
+GROUP_TEXTS = 8  # attention groups (the CPU's padded kernel): at most this many texts per grid
+GROUP_WASTE = 0.2  # and a grid's (query, key) pairs at most 20% above those of its texts
 
 
 def bucket(tokens: int, minimum: int = 256) -> int:
@@ -40,6 +47,34 @@ def bucket(tokens: int, minimum: int = 256) -> int:
         return minimum
     step = 1 << max(0, tokens.bit_length() - 3)  # a quarter of the power of two below `tokens`
     return -(-tokens // step) * step
+
+
+@dataclass(frozen=True)
+class AttentionGroup:
+    """Texts of similar length whose attention runs as one `(texts, length)` grid."""
+
+    tokens: torch.Tensor  # (T_g,): the group's tokens' places in the packed sequence, text after text
+    texts: int
+    length: int  # the group's longest text: the grid's width
+    flat_index: torch.Tensor  # (T_g,): each token's place in the grid, row-major
+    mask: torch.Tensor | None  # (texts, 1, 1, length): the places holding a token (None: no padding)
+
+
+def group_texts(lengths: list[int], most: int = GROUP_TEXTS, waste: float = GROUP_WASTE) -> list[list[int]]:
+    """Segment indices in groups of similar length: longest first, a group closed when one more text
+    would make it hold more than `most` texts or its grid (texts x longest^2 pairs) more than
+    `1 + waste` times its texts' own pairs."""
+    groups: list[list[int]] = []
+    group: list[int] = []
+    pairs = 0
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        grid = (len(group) + 1) * lengths[group[0]] ** 2 if group else 0
+        if group and (len(group) >= most or grid > (1 + waste) * (pairs + lengths[i] ** 2)):
+            groups.append(group)
+            group, pairs = [], 0
+        group.append(i)
+        pairs += lengths[i] ** 2
+    return groups + [group] if group else groups
 
 
 @dataclass
@@ -93,6 +128,26 @@ class PackedBatch:
         keep = torch.zeros(self.segments * self.max_length, dtype=torch.bool, device=self.flat_index.device)
         keep[self.flat_index] = True
         return keep.view(self.segments, 1, 1, self.max_length)
+
+    @functools.cached_property
+    def attention_groups(self) -> tuple[list[AttentionGroup], torch.Tensor]:
+        """The segments in groups of similar length (`group_texts`), and the order of the tokens when
+        the groups' tokens are put one after the other (`(T,)`, a permutation of the packed places)."""
+        lengths = self.lengths.tolist()
+        starts = self.cu_seqlens.tolist()
+        device = self.flat_index.device
+        groups = []
+        for members in group_texts(lengths):
+            width = lengths[members[0]]
+            tokens = torch.cat([torch.arange(starts[i], starts[i + 1], device=device) for i in members])
+            flat = torch.cat([torch.arange(lengths[i], device=device) + row * width for row, i in enumerate(members)])
+            mask = None
+            if any(lengths[i] != width for i in members):
+                keep = torch.zeros(len(members) * width, dtype=torch.bool, device=device)
+                keep[flat] = True
+                mask = keep.view(len(members), 1, 1, width)
+            groups.append(AttentionGroup(tokens, len(members), width, flat, mask))
+        return groups, torch.cat([g.tokens for g in groups])
 
     def pool(self, states: torch.Tensor, pooling: str) -> torch.Tensor:
         """`(B, H')` from packed states `(T, H')`: each text's first token (cls) or the mean of its tokens."""
@@ -155,6 +210,25 @@ def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: flo
     return out.transpose(1, 2).reshape(grid, *q.shape[1:])[packed.flat_index]
 
 
+def _grouped_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: float) -> torch.Tensor:
+    """`_padded_attention` one group of similar-length texts at a time (`PackedBatch.attention_groups`)."""
+    groups, order = packed.attention_groups
+    outs = []
+    for g in groups:
+
+        def to_grid(x, g=g):
+            full = x.new_zeros(g.texts * g.length, *x.shape[1:]).index_copy(
+                0, g.flat_index, x.index_select(0, g.tokens)
+            )
+            return full.view(g.texts, g.length, *x.shape[1:]).transpose(1, 2)  # (texts, heads, L, d)
+
+        out = nn.functional.scaled_dot_product_attention(
+            to_grid(q), to_grid(k), to_grid(v), attn_mask=g.mask, dropout_p=dropout, scale=scaling
+        )
+        outs.append(out.transpose(1, 2).reshape(g.texts * g.length, *q.shape[1:])[g.flat_index])
+    return torch.empty_like(q).index_copy(0, order, torch.cat(outs))
+
+
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed=None, **_):
     """An `AttentionInterface` function: `query/key/value` are `(1, heads, T, d)`; returns `(1, T, heads, d)`."""
     if packed is None:
@@ -182,6 +256,8 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
         out = varlen_attn(
             q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length, packed.max_length, scale=scaling
         )
+    elif q.device.type == "cpu" and not torch.compiler.is_compiling():
+        out = _grouped_attention(q, k, v, packed, scaling, dropout)
     else:
         out = _padded_attention(q, k, v, packed, scaling, dropout)
     return out.unsqueeze(0), None

@@ -8,7 +8,7 @@ from transformers import BertConfig, BertModel
 from conftest import assert_all_near, assert_near, tiny_bert
 from retrieval.errors import StarbucksError
 from retrieval.encoder import StarbucksEncoder
-from retrieval.packing import PackedBatch, packed_attention, pick_kernel
+from retrieval.packing import GROUP_TEXTS, GROUP_WASTE, PackedBatch, group_texts, packed_attention, pick_kernel
 from retrieval.sizes import Size, SizeList
 from test_encode import make_config, stored, workspace  # noqa: F401 (workspace: a fixture)
 from test_train import collection, log_lines, train, write_config  # noqa: F401 (collection: a fixture)
@@ -71,6 +71,48 @@ def test_bucketed_layout_adds_filler_texts_no_longer_than_the_longest():
     assert p.max_length == 32 and len(set(p.flat_index.tolist())) == 256  # distinct places in the grid
     states = torch.arange(256.0).unsqueeze(1)
     assert p.pool(states, "mean").squeeze(1).tolist() == [1.0, 3.0, 5.5]  # filler never pooled
+
+
+def test_attention_groups_cover_every_text_once_within_the_bounds():
+    g = torch.Generator().manual_seed(0)
+    for trial in range(50):
+        lengths = torch.randint(1, 200, (int(torch.randint(1, 90, (1,), generator=g)),), generator=g).tolist()
+        groups = group_texts(lengths)
+        assert sorted(i for group in groups for i in group) == list(range(len(lengths)))
+        for group in groups:
+            ls = [lengths[i] for i in group]
+            assert ls == sorted(ls, reverse=True) and len(ls) <= GROUP_TEXTS
+            grid, pairs = len(ls) * ls[0] ** 2, sum(x * x for x in ls)
+            assert len(ls) == 1 or grid <= (1 + GROUP_WASTE) * pairs
+    assert group_texts([5] * 20) == [list(range(8)), list(range(8, 16)), list(range(16, 20))]
+    assert group_texts([10, 3, 10, 9]) == [[0, 2, 3], [1]]  # 3 x 10^2 <= 1.2 (100 + 100 + 81); 3 tokens apart
+
+
+def test_grouped_attention_equals_one_grid(monkeypatch):
+    """The CPU's grouped attention gives the one-grid reference's outputs and gradients."""
+    import retrieval.packing as packing
+
+    b = ragged_batch(rows=23, width=40, seed=7)
+    p = PackedBatch.from_padded(b)
+    groups, order = p.attention_groups
+    assert len(groups) > 2 and sorted(order.tolist()) == list(range(p.tokens))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(p.tokens, 4, 8, generator=g, requires_grad=True) for _ in range(3))
+    outs, grads = {}, {}
+    for name, fn in (("grid", packing._padded_attention), ("grouped", packing._grouped_attention)):
+        out = fn(q, k, v, p, 8**-0.5, 0.0)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs[name], grads[name] = out.detach(), [x.grad.clone() for x in (q, k, v)]
+        for x in (q, k, v):
+            x.grad = None
+    assert_near(outs["grouped"], outs["grid"], rel=1e-5)
+    assert_all_near(grads["grouped"], grads["grid"], rel=1e-5)
+    # the packed forward on the CPU takes the grouped path
+    seen = []
+    monkeypatch.setattr(packing, "_grouped_attention", lambda *a: seen.append(1) or packing._padded_attention(*a))
+    with torch.no_grad():
+        encoder(True).embed(b, SIZES)
+    assert len(seen) == max(s.layers for s in SIZES)
 
 
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
