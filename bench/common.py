@@ -22,10 +22,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from retrieval.malloc import tune_malloc  # noqa: E402
 from retrieval.settings import resolve_device as pick_device  # noqa: E402,F401  (re-exported for the bench scripts)
 from retrieval.tables import markdown_table  # noqa: E402
 from train.flops import encoder_flops  # noqa: E402
 
+# the allocator as the stages' command lines set it (retrieval/malloc.py; STARBUCKS_MALLOC_TUNE=0: glibc's default)
+MALLOC_TUNED = tune_malloc()
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 # Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, for the MFU figures.
 # Matched in this order against torch.cuda.get_device_name ("NVIDIA H100 80GB HBM3" is the SXM part).
@@ -46,7 +49,8 @@ def machine(device: torch.device) -> str:
     what = f"{os.cpu_count()} cores ({cpu_model()})"
     if device.type == "cuda":
         what = f"{torch.cuda.get_device_name(device)}, {what}"
-    return f"{what}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    allocator = "glibc malloc " + ("tuned (retrieval/malloc.py)" if MALLOC_TUNED else "default")
+    return f"{what}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {allocator}"
 
 
 def today() -> str:

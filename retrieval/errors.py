@@ -49,7 +49,8 @@ def cli_entry(fn):
     """Wrap a stage's `main(argv)` so a `StarbucksError`, or an OS error the user can fix (`os_error_line`:
     a full disk, a read-only place, ...), prints one line and exits with 2.
 
-    Set `STARBUCKS_DEBUG=1` to see the full traceback instead.
+    Set `STARBUCKS_DEBUG=1` to see the full traceback instead. The process's allocator is set for tensor
+    work first (`retrieval.malloc.tune_malloc`; `STARBUCKS_MALLOC_TUNE=0` leaves it).
     """
 
     def fail(line: str):
@@ -59,6 +60,9 @@ def cli_entry(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        from retrieval.malloc import tune_malloc
+
+        tune_malloc()
         try:
             return fn(*args, **kwargs)
         except StarbucksError as err:
