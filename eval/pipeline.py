@@ -84,10 +84,18 @@ def _quantized(size: Size) -> bool:
     return bool(size.precision)
 
 
-def _searched_store(record: dict | None) -> tuple[EmbeddingStore | None, dict | None]:
-    """The embedding store a run's record names and its meta, when it is still there and finished."""
-    store = EmbeddingStore(record["embeddings"]) if (record or {}).get("embeddings") else None
-    meta = store.read_meta() if store is not None else None
+def _searched_store(path: Path, record: dict | None) -> tuple[EmbeddingStore | None, dict | None]:
+    """The embedding store a run's record names and its meta, when it is still there and finished. A run
+    file copied or moved out of the experiment whose store it names (`cp -r runs/a runs/a-before`) is judged
+    by the store at the same place in its own experiment (`<experiment>/embeddings/<size>` for
+    `<experiment>/runs/<split>/<size>.trec`), when there is one."""
+    if not (record or {}).get("embeddings"):
+        return None, None
+    named = Path(record["embeddings"])
+    if not path.resolve().is_relative_to(named.parent.parent.resolve()):
+        named = path.parent.parent.parent / named.parent.name / named.name
+    store = EmbeddingStore(named)
+    meta = store.read_meta()
     return (store, meta) if meta and meta.get("complete") else (None, None)
 
 
@@ -122,7 +130,7 @@ def evaluate_run(size: Size, path: Path, split: EvalSplit, measures: Sequence[st
     qrels with none of their passages in the corpus are refused, missing passages and queries the run
     does not rank are warned about (and counted in the result)."""
     record = verified_run(path)
-    store, meta = _searched_store(record)
+    store, meta = _searched_store(path, record)
     _check_current(path, record, store, meta)
     coverage = _coverage(record, split, store, meta)
     if coverage is not None:

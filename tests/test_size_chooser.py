@@ -246,8 +246,15 @@ def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_chang
     sizes, _ = zip(*select_runs(runs, "dev", None))
     assert len({s.ident for s in sizes}) == len(SIZES) and all(s.precision == "int8" for s in sizes)
 
+    shutil.copytree(tmp_path / "run", tmp_path / "before")  # a copy of the experiment, kept to compare with
     meta_path = tmp_path / "run" / "embeddings" / "1x8" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "model_sha256": "re-encoded"}))
     with pytest.raises(StarbucksError, match="1x8.int8.trec was searched on other embeddings .*model_sha256 changed"):
         evaluate_experiment(load_config(config, ["search.quantization=[int8]"]))
+    # the copy's runs name the original's stores; they are judged by the copy's own (unchanged) stores
+    copied = load_config(config, ["search.quantization=[int8]", f"output_dir={tmp_path / 'before'}"])
+    assert set(evaluate_experiment(copied)) == {"dev"}
+    (tmp_path / "before" / "embeddings" / "1x8" / "meta.json").write_text(meta_path.read_text())
+    with pytest.raises(StarbucksError, match="before/embeddings/1x8 holds now"):
+        evaluate_experiment(copied)
