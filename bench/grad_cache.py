@@ -71,7 +71,7 @@ def one(args) -> dict:
     sizes = list(common.sizes_for(args.model))
     encoder = StarbucksEncoder(backbone, "cls").to(device).train()
     loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
-    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
+    optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))
     q_texts = common.debian_texts("query", queries * 2, seed=1)
     p_texts = common.debian_texts("passage", queries * group * 2, seed=2)
     batches = [

@@ -1,5 +1,5 @@
 """One SRL training step: the toolkit's (train/finetune.py's task: StarbucksEncoder with early exit
-per size set, StarbucksLoss, the trainer's AdamW, fused on CUDA) against the plain-transformers
+per size set, StarbucksLoss, the trainer's AdamW, fused on CUDA and the CPU) against the plain-transformers
 reference (bench/reference.py), on the same batches.
 
     python bench/train_step.py --model minilm --queries 8 --group 4 --steps 3          # 2 CPU cores
@@ -115,7 +115,7 @@ def main(argv=None) -> None:
             ours_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[ran_in[name]]
             step_model = encoder.compile_layers(args.compile == "buckets") if args.compile else encoder
             loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
-            optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=cuda)
+            optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))
 
             def step(
                 i, encoder=encoder, step_model=step_model, loss_fn=loss_fn, optimizer=optimizer, ours_dtype=ours_dtype

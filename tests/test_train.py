@@ -584,3 +584,35 @@ def test_length_buckets_count_in_the_fingerprint_because_dropout_sees_another_or
 
     assert fingerprint("train.length_buckets=2") != fingerprint("train.length_buckets=1")
     assert fingerprint("train.save_steps=7", "train.logging_steps=3") == fingerprint("train.save_steps=9")
+
+
+def test_the_optimizer_is_adamw_with_decay_on_matrices_fused_on_the_cpu():
+    """The trainer's optimizer (PyTorch's fused AdamW on the CPU) takes the steps of a plain
+    single-tensor AdamW with weight decay on the matrices only."""
+    from train.trainer import TrainSettings, build_optimizer
+
+    settings = TrainSettings.from_config(load_config(REPO / "configs" / "demo.yaml", ["train.weight_decay=0.1"]))
+    models = [tiny_bert(layers=2, seed=3) for _ in range(2)]
+    optimizer = build_optimizer(models[0], settings, torch.device("cpu"))
+    assert all(group["fused"] for group in optimizer.param_groups)
+    params = [p for p in models[1].parameters()]
+    plain = torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=settings.learning_rate,
+        foreach=False,
+    )
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for model in models:
+            for p, grad in zip(model.parameters(), grads):
+                p.grad = grad.clone()
+        optimizer.step()
+        plain.step()
+    assert_all_near(list(models[0].parameters()), list(models[1].parameters()), rel=1e-6)
+    before = tiny_bert(layers=2, seed=3)
+    moved = [float((a - b).detach().norm()) for a, b in zip(models[0].parameters(), before.parameters())]
+    assert min(moved) > 0  # every parameter took the steps
