@@ -210,6 +210,19 @@ def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: flo
     return out.transpose(1, 2).reshape(grid, *q.shape[1:])[packed.flat_index]
 
 
+def _math_attention(q, k, v, mask, scaling: float, dropout: float) -> torch.Tensor:
+    """Attention with dropout on the probabilities as SDPA's math path computes it on the CPU (in fp32, the
+    inputs' dtype out; PyTorch's CPU kernels have no dropout), its masks from `retrieval.dropout`."""
+    from retrieval.dropout import dropout as drop
+
+    with torch.autocast("cpu", enabled=False):
+        scores = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scaling)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # key padding: no row is all padding
+        probs = drop(scores.softmax(-1), dropout)
+        return torch.matmul(probs, v.float()).to(q.dtype)
+
+
 def _grouped_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: float) -> torch.Tensor:
     """`_padded_attention` one group of similar-length texts at a time (`PackedBatch.attention_groups`)."""
     groups, order = packed.attention_groups
@@ -222,9 +235,12 @@ def _grouped_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: fl
             )
             return full.view(g.texts, g.length, *x.shape[1:]).transpose(1, 2)  # (texts, heads, L, d)
 
-        out = nn.functional.scaled_dot_product_attention(
-            to_grid(q), to_grid(k), to_grid(v), attn_mask=g.mask, dropout_p=dropout, scale=scaling
-        )
+        if dropout > 0.0:
+            out = _math_attention(to_grid(q), to_grid(k), to_grid(v), g.mask, scaling, dropout)
+        else:
+            out = nn.functional.scaled_dot_product_attention(
+                to_grid(q), to_grid(k), to_grid(v), attn_mask=g.mask, scale=scaling
+            )
         outs.append(out.transpose(1, 2).reshape(g.texts * g.length, *q.shape[1:])[g.flat_index])
     return torch.empty_like(q).index_copy(0, order, torch.cat(outs))
 

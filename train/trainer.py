@@ -39,6 +39,7 @@ from retrieval.errors import StarbucksError
 from retrieval.io import atomic_write_json, atomic_write_text
 from retrieval.lock import run_lock
 from retrieval.checkpoint import read_meta
+from retrieval.dropout import use_fast_dropout
 from retrieval.losses import LossOutput
 from train.checkpoint import Checkpoints, read_state, replace_dir, saving, staging_dir
 from retrieval.seeds import derive_seed
@@ -458,6 +459,8 @@ class TrainingRun:
             enable_gradient_checkpointing(model)
         model.train()
         model.to(accelerator.device)
+        if accelerator.device.type == "cpu":
+            use_fast_dropout(model)  # masks from NumPy's generator (retrieval/dropout.py)
         optimizer = build_optimizer(model, settings, accelerator.device)
         self.sampler = EpochSampler(len(task.dataset), settings.seed)
         loader = DataLoader(
