@@ -16,6 +16,9 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 $PY bench/roofline.py
 OMP_NUM_THREADS=1 $PY bench/roofline.py
 $PY bench/encode_speed.py --model minilm --passages 512 --batch-size 64 --repeats 2 --precision both
+# glibc's default allocator instead of the stages' setting (retrieval/malloc.py), beside the rows above
+STARBUCKS_MALLOC_TUNE=0 $PY bench/encode_speed.py --model minilm --passages 512 --batch-size 64 --repeats 2 \
+  --only trenta,all --skip-reference --tag _malloc_default
 $PY bench/train_step.py --model minilm --queries 8 --group 4 --steps 3 --warmup 2 --precision both
 $PY bench/search_speed.py --vectors 200000 --queries 1024 --dims 32,128,384 --depth 1000 --topk topk,block:32 \
   --faiss-vectors 200000 --repeats 2

@@ -16,7 +16,8 @@ deepest requested layer; the layers' attention goes through transformers' attent
   most `GROUP_TEXTS` texts, a grid at most `GROUP_WASTE` above its texts' own (query, key) pairs), one
   grid and one SDPA call per group: a batch's grid over its longest text held ~3x the pairs of its texts
   on debian-pkgs passages, and attention (with its dropout mask when training) is the part of a CPU
-  step that grows with it.
+  step that grows with it. With attention dropout a group runs SDPA's fp32 math path written out
+  (`_math_attention`), its masks drawn by `retrieval.dropout` (PyTorch's CPU kernels have no dropout).
 
 `model.packing: auto` packs where that was measured faster than padded batches (`auto_packs`): on the
 CPU (fp32 and bf16) and on CUDA with a variable-length kernel. Only BERT-family backbones
