@@ -61,7 +61,9 @@ def one(args) -> dict:
     """One configuration in this process: median step time and peak memory."""
     from accelerate import Accelerator
 
+    from retrieval.dropout import use_fast_dropout
     from train.gradcache import cached_backward
+    from train.trainer import dropout_masks
 
     device = common.pick_device(args.device)
     cuda = device.type == "cuda"
@@ -70,6 +72,8 @@ def one(args) -> dict:
     backbone, tokenizer = common.load_backbone(args.model)
     sizes = list(common.sizes_for(args.model))
     encoder = StarbucksEncoder(backbone, "cls").to(device).train()
+    if dropout_masks("auto", device) == "numpy":  # as the trainer does (train.dropout_masks: auto)
+        use_fast_dropout(encoder)
     loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))
     q_texts = common.debian_texts("query", queries * 2, seed=1)

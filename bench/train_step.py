@@ -1,5 +1,5 @@
 """One SRL training step: the toolkit's (train/finetune.py's task: StarbucksEncoder with early exit
-per size set, StarbucksLoss, the trainer's AdamW, fused on CUDA and the CPU) against the plain-transformers
+per size set, StarbucksLoss, the trainer's AdamW, fused on CUDA and the CPU, and its dropout masks) against the plain-transformers
 reference (bench/reference.py), on the same batches.
 
     python bench/train_step.py --model minilm --queries 8 --group 4 --steps 3          # 2 CPU cores
@@ -25,7 +25,9 @@ import reference
 from retrieval.losses import InfoNCE, StarbucksLoss
 from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.settings import resolve_precision
+from retrieval.dropout import use_fast_dropout
 from train.flops import retrieval_step_flops
+from train.trainer import dropout_masks
 
 
 def main(argv=None) -> None:
@@ -110,6 +112,8 @@ def main(argv=None) -> None:
         model = copy.deepcopy(backbone).to(device).train()
         if name in packings:
             encoder = StarbucksEncoder(model, "cls", normalize=False).train()
+            if dropout_masks("auto", device) == "numpy":  # as the trainer does (train.dropout_masks: auto)
+                use_fast_dropout(encoder)
             encoder.length_buckets = args.buckets
             encoder.packing = packings[name][1]
             ours_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[ran_in[name]]

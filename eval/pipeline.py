@@ -88,12 +88,14 @@ def _searched_store(path: Path, record: dict | None) -> tuple[EmbeddingStore | N
     """The embedding store a run's record names and its meta, when it is still there and finished. A run
     file copied or moved out of the experiment whose store it names (`cp -r runs/a runs/a-before`) is judged
     by the store at the same place in its own experiment (`<experiment>/embeddings/<size>` for
-    `<experiment>/runs/<split>/<size>.trec`), when there is one."""
+    `<experiment>/runs/<split>/<size>.trec`), when there is one; otherwise (`paths.runs` or
+    `paths.embeddings` set apart from the experiment) by the store it names."""
     if not (record or {}).get("embeddings"):
         return None, None
     named = Path(record["embeddings"])
     if not path.resolve().is_relative_to(named.parent.parent.resolve()):
-        named = path.parent.parent.parent / named.parent.name / named.name
+        own = path.parent.parent.parent / named.parent.name / named.name
+        named = own if (own / "meta.json").is_file() else named
     store = EmbeddingStore(named)
     meta = store.read_meta()
     return (store, meta) if meta and meta.get("complete") else (None, None)

@@ -6,13 +6,14 @@ gives the top of its heap back whenever more than its trim threshold is free the
 the CPU allocates and frees activations of 1-30 MiB per layer and batch, so every batch pays the
 kernel's page faults and zeroing again (PyTorch's CPU tuning guide swaps in jemalloc or tcmalloc
 for this). `tune_malloc` keeps such blocks in the heap instead: mmap threshold 32 MiB (glibc's
-largest), trim threshold 1 GiB. Measured on 2 cores: encoding trenta ~3-7% faster (docs/benchmarks.md).
+largest), trim threshold 1 GiB. Measured on 2 cores: encoding trenta 1.10x (bench/run_cpu.sh's
+row with glibc's default beside; 3-7% in interleaved repeats). Where another allocator is preloaded
+(jemalloc, tcmalloc) glibc's `mallopt` still answers, though it then governs nothing.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import platform
 
@@ -30,7 +31,7 @@ def glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return ctypes.CDLL("libc.so.6")
     except OSError:
         return None
 

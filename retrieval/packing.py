@@ -16,8 +16,9 @@ deepest requested layer; the layers' attention goes through transformers' attent
   most `GROUP_TEXTS` texts, a grid at most `GROUP_WASTE` above its texts' own (query, key) pairs), one
   grid and one SDPA call per group: a batch's grid over its longest text held ~3x the pairs of its texts
   on debian-pkgs passages, and attention (with its dropout mask when training) is the part of a CPU
-  step that grows with it. With attention dropout a group runs SDPA's fp32 math path written out
-  (`_math_attention`), its masks drawn by `retrieval.dropout` (PyTorch's CPU kernels have no dropout).
+  step that grows with it. With attention dropout in a model whose dropout the trainer made
+  `retrieval.dropout`'s (`train.dropout_masks`), a group runs SDPA's fp32 math path written out
+  (`_math_attention`) with those masks. Compiled layers keep the one grid and PyTorch's dropout.
 
 `model.packing: auto` packs where that was measured faster than padded batches (`auto_packs`): on the
 CPU (fp32 and bf16) and on CUDA with a variable-length kernel. Only BERT-family backbones
@@ -218,14 +219,17 @@ def _math_attention(q, k, v, mask, scaling: float, dropout: float) -> torch.Tens
 
     with torch.autocast("cpu", enabled=False):
         scores = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scaling)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))  # key padding: no row is all padding
+        if mask is not None:  # key padding (the rows of padding places give NaN or junk: never gathered back)
+            scores = scores.masked_fill(~mask, float("-inf"))
         probs = drop(scores.softmax(-1), dropout)
         return torch.matmul(probs, v.float()).to(q.dtype)
 
 
-def _grouped_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: float) -> torch.Tensor:
-    """`_padded_attention` one group of similar-length texts at a time (`PackedBatch.attention_groups`)."""
+def _grouped_attention(
+    q, k, v, packed: PackedBatch, scaling: float, dropout: float, numpy_masks: bool = False
+) -> torch.Tensor:
+    """`_padded_attention` one group of similar-length texts at a time (`PackedBatch.attention_groups`);
+    `numpy_masks`: attention dropout with `retrieval.dropout`'s masks (`_math_attention`), else SDPA's."""
     groups, order = packed.attention_groups
     outs = []
     for g in groups:
@@ -236,14 +240,15 @@ def _grouped_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: fl
             )
             return full.view(g.texts, g.length, *x.shape[1:]).transpose(1, 2)  # (texts, heads, L, d)
 
-        if dropout > 0.0:
+        if dropout > 0.0 and numpy_masks:
             out = _math_attention(to_grid(q), to_grid(k), to_grid(v), g.mask, scaling, dropout)
         else:
             out = nn.functional.scaled_dot_product_attention(
-                to_grid(q), to_grid(k), to_grid(v), attn_mask=g.mask, scale=scaling
+                to_grid(q), to_grid(k), to_grid(v), attn_mask=g.mask, dropout_p=dropout, scale=scaling
             )
         outs.append(out.transpose(1, 2).reshape(g.texts * g.length, *q.shape[1:])[g.flat_index])
-    return torch.empty_like(q).index_copy(0, order, torch.cat(outs))
+    out = torch.cat(outs)  # (SDPA under autocast may give another dtype than q's)
+    return out.new_empty(out.shape).index_copy(0, order, out)
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed=None, **_):
@@ -274,7 +279,12 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length, packed.max_length, scale=scaling
         )
     elif q.device.type == "cpu" and not torch.compiler.is_compiling():
-        out = _grouped_attention(q, k, v, packed, scaling, dropout)
+        from retrieval.dropout import Dropout
+
+        # NumPy-drawn attention dropout where the trainer put retrieval.dropout in the model (train.dropout_masks)
+        out = _grouped_attention(
+            q, k, v, packed, scaling, dropout, isinstance(getattr(module, "dropout", None), Dropout)
+        )
     else:
         out = _padded_attention(q, k, v, packed, scaling, dropout)
     return out.unsqueeze(0), None

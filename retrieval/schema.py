@@ -280,6 +280,12 @@ SCHEMA: dict[str, Any] = {
             "auto (bf16 on GPU; on CPU bf16 where the chip has it, AVX512-BF16/AMX, else fp32) | bf16 | fp16 | fp32",
             choice("auto", "bf16", "fp16", "fp32"),
         ),
+        "dropout_masks": Key(
+            "auto",
+            "auto (numpy on the CPU, torch elsewhere) | numpy (NumPy-drawn masks on the CPU, retrieval/dropout.py) "
+            "| torch (PyTorch's dropout)",
+            choice("auto", "numpy", "torch"),
+        ),
         "gradient_checkpointing": Key(False, "recompute activations in the backward pass (less memory)"),
         "length_buckets": Key(
             "auto",

@@ -68,7 +68,7 @@ def test_packed_attention_dropout_is_the_math_path_with_those_masks():
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(p.tokens, 2, 4, generator=g) for _ in range(3))
     torch.manual_seed(11)
-    out = packing._grouped_attention(q, k, v, p, 0.5, 0.2)
+    out = packing._grouped_attention(q, k, v, p, 0.5, 0.2, numpy_masks=True)
     torch.manual_seed(11)
     expected = torch.empty_like(q)
     groups, _ = p.attention_groups
@@ -116,3 +116,22 @@ def test_cpu_training_draws_its_dropout_masks_here(tmp_path, tiny_model, collect
     monkeypatch.setattr(fast, "keep_mask", lambda shape, p: drawn.append(p) or real(shape, p))
     train(write_config(tmp_path, tiny_model, collection, max_steps=1), "model.packing=true")
     assert drawn and set(drawn) == {0.1}  # the hidden states' and attention's dropout (tiny_bert: 0.1)
+
+
+def test_dropout_masks_torch_draws_none_here_and_is_part_of_the_fingerprint(
+    tmp_path,
+    tiny_model,
+    collection,
+    monkeypatch,  # noqa: F811
+):
+    import retrieval.dropout as fast
+    from retrieval.errors import StarbucksError
+
+    drawn = []
+    real = fast.keep_mask
+    monkeypatch.setattr(fast, "keep_mask", lambda shape, p: drawn.append(p) or real(shape, p))
+    config = write_config(tmp_path, tiny_model, collection, max_steps=2, save_steps=1)
+    train(config, "model.packing=true", "train.dropout_masks=torch", "train.max_steps=1")
+    assert drawn == []
+    with pytest.raises(StarbucksError, match="dropout_masks"):  # resuming with the other masks is refused
+        train(config, "model.packing=true", "train.dropout_masks=auto")

@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 
+from conftest import REPO
 from retrieval.malloc import glibc
 
 PROBE = textwrap.dedent(
@@ -35,7 +36,7 @@ def probe(env_value: str | None) -> tuple[str, int]:
     env = {k: v for k, v in os.environ.items() if k != "STARBUCKS_MALLOC_TUNE"}
     if env_value is not None:
         env["STARBUCKS_MALLOC_TUNE"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, cwd=REPO, capture_output=True, text=True, check=True)
     tuned, mapped = out.stdout.split()
     return tuned, int(mapped)
 

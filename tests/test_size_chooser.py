@@ -258,3 +258,8 @@ def test_quantised_runs_alone_are_found_by_size_and_refused_once_the_store_chang
     (tmp_path / "before" / "embeddings" / "1x8" / "meta.json").write_text(meta_path.read_text())
     with pytest.raises(StarbucksError, match="before/embeddings/1x8 holds now"):
         evaluate_experiment(copied)
+    # runs kept apart from the experiment (paths.runs elsewhere) are still judged by the stores they name
+    shutil.move(tmp_path / "run" / "runs", tmp_path / "apart")
+    apart = load_config(config, ["search.quantization=[int8]", f"paths.runs={tmp_path / 'apart'}"])
+    with pytest.raises(StarbucksError, match="run/embeddings/1x8 holds now"):
+        evaluate_experiment(apart)

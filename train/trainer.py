@@ -117,6 +117,7 @@ class TrainSettings:
     scheduler: str
     max_grad_norm: float | None
     precision: str
+    dropout_masks: str
     gradient_checkpointing: bool
     grad_cache: bool
     grad_cache_chunk: int
@@ -245,6 +246,12 @@ def mixed_precision(precision: str, cuda: bool) -> str:
     on the CPU bf16 where the chip has native bf16, else fp32: `retrieval.settings.resolve_precision`)."""
     device = torch.device("cuda" if cuda else "cpu")
     return accelerate_precision(resolve_precision(precision, device, "train.precision", "bf16", cpu_fp16=False))
+
+
+def dropout_masks(setting: str, device: torch.device) -> str:
+    """`train.dropout_masks` resolved: `numpy` (retrieval/dropout.py) on the CPU unless `torch` is asked
+    for; PyTorch's everywhere else (the NumPy masks are CPU tensors). In the run's fingerprint."""
+    return "numpy" if device.type == "cpu" and setting in ("auto", "numpy") else "torch"
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings, device: torch.device) -> torch.optim.Optimizer:
@@ -433,6 +440,7 @@ class TrainingRun:
         fingerprint = task.fingerprint()
         loop = {k: v for k, v in vars(settings).items() if k not in BOOKKEEPING_KEYS and k != "seed"}
         loop["precision"] = mixed_precision(settings.precision, torch.cuda.is_available())  # `auto` resolved
+        loop["dropout_masks"] = dropout_masks(settings.dropout_masks, self.accelerator.device)
         self.fingerprint = {**fingerprint, "seed": settings.seed, "train": {**fingerprint.get("train", {}), **loop}}
         self.latest = resumable_checkpoint(self.checkpoints, self.fingerprint) if settings.resume else None
         self._clear_leftovers()
@@ -459,7 +467,7 @@ class TrainingRun:
             enable_gradient_checkpointing(model)
         model.train()
         model.to(accelerator.device)
-        if accelerator.device.type == "cpu":
+        if dropout_masks(settings.dropout_masks, accelerator.device) == "numpy":
             use_fast_dropout(model)  # masks from NumPy's generator (retrieval/dropout.py)
         optimizer = build_optimizer(model, settings, accelerator.device)
         self.sampler = EpochSampler(len(task.dataset), settings.seed)
