@@ -63,7 +63,6 @@ def one(args) -> dict:
 
     from retrieval.dropout import use_fast_dropout
     from train.gradcache import cached_backward
-    from train.trainer import dropout_masks
 
     device = common.pick_device(args.device)
     cuda = device.type == "cuda"
@@ -72,7 +71,7 @@ def one(args) -> dict:
     backbone, tokenizer = common.load_backbone(args.model)
     sizes = list(common.sizes_for(args.model))
     encoder = StarbucksEncoder(backbone, "cls").to(device).train()
-    if dropout_masks("auto", device) == "numpy":  # as the trainer does (train.dropout_masks: auto)
+    if device.type == "cpu":  # as the trainer does (train.dropout_masks: auto)
         use_fast_dropout(encoder)
     loss_fn = StarbucksLoss(InfoNCE(1.0), sizes, kl_weight=1.0)
     optimizer = torch.optim.AdamW(encoder.parameters(), lr=1e-5, fused=device.type in ("cuda", "cpu"))

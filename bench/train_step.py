@@ -27,7 +27,6 @@ from retrieval.encoder import StarbucksEncoder, tokenize
 from retrieval.settings import resolve_precision
 from retrieval.dropout import use_fast_dropout
 from train.flops import retrieval_step_flops
-from train.trainer import dropout_masks
 
 
 def main(argv=None) -> None:
@@ -112,7 +111,7 @@ def main(argv=None) -> None:
         model = copy.deepcopy(backbone).to(device).train()
         if name in packings:
             encoder = StarbucksEncoder(model, "cls", normalize=False).train()
-            if dropout_masks("auto", device) == "numpy":  # as the trainer does (train.dropout_masks: auto)
+            if device.type == "cpu":  # as the trainer does (train.dropout_masks: auto)
                 use_fast_dropout(encoder)
             encoder.length_buckets = args.buckets
             encoder.packing = packings[name][1]
