@@ -36,6 +36,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from retrieval.dropout import Dropout, dropout as numpy_dropout
+
 PACKED_ATTENTION = "starbucks_packed"
 PACKABLE = ("bert",)  # config.model_type of the backbones the packed path supports
 GROUP_TEXTS = 8  # attention groups (the CPU's padded kernel): at most this many texts per grid
@@ -215,13 +217,11 @@ def _padded_attention(q, k, v, packed: PackedBatch, scaling: float, dropout: flo
 def _math_attention(q, k, v, mask, scaling: float, dropout: float) -> torch.Tensor:
     """Attention with dropout on the probabilities as SDPA's math path computes it on the CPU (in fp32, the
     inputs' dtype out; PyTorch's CPU kernels have no dropout), its masks from `retrieval.dropout`."""
-    from retrieval.dropout import dropout as drop
-
     with torch.autocast("cpu", enabled=False):
         scores = torch.matmul(q.float(), k.float().transpose(-2, -1)).mul_(scaling)
         if mask is not None:  # key padding (the rows of padding places give NaN or junk: never gathered back)
             scores = scores.masked_fill(~mask, float("-inf"))
-        probs = drop(scores.softmax(-1), dropout)
+        probs = numpy_dropout(scores.softmax(-1), dropout)
         return torch.matmul(probs, v.float()).to(q.dtype)
 
 
@@ -279,8 +279,6 @@ def packed_attention(module, query, key, value, attention_mask, scaling=None, dr
             q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_length, packed.max_length, scale=scaling
         )
     elif q.device.type == "cpu" and not torch.compiler.is_compiling():
-        from retrieval.dropout import Dropout
-
         # NumPy-drawn attention dropout where the trainer put retrieval.dropout in the model (train.dropout_masks)
         out = _grouped_attention(
             q, k, v, packed, scaling, dropout, isinstance(getattr(module, "dropout", None), Dropout)
